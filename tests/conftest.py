@@ -6,6 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests import matrix_report
 from tests.servers import ServerProcess
 
 
@@ -14,3 +15,28 @@ def served(request: pytest.FixtureRequest) -> Iterator[ServerProcess]:
     """tests/apps.py served by each core server kind, over a real loopback socket."""
     with ServerProcess(request.param, "tests.apps:app") as server:
         yield server
+
+
+# The conformance matrix records every (server, case) outcome; written to
+# build/matrix.json at the end of the session for tests/matrix_report.py.
+_matrix_results: dict[str, dict[str, dict[str, object]]] = {}
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.when != "call":
+        return
+    entry = dict(report.user_properties).get("matrix")
+    if not isinstance(entry, dict):
+        return
+    outcome = report.outcome
+    if outcome == "passed" and entry["note"]:
+        outcome = "limited"
+    matrix_report.record(
+        _matrix_results, entry["server"], entry["case"],
+        outcome=outcome, text=entry["text"], note=entry["note"],
+    )
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    if _matrix_results:
+        matrix_report.write_results(_matrix_results)

@@ -1,0 +1,257 @@
+"""The server conformance matrix: the same cases on seven real WSGI servers.
+
+Each server kind is started once per module (a module-scoped parametrised
+fixture) in its own process on 127.0.0.1, and all cases run against it at the
+same time from threads, which keeps the whole matrix well under a minute. Each
+(server, case) pair is then reported as its own test, and its measured figure
+is recorded (see :mod:`tests.matrix_report`) so README.md's table comes from
+a run, never from memory.
+
+A case returns a :class:`Cell` or raises: an ``AssertionError`` (or any other
+exception) fails that pair and carries the details to its test.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import traceback
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable
+
+import pytest
+
+import wsgi_detach
+from tests import matrix_report
+from tests.client import Response, Stream, get, wait_until
+from tests.servers import ServerProcess
+
+#: Add to a client's monotonic arrival time to compare it with the server's time.time().
+WALL = time.time() - time.monotonic()
+
+HEARTBEAT = 0.2
+#: Scheduling slack on a loaded 2-core machine, added to every time limit.
+SLACK = 0.15
+
+
+@dataclass
+class Cell:
+    """One (server, case) result: what the README cell shows and why."""
+
+    text: str = ""
+    note: str | None = None  # a key of matrix_report.NOTES
+    failure: str | None = None  # the traceback when the case failed
+    pending: str | None = None  # why the case cannot run yet
+
+
+class Pending(Exception):
+    """The case needs something that does not exist yet: reported as skipped."""
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def events(port: int, key: str) -> dict[str, float]:
+    """Server-side events filed under ``key``: name -> server time.time()."""
+    url = f"http://127.0.0.1:{port}/_events?key={key}"
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return {name: when for name, when in json.load(response)}
+
+
+def wait_event(port: int, key: str, name: str, timeout: float) -> float:
+    """Server time at which ``name`` happened; AssertionError if not within ``timeout``."""
+    found: dict[str, float] = {}
+
+    def happened() -> bool:
+        found.update(events(port, key))
+        return name in found
+
+    assert wait_until(happened, timeout=timeout, interval=0.02), (
+        f"{name!r} did not happen within {timeout}s (events: {found})"
+    )
+    return found[name]
+
+
+def line_arrivals(response: Response) -> list[tuple[float, bytes]]:
+    """Each complete line of the body with the wall-clock time its last byte arrived."""
+    out: list[tuple[float, bytes]] = []
+    pending = b""
+    for arrived, data in response.chunks:
+        pending += data
+        *lines, pending = pending.split(b"\n")
+        out += [(arrived + WALL, line) for line in lines]
+    return out
+
+
+def stream_lags(response: Response, n: int) -> list[float]:
+    """For /stream's ``chunk i <server time>`` lines: arrival minus put time, in order."""
+    lines = line_arrivals(response)
+    assert [line.split()[1] for _, line in lines] == [str(i).encode() for i in range(n)], lines
+    return [arrived - float(line.split()[2]) for arrived, line in lines]
+
+
+def key() -> str:
+    return uuid.uuid4().hex
+
+
+# ---------------------------------------------------------------------------- cases
+
+
+def _timed_stream(port: int, via: str) -> float:
+    """Fetch /stream; check every chunk came incrementally; return the worst lag."""
+    n, interval = 5, 0.08
+    response = get(port, f"/stream?n={n}&interval={interval}&via={via}")
+    assert response.status == 200 and response.complete, response
+    lags = stream_lags(response, n)
+    assert max(lags) < 0.05, f"a chunk arrived late (producer: {via}): lags {lags}"
+    first, last = response.chunks[0][0], response.chunks[-1][0]
+    # Incremental, not buffered until the end: the arrivals span the puts.
+    assert last - first > (n - 1) * interval * 0.8, f"arrivals bunched: {response.chunks}"
+    return max(lags)
+
+
+def case_stream(server: str, port: int) -> Cell:
+    return Cell(f"{_timed_stream(port, 'greenlet') * 1000:.0f} ms")
+
+
+def case_thread(server: str, port: int) -> Cell:
+    return Cell(
+        f"{_timed_stream(port, 'thread') * 1000:.0f} ms",
+        note="patched_thread" if server == "pywsgi-patched" else None,
+    )
+
+
+def case_queue(server: str, port: int) -> Cell:
+    if not hasattr(wsgi_detach, "DetachMiddleware"):
+        raise Pending("needs DetachMiddleware to adopt the returned queue")
+    n = 5
+    response = get(port, f"/queue?n={n}&interval=0.02", timeout=5)
+    assert response.status == 200 and response.complete, response
+    assert response.body == b"".join(f"queued {i};".encode() for i in range(n)), response
+    return Cell()
+
+
+def case_len(server: str, port: int) -> Cell:
+    response = get(port, "/first_of_many?n=5")
+    assert response.status == 200 and response.complete, response
+    assert response.body == b"first;" + b"".join(f"more{i};".encode() for i in range(5))
+    assert "content-length" not in response.headers, response.headers
+    return Cell()
+
+
+def case_late_start(server: str, port: int) -> Cell:
+    response = get(port, "/late_start")
+    assert response.status == 201 and response.headers.get("x-late") == "yes", response
+    assert response.body == b"made later" and response.complete, response
+    return Cell()
+
+
+#: Servers whose requests run on gevent greenlets; the others use OS threads.
+GEVENT_SERVERS = ("pywsgi", "pywsgi-patched", "gunicorn-gevent")
+
+
+def case_disconnect(server: str, port: int) -> Cell:
+    k = key()
+    # On a threaded server a greenlet producer runs only while the request
+    # thread waits in the body; once the server closed the body that greenlet
+    # is frozen and never hears of it. So the producer there is a thread.
+    via = "greenlet" if server in GEVENT_SERVERS else "thread"
+    with Stream(port, f"/forever?key={k}&interval=0.05&via={via}") as stream:
+        assert stream.read_chunk() and stream.read_chunk()
+    left = time.time()
+    closed = wait_event(port, k, "on_close", timeout=3)
+    # The producer blocked in or calling put() must hear about it too.
+    wait_event(port, k, "put raised BodyAborted", timeout=1)
+    assert closed - left < 2, f"on_close {closed - left:.2f}s after the client left"
+    return Cell(f"{closed - left:.2f} s", note=None if via == "greenlet" else "frozen_greenlet")
+
+
+def case_idle(server: str, port: int) -> Cell:
+    k = key()
+    with Stream(port, f"/idle?key={k}&heartbeat={HEARTBEAT}") as stream:
+        assert stream.read_chunk() == b"hello\n"
+    left = time.time()
+    closed = wait_event(port, k, "on_close", timeout=3)
+    lag = closed - left
+    assert lag < 2 * HEARTBEAT + SLACK, f"on_close {lag:.2f}s after an idle client left"
+    return Cell(f"{lag:.2f} s", note="heartbeat")
+
+
+def case_fail_mid(server: str, port: int) -> Cell:
+    response = get(port, "/fail_mid")
+    assert response.status == 200 and response.body == b"partial-1;partial-2;", response
+    if server == "wsgiref":
+        assert response.complete  # close-delimited: EOF is all the client sees
+        return Cell("looks complete", note="http10")
+    assert response.headers.get("transfer-encoding") == "chunked", response.headers
+    assert not response.complete, "a failed stream ended with a terminating chunk"
+    return Cell()
+
+
+def case_fail_first(server: str, port: int) -> Cell:
+    response = get(port, "/fail_first")
+    assert response.status == 500, response
+    assert response.body == b"500 Internal Server Error\n", response
+    return Cell(str(response.status))
+
+
+CASES: dict[str, Callable[[str, int], Cell]] = {
+    "stream": case_stream,
+    "thread": case_thread,
+    "queue": case_queue,
+    "len": case_len,
+    "late_start": case_late_start,
+    "disconnect": case_disconnect,
+    "idle": case_idle,
+    "fail_mid": case_fail_mid,
+    "fail_first": case_fail_first,
+}
+assert set(CASES) | {"validate"} == set(matrix_report.CASES)
+
+
+def _run(case: Callable[[str, int], Cell], server: str, port: int) -> Cell:
+    try:
+        return case(server, port)
+    except Pending as exc:
+        return Cell(pending=str(exc))
+    except Exception:
+        return Cell(failure=traceback.format_exc())
+
+
+def _validate(server: ServerProcess) -> Cell:
+    violations = server.info()["violations"]
+    if violations:
+        return Cell(failure="wsgiref.validate reported:\n" + "\n".join(violations))
+    return Cell()
+
+
+@pytest.fixture(scope="module", params=list(matrix_report.SERVERS))
+def matrix(request: pytest.FixtureRequest) -> Iterator[tuple[str, dict[str, Cell]]]:
+    """Start one server, run every case against it concurrently, hand out the cells."""
+    with ServerProcess(request.param, "tests.matrix_apps:app") as server:
+        with ThreadPoolExecutor(max_workers=len(CASES)) as pool:
+            futures = {
+                name: pool.submit(_run, case, server.server, server.port)
+                for name, case in CASES.items()
+            }
+            cells = {name: future.result(timeout=30) for name, future in futures.items()}
+        cells["validate"] = _validate(server)
+        yield server.server, cells
+
+
+@pytest.mark.parametrize("case", list(matrix_report.CASES))
+def test_matrix(
+    matrix: tuple[str, dict[str, Cell]], case: str, request: pytest.FixtureRequest
+) -> None:
+    server, cells = matrix
+    cell = cells[case]
+    request.node.user_properties.append(
+        ("matrix", {"server": server, "case": case, "text": cell.text, "note": cell.note})
+    )
+    if cell.pending:
+        pytest.skip(cell.pending)
+    assert cell.failure is None, f"{case} on {server}:\n{cell.failure}"
