@@ -134,6 +134,14 @@ def _violation(message: str) -> None:
     print(f"WSGI VIOLATION: {message}", file=sys.stderr, flush=True)
 
 
+def _describe(glet: Any) -> str:
+    """What a live greenlet runs, for telling a leak from the server's own."""
+    run = getattr(glet, "_run", None) or getattr(glet, "run", None)
+    name = getattr(run, "__qualname__", None) or type(glet).__name__
+    frame = glet.gr_frame
+    return f"{name} at {frame.f_code.co_name}" if frame is not None else name
+
+
 def _server_report() -> dict[str, Any]:
     import gc
     import threading
@@ -143,6 +151,7 @@ def _server_report() -> dict[str, Any]:
 
     gc.collect()
     objects = gc.get_objects()
+    live = [o for o in objects if isinstance(o, greenlet) and bool(o)]
     try:
         from wsgi_detach import DetachedBody
     except ImportError:  # pragma: no cover - the package is always importable here
@@ -153,7 +162,8 @@ def _server_report() -> dict[str, Any]:
         "pid": os.getpid(),
         "rss": psutil.Process().memory_info().rss,
         # A greenlet that is neither dead nor never started is parked somewhere.
-        "greenlets": sum(1 for o in objects if isinstance(o, greenlet) and bool(o)),
+        "greenlets": len(live),
+        "greenlet_kinds": sorted(_describe(g) for g in live),
         "threads": threading.active_count(),
         "open_bodies": open_bodies,
         "violations": list(_violations),
