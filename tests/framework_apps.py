@@ -5,6 +5,10 @@ Django or raw WSGI app; each returns the same :func:`detached` body from its
 own response type. ``?key=`` files server-side events (``on_close`` ran, the
 producer's ``put()`` raised) that the tests read back from ``/_events``.
 
+Once :class:`~wsgi_detach.DetachMiddleware` exists, everything is served
+through it and the bodies come from :func:`~wsgi_detach.detach`, so its
+policies (streaming headers, ``idle_timeout``) reach every framework.
+
 Bottle also serves the primer's two examples almost verbatim: ``/stream``
 (a generator with sleeps; ``gevent.sleep`` because this server is not
 monkey-patched, as the primer suggests) and ``/fetch`` (a callback-driven
@@ -13,6 +17,7 @@ worker filling the body, ended with ``body.put(StopIteration)``).
 
 from __future__ import annotations
 
+import os
 from typing import Any, Callable
 from urllib.parse import parse_qs
 
@@ -27,6 +32,15 @@ from tests.apps import app as scenarios
 from tests.apps import record
 from wsgi_detach import BodyClosed, DetachedBody
 
+try:
+    from wsgi_detach import DetachMiddleware, detach
+except ImportError:  # the middleware has not landed on this branch yet
+    DetachMiddleware = None
+
+#: The policy every framework's stream gets (from the middleware once it
+#: exists, set on each body until then); the test passes it in.
+IDLE_TIMEOUT = float(os.environ.get("TEST_IDLE_TIMEOUT", "10"))
+
 
 def detached(environ: dict[str, Any]) -> DetachedBody:
     """``n`` lines, one every ``interval`` seconds, from a greenlet; events under ``key``."""
@@ -34,7 +48,10 @@ def detached(environ: dict[str, Any]) -> DetachedBody:
     key = query.get("key", "none")
     n = int(query.get("n", "4"))
     interval = float(query.get("interval", "0.05"))
-    body = DetachedBody(idle_timeout=10)
+    if DetachMiddleware is None:
+        body = DetachedBody(idle_timeout=IDLE_TIMEOUT)
+    else:
+        body = detach(environ)  # the middleware's defaults
     body.on_close(lambda: record(key, "on_close"))
 
     def produce() -> None:
@@ -170,6 +187,13 @@ FRAMEWORKS: dict[str, Callable[..., Any]] = {
 }
 
 
-def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+def dispatch(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
     framework = environ["PATH_INFO"].split("/")[1]
     return FRAMEWORKS.get(framework, scenarios)(environ, start_response)
+
+
+app = (
+    dispatch
+    if DetachMiddleware is None
+    else DetachMiddleware(dispatch, idle_timeout=IDLE_TIMEOUT)
+)

@@ -13,10 +13,19 @@ unchanged):
     an endless stream that counts bodies made and ``on_close`` runs per body,
     read back from ``/_counts``: the soak test checks that every body was
     closed exactly once.
+``/fail_before_data``
+    the app calls ``start_response("200 OK")`` itself, then the body fails
+    before any data: only a middleware holding the headers can turn that
+    into a 5xx.
+
+Once :class:`~wsgi_detach.DetachMiddleware` exists the whole app is wrapped
+in it, bodies come from :func:`~wsgi_detach.detach`, and ``/_stats`` returns
+its ``stats()``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import threading
@@ -30,6 +39,19 @@ import gevent.queue
 from tests.apps import _text, record
 from tests.apps import app as scenarios
 from wsgi_detach import BodyClosed, DetachedBody
+
+try:
+    from wsgi_detach import DetachMiddleware, detach
+except ImportError:  # the middleware has not landed on this branch yet
+    DetachMiddleware = None
+
+
+def make_body(environ: dict[str, Any], **options: Any) -> DetachedBody:
+    """A body for this request: the middleware's, when there is one."""
+    if DetachMiddleware is None:
+        return DetachedBody(**options)
+    return detach(environ, **options)
+
 
 _numbers = itertools.count()
 _closes: Counter[int] = Counter()  # body number -> on_close runs
@@ -48,7 +70,7 @@ def _counts() -> dict[str, int]:
     }
 
 
-def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+def _app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
     path = environ["PATH_INFO"]
     query = {k: v[0] for k, v in parse_qs(environ.get("QUERY_STRING", "")).items()}
     key = query.get("key", path)
@@ -57,7 +79,7 @@ def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
         start_response("200 OK", [("Content-Type", "text/plain")])
         heartbeat = float(query["heartbeat"]) if "heartbeat" in query else None
         # The deadline only bounds a leak if every detection fails.
-        body = DetachedBody(heartbeat=heartbeat, deadline=30)
+        body = make_body(environ, heartbeat=heartbeat, deadline=30)
         body.on_close(lambda: record(key, "on_close"))
         body.put(b"hello\n")
         return body
@@ -84,7 +106,7 @@ def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
         with _counts_lock:
             number = next(_numbers)
             _made += 1
-        body = DetachedBody(deadline=60)
+        body = make_body(environ, deadline=60)
 
         @body.on_close
         def closed() -> None:
@@ -102,7 +124,24 @@ def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
         body.spawn(produce)
         return body
 
+    if path == "/fail_before_data":
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        body = make_body(environ)
+
+        def fail() -> None:
+            gevent.sleep(0.05)
+            raise RuntimeError("producer broke before any data (expected by the test)")
+
+        body.spawn(fail)
+        return body
+
     if path == "/_counts":
         return _text(start_response, json.dumps(_counts()).encode())
 
+    if path == "/_stats" and DetachMiddleware is not None:
+        return _text(start_response, json.dumps(dataclasses.asdict(app.stats())).encode())
+
     return scenarios(environ, start_response)
+
+
+app = _app if DetachMiddleware is None else DetachMiddleware(_app)

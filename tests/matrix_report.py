@@ -35,6 +35,7 @@ END = "<!-- matrix:end -->"
 SERVERS: dict[str, str] = {
     "pywsgi": "gevent.pywsgi",
     "pywsgi-patched": "pywsgi + patch_all",
+    "pywsgi-detach": "pywsgi + DetachHandler",
     "gunicorn-gevent": "gunicorn -k gevent",
     "gunicorn-gthread": "gunicorn -k gthread",
     "waitress": "waitress",
@@ -50,9 +51,11 @@ CASES: dict[str, str] = {
     "len": "`len()` never truncates (one chunk queued at the first look)",
     "late_start": "status and headers decided by the producer after return",
     "disconnect": "client leaves while data flows: `on_close` within 2 s",
-    "idle": "client leaves an idle stream: `on_close` within 1 s, else two heartbeats",
+    "idle": "client leaves an idle stream: `on_close` within 1 s (watched), else two heartbeats",
     "fail_mid": "`fail()` mid-stream: no terminating chunk (client sees truncation)",
-    "fail_first": "`fail()` before the first chunk: a 5xx response",
+    "fail_first": "`fail()` before the first chunk, body owns `start_response`: a 5xx",
+    "fail_first_own": "producer dies before the first chunk, app called `start_response`: a 5xx",
+    "headers": "detached responses carry `Cache-Control: no-cache`, `X-Accel-Buffering: no`",
     "validate": "`wsgiref.validate` reported nothing over the whole run",
 }
 
@@ -82,8 +85,9 @@ NOTES: dict[str, str] = {
         "producer: the process has no plain OS thread to write from."
     ),
     "needs_middleware": (
-        "Pending: needs `DetachMiddleware`, which adopts a returned queue; without it the "
-        "seed's queue breaks on pywsgi (a lying `len()`) and on waitress/wsgiref."
+        "Pending: needs `DetachMiddleware`, which this run did not have. (It adopts a "
+        "returned queue: without it the seed's queue breaks on pywsgi, whose lying `len()` "
+        "it trusts, and on waitress and wsgiref.)"
     ),
 }
 

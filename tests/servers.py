@@ -9,6 +9,8 @@ waits (bounded) for that line and stops it by its PID.
 
 Servers: ``pywsgi`` (gevent.pywsgi, unpatched), ``pywsgi-patched`` (after
 ``gevent.monkey.patch_all()``, done before anything else is imported),
+``pywsgi-detach`` (pywsgi with wsgi_detach's ``DetachHandler``, which
+exposes the socket to the disconnect watcher and sets ``TCP_NODELAY``),
 ``wsgiref`` (stdlib, one thread per request), ``gunicorn-gevent`` and
 ``gunicorn-gthread`` (one worker; the child is the arbiter, which forks the
 worker that loads the app and prints the port), ``waitress`` (with
@@ -39,6 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SERVERS = (
     "pywsgi",
     "pywsgi-patched",
+    "pywsgi-detach",
     "gunicorn-gevent",
     "gunicorn-gthread",
     "waitress",
@@ -267,10 +270,14 @@ def _listening(port: int) -> None:
     print(f"LISTENING {port}", flush=True)
 
 
-def _serve_pywsgi(app: Any) -> None:
-    from gevent.pywsgi import WSGIServer
+def _serve_pywsgi(app: Any, handler: str) -> None:
+    from gevent.pywsgi import WSGIHandler, WSGIServer
 
-    server = WSGIServer(("127.0.0.1", 0), app, log=None)
+    handler_class = WSGIHandler
+    if handler == "detach":
+        from wsgi_detach import DetachHandler as handler_class
+
+    server = WSGIServer(("127.0.0.1", 0), app, log=None, handler_class=handler_class)
     server.start()
     _listening(server.server_port)
 
@@ -375,8 +382,8 @@ def main(argv: list[str]) -> None:
     if server not in SERVERS:
         raise SystemExit(f"unknown server {server!r}; choose from {', '.join(SERVERS)}")
     app = _instrument(_load(spec))
-    if server in ("pywsgi", "pywsgi-patched"):
-        _serve_pywsgi(app)
+    if server.startswith("pywsgi"):
+        _serve_pywsgi(app, server.partition("-")[2])
     elif server == "wsgiref":
         _serve_wsgiref(app)
     elif server == "waitress":

@@ -15,9 +15,13 @@ from collections.abc import Iterator
 
 import pytest
 
+import wsgi_detach
 from tests.client import Stream, get
 from tests.servers import ServerProcess
 from tests.test_matrix import wait_event
+
+#: The app's idle_timeout: silent streams are cut after it.
+IDLE_TIMEOUT = 0.5
 
 #: Each framework's route returning the same detached body.
 ROUTES = {
@@ -32,7 +36,8 @@ ROUTES = {
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[ServerProcess]:
-    with ServerProcess("pywsgi", "tests.framework_apps:app") as process:
+    env = {"TEST_IDLE_TIMEOUT": str(IDLE_TIMEOUT)}
+    with ServerProcess("pywsgi", "tests.framework_apps:app", env=env) as process:
         yield process
         assert process.info()["violations"] == []
 
@@ -59,6 +64,30 @@ def test_client_disconnect_runs_on_close(server: ServerProcess, route: str) -> N
     closed = wait_event(server.port, key, "on_close", timeout=2)
     assert closed - left < 2
     wait_event(server.port, key, "put raised BodyAborted", timeout=1)
+
+
+@pytest.mark.parametrize("route", ROUTES.values(), ids=list(ROUTES))
+def test_idle_timeout_cuts_a_silent_stream(server: ServerProcess, route: str) -> None:
+    key = uuid.uuid4().hex
+    with Stream(server.port, f"{route}?key={key}&n=2&interval=30") as stream:
+        assert stream.read_chunk() == b"line 0\n"
+        got_first = time.monotonic()
+        stream.read_all()
+        cut = time.monotonic() - got_first
+    # An error, not a clean end: the client can tell it was cut off.
+    assert not stream.response.complete and stream.response.body == b"line 0\n"
+    assert IDLE_TIMEOUT * 0.9 < cut < IDLE_TIMEOUT + 0.5, cut
+    wait_event(server.port, key, "on_close", timeout=2)
+
+
+@pytest.mark.skipif(
+    not hasattr(wsgi_detach, "DetachMiddleware"), reason="needs DetachMiddleware to add them"
+)
+@pytest.mark.parametrize("route", ROUTES.values(), ids=list(ROUTES))
+def test_streaming_headers(server: ServerProcess, route: str) -> None:
+    response = get(server.port, f"{route}?n=1&interval=0.01")
+    assert response.headers.get("cache-control") == "no-cache", response.headers
+    assert response.headers.get("x-accel-buffering") == "no", response.headers
 
 
 def test_bottle_primer_stream(server: ServerProcess) -> None:

@@ -19,6 +19,7 @@ from typing import Any
 import psutil
 import pytest
 
+import wsgi_detach
 from tests.client import Stream, wait_until
 from tests.servers import ServerProcess
 
@@ -34,9 +35,13 @@ def server(request: pytest.FixtureRequest) -> Iterator[ServerProcess]:
         yield process
 
 
+def fetch_json(port: int, path: str) -> Any:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
+        return json.load(response)
+
+
 def counts(port: int) -> dict[str, int]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/_counts", timeout=5) as response:
-        result: dict[str, int] = json.load(response)
+    result: dict[str, int] = fetch_json(port, "/_counts")
     return result
 
 
@@ -74,7 +79,7 @@ def settled(server: ServerProcess, made: int) -> dict[str, Any]:
 
 
 def test_resetting_clients_leave_nothing_behind(server: ServerProcess) -> None:
-    warmup = 100
+    warmup = CLIENTS  # the allocator keeps its high-water mark: warm up to it first
     soak(server.port, warmup)
     before = settled(server, warmup)
     process = psutil.Process(before["pid"])
@@ -99,6 +104,10 @@ def test_resetting_clients_leave_nothing_behind(server: ServerProcess) -> None:
         "closed_twice_or_more": 0,
     }, report
     assert after["open_bodies"] == 0, report
+    if hasattr(wsgi_detach, "DetachMiddleware"):
+        stats = fetch_json(server.port, "/_stats")
+        assert stats["open"] == 0, stats
+        assert stats["disconnected"] == warmup + CLIENTS, stats
     assert after["greenlets"] <= before["greenlets"], (
         f"{report}\nbefore: {before['greenlet_kinds']}\nafter: {after['greenlet_kinds']}"
     )
