@@ -29,7 +29,9 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     if not isinstance(entry, dict):
         return
     outcome = report.outcome
-    if outcome == "passed" and entry["note"]:
+    if outcome == "passed" and entry.get("broken"):
+        outcome = "broken"
+    elif outcome == "passed" and entry["note"]:
         outcome = "limited"
     matrix_report.record(
         _matrix_results, entry["server"], entry["case"],

@@ -8,7 +8,8 @@ unchanged):
     server (or a heartbeat) can notice that the client left.
 ``/queue?n=&interval=``
     the seed's trick verbatim: a ``gevent.queue.Queue`` filled by a worker,
-    ended with ``StopIteration``, returned as the body.
+    ended with ``StopIteration``, returned as the body. ``/queue_raw`` is the
+    same, never passed through the middleware: what the seed does alone.
 ``/soak?interval=``
     an endless stream that counts bodies made and ``on_close`` runs per body,
     read back from ``/_counts``: the soak test checks that every body was
@@ -84,14 +85,17 @@ def _app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
         body.put(b"hello\n")
         return body
 
-    if path == "/queue":
+    if path in ("/queue", "/queue_raw"):
         n = int(query.get("n", "5"))
         interval = float(query.get("interval", "0.05"))
         start_response("200 OK", [("Content-Type", "text/plain")])
+        queued = int(query.get("queued", "0"))
         queue: gevent.queue.Queue[Any] = gevent.queue.Queue()
+        for i in range(queued):  # ready before the server first looks
+            queue.put(f"queued {i};".encode())
 
         def worker() -> None:
-            for i in range(n):
+            for i in range(queued, n):
                 queue.put(f"queued {i};".encode())
                 gevent.sleep(interval)
             queue.put(StopIteration)
@@ -139,9 +143,15 @@ def _app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
         return _text(start_response, json.dumps(_counts()).encode())
 
     if path == "/_stats" and DetachMiddleware is not None:
-        return _text(start_response, json.dumps(dataclasses.asdict(app.stats())).encode())
+        return _text(start_response, json.dumps(dataclasses.asdict(wrapped.stats())).encode())
 
     return scenarios(environ, start_response)
 
 
-app = _app if DetachMiddleware is None else DetachMiddleware(_app)
+wrapped = _app if DetachMiddleware is None else DetachMiddleware(_app)
+
+
+def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+    if environ["PATH_INFO"] == "/queue_raw":
+        return _app(environ, start_response)
+    return wrapped(environ, start_response)

@@ -45,9 +45,10 @@ SERVERS: dict[str, str] = {
 
 #: Row order and what each case proves.
 CASES: dict[str, str] = {
-    "stream": "chunks arrive as they are put (greenlet producer; worst lag)",
+    "stream": "chunks arrive as they are put, within 0.1 s (greenlet producer; worst lag)",
     "thread": "chunks put from a plain OS thread arrive within 50 ms (worst lag)",
-    "queue": "the seed's `gevent.queue.Queue` body is served complete",
+    "queue": "the seed's `gevent.queue.Queue` body (2 chunks ready at return) is served complete",
+    "queue_raw": "... the same queue *without* the middleware",
     "len": "`len()` never truncates (one chunk queued at the first look)",
     "late_start": "status and headers decided by the producer after return",
     "disconnect": "client leaves while data flows: `on_close` within 2 s",
@@ -84,14 +85,25 @@ NOTES: dict[str, str] = {
         "After `patch_all()` a `threading.Thread` is a greenlet, so this is a greenlet "
         "producer: the process has no plain OS thread to write from."
     ),
+    "raw_queue_sum": (
+        "Two chunks wait in the queue when the server first looks. gevent.pywsgi sees the "
+        "queue's `__len__`, so it derives a Content-Length by iterating the queue to its "
+        "end, which consumes the rest of the body (36 B here, lost), sends the first chunk "
+        "under that length and waits for ever. The primer's Bottle version only works "
+        "because Bottle wraps the queue in an iterator without `__len__`."
+    ),
+    "raw_queue_one": (
+        "Two chunks wait in the queue when the server first looks: after taking the first, "
+        "`len()` is 1, so the server sets Content-Length to the first chunk's size and the "
+        "client receives a short response that looks complete; the rest is dropped "
+        "(waitress) or written past the declared length and ignored (wsgiref)."
+    ),
     "needs_middleware": (
-        "Pending: needs `DetachMiddleware`, which this run did not have. (It adopts a "
-        "returned queue: without it the seed's queue breaks on pywsgi, whose lying `len()` "
-        "it trusts, and on waitress and wsgiref.)"
+        "Pending: needs `DetachMiddleware`, which this run did not have."
     ),
 }
 
-_MARKS = {"passed": "✓", "limited": "✓", "failed": "✗", "skipped": "…"}
+_MARKS = {"passed": "✓", "limited": "✓", "broken": "✗", "failed": "✗ FAILED", "skipped": "…"}
 
 
 def record(results: dict[str, dict[str, Any]], server: str, case: str, **cell: Any) -> None:
@@ -127,7 +139,8 @@ def render(data: dict[str, Any]) -> str:
         )
     lines.append("")
     lines.append(
-        "✓ passed · ✗ failed · … skipped · [n] see below. "
+        "✓ holds · ✗ broken as documented (the test asserts the breakage) · "
+        "✗ FAILED: the test failed · … not run · [n] see below. "
         f"Measured {data['when']} on {data['machine']} by `python -m tests.matrix_report --run`."
     )
     if used:

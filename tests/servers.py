@@ -24,6 +24,8 @@ reported so far, plus hop-by-hop response headers, which the validator lets
 through. Violations are caught wherever they surface: raised from the
 app call, from iteration or ``close()``, as warnings, or from ``__del__`` (an
 iterator collected unclosed), so a server that swallows them cannot hide them.
+The validator's wrapper hides the app iterable's ``len()``; the server still
+sees it, so a lying ``len()`` breaks here as it would in production.
 """
 
 from __future__ import annotations
@@ -205,8 +207,6 @@ def _instrument(app: Any) -> Any:
     import warnings
     from wsgiref.validate import WSGIWarning, validator
 
-    checked = validator(app)
-
     def show(message: Any, category: Any, *args: Any, **kwargs: Any) -> None:
         if issubclass(category, WSGIWarning):
             _violation(f"warning: {message}")
@@ -249,6 +249,21 @@ def _instrument(app: Any) -> Any:
                 _violation(f"in close(): {exc}")
                 raise
 
+    class CheckedSized(Checked):
+        """For an app iterable with ``__len__``, which the validator's wrapper hides.
+
+        pywsgi, waitress and wsgiref derive Content-Length from ``len()``
+        (PEP 3333 "Handling the Content-Length Header"); a test harness that
+        hid it would hide exactly the bug a lying ``len()`` causes.
+        """
+
+        def __init__(self, inner: Any, original: Any) -> None:
+            super().__init__(inner)
+            self._original = original
+
+        def __len__(self) -> int:
+            return len(self._original)
+
     def instrumented(environ: dict[str, Any], start_response: Any) -> Any:
         if environ.get("PATH_INFO") == "/_server":
             data = json.dumps(_server_report()).encode()
@@ -257,11 +272,21 @@ def _instrument(app: Any) -> Any:
                 [("Content-Type", "application/json"), ("Content-Length", str(len(data)))],
             )
             return [data]
+        returned: list[Any] = []
+
+        def capture(environ: dict[str, Any], start_response: Any) -> Any:
+            result = app(environ, start_response)
+            returned.append(result)
+            return result
+
         try:
-            return Checked(checked(environ, _hop_by_hop_checked(start_response)))
+            result = validator(capture)(environ, _hop_by_hop_checked(start_response))
         except AssertionError as exc:
             _violation(f"calling the app: {exc}")
             raise
+        if hasattr(returned[0], "__len__"):
+            return CheckedSized(result, returned[0])
+        return Checked(result)
 
     return instrumented
 

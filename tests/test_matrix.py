@@ -52,6 +52,7 @@ class Cell:
     note: str | None = None  # a key of matrix_report.NOTES
     failure: str | None = None  # the traceback when the case failed
     pending: str | None = None  # why the case cannot run yet
+    broken: bool = False  # the case shows a documented breakage (test passes, cell says ✗)
 
 
 class Pending(Exception):
@@ -106,32 +107,41 @@ def key() -> str:
 
 def seconds(value: float) -> str:
     """A duration for a README cell: milliseconds below 0.1 s."""
-    return f"{value * 1000:.0f} ms" if value < 0.1 else f"{value:.2f} s"
+    return f"{value * 1000:.0f} ms" if round(value * 1000) < 100 else f"{value:.2f} s"
 
 
 # ---------------------------------------------------------------------------- cases
 
 
-def _timed_stream(port: int, via: str) -> float:
-    """Fetch /stream; check every chunk came incrementally; return the worst lag."""
+def _timed_stream(port: int, via: str, limit: float) -> str:
+    """Fetch /stream; check every chunk came incrementally and within ``limit``.
+
+    Returns the worst lag as cell text. A 2-core machine running seven servers'
+    worth of tests stalls a process for tens of ms now and then; one such
+    stall is not what this case hunts (a wake-up that waits for an unrelated
+    timer or event, 0.5 s and up, or forever), so a late attempt is retried
+    once, and the cell says so.
+    """
     n, interval = 5, 0.08
-    response = get(port, f"/stream?n={n}&interval={interval}&via={via}")
-    assert response.status == 200 and response.complete, response
-    lags = stream_lags(response, n)
-    assert max(lags) < 0.05, f"a chunk arrived late (producer: {via}): lags {lags}"
-    first, last = response.chunks[0][0], response.chunks[-1][0]
-    # Incremental, not buffered until the end: the arrivals span the puts.
-    assert last - first > (n - 1) * interval * 0.8, f"arrivals bunched: {response.chunks}"
-    return max(lags)
+    for attempt in (1, 2):
+        response = get(port, f"/stream?n={n}&interval={interval}&via={via}")
+        assert response.status == 200 and response.complete, response
+        lags = stream_lags(response, n)
+        first, last = response.chunks[0][0], response.chunks[-1][0]
+        # Incremental, not buffered until the end: the arrivals span the puts.
+        assert last - first > (n - 1) * interval * 0.8, f"arrivals bunched: {response.chunks}"
+        if max(lags) < limit:
+            return seconds(max(lags)) + (" (2nd try)" if attempt == 2 else "")
+    raise AssertionError(f"a chunk arrived late twice (producer: {via}): lags {lags}")
 
 
 def case_stream(server: str, port: int) -> Cell:
-    return Cell(seconds(_timed_stream(port, "greenlet")))
+    return Cell(_timed_stream(port, "greenlet", limit=0.1))
 
 
 def case_thread(server: str, port: int) -> Cell:
     return Cell(
-        seconds(_timed_stream(port, "thread")),
+        _timed_stream(port, "thread", limit=0.05),
         note="patched_thread" if server == "pywsgi-patched" else None,
     )
 
@@ -144,9 +154,44 @@ def needs_middleware(what: str) -> None:
 def case_queue(server: str, port: int) -> Cell:
     needs_middleware("to adopt the returned queue")
     n = 5
-    response = get(port, f"/queue?n={n}&interval=0.02", timeout=5)
+    response = get(port, f"/queue?n={n}&queued=2&interval=0.02", timeout=5)
     assert response.status == 200 and response.complete, response
     assert response.body == b"".join(f"queued {i};".encode() for i in range(n)), response
+    return Cell()
+
+
+#: How servers use a body's len() for Content-Length (PEP3333-NOTES): pywsgi
+#: sums the chunks (draining the iterable); waitress and wsgiref send the
+#: first chunk's length when len() == 1 after it. A gevent queue's len() is
+#: its current size, so both send a wrong length.
+SUMS_LEN = ("pywsgi", "pywsgi-patched", "pywsgi-detach")
+LEN_ONE = ("waitress", "wsgiref")
+
+
+def case_queue_raw(server: str, port: int) -> Cell:
+    """The seed's queue without the middleware: asserts the documented breakage."""
+    n = 5
+    # Two chunks wait in the queue when the server first looks at it.
+    with Stream(port, f"/queue_raw?n={n}&queued=2&interval=0.02", timeout=1) as stream:
+        try:
+            stream.read_all()
+        except TimeoutError:
+            pass
+    response = stream.response
+    whole = b"".join(f"queued {i};".encode() for i in range(n))
+    length = response.headers.get("content-length")
+    if server in SUMS_LEN:
+        # If this ever stops, the notes and this row need updating.
+        assert length and not response.complete and response.body != whole, response
+        return Cell(
+            f"Content-Length {length}, got {len(response.body)} B, hangs",
+            broken=True,
+            note="raw_queue_sum",
+        )
+    if server in LEN_ONE:
+        assert length == "9" and response.complete and response.body == b"queued 0;", response
+        return Cell("Content-Length 9: silently truncated", broken=True, note="raw_queue_one")
+    assert response.complete and response.body == whole, response
     return Cell()
 
 
@@ -236,6 +281,7 @@ CASES: dict[str, Callable[[str, int], Cell]] = {
     "stream": case_stream,
     "thread": case_thread,
     "queue": case_queue,
+    "queue_raw": case_queue_raw,
     "len": case_len,
     "late_start": case_late_start,
     "disconnect": case_disconnect,
@@ -288,7 +334,16 @@ def test_matrix(
     server, cells = matrix
     cell = cells[case]
     request.node.user_properties.append(
-        ("matrix", {"server": server, "case": case, "text": cell.text, "note": cell.note})
+        (
+            "matrix",
+            {
+                "server": server,
+                "case": case,
+                "text": cell.text,
+                "note": cell.note,
+                "broken": cell.broken,
+            },
+        )
     )
     if cell.pending:
         pytest.skip(cell.pending)
