@@ -12,7 +12,8 @@ policies (streaming headers, ``idle_timeout``) reach every framework.
 Bottle also serves the primer's two examples almost verbatim: ``/stream``
 (a generator with sleeps; ``gevent.sleep`` because this server is not
 monkey-patched, as the primer suggests) and ``/fetch`` (a callback-driven
-worker filling the body, ended with ``body.put(StopIteration)``).
+worker filling the body, ended with ``body.put(StopIteration)``), the latter
+both with a :class:`DetachedBody` and, to the letter, with a gevent queue.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import bottle
 import django
 import flask
 import gevent
+import gevent.queue
 import webob
 from django.conf import settings
 
@@ -114,6 +116,16 @@ class SomeAsyncWorker:
 @bottle_app.route("/bottle/fetch")
 def fetch() -> Any:
     body = DetachedBody()
+    worker = SomeAsyncWorker(["one;", "two;", "three;"], 0.05)
+    worker.on_data(lambda chunk: body.put(chunk))
+    worker.on_finish(lambda: body.put(StopIteration))
+    return body
+
+
+@bottle_app.route("/bottle/fetch_queue")
+def fetch_queue() -> Any:
+    # The primer's /fetch to the letter: a gevent queue as the body.
+    body = gevent.queue.Queue()
     worker = SomeAsyncWorker(["one;", "two;", "three;"], 0.05)
     worker.on_data(lambda chunk: body.put(chunk))
     worker.on_finish(lambda: body.put(StopIteration))

@@ -68,8 +68,9 @@ NOTES: dict[str, str] = {
         "put before the failure and then EOF."
     ),
     "heartbeat": (
-        "Nothing here watches an idle connection, so the body's heartbeat (0.2 s in this "
-        "run) is what detects the departed client: a server notices only when a write "
+        "No watcher sees this idle connection (the server exposes none, or no middleware "
+        "is there to watch it), so the body's heartbeat (0.2 s) is what detects the "
+        "departed client: a server notices only when a write "
         "fails. That is the second write after the client's FIN (the first is answered "
         "with a RST), except on waitress, whose lookahead already read the FIN, so its "
         "first write raises."
