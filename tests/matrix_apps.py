@@ -8,8 +8,7 @@ unchanged):
     server (or a heartbeat) can notice that the client left.
 ``/queue?n=&interval=``
     the seed's trick verbatim: a ``gevent.queue.Queue`` filled by a worker,
-    ended with ``StopIteration``, returned as the body. ``/queue_raw`` is the
-    same, never passed through the middleware: what the seed does alone.
+    ended with ``StopIteration``, returned as the body.
 ``/soak?interval=``
     an endless stream that counts bodies made and ``on_close`` runs per body,
     read back from ``/_counts``: the soak test checks that every body was
@@ -21,7 +20,8 @@ unchanged):
 
 Once :class:`~wsgi_detach.DetachMiddleware` exists the whole app is wrapped
 in it, bodies come from :func:`~wsgi_detach.detach`, and ``/_stats`` returns
-its ``stats()``.
+its ``stats()``. Any path with ``/raw`` in front (``/raw/queue``) is served
+without the middleware, to show what it is there for.
 """
 
 from __future__ import annotations
@@ -47,9 +47,12 @@ except ImportError:  # the middleware has not landed on this branch yet
     DetachMiddleware = None
 
 
+RAW_KEY = "tests.without_middleware"
+
+
 def make_body(environ: dict[str, Any], **options: Any) -> DetachedBody:
     """A body for this request: the middleware's, when there is one."""
-    if DetachMiddleware is None:
+    if DetachMiddleware is None or environ.get(RAW_KEY):
         return DetachedBody(**options)
     return detach(environ, **options)
 
@@ -85,7 +88,7 @@ def _app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
         body.put(b"hello\n")
         return body
 
-    if path in ("/queue", "/queue_raw"):
+    if path == "/queue":
         n = int(query.get("n", "5"))
         interval = float(query.get("interval", "0.05"))
         start_response("200 OK", [("Content-Type", "text/plain")])
@@ -152,6 +155,9 @@ wrapped = _app if DetachMiddleware is None else DetachMiddleware(_app)
 
 
 def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
-    if environ["PATH_INFO"] == "/queue_raw":
+    path = environ["PATH_INFO"]
+    if path.startswith("/raw/"):
+        environ["PATH_INFO"] = path[len("/raw") :]
+        environ[RAW_KEY] = True
         return _app(environ, start_response)
     return wrapped(environ, start_response)

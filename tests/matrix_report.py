@@ -56,6 +56,7 @@ CASES: dict[str, str] = {
     "fail_mid": "`fail()` mid-stream: no terminating chunk (client sees truncation)",
     "fail_first": "`fail()` before the first chunk, body owns `start_response`: a 5xx",
     "fail_first_own": "producer dies before the first chunk, app called `start_response`: a 5xx",
+    "fail_first_raw": "... the same *without* the middleware: the server's own handling",
     "headers": "detached responses carry `Cache-Control: no-cache`, `X-Accel-Buffering: no`",
     "validate": "`wsgiref.validate` reported nothing over the whole run",
 }
@@ -98,6 +99,12 @@ NOTES: dict[str, str] = {
         "`len()` is 1, so the server sets Content-Length to the first chunk's size and the "
         "client receives a short response that looks complete; the rest is dropped "
         "(waitress) or written past the declared length and ignored (wsgiref)."
+    ),
+    "cheroot_200": (
+        "When the body raises before its first chunk, cheroot's clean-up (a `finally` "
+        "around the iteration) still sends the headers the app passed to "
+        "`start_response`, and only then aborts the connection: the client sees "
+        "`200 OK` and an empty chunked body without its terminating chunk."
     ),
     "needs_middleware": (
         "Pending: needs `DetachMiddleware`, which this run did not have."

@@ -172,7 +172,7 @@ def case_queue_raw(server: str, port: int) -> Cell:
     """The seed's queue without the middleware: asserts the documented breakage."""
     n = 5
     # Two chunks wait in the queue when the server first looks at it.
-    with Stream(port, f"/queue_raw?n={n}&queued=2&interval=0.02", timeout=1) as stream:
+    with Stream(port, f"/raw/queue?n={n}&queued=2&interval=0.02", timeout=1) as stream:
         try:
             stream.read_all()
         except TimeoutError:
@@ -269,6 +269,18 @@ def case_fail_first_own(server: str, port: int) -> Cell:
     return Cell(str(response.status))
 
 
+def case_fail_first_raw(server: str, port: int) -> Cell:
+    """The same failure without the middleware: asserts what each server does alone."""
+    with Stream(port, "/raw/fail_before_data", timeout=2) as stream:
+        response = stream.read_all()
+    if server == "cheroot":
+        # A 200 with an empty body, cut off: the client cannot see the error.
+        assert response.status == 200 and not response.complete, response
+        return Cell("200, empty, cut off", broken=True, note="cheroot_200")
+    assert response.status == 500 and response.complete, response
+    return Cell(str(response.status))
+
+
 def case_headers(server: str, port: int) -> Cell:
     needs_middleware("to add them")
     response = get(port, "/stream?n=1&interval=0.01")
@@ -289,6 +301,7 @@ CASES: dict[str, Callable[[str, int], Cell]] = {
     "fail_mid": case_fail_mid,
     "fail_first": case_fail_first,
     "fail_first_own": case_fail_first_own,
+    "fail_first_raw": case_fail_first_raw,
     "headers": case_headers,
 }
 assert set(CASES) | {"validate"} == set(matrix_report.CASES)
