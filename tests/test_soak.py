@@ -3,7 +3,8 @@
 The body must not leak on the commonest bad exit of a real client (a tab
 closed, a proxy timing out): afterwards no body is left open, every body's
 ``on_close`` ran exactly once, no greenlet is left parked, and the server's
-resident memory is back within a few MiB of where it started.
+resident memory is back within a few MiB of where it started, and it holds
+no more file descriptors than before.
 """
 
 from __future__ import annotations
@@ -29,7 +30,12 @@ CONCURRENCY = 50
 RSS_SLACK = 4 * 1024 * 1024
 
 
-@pytest.fixture(scope="module", params=["pywsgi", "gunicorn-gevent"])
+SERVERS = ["pywsgi", "gunicorn-gevent"]
+if hasattr(wsgi_detach, "DetachMiddleware"):
+    SERVERS.append("pywsgi-detach")  # its disconnect watcher registers every socket
+
+
+@pytest.fixture(scope="module", params=SERVERS)
 def server(request: pytest.FixtureRequest) -> Iterator[ServerProcess]:
     with ServerProcess(request.param, "tests.matrix_apps:app") as process:
         yield process
@@ -84,18 +90,23 @@ def test_resetting_clients_leave_nothing_behind(server: ServerProcess) -> None:
     before = settled(server, warmup)
     process = psutil.Process(before["pid"])
     rss_before = process.memory_info().rss
+    fds_before = process.num_fds()
 
     started = time.monotonic()
     soak(server.port, CLIENTS)
     after = settled(server, warmup + CLIENTS)
     elapsed = time.monotonic() - started
     rss_after = process.memory_info().rss
+    # The server closes its side of the last report request a moment later.
+    wait_until(lambda: process.num_fds() <= fds_before, timeout=2)
+    fds_after = process.num_fds()
 
     final = counts(server.port)
     report = (
         f"{server.server}: {CLIENTS} resets in {elapsed:.1f}s; bodies {final}; "
         f"greenlets {before['greenlets']} -> {after['greenlets']}; RSS "
-        f"{rss_before / 2**20:.1f} -> {rss_after / 2**20:.1f} MiB"
+        f"{rss_before / 2**20:.1f} -> {rss_after / 2**20:.1f} MiB; "
+        f"fds {fds_before} -> {fds_after}"
     )
     print(report)
     assert final == {
@@ -112,4 +123,5 @@ def test_resetting_clients_leave_nothing_behind(server: ServerProcess) -> None:
         f"{report}\nbefore: {before['greenlet_kinds']}\nafter: {after['greenlet_kinds']}"
     )
     assert rss_after - rss_before < RSS_SLACK, report
+    assert fds_after <= fds_before, report
     assert after["violations"] == [], report
