@@ -55,9 +55,6 @@ SERVERS = (
 #: matrix's concurrent cases and for the soak test's bursts.
 THREADS = 64
 
-#: gunicorn's arbiter stops gracefully on SIGTERM and waits for streams to end;
-#: SIGINT is its quick shutdown.
-_STOP_SIGNAL = {"gunicorn-gevent": signal.SIGINT, "gunicorn-gthread": signal.SIGINT}
 
 
 class ServerProcess:
@@ -108,7 +105,10 @@ class ServerProcess:
         proc = self.proc
         if proc is None or proc.poll() is not None:
             return
-        proc.send_signal(_STOP_SIGNAL.get(self.server, signal.SIGTERM))
+        # gunicorn's arbiter stops gracefully on SIGTERM, waiting for open
+        # streams to end; SIGINT is its quick shutdown.
+        quick = signal.SIGINT if self.server.startswith("gunicorn-") else signal.SIGTERM
+        proc.send_signal(quick)
         try:
             proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
