@@ -205,7 +205,5 @@ def dispatch(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any
 
 
 app = (
-    dispatch
-    if DetachMiddleware is None
-    else DetachMiddleware(dispatch, idle_timeout=IDLE_TIMEOUT)
+    dispatch if DetachMiddleware is None else DetachMiddleware(dispatch, idle_timeout=IDLE_TIMEOUT)
 )

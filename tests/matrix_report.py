@@ -106,9 +106,7 @@ NOTES: dict[str, str] = {
         "`start_response`, and only then aborts the connection: the client sees "
         "`200 OK` and an empty chunked body without its terminating chunk."
     ),
-    "needs_middleware": (
-        "Pending: needs `DetachMiddleware`, which this run did not have."
-    ),
+    "needs_middleware": ("Pending: needs `DetachMiddleware`, which this run did not have."),
 }
 
 _MARKS = {"passed": "✓", "limited": "✓", "broken": "✗", "failed": "✗ FAILED", "skipped": "…"}
@@ -142,9 +140,7 @@ def render(data: dict[str, Any]) -> str:
         "| --- | " + " | ".join("---" for _ in servers) + " |",
     ]
     for case in cases:
-        lines.append(
-            f"| {CASES[case]} | " + " | ".join(cell(s, case) for s in servers) + " |"
-        )
+        lines.append(f"| {CASES[case]} | " + " | ".join(cell(s, case) for s in servers) + " |")
     lines.append("")
     lines.append(
         "✓ holds · ✗ broken as documented (the test asserts the breakage) · "
@@ -188,8 +184,10 @@ def update_readme(table: str, readme: Path = README) -> None:
         _, _, tail = rest.partition(END)
         text = head + block + tail
     else:
-        text = text.rstrip("\n") + ("\n\n" if text else "") + (
-            "## Server compatibility matrix\n\n" + block + "\n"
+        text = (
+            text.rstrip("\n")
+            + ("\n\n" if text else "")
+            + ("## Server compatibility matrix\n\n" + block + "\n")
         )
     readme.write_text(text)
 

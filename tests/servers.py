@@ -22,7 +22,7 @@ PID (the worker's, under gunicorn), RSS, live greenlets and threads, unclosed
 ``DetachedBody`` objects, and every PEP 3333 violation ``wsgiref.validate``
 reported so far, plus hop-by-hop response headers, which the validator lets
 through. Violations are caught wherever they surface: raised from the
-app call, from iteration or ``close()``, as warnings, or from ``__del__`` (an
+app call, from iteration or ``close()``, as warnings (made errors), or from ``__del__`` (an
 iterator collected unclosed), so a server that swallows them cannot hide them.
 The validator's wrapper hides the app iterable's ``len()``; the server still
 sees it, so a lying ``len()`` breaks here as it would in production.
@@ -34,6 +34,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -56,7 +57,6 @@ SERVERS = (
 THREADS = 64
 
 
-
 class ServerProcess:
     """A WSGI server in a child process; use as a context manager."""
 
@@ -66,6 +66,7 @@ class ServerProcess:
         self._env = env or {}
         self.proc: subprocess.Popen[str] | None = None
         self.port = 0
+        self._stderr = tempfile.TemporaryFile(mode="w+", prefix="wsgi-detach-server-")
 
     @property
     def url(self) -> str:
@@ -78,6 +79,7 @@ class ServerProcess:
             cwd=ROOT,
             env=env,
             stdout=subprocess.PIPE,
+            stderr=self._stderr,
             text=True,
         )
         assert self.proc.stdout is not None
@@ -117,11 +119,34 @@ class ServerProcess:
         if proc.stdout is not None:
             proc.stdout.close()
 
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def stderr_text(self) -> str:
+        """What the server printed to stderr so far (its tracebacks, warnings)."""
+        self._stderr.flush()
+        self._stderr.seek(0)
+        return self._stderr.read()
+
+    def validation_problems(self) -> list[str]:
+        """Lines where wsgiref.validate objected (AssertionError) or warned (WSGIWarning).
+
+        Also the child's own ``WSGI VIOLATION`` lines (see ``/_server``).
+        """
+        return [
+            line
+            for line in self.stderr_text().splitlines()
+            if "AssertionError" in line or "WSGIWarning" in line or "WSGI VIOLATION" in line
+        ]
+
     def __enter__(self) -> ServerProcess:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+        self._stderr.close()
 
 
 def _load(spec: str) -> Any:
@@ -207,25 +232,21 @@ def _instrument(app: Any) -> Any:
     import warnings
     from wsgiref.validate import WSGIWarning, validator
 
-    def show(message: Any, category: Any, *args: Any, **kwargs: Any) -> None:
-        if issubclass(category, WSGIWarning):
-            _violation(f"warning: {message}")
-        else:
-            print(f"{category.__name__}: {message}", file=sys.stderr, flush=True)
-
-    warnings.showwarning = show
-    warnings.simplefilter("always", WSGIWarning)
+    # A validator warning becomes an exception in the server, so that it
+    # cannot pass unnoticed; it is recorded like an AssertionError.
+    warnings.simplefilter("error", WSGIWarning)
+    problems = (AssertionError, WSGIWarning)
 
     def unraisable(info: Any) -> None:
-        if isinstance(info.exc_value, AssertionError):
-            _violation(f"in {info.object!r}: {info.exc_value}")
+        if isinstance(info.exc_value, problems):
+            _violation(f"{info.exc_value!r} in {info.object!r}")
         else:
             sys.__unraisablehook__(info)
 
     sys.unraisablehook = unraisable
 
     class Checked:
-        """Passes the validator's iterator through, noting AssertionErrors."""
+        """Passes the validator's iterator through, noting what it objects to."""
 
         def __init__(self, inner: Any) -> None:
             self._inner = inner
@@ -237,16 +258,16 @@ def _instrument(app: Any) -> Any:
         def __next__(self) -> bytes:
             try:
                 chunk: bytes = next(self._it)
-            except AssertionError as exc:
-                _violation(f"while iterating: {exc}")
+            except problems as exc:
+                _violation(f"{exc!r} while iterating")
                 raise
             return chunk
 
         def close(self) -> None:
             try:
                 self._inner.close()
-            except AssertionError as exc:
-                _violation(f"in close(): {exc}")
+            except problems as exc:
+                _violation(f"{exc!r} in close()")
                 raise
 
     class CheckedSized(Checked):
@@ -281,8 +302,8 @@ def _instrument(app: Any) -> Any:
 
         try:
             result = validator(capture)(environ, _hop_by_hop_checked(start_response))
-        except AssertionError as exc:
-            _violation(f"calling the app: {exc}")
+        except problems as exc:
+            _violation(f"{exc!r} calling the app")
             raise
         if hasattr(returned[0], "__len__"):
             return CheckedSized(result, returned[0])

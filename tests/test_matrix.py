@@ -317,7 +317,7 @@ def _run(case: Callable[[str, int], Cell], server: str, port: int) -> Cell:
 
 
 def _validate(server: ServerProcess) -> Cell:
-    violations = server.info()["violations"]
+    violations = server.info()["violations"] + server.validation_problems()
     if violations:
         return Cell(failure="wsgiref.validate reported:\n" + "\n".join(violations))
     return Cell()

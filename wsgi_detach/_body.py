@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING, Any, Callable, Final, Union
 import gevent
 
 from ._errors import BodyAborted, BodyEnded, BodyTimeout, BufferFull, UsageError
-from ._wakeup import CannotBlockHere, Waiter, allocate_lock, make_waiter
+from ._wakeup import CannotBlockHere, Waiter, allocate_lock, make_waiter, spawn_greenlet
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse
@@ -106,11 +106,12 @@ _WHY: Final[dict[str, str]] = {
 }
 
 
-def _refuse(state: str, op: str, what: str) -> object:
-    """Look up ``(state, op)``; return the verdict or raise the error it names."""
+def _refuse(body: DetachedBody, op: str, what: str) -> object:
+    """Look up ``(body's state, op)``; return the verdict or raise the error it names."""
+    state = body._state
     verdict = _PRODUCER_OPS[state][op]
     if isinstance(verdict, type):
-        raise verdict(f"cannot {what}: the body is {state} because {_WHY[state]}", state)
+        raise verdict(f"cannot {what}: the body is {state} because {_WHY[state]}", state, body)
     return verdict
 
 
@@ -221,6 +222,7 @@ class DetachedBody:
         self._callbacks: list[Callable[[], object]] | None = []
         self._head: tuple[str, list[tuple[str, str]]] | None = None  # from start()
         self._head_sent = start_response is None  # the app called start_response itself
+        self._needs_head = start_response is not None  # owned, and start() not called yet
         self._sent_data = False  # a non-empty chunk went to the server
         self._outcome: str | None = None
         now = time.monotonic()
@@ -282,7 +284,7 @@ class DetachedBody:
                 f"got {type(status).__name__} and {type(headers).__name__}"
             )
         with self._lock:
-            _refuse(self._state, "write", "start()")
+            _refuse(self, "write", "start()")
             if self._start_response is None:
                 raise UsageError(
                     "start() needs a body created with DetachedBody(start_response=...); "
@@ -291,7 +293,13 @@ class DetachedBody:
             if self._head is not None:
                 raise UsageError("start() was already called on this body")
             self._head = (status, list(headers))
+            self._needs_head = False
             self._last_put = time.monotonic()
+            # The consumer may be waiting with no heartbeat due (none can be
+            # sent before the head): let it look again.
+            consumer = self._take_consumer_locked()
+        if consumer is not None:
+            consumer.wake()
 
     def put(self, chunk: Chunk | type[StopIteration], timeout: float | None = None) -> None:
         """Append a chunk for the server to send; ``put(StopIteration)`` is :meth:`finish`.
@@ -314,19 +322,23 @@ class DetachedBody:
             UsageError: the body owns ``start_response`` and ``start()`` was
                 not called yet.
         """
-        if chunk is StopIteration:
-            self.finish()
-            return
-        self._put(self._coerce(chunk), block=True, timeout=timeout)
+        if type(chunk) is not bytes:
+            if chunk is StopIteration:
+                self.finish()
+                return
+            chunk = self._coerce(chunk)
+        self._put(chunk, True, timeout)
 
     write = put
 
     def put_nowait(self, chunk: Chunk | type[StopIteration]) -> None:
         """Like :meth:`put`, but raise :class:`BufferFull` instead of waiting for room."""
-        if chunk is StopIteration:
-            self.finish()
-            return
-        self._put(self._coerce(chunk), block=False, timeout=None)
+        if type(chunk) is not bytes:
+            if chunk is StopIteration:
+                self.finish()
+                return
+            chunk = self._coerce(chunk)
+        self._put(chunk, False, None)
 
     def finish(self, chunk: Chunk | None = None) -> None:
         """End the response cleanly, optionally with a last chunk.
@@ -341,10 +353,10 @@ class DetachedBody:
         data = None if chunk is None else self._coerce(chunk)
         with self._lock:
             if data is not None:
-                _refuse(self._state, "write", "finish() with a last chunk")
-            elif _refuse(self._state, "finish", "finish()") is _NOOP:
+                _refuse(self, "write", "finish() with a last chunk")
+            elif _refuse(self, "finish", "finish()") is _NOOP:
                 return
-            if self._start_response is not None and self._head is None:
+            if self._needs_head:
                 # Ending a response that never got a status would leave the
                 # server with nothing valid to send: make it a 500 rather than
                 # a hang, and tell the caller.
@@ -379,7 +391,7 @@ class DetachedBody:
         if not isinstance(exc, BaseException):
             raise TypeError(f"fail() takes an exception, got {type(exc).__name__}")
         with self._lock:
-            if _refuse(self._state, "fail", "fail()") is _NOOP:
+            if _refuse(self, "fail", "fail()") is _NOOP:
                 log.debug("fail(%r) on a %s body ignored", exc, self._state)
                 return
             self._end_locked(FAILED, exc)
@@ -422,7 +434,7 @@ class DetachedBody:
         if exc is None:
             self.finish()
             return False
-        if isinstance(exc, BodyAborted) and self._state in (CLOSED, EXPIRED):
+        if isinstance(exc, BodyAborted) and exc.body is self:
             log.debug("producer stopped: %s", exc)
             return True
         self.fail(exc)
@@ -432,9 +444,13 @@ class DetachedBody:
         """Run ``fn(*args, **kwargs)`` in a new greenlet tied to this body.
 
         When ``fn`` returns the body finishes; when it raises, the body fails
-        (see :meth:`__exit__`). The greenlet lives in the calling thread's hub.
+        (see :meth:`__exit__`). Called from a greenlet (gevent servers), the new
+        greenlet runs in the same hub. Called from a plain thread (a threaded
+        server's request thread), it runs in wsgi_detach's producer hub thread
+        instead: a greenlet left on the request thread would freeze the moment
+        the request ended, and never learn that the client left.
         """
-        return gevent.spawn(self._run_tied, fn, args, kwargs)
+        return spawn_greenlet(self._run_tied, fn, args, kwargs)
 
     def spawn_thread(
         self, fn: Callable[..., object], *args: Any, **kwargs: Any
@@ -465,6 +481,24 @@ class DetachedBody:
 
     def __next__(self) -> bytes:
         """The server's side: the next non-empty chunk, blocking until there is one."""
+        # Fast path: data waiting and no producer blocked on the cap.
+        with self._lock:
+            buffer = self._buffer
+            if buffer and not self._producers:
+                chunk = buffer.popleft()
+                if buffer and len(chunk) < self._coalesce:
+                    chunk = self._join_locked(chunk)
+                self._buffered -= len(chunk)
+            else:
+                chunk = None
+        if chunk is None:
+            return self._next_slow()
+        if self._head_sent and self._heartbeat is None:
+            self._sent_data = True
+            return chunk
+        return self._emit(chunk)
+
+    def _next_slow(self) -> bytes:
         while True:
             to_wake: list[Waiter] = []
             waiter: Waiter | None = None
@@ -543,24 +577,32 @@ class DetachedBody:
             f"finish), got {type(chunk).__name__}"
         )
 
-    def _put(self, data: bytes, *, block: bool, timeout: float | None) -> None:
+    def _put(self, data: bytes, block: bool, timeout: float | None) -> None:
+        # The hot path of every stream: keep it to one lock round-trip and no
+        # calls when the body is open and has room.
         give_up = None if timeout is None else time.monotonic() + timeout
         while True:
             with self._lock:
-                _refuse(self._state, "write", "put()")
-                if self._start_response is not None and self._head is None:
+                if self._state is not OPEN:
+                    _refuse(self, "write", "put()")
+                if self._needs_head:
                     raise UsageError(
                         "put() before start(): this body owns start_response, so call "
                         "body.start(status, headers) first"
                     )
                 cap = self._max_buffer
-                if cap is None or not self._buffered or self._buffered + len(data) <= cap:
-                    self._last_put = time.monotonic()
+                buffered = self._buffered
+                if cap is None or not buffered or buffered + len(data) <= cap:
+                    if self._idle_timeout is not None:
+                        self._last_put = time.monotonic()
                     if not data:
                         return
                     self._buffer.append(data)
-                    self._buffered += len(data)
-                    consumer = self._take_consumer_locked()
+                    self._buffered = buffered + len(data)
+                    consumer = self._consumer
+                    if consumer is None:
+                        return
+                    self._consumer = None
                     break
                 if not block:
                     raise BufferFull(
@@ -591,8 +633,7 @@ class DetachedBody:
                     f"put() waited {timeout}s for room under max_buffer={cap} bytes; the client "
                     f"is not reading fast enough"
                 )
-        if consumer is not None:
-            consumer.wake()
+        consumer.wake()
 
     def _take_consumer_locked(self) -> Waiter | None:
         consumer, self._consumer = self._consumer, None
@@ -607,20 +648,23 @@ class DetachedBody:
             waiter.wake()
 
     def _pop_locked(self) -> bytes:
-        buffer = self._buffer
-        chunk = buffer.popleft()
-        limit = self._coalesce
-        if buffer and len(chunk) < limit:
-            parts = [chunk]
-            size = len(chunk)
-            while buffer and size + len(buffer[0]) <= limit:
-                part = buffer.popleft()
-                parts.append(part)
-                size += len(part)
-            if len(parts) > 1:
-                chunk = b"".join(parts)
+        chunk = self._buffer.popleft()
+        if self._buffer and len(chunk) < self._coalesce:
+            chunk = self._join_locked(chunk)
         self._buffered -= len(chunk)
         return chunk
+
+    def _join_locked(self, first: bytes) -> bytes:
+        """Join chunks that are already waiting onto ``first``, up to ``coalesce`` bytes."""
+        buffer = self._buffer
+        limit = self._coalesce
+        parts = [first]
+        size = len(first)
+        while buffer and size + len(buffer[0]) <= limit:
+            part = buffer.popleft()
+            parts.append(part)
+            size += len(part)
+        return first if len(parts) == 1 else b"".join(parts)
 
     def _can_send_locked(self) -> bool:
         return self._head_sent or self._head is not None
