@@ -9,6 +9,7 @@ socket timeout.
 
 from __future__ import annotations
 
+import json
 import socket
 import struct
 import time
@@ -153,3 +154,15 @@ def wait_until(predicate, timeout: float = 5.0, interval: float = 0.01) -> bool:
         if time.monotonic() >= give_up:
             return False
         time.sleep(interval)
+
+
+def events(port: int, key: str) -> list[str]:
+    """The names of the server-side events tests/apps.py filed under ``key``, in order."""
+    response = get(port, f"/_events?key={key}")
+    return [name for name, _ in json.loads(response.body)]
+
+
+def event_times(port: int, key: str) -> dict[str, float]:
+    """Server-side events under ``key``: name -> wall-clock time it was filed (last wins)."""
+    response = get(port, f"/_events?key={key}")
+    return {name: when for name, when in json.loads(response.body)}

@@ -30,6 +30,9 @@ SERVERS = ("pywsgi", "pywsgi-patched", "wsgiref")
 class ServerProcess:
     """A WSGI server in a child process; use as a context manager."""
 
+    #: The module run as the child (``python -m MODULE SERVER APP``).
+    module = "tests.servers"
+
     def __init__(self, server: str, app: str, *, env: dict[str, str] | None = None) -> None:
         self.server = server
         self.app = app
@@ -44,7 +47,7 @@ class ServerProcess:
     def start(self, timeout: float = 20.0) -> ServerProcess:
         env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1", **self._env)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.servers", self.server, self.app],
+            [sys.executable, "-m", self.module, self.server, self.app],
             cwd=ROOT,
             env=env,
             stdout=subprocess.PIPE,

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Protocol
 
+from gevent import spawn as _gevent_spawn
 from gevent.hub import Waiter as _GeventHubWaiter
 from gevent.monkey import get_original
 from greenlet import getcurrent
@@ -58,6 +59,7 @@ __all__ = [
     "get_ident",
     "in_hub",
     "make_waiter",
+    "runner_here",
 ]
 
 #: A real OS lock, even after ``gevent.monkey.patch_all()``. The body holds it
@@ -153,3 +155,33 @@ def make_waiter() -> Waiter:
             "would stop every greenlet in the process"
         )
     return _HubWaiter(hub)
+
+
+def runner_here() -> Callable[[Callable[[], object]], None]:
+    """Capture where the caller runs; return a function that runs ``fn()`` there, from any thread.
+
+    For code that learns something on one thread (a disconnect watcher's OS
+    thread) and must act where the request lives. In a thread with a gevent
+    hub, ``fn`` runs in a new greenlet of that hub, so it may block
+    cooperatively and may touch greenlet-only objects; it is scheduled with
+    ``run_callback_threadsafe``, which wakes a loop asleep in ``epoll_wait``.
+    In a thread without a hub there is nothing to go back to: ``fn`` runs at
+    once in whichever thread calls the returned function.
+    """
+    hub = _get_hub_if_exists()
+    if hub is None:
+        return _call
+    loop = hub.loop
+
+    def run_in_hub(fn: Callable[[], object]) -> None:
+        loop.run_callback_threadsafe(_spawn, fn)
+
+    return run_in_hub
+
+
+def _call(fn: Callable[[], object]) -> None:
+    fn()
+
+
+def _spawn(fn: Callable[[], object]) -> None:
+    _gevent_spawn(fn)
