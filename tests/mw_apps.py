@@ -17,6 +17,7 @@ from urllib.parse import parse_qs
 
 import gevent
 import gevent.queue
+from gevent import monkey
 from werkzeug.wsgi import ClosingIterator
 
 from tests import apps
@@ -24,6 +25,10 @@ from tests.apps import _pause, _producer, record
 from wsgi_detach import BufferFull, DetachedBody, DetachMiddleware, Unavailable, detach
 
 Start = Callable[..., Any]
+
+#: Whether gevent had patched the socket module by the time this module was
+#: imported: ``python -m wsgi_detach serve`` must patch before importing the app.
+PATCHED_AT_IMPORT = monkey.is_module_patched("socket")
 
 
 class _Recorded(list):  # type: ignore[type-arg]
@@ -55,6 +60,9 @@ def make_app(**options: Any) -> DetachMiddleware:
         n = int(query.get("n", "3"))
         interval = float(query.get("interval", "0.02"))
         spawn = _producer(via)
+
+        if path == "/_patched":
+            return _json(start_response, {"at_import": PATCHED_AT_IMPORT})
 
         if path == "/_stats":
             stats = mw.stats()

@@ -17,6 +17,7 @@ sets ``waitress.client_disconnected``).
 from __future__ import annotations
 
 import signal
+import subprocess
 import sys
 from typing import Any
 
@@ -38,16 +39,19 @@ class ExtraServerProcess(ServerProcess):
 
     def stop(self) -> None:
         proc = self.proc
-        if self.server.startswith("gunicorn-") and proc is not None and proc.poll() is None:
-            # gunicorn's SIGTERM is a graceful stop that waits for open
-            # streams; SIGINT is its quick one. ServerProcess.stop then
-            # finds the process gone, or sends SIGTERM and waits.
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(timeout=10)
-            except Exception:
-                pass
-        super().stop()
+        if not self.server.startswith("gunicorn-") or proc is None or proc.poll() is not None:
+            super().stop()
+            return
+        # gunicorn's SIGTERM is a graceful stop that waits for open streams;
+        # SIGINT is its quick one.
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+        if proc.stdout is not None:
+            proc.stdout.close()
 
 
 def _serve_detach_pywsgi(app: Any, nodelay: bool) -> None:
@@ -57,7 +61,7 @@ def _serve_detach_pywsgi(app: Any, nodelay: bool) -> None:
 
     from wsgi_detach import make_server
 
-    server = make_server(app, "127.0.0.1", 0, nodelay=nodelay, grace=2.0, log=None)
+    server = make_server(app, "127.0.0.1", 0, nodelay=nodelay, grace=0.5, log=None)
     # The validator goes in front of the middleware (it checks what the
     # server gets), not between make_server and the app it configures.
     server.application = validator(server.middleware)

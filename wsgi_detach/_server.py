@@ -26,6 +26,7 @@ that is not monkey-patched if your app uses blocking libraries (the
 
 from __future__ import annotations
 
+import logging
 import socket
 from typing import TYPE_CHECKING, Any, Final
 
@@ -40,6 +41,8 @@ if TYPE_CHECKING:
     from _typeshed.wsgi import WSGIApplication
 
 __all__ = ["DetachHandler", "DetachServer", "make_server"]
+
+log = logging.getLogger("wsgi_detach")
 
 #: After the drain, how long pywsgi may wait for the remaining handlers (idle
 #: keep-alive connections, responses that were not detached) before killing them.
@@ -98,7 +101,7 @@ class DetachServer(WSGIServer):  # type: ignore[misc]
         self.close()
         cut = self.middleware.drain(grace, self.farewell)
         if cut:
-            self.log_error("stopping: %d detached responses outlived the %ss grace", cut, grace)
+            log.warning("stopping: %d detached responses outlived the %ss grace", cut, grace)
         super().stop(timeout=_AFTER_DRAIN)
 
 
