@@ -10,8 +10,10 @@ Servers: ``detach-pywsgi`` (:func:`wsgi_detach.make_server`: our handler,
 ``DetachMiddleware`` unless it is one), ``detach-pywsgi-delay`` (the same
 without ``TCP_NODELAY``, for the comparison), ``gunicorn-gevent`` and
 ``gunicorn-gthread`` (one worker, forked by the arbiter, which prints the
-port), ``waitress`` (``channel_request_lookahead=1``, without which it never
-sets ``waitress.client_disconnected``).
+port), the same with ``-drain`` (a ``post_worker_init`` hook calls
+``drain_on_signal(0.5, b"bye")`` on the middleware), ``waitress``
+(``channel_request_lookahead=1``, without which it never sets
+``waitress.client_disconnected``).
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ SERVERS = (
     "detach-pywsgi-delay",
     "gunicorn-gevent",
     "gunicorn-gthread",
+    "gunicorn-gevent-drain",
+    "gunicorn-gthread-drain",
     "waitress",
 )
 
@@ -85,7 +89,7 @@ def _serve_waitress(app: Any) -> None:
         pass
 
 
-def _serve_gunicorn(app: Any, worker: str) -> None:
+def _serve_gunicorn(app: Any, worker: str, drain: Any = None) -> None:
     from gunicorn.app.base import BaseApplication
 
     class Application(BaseApplication):  # type: ignore[misc]
@@ -96,9 +100,17 @@ def _serve_gunicorn(app: Any, worker: str) -> None:
             self.cfg.set("worker_class", worker)
             self.cfg.set("loglevel", "warning")
             self.cfg.set("when_ready", when_ready)
+            self.cfg.set("graceful_timeout", 5)
+            if drain is not None:
+                self.cfg.set("post_worker_init", post_worker_init)
 
         def load(self) -> Any:
             return app
+
+    def post_worker_init(worker: Any) -> None:
+        # What README.md shows (there worker.wsgi is the middleware; here
+        # the validator wraps it).
+        drain.drain_on_signal(0.5, b"bye")
 
     def when_ready(arbiter: Any) -> None:
         print(f"LISTENING {arbiter.LISTENERS[0].sock.getsockname()[1]}", flush=True)
@@ -108,7 +120,7 @@ def _serve_gunicorn(app: Any, worker: str) -> None:
 
 def main(argv: list[str]) -> None:
     server, spec = argv
-    if server == "gunicorn-gevent":
+    if server.startswith("gunicorn-gevent"):
         from gevent import monkey
 
         monkey.patch_all()
@@ -120,6 +132,8 @@ def main(argv: list[str]) -> None:
     app = validator(_load(spec))
     if server == "waitress":
         _serve_waitress(app)
+    elif server.endswith("-drain"):  # gunicorn-gevent-drain, gunicorn-gthread-drain
+        _serve_gunicorn(app, server.split("-")[1], drain=_load(spec))
     elif server.startswith("gunicorn-"):
         _serve_gunicorn(app, server.partition("-")[2])
     else:

@@ -8,6 +8,7 @@ real servers and read the wire with tests/client.py.
 from __future__ import annotations
 
 import json
+import signal
 from collections.abc import Iterator
 from typing import Any
 from wsgiref.util import setup_testing_defaults
@@ -315,3 +316,21 @@ def test_drain_ends_open_streams_and_refuses_new_ones(farewell: str | None) -> N
         assert wait_until(lambda: events(server.port, "s0") == ["opened", expected])
         cut = 0 if farewell else 2
         assert events(server.port, "drain") == ["drain started", f"drain cut {cut}"]
+
+
+@pytest.mark.parametrize("worker", ["gevent", "gthread"])
+def test_drain_on_signal_under_gunicorn(worker: str) -> None:
+    """gunicorn's graceful SIGTERM: the hook's drain says farewell, the worker then exits."""
+    server = ExtraServerProcess(f"gunicorn-{worker}-drain", "tests.mw_apps:app").start()
+    try:
+        with Stream(server.port, f"/idle?key=g{worker}") as stream:
+            assert wait_until(lambda: events(server.port, f"g{worker}") == ["opened"])
+            assert server.proc is not None
+            server.proc.send_signal(signal.SIGTERM)  # to the arbiter, which passes it on
+            response = stream.read_all()
+        assert (response.status, response.body, response.complete) == (200, b"bye", True)
+        assert server.proc.wait(timeout=15) == 0
+    finally:
+        server.stop()
+        if server.proc is not None and server.proc.stdout is not None:
+            server.proc.stdout.close()

@@ -20,13 +20,14 @@ Why a bounded search of the object graph for framework wrappers: Werkzeug's
 generator, Bottle's ``_closeiter`` behind ``itertools.chain``, Django's
 ``StreamingHttpResponse`` behind ``map``. None exposes the body by a public
 attribute, but all of them hold a reference to it, which
-``gc.get_referents`` follows. The search skips functions, classes, modules and
-module globals (a module-level queue is not this response's body) and gives
-up after :data:`SEARCH_LIMIT` objects, so an ordinary response pays a few
-microseconds. A queue found this way is iterated by the framework, not by us:
-the middleware can count it, add streaming headers and end it on a
-disconnect, but not enforce timeouts or type checks; return the queue from a
-raw WSGI app or use ``detach()`` for those.
+``gc.get_referents`` follows. The search skips functions, bound methods,
+classes, modules and module globals (a module-level queue is not this
+response's body) and gives up after :data:`SEARCH_LIMIT` objects, so an
+ordinary response pays a few microseconds. A queue found this way is
+iterated by the framework, not by us: the middleware can count it, add
+streaming headers and end it on a disconnect, but not enforce timeouts or
+type checks; return the queue from a raw WSGI app or use ``detach()`` for
+those.
 """
 
 from __future__ import annotations
@@ -60,6 +61,10 @@ _LEAVES: Final = (
     types.FunctionType,
     types.BuiltinFunctionType,
     types.CodeType,
+    # A close callback (``response.close``) leads back to the whole response
+    # object, its headers and the request's environ: slow to walk, and the
+    # body is reached through the iterator anyway.
+    types.MethodType,
 )
 
 Found = Union[DetachedBody, SimpleQueue, Channel]

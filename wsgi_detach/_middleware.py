@@ -46,6 +46,8 @@ body of the request (idempotent).
 from __future__ import annotations
 
 import logging
+import os
+import signal
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Final
@@ -54,10 +56,12 @@ from ._adopt import feed, find_inside, is_queue
 from ._body import Chunk, DetachedBody, error_response
 from ._budget import ByteBudget
 from ._errors import DetachError, Unavailable, UsageError
-from ._wakeup import CannotBlockHere, Waiter, allocate_lock, make_waiter
+from ._wakeup import CannotBlockHere, Waiter, allocate_lock, make_waiter, start_beside
 from ._watchers import watch
 
 if TYPE_CHECKING:
+    from types import FrameType
+
     from _typeshed import OptExcInfo as ExcInfo
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
 
@@ -256,8 +260,10 @@ class DetachMiddleware:
         (a client sees a truncated stream, not a clean end). Blocks the
         calling greenlet or thread until then.
 
-        Call it from a gunicorn ``worker_exit``/``on_exit`` hook, a SIGTERM
-        handler, or before ``WSGIServer.stop()`` (``make_server`` does).
+        Call it from a SIGTERM handler (:meth:`drain_on_signal` installs
+        one; under gunicorn from ``post_worker_init`` -- its ``worker_exit``
+        runs after the worker stopped waiting for connections, too late), or
+        before ``WSGIServer.stop()`` (``make_server``'s server does).
 
         Returns:
             How many responses had to be cut off when the grace ran out.
@@ -292,6 +298,43 @@ class DetachMiddleware:
         for stream in left:
             _cut(stream, grace)
         return len(left)
+
+    def drain_on_signal(
+        self, grace: float, farewell: Chunk | None = None, signum: int = signal.SIGTERM
+    ) -> None:
+        """On ``signum``, drain (see :meth:`drain`) beside whatever the process did before.
+
+        Installs a handler (call it from the main thread) that starts
+        ``drain(grace, farewell)`` in a new greenlet (gevent) or thread, then
+        hands the signal to the handler that was there before -- gunicorn's
+        worker, for one, then stops accepting and waits for its connections,
+        which the drain ends. Where the previous handler was the default
+        (the process would die at once), the drain runs first and the signal
+        is then delivered again with the default handler.
+
+        The place for it under gunicorn is a ``post_worker_init`` hook, where
+        ``worker.wsgi`` is this middleware::
+
+            def post_worker_init(worker):  # gunicorn.conf.py
+                worker.wsgi.drain_on_signal(worker.cfg.graceful_timeout - 1, b"bye\\n")
+        """
+        previous = signal.getsignal(signum)
+
+        def die_after_drain() -> None:
+            self.drain(grace, farewell)
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+
+        def handler(number: int, frame: FrameType | None) -> None:
+            if callable(previous):
+                start_beside(lambda: self.drain(grace, farewell))
+                previous(number, frame)
+            elif previous == signal.SIG_IGN:
+                start_beside(lambda: self.drain(grace, farewell))
+            else:
+                start_beside(die_after_drain)
+
+        signal.signal(signum, handler)
 
     # ------------------------------------------------------------------ bookkeeping
 

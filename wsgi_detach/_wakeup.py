@@ -60,6 +60,7 @@ __all__ = [
     "in_hub",
     "make_waiter",
     "runner_here",
+    "start_beside",
 ]
 
 #: A real OS lock, even after ``gevent.monkey.patch_all()``. The body holds it
@@ -185,3 +186,19 @@ def _call(fn: Callable[[], object]) -> None:
 
 def _spawn(fn: Callable[[], object]) -> None:
     _gevent_spawn(fn)
+
+
+def start_beside(fn: Callable[[], object]) -> None:
+    """Run ``fn()`` beside the caller: in a greenlet if this thread has a hub, else in a thread.
+
+    For work started from a signal handler that must block (a drain): in a
+    gevent process a new OS thread could not wait on greenlets, and on a
+    threaded server there may be no running hub to host a greenlet.
+    """
+    if _get_hub_if_exists() is not None:
+        _gevent_spawn(fn)
+    else:
+        _start_thread(fn, ())
+
+
+_start_thread: Callable[..., int] = get_original("_thread", "start_new_thread")
