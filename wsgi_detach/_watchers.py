@@ -24,20 +24,23 @@ One daemon OS thread per process (started at the first watch, again after a
 fork) blocks in ``epoll_wait`` on every watched socket, registered for
 ``EPOLLRDHUP`` only: the kernel reports the peer's FIN (or an RST, as
 ``EPOLLHUP``/``EPOLLERR``), never mere readability, so a pipelined request or
-a request body the app did not read does not wake it. On ``EPOLLRDHUP`` it
-checks ``FIONREAD``: no unread bytes means the read side is at EOF (what a
-0-byte ``MSG_PEEK`` would say); unread bytes mean the client half-closed
-*after* sending more, which is not treated as a disconnect -- the socket is
-dropped from the watch, and the next failing write will tell. An idle stream
-therefore costs one epoll registration and no wake-ups at all; detection is
-as fast as the kernel delivers the FIN. ``waitress.client_disconnected`` is a
+a request body the app did not read does not wake it. On an event it looks
+again with ``poll(0)`` (the descriptor may have been closed and reused by a
+new connection since ``epoll_wait`` returned) and checks ``FIONREAD``: no
+unread bytes means the read side is at EOF (what a 0-byte ``MSG_PEEK`` would
+say); unread bytes mean the client half-closed *after* sending more, which is
+not treated as a disconnect -- the socket is dropped from the watch, and the
+next failing write will tell. An idle stream therefore costs one epoll
+registration (~700 bytes with our bookkeeping) and no wake-ups at all;
+detection is as fast as the kernel delivers the FIN. ``waitress.client_disconnected`` is a
 function, not a descriptor, so those are polled every :data:`POLL_INTERVAL`.
 
-Why an OS thread and not a greenlet per stream or a libev io watcher: one
-thread serves gevent and threaded servers alike; it never wakes while
-streams are idle (a polling loop over 5 000 sockets would); ``EPOLLRDHUP``
-is not available through libev's io watchers, which fire on readability and
-would spin on a pipelined request. The thread never touches a server object:
+Why an OS thread and not a greenlet per stream or a libev io watcher
+(measured in bench/mw_idle_watch.py, 5 000 idle streams): one thread serves
+gevent and threaded servers alike; it never wakes while streams are idle (a
+250 ms peek loop costs 4-5 % CPU, a greenlet per stream 8.8 KiB);
+``EPOLLRDHUP`` is not available through libev's io watchers, which fire on
+readability and must stop watching at a pipelined request. The thread never touches a server object:
 it calls back, through :func:`wsgi_detach._wakeup.runner_here`, into the
 greenlet hub or thread that registered the watch.
 
@@ -75,11 +78,12 @@ SOCKET_KEY: Final = "wsgi_detach.socket"
 POLL_INTERVAL: Final = 0.25
 
 _RDHUP: Final = getattr(select, "EPOLLRDHUP", 0x2000)
-_GONE: Final = select.EPOLLHUP | select.EPOLLERR
+_GONE: Final = select.EPOLLHUP | select.EPOLLERR  # == POLLHUP | POLLERR
 
 # A real OS thread and a real epoll even under gevent.monkey.patch_all().
 _start_thread: Callable[..., int] = get_original("_thread", "start_new_thread")
 _epoll: Callable[[], Any] = get_original("select", "epoll")
+_poll: Callable[[], Any] = get_original("select", "poll")
 
 Cancel = Callable[[], object]
 
@@ -168,7 +172,7 @@ class _Monitor:
 
     def _once(self) -> None:
         timeout = POLL_INTERVAL if self._polled else -1
-        for fd, events in self._epoll.poll(timeout):
+        for fd, _ in self._epoll.poll(timeout):
             if fd == self._wake_r:
                 os.read(self._wake_r, 4096)
                 continue
@@ -176,11 +180,14 @@ class _Monitor:
                 entry = self._by_fd.get(fd)
             if entry is None:
                 continue
-            if events & _GONE or _unread(fd) == 0:
+            verdict = _look(fd)
+            if verdict == _LEFT:
                 self._report(entry)
-            else:
+            elif verdict == _BYTES_FIRST:
                 log.debug("fd %d half-closed with unread bytes: no longer watched", fd)
                 self._forget(entry)
+            # _STALE: the event was for a connection that has since been closed
+            # and its descriptor reused by a request that is still there.
         for entry in list(self._polled):
             assert entry.check is not None
             if entry.check():
@@ -191,15 +198,34 @@ class _Monitor:
             entry.run(entry.on_disconnect)
 
 
-def _unread(fd: int) -> int:
-    """Bytes waiting to be read on ``fd``; 0 at EOF. A reset connection counts as 0."""
+_LEFT: Final = "left"
+_BYTES_FIRST: Final = "bytes first"
+_STALE: Final = "stale"
+
+
+def _look(fd: int) -> str:
+    """Look again, now, at the connection behind ``fd``.
+
+    ``_LEFT``: reset, or the read side at EOF with nothing unread (what a
+    0-byte ``MSG_PEEK`` would say). ``_BYTES_FIRST``: the peer half-closed
+    after sending bytes nobody read yet (pipelined requests, an unread body).
+    ``_STALE``: no hang-up now.
+    """
+    poller = _poll()
+    poller.register(fd, _RDHUP)
+    ready = poller.poll(0)
+    events = ready[0][1] if ready else 0
+    if events & (_GONE | select.POLLNVAL):
+        return _LEFT
+    if not events & _RDHUP:
+        return _STALE
     try:
         buf = fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0")
     except OSError as exc:
         if exc.errno in (errno.EBADF, errno.ENOTCONN, errno.ECONNRESET):
-            return 0
+            return _LEFT
         raise
-    return int(struct.unpack("i", buf)[0])
+    return _BYTES_FIRST if struct.unpack("i", buf)[0] else _LEFT
 
 
 _monitor: _Monitor | None = None
