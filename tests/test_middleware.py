@@ -334,3 +334,26 @@ def test_drain_on_signal_under_gunicorn(worker: str) -> None:
         server.stop()
         if server.proc is not None and server.proc.stdout is not None:
             server.proc.stdout.close()
+
+
+def test_an_ordinary_request_leaves_no_reference_cycle() -> None:
+    """The environ holds our detach(); nothing of ours may point back at it."""
+    import gc
+    import weakref
+
+    class Environ(dict):  # type: ignore[type-arg]
+        pass
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"x"]
+
+    environ = Environ(_environ())
+    alive = weakref.ref(environ)
+    gc.disable()
+    try:
+        DetachMiddleware(app)(environ, _Server().start_response)
+        del environ
+        assert alive() is None  # freed by reference counting, not left for the collector
+    finally:
+        gc.enable()

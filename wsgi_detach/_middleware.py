@@ -231,7 +231,7 @@ class DetachMiddleware:
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         if DETACH_KEY in environ:  # an outer DetachMiddleware already looks after this request
             return self.app(environ, start_response)
-        return _Request(self, environ, start_response).run()
+        return _Request(self, start_response).run(environ)
 
     # ------------------------------------------------------------------ introspection
 
@@ -402,11 +402,11 @@ _DETACHED: Final = "detached"  # a detached response: streaming headers, our wra
 class _Request:
     """The middleware's state for one request."""
 
-    def __init__(
-        self, mw: DetachMiddleware, environ: WSGIEnvironment, start_response: StartResponse
-    ) -> None:
+    def __init__(self, mw: DetachMiddleware, start_response: StartResponse) -> None:
+        # No reference to the environ: it holds our detach() method, and a
+        # cycle would keep every request's environ alive until the next
+        # garbage collection.
         self.mw = mw
-        self.environ = environ
         self.server_start_response = start_response
         self.mode: str = _HOLD
         self.head: tuple[str, list[tuple[str, str]], ExcInfo | None] | None = None
@@ -418,8 +418,7 @@ class _Request:
         self.sent_data = False
         self.cancel_watch: Callable[[], object] | None = None
 
-    def run(self) -> Iterable[bytes]:
-        environ = self.environ
+    def run(self, environ: WSGIEnvironment) -> Iterable[bytes]:
         environ[DETACH_KEY] = self.detach
         environ[BODIES_KEY] = self.bodies
         try:
@@ -430,7 +429,7 @@ class _Request:
         except BaseException:
             self.close_bodies()
             raise
-        return self.respond(result)
+        return self.respond(environ, result)
 
     # ------------------------------------------------------------------ what the app calls
 
@@ -472,7 +471,7 @@ class _Request:
 
     # ------------------------------------------------------------------ deciding
 
-    def respond(self, result: Iterable[bytes]) -> Iterable[bytes]:
+    def respond(self, environ: WSGIEnvironment, result: Iterable[bytes]) -> Iterable[bytes]:
         mw = self.mw
         if self.refused:
             _close(result)
@@ -506,7 +505,7 @@ class _Request:
         self.mode = _DETACHED
         self.flush_head()
         if mw.watch_disconnects:
-            self.cancel_watch = watch(self.environ, self.on_disconnect)
+            self.cancel_watch = watch(environ, self.on_disconnect)
         return _DetachedResponse(self, result)
 
     def flush_head(self) -> None:
