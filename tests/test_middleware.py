@@ -192,6 +192,17 @@ def test_detached_responses_get_streaming_headers(served: ServerProcess, path: s
     assert wait_until(lambda: events(served.port, key) == ["outcome finished"])
 
 
+def test_start_response_inside_the_first_iteration_still_gets_the_headers(
+    served: ServerProcess,
+) -> None:
+    # tests/apps.py's /late_start: the body owns start_response and calls it
+    # (our wrapper) from inside the server's first next(), after the app returned.
+    response = get(served.port, "/late_start")
+    assert (response.status, response.body) == (201, b"made later")
+    assert response.headers["x-late"] == "yes"
+    assert response.headers["cache-control"] == "no-cache"
+
+
 @pytest.mark.parametrize(
     ("path", "body"),
     [
