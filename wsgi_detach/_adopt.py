@@ -37,6 +37,7 @@ import types
 from collections import deque
 from typing import Final, Union
 
+import gevent
 from gevent import GreenletExit
 from gevent.queue import Channel, SimpleQueue
 
@@ -97,12 +98,15 @@ def find_inside(iterable: object) -> Found | None:
 def feed(body: DetachedBody, queue: SimpleQueue | Channel) -> None:
     """Move what producers put into ``queue`` into ``body``, until ``StopIteration``.
 
-    The pump is a greenlet tied to the body (it finishes the body at
-    ``StopIteration``, fails it on a wrong chunk type) and is killed when the
-    body closes, so a client that leaves does not leave it blocked on the
-    queue forever.
+    The pump is a greenlet of the *calling* thread's hub, where the seed's
+    producers live (greenlets the app spawned): a gevent queue cannot wake a
+    greenlet of another thread. It finishes the body at ``StopIteration``,
+    fails it on a wrong chunk type, and is killed when the body closes, so a
+    client that leaves does not leave it blocked on the queue forever. (On a
+    threaded server that kill, like the seed's producers, runs only when that
+    thread runs its hub again.)
     """
-    pump = body.spawn(_pump, queue, body)
+    pump = gevent.spawn(_pump, queue, body)
     loop = pump.parent.loop
     # The body may be closed from another thread (a drain, a watcher): kill
     # the pump in its own hub.
@@ -110,5 +114,6 @@ def feed(body: DetachedBody, queue: SimpleQueue | Channel) -> None:
 
 
 def _pump(queue: SimpleQueue | Channel, body: DetachedBody) -> None:
-    for item in queue:  # a gevent queue's iteration ends at the StopIteration marker
-        body.put(item)
+    with body:  # finishes the body when the loop ends, fails it if put() raises
+        for item in queue:  # a gevent queue's iteration ends at the StopIteration marker
+            body.put(item)
