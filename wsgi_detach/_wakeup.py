@@ -175,17 +175,13 @@ def runner_here() -> Callable[[Callable[[], object]], None]:
     loop = hub.loop
 
     def run_in_hub(fn: Callable[[], object]) -> None:
-        loop.run_callback_threadsafe(_spawn, fn)
+        loop.run_callback_threadsafe(_gevent_spawn, fn)
 
     return run_in_hub
 
 
 def _call(fn: Callable[[], object]) -> None:
     fn()
-
-
-def _spawn(fn: Callable[[], object]) -> None:
-    _gevent_spawn(fn)
 
 
 def start_beside(fn: Callable[[], object]) -> None:
