@@ -160,9 +160,11 @@ class DetachMiddleware:
 
     Args:
         app: any WSGI application.
-        max_open: most detached responses open at once; beyond it a new one
-            is answered ``503`` with ``Retry-After``. Each open stream holds a
-            connection, a greenlet or thread and its buffer. ``None``: no cap.
+        max_open: most detached bodies (and recognised queues) open at once,
+            counted per body -- a request usually has one; beyond it a new
+            one is answered ``503`` with ``Retry-After``. Each open stream
+            holds a connection, a greenlet or thread and its buffer.
+            ``None``: no cap.
         max_buffered: most bytes buffered across all bodies the middleware
             creates; at the cap ``put()`` raises :class:`BufferFull` on any of
             them, even where ``max_buffer`` would block (see
