@@ -70,7 +70,7 @@ def make_app(**options: Any) -> DetachMiddleware:
 
         if path == "/_drain":
             grace = float(query.get("grace", "1"))
-            farewell = query.get("farewell")
+            farewell = query["farewell"].encode() if "farewell" in query else None
 
             def drain() -> None:
                 record(key, "drain started")

@@ -312,6 +312,10 @@ def test_drain_ends_open_streams_and_refuses_new_ones(farewell: str | None) -> N
     with ExtraServerProcess("detach-pywsgi", "tests.mw_apps:app") as server:
         streams = [Stream(server.port, f"/idle?key=s{i}") for i in range(2)]
         assert wait_until(lambda: all(events(server.port, f"s{i}") == ["opened"] for i in range(2)))
+        # A queue inside Werkzeug's ClosingIterator, one item sent, then idle.
+        wrapped = Stream(server.port, "/queue_idle?n=1&key=wq")
+        wrapped.read_head()
+        assert wrapped.read_chunk() == b"item 0;"
         query = "grace=0.3" + (f"&farewell={farewell}" if farewell else "")
         assert get(server.port, f"/_drain?key=drain&{query}").status == 202
         for stream in streams:
@@ -321,12 +325,21 @@ def test_drain_ends_open_streams_and_refuses_new_ones(farewell: str | None) -> N
             else:  # cut after the grace before any data: told to come back
                 assert (response.status, response.body) == (503, b"503 Service Unavailable\n")
             stream.close()
+        response = wrapped.read_all()
+        wrapped.close()
+        if farewell:
+            assert (response.body, response.complete) == (b"item 0;bye", True)
+        else:  # cut mid-stream: aborted, never a clean end
+            assert (response.body, response.complete) == (b"item 0;", False)
         assert get(server.port, "/idle").status == 503
         assert get(server.port, "/plain").status == 200
         expected = "outcome finished" if farewell else "outcome failed"
         assert wait_until(lambda: events(server.port, "s0") == ["opened", expected])
-        cut = 0 if farewell else 2
+        cut = 0 if farewell else 3
         assert events(server.port, "drain") == ["drain started", f"drain cut {cut}"]
+        stats = json.loads(get(server.port, "/_stats").body)
+        assert (stats["open"], stats["draining"]) == (0, True)
+        assert stats["finished" if farewell else "failed"] == 3
 
 
 @pytest.mark.parametrize("worker", ["gevent", "gthread"])

@@ -378,22 +378,26 @@ class DetachMiddleware:
 
 
 def _say_farewell(stream: object, farewell: Chunk) -> None:
+    """Give an open stream (a body, or a request with a wrapped queue) its last chunk."""
     try:
         if isinstance(stream, DetachedBody):
             if stream.state == "open":
                 stream.finish(farewell)
         else:
-            stream.put_nowait(farewell)  # type: ignore[attr-defined]
-            stream.put_nowait(StopIteration)  # type: ignore[attr-defined]
-    except (DetachError, TypeError) as exc:
+            assert isinstance(stream, _Request)
+            stream.end_queue(farewell)
+    except DetachError as exc:
         log.warning("drain: could not send the farewell to %r: %s", stream, exc)
 
 
 def _cut(stream: object, grace: float) -> None:
+    error = Unavailable(f"the server is shutting down; the stream outlived {grace}s grace")
     if isinstance(stream, DetachedBody):
-        stream.fail(Unavailable(f"the server is shutting down; the stream outlived {grace}s grace"))
+        stream.fail(error)
     else:
-        stream.put_nowait(StopIteration)  # type: ignore[attr-defined]
+        assert isinstance(stream, _Request)
+        stream.cut_off = error
+        stream.end_queue()
 
 
 _HOLD: Final = "hold"  # the app is running: start_response is held back
@@ -415,6 +419,7 @@ class _Request:
         self.server_write: Callable[[bytes], object] | None = None
         self.bodies: list[DetachedBody] = []
         self.queue: Any = None  # a gevent queue a framework wrapped, if one was found
+        self.cut_off: Unavailable | None = None  # drain's grace ran out on that queue
         self.refused = False
         self.gone = False  # the watcher saw the client leave
         self.sent_data = False
@@ -498,7 +503,7 @@ class _Request:
                     feed(body, found)
                     result = body
                 else:
-                    mw._admit(found)
+                    mw._admit(self)  # the request stands for the queue in the count
                     self.queue = found
             except Unavailable:
                 _close(result)
@@ -550,7 +555,7 @@ class _Request:
         for body in self.bodies:
             body.close()  # open -> outcome "disconnected"; the server's close() later is a no-op
         if self.queue is not None:
-            self.queue.put_nowait(StopIteration)  # the framework's iteration ends
+            self.end_queue()
 
     def end(self, ended: bool) -> None:
         """The response is over (the server closed it): stop watching, close every body."""
@@ -558,7 +563,22 @@ class _Request:
             self.cancel_watch()
         self.close_bodies()
         if self.queue is not None:
-            self.mw._release(self.queue, "finished" if ended and not self.gone else "disconnected")
+            if self.cut_off is not None:
+                outcome = "failed"
+            else:
+                outcome = "finished" if ended and not self.gone else "disconnected"
+            self.mw._release(self, outcome)
+
+    def end_queue(self, farewell: Chunk | None = None) -> None:
+        """End the framework's iteration of the wrapped queue, after ``farewell`` if given.
+
+        The farewell goes in as given: the framework, not we, turns queue
+        items into bytes (Flask and Django take bytes; Bottle wants the type
+        of the first chunk).
+        """
+        if farewell is not None:
+            self.queue.put_nowait(farewell)
+        self.queue.put_nowait(StopIteration)
 
     def close_bodies(self) -> None:
         for body in self.bodies:
@@ -595,19 +615,24 @@ class _DetachedResponse:
                     f"{type(chunk).__name__}: {chunk!r:.60}"
                 )
         except StopIteration:
+            if request.cut_off is not None:  # never a clean-looking end for a cut stream
+                return self._failed(request, request.cut_off)
             self._ended = True
             raise
         except Exception as exc:
-            if request.sent_data:
-                raise  # the server aborts the connection: never a clean-looking end
-            self._done = True
-            request.sent_data = True
-            # PEP 3333 "Error Handling": replace the unsent head; a server that
-            # would otherwise send the held 200 (cheroot does) sends a 5xx.
-            return error_response(request.start_response, exc)
+            return self._failed(request, exc)
         if chunk:
             request.sent_data = True
         return chunk
+
+    def _failed(self, request: _Request, error: Exception) -> bytes:
+        if request.sent_data:
+            raise error  # the server aborts the connection: never a clean-looking end
+        self._done = True
+        request.sent_data = True
+        # PEP 3333 "Error Handling": replace the unsent head; a server that
+        # would otherwise send the held 200 (cheroot does) sends a 5xx.
+        return error_response(request.start_response, error)
 
     def close(self) -> None:
         if self._closed:
