@@ -161,6 +161,26 @@ def test_a_body_made_by_detach_carries_the_defaults() -> None:
     ]
 
 
+def test_drain_refuses_to_block_the_hub() -> None:
+    import gevent
+
+    middleware = DetachMiddleware(lambda environ, start_response: [])
+    raised: list[BaseException] = []
+
+    def in_a_loop_callback() -> None:
+        try:
+            middleware.drain(1)
+        except UsageError as exc:
+            raised.append(exc)
+
+    gevent.get_hub().loop.run_callback(in_a_loop_callback)
+    gevent.sleep(0)
+    (error,) = raised
+    with pytest.raises(UsageError, match=r"^drain\(\) blocks until streams end; call it from a "
+                                         r"greenlet \(gevent.spawn\(middleware.drain, grace\)\)"):
+        raise error
+
+
 # ---------------------------------------------------------------------- real servers
 
 
