@@ -70,7 +70,7 @@ def _serve_detach_pywsgi(app: Any, nodelay: bool) -> None:
     server.application = validator(server.middleware)
     server.start()
     print(f"LISTENING {server.server_port}", flush=True)
-    gevent.signal_handler(signal.SIGTERM, lambda: gevent.spawn(server.stop))
+    gevent.signal_handler(signal.SIGTERM, server.stop)
     server.serve_forever()
 
 

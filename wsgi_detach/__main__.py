@@ -120,7 +120,7 @@ def _serve(args: argparse.Namespace) -> int:
         flush=True,
     )
     for signum in (signal.SIGTERM, signal.SIGINT):
-        gevent.signal_handler(signum, gevent.spawn, server.stop)
+        gevent.signal_handler(signum, server.stop)  # runs in a new greenlet: it may block
     server.serve_forever()
     return 0
 

@@ -89,6 +89,7 @@ class DetachServer(WSGIServer):  # type: ignore[misc]
         self.middleware = middleware
         self.nodelay = nodelay
         self.farewell = farewell
+        self._drained = False
 
     def stop(self, timeout: float | None = None) -> None:
         """Stop accepting, drain detached responses for ``timeout`` seconds, then stop.
@@ -97,11 +98,13 @@ class DetachServer(WSGIServer):  # type: ignore[misc]
         ``gevent.signal_handler`` callback is one); ``serve_forever`` calls it
         when it returns.
         """
-        grace = self.stop_timeout if timeout is None else timeout
-        self.close()
-        cut = self.middleware.drain(grace, self.farewell)
-        if cut:
-            log.warning("stopping: %d detached responses outlived the %ss grace", cut, grace)
+        if not self._drained:  # serve_forever() calls stop() again once it returns
+            self._drained = True
+            grace = self.stop_timeout if timeout is None else timeout
+            self.close()
+            cut = self.middleware.drain(grace, self.farewell)
+            if cut:
+                log.warning("stopping: %d detached responses outlived the %ss grace", cut, grace)
         super().stop(timeout=_AFTER_DRAIN)
 
 

@@ -44,7 +44,8 @@ readability and must stop watching at a pipelined request. The thread never touc
 it calls back, through :func:`wsgi_detach._wakeup.runner_here`, into the
 greenlet hub or thread that registered the watch.
 
-When not to rely on it: behind a proxy, the watched connection is the
+Linux only: elsewhere :func:`watch` returns None and heartbeats are the
+fallback. When not to rely on it: behind a proxy, the watched connection is the
 proxy's, which notices a client leaving only if it is configured to close the
 upstream (nginx does with ``proxy_ignore_client_abort off``, the default).
 Use a heartbeat there too. This module knows nothing of bodies or WSGI apps:
@@ -78,12 +79,15 @@ SOCKET_KEY: Final = "wsgi_detach.socket"
 POLL_INTERVAL: Final = 0.25
 
 _RDHUP: Final = getattr(select, "EPOLLRDHUP", 0x2000)
-_GONE: Final = select.EPOLLHUP | select.EPOLLERR  # == POLLHUP | POLLERR
+_GONE: Final = select.POLLHUP | select.POLLERR  # == EPOLLHUP | EPOLLERR, and defined off Linux
 
 # A real OS thread and a real epoll even under gevent.monkey.patch_all().
 _start_thread: Callable[..., int] = get_original("_thread", "start_new_thread")
-_epoll: Callable[[], Any] = get_original("select", "epoll")
-_poll: Callable[[], Any] = get_original("select", "poll")
+try:
+    _epoll: Callable[[], Any] | None = get_original("select", "epoll")
+    _poll: Callable[[], Any] = get_original("select", "poll")
+except AttributeError:  # not Linux: no epoll, no EPOLLRDHUP; heartbeats are the fallback
+    _epoll = None
 
 Cancel = Callable[[], object]
 
@@ -111,6 +115,7 @@ class _Monitor:
     def __init__(self) -> None:
         self.pid = os.getpid()
         self._lock = allocate_lock()
+        assert _epoll is not None
         self._epoll = _epoll()
         self._by_fd: dict[int, _Watch] = {}
         self._polled: list[_Watch] = []
@@ -247,8 +252,11 @@ def watch(environ: dict[str, Any], on_disconnect: Callable[[], object]) -> Cance
     ``on_disconnect`` runs back there (in a new greenlet of its hub), or in
     the watcher thread when the serving thread has no gevent hub. Returns a
     function that stops the watch; call it when the response ends, and
-    always before the server may close the socket.
+    always before the server may close the socket. Linux only (epoll): None
+    elsewhere.
     """
+    if _epoll is None:
+        return None
     sock = environ.get(SOCKET_KEY) or environ.get("gunicorn.socket")
     if sock is not None:
         try:
