@@ -16,9 +16,8 @@ from collections.abc import Iterator
 import pytest
 
 import wsgi_detach
-from tests.client import Stream, get
+from tests.client import Stream, get, wait_event
 from tests.servers import ServerProcess
-from tests.test_matrix import wait_event
 
 #: The app's idle_timeout: silent streams are cut after it.
 IDLE_TIMEOUT = 0.5

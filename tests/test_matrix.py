@@ -13,10 +13,8 @@ exception) fails that pair and carries the details to its test.
 
 from __future__ import annotations
 
-import json
 import time
 import traceback
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -27,7 +25,7 @@ import pytest
 
 import wsgi_detach
 from tests import matrix_report
-from tests.client import Response, Stream, get, wait_until
+from tests.client import Response, Stream, get, wait_event
 from tests.servers import ServerProcess
 
 #: Add to a client's monotonic arrival time to compare it with the server's time.time().
@@ -60,27 +58,6 @@ class Pending(Exception):
 
 
 # ---------------------------------------------------------------------------- helpers
-
-
-def events(port: int, key: str) -> dict[str, float]:
-    """Server-side events filed under ``key``: name -> server time.time()."""
-    url = f"http://127.0.0.1:{port}/_events?key={key}"
-    with urllib.request.urlopen(url, timeout=5) as response:
-        return {name: when for name, when in json.load(response)}
-
-
-def wait_event(port: int, key: str, name: str, timeout: float) -> float:
-    """Server time at which ``name`` happened; AssertionError if not within ``timeout``."""
-    found: dict[str, float] = {}
-
-    def happened() -> bool:
-        found.update(events(port, key))
-        return name in found
-
-    assert wait_until(happened, timeout=timeout, interval=0.02), (
-        f"{name!r} did not happen within {timeout}s (events: {found})"
-    )
-    return found[name]
 
 
 def line_arrivals(response: Response) -> list[tuple[float, bytes]]:
