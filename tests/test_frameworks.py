@@ -59,7 +59,7 @@ def test_client_disconnect_runs_on_close(server: ServerProcess, route: str) -> N
     key = uuid.uuid4().hex
     with Stream(server.port, f"{route}?key={key}&n=100000&interval=0.03") as stream:
         assert stream.read_chunk() and stream.read_chunk()
-    left = time.time()
+        left = time.time()  # the with block closes the connection right after
     closed = wait_event(server.port, key, "on_close", timeout=2)
     assert closed - left < 2
     wait_event(server.port, key, "put raised BodyAborted", timeout=1)

@@ -200,7 +200,7 @@ def case_disconnect(server: str, port: int) -> Cell:
     via = "greenlet" if server in GEVENT_SERVERS else "thread"
     with Stream(port, f"/forever?key={k}&interval=0.05&via={via}") as stream:
         assert stream.read_chunk() and stream.read_chunk()
-    left = time.time()
+        left = time.time()  # the with block closes the connection right after
     closed = wait_event(port, k, "on_close", timeout=3)
     # The producer blocked in or calling put() must hear about it too.
     wait_event(port, k, "put raised BodyAborted", timeout=1)
@@ -214,7 +214,7 @@ def case_idle(server: str, port: int) -> Cell:
     query = "" if watched else f"&heartbeat={HEARTBEAT}"
     with Stream(port, f"/idle?key={k}{query}") as stream:
         assert stream.read_chunk() == b"hello\n"
-    left = time.time()
+        left = time.time()
     closed = wait_event(port, k, "on_close", timeout=3)
     lag = closed - left
     limit = 1.0 if watched else 2 * HEARTBEAT + SLACK
