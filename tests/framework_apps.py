@@ -5,9 +5,11 @@ Django or raw WSGI app; each returns the same :func:`detached` body from its
 own response type. ``?key=`` files server-side events (``on_close`` ran, the
 producer's ``put()`` raised) that the tests read back from ``/_events``.
 
-Once :class:`~wsgi_detach.DetachMiddleware` exists, everything is served
-through it and the bodies come from :func:`~wsgi_detach.detach`, so its
-policies (streaming headers, ``idle_timeout``) reach every framework.
+Everything is served through :class:`~wsgi_detach.DetachMiddleware` and the
+bodies come from :func:`~wsgi_detach.detach`, so its policies (streaming
+headers, ``idle_timeout``) reach every framework. Bottle's ``/fetch`` makes
+its :class:`DetachedBody` directly: the middleware must find it inside
+Bottle's iterator.
 
 Bottle also serves the primer's two examples almost verbatim: ``/stream``
 (a generator with sleeps; ``gevent.sleep`` because this server is not
@@ -32,15 +34,10 @@ from django.conf import settings
 
 from tests.apps import app as scenarios
 from tests.apps import record
-from wsgi_detach import BodyClosed, DetachedBody
+from wsgi_detach import BodyClosed, DetachedBody, DetachMiddleware, detach
 
-try:
-    from wsgi_detach import DetachMiddleware, detach
-except ImportError:  # the middleware has not landed on this branch yet
-    DetachMiddleware = None
-
-#: The policy every framework's stream gets (from the middleware once it
-#: exists, set on each body until then); the test passes it in.
+#: The middleware's idle_timeout, the policy every framework's stream gets;
+#: the test passes it in.
 IDLE_TIMEOUT = float(os.environ.get("TEST_IDLE_TIMEOUT", "10"))
 
 
@@ -50,10 +47,7 @@ def detached(environ: dict[str, Any]) -> DetachedBody:
     key = query.get("key", "none")
     n = int(query.get("n", "4"))
     interval = float(query.get("interval", "0.05"))
-    if DetachMiddleware is None:
-        body = DetachedBody(idle_timeout=IDLE_TIMEOUT)
-    else:
-        body = detach(environ)  # the middleware's defaults
+    body = detach(environ)  # with the middleware's defaults
     body.on_close(lambda: record(key, "on_close"))
 
     def produce() -> None:
@@ -204,6 +198,4 @@ def dispatch(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any
     return FRAMEWORKS.get(framework, scenarios)(environ, start_response)
 
 
-app = (
-    dispatch if DetachMiddleware is None else DetachMiddleware(dispatch, idle_timeout=IDLE_TIMEOUT)
-)
+app = DetachMiddleware(dispatch, idle_timeout=IDLE_TIMEOUT)

@@ -18,10 +18,10 @@ unchanged):
     before any data: only a middleware holding the headers can turn that
     into a 5xx.
 
-Once :class:`~wsgi_detach.DetachMiddleware` exists the whole app is wrapped
-in it, bodies come from :func:`~wsgi_detach.detach`, and ``/_stats`` returns
-its ``stats()``. Any path with ``/raw`` in front (``/raw/queue``) is served
-without the middleware, to show what it is there for.
+The whole app is wrapped in :class:`~wsgi_detach.DetachMiddleware`, its
+bodies come from :func:`~wsgi_detach.detach`, and ``/_stats`` returns the
+middleware's ``stats()``. Any path with ``/raw`` in front (``/raw/queue``)
+is served without the middleware, to show what it is there for.
 """
 
 from __future__ import annotations
@@ -39,20 +39,14 @@ import gevent.queue
 
 from tests.apps import _text, record
 from tests.apps import app as scenarios
-from wsgi_detach import BodyClosed, DetachedBody
-
-try:
-    from wsgi_detach import DetachMiddleware, detach
-except ImportError:  # the middleware has not landed on this branch yet
-    DetachMiddleware = None
-
+from wsgi_detach import BodyClosed, DetachedBody, DetachMiddleware, detach
 
 RAW_KEY = "tests.without_middleware"
 
 
 def make_body(environ: dict[str, Any], **options: Any) -> DetachedBody:
-    """A body for this request: the middleware's, when there is one."""
-    if DetachMiddleware is None or environ.get(RAW_KEY):
+    """A body for this request: the middleware's, unless the request bypasses it."""
+    if environ.get(RAW_KEY):
         return DetachedBody(**options)
     return detach(environ, **options)
 
@@ -145,13 +139,13 @@ def _app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
     if path == "/_counts":
         return _text(start_response, json.dumps(_counts()).encode())
 
-    if path == "/_stats" and DetachMiddleware is not None:
+    if path == "/_stats":
         return _text(start_response, json.dumps(dataclasses.asdict(wrapped.stats())).encode())
 
     return scenarios(environ, start_response)
 
 
-wrapped = _app if DetachMiddleware is None else DetachMiddleware(_app)
+wrapped = DetachMiddleware(_app)
 
 
 def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:

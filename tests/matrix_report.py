@@ -106,10 +106,9 @@ NOTES: dict[str, str] = {
         "`start_response`, and only then aborts the connection: the client sees "
         "`200 OK` and an empty chunked body without its terminating chunk."
     ),
-    "needs_middleware": ("Pending: needs `DetachMiddleware`, which this run did not have."),
 }
 
-_MARKS = {"passed": "✓", "limited": "✓", "broken": "✗", "failed": "✗ FAILED", "skipped": "…"}
+_MARKS = {"passed": "✓", "limited": "✓", "broken": "✗", "failed": "✗ FAILED", "skipped": "skipped"}
 
 
 def record(results: dict[str, dict[str, Any]], server: str, case: str, **cell: Any) -> None:
@@ -144,7 +143,7 @@ def render(data: dict[str, Any]) -> str:
     lines.append("")
     lines.append(
         "✓ holds · ✗ broken as documented (the test asserts the breakage) · "
-        "✗ FAILED: the test failed · … not run · [n] see below. "
+        "✗ FAILED: the test failed · [n] see below. "
         f"Measured {data['when']} on {data['machine']} by `python -m tests.matrix_report --run`."
     )
     if used:

@@ -3,8 +3,10 @@
 Every framework wraps the returned iterable in its own response object; these
 tests prove that each one still streams incrementally, and still passes the
 server's ``close()`` through to the body, so ``on_close`` runs when the client
-leaves (PEP 3333 "Middleware": whoever wraps an iterable must close it).
-Served by gevent.pywsgi in a subprocess, inside ``wsgiref.validate``.
+leaves (PEP 3333 "Middleware": whoever wraps an iterable must close it), and
+that DetachMiddleware's policies (streaming headers, ``idle_timeout``) reach
+the body through each of them. Served by gevent.pywsgi in a subprocess,
+inside ``wsgiref.validate``.
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ from collections.abc import Iterator
 
 import pytest
 
-import wsgi_detach
 from tests.client import Stream, get, wait_event
 from tests.servers import ServerProcess
 
@@ -79,9 +80,6 @@ def test_idle_timeout_cuts_a_silent_stream(server: ServerProcess, route: str) ->
     wait_event(server.port, key, "on_close", timeout=2)
 
 
-@pytest.mark.skipif(
-    not hasattr(wsgi_detach, "DetachMiddleware"), reason="needs DetachMiddleware to add them"
-)
 @pytest.mark.parametrize("route", ROUTES.values(), ids=list(ROUTES))
 def test_streaming_headers(server: ServerProcess, route: str) -> None:
     response = get(server.port, f"{route}?n=1&interval=0.01")
@@ -103,6 +101,5 @@ def test_bottle_primer_fetch(server: ServerProcess, route: str) -> None:
     assert response.status == 200 and response.complete, response
     assert response.body == b"one;two;three;"
     assert len(response.chunks) == 3
-    if hasattr(wsgi_detach, "DetachMiddleware"):
-        # Recognised as detached even inside Bottle's iterator.
-        assert response.headers.get("cache-control") == "no-cache", response.headers
+    # Recognised as detached even inside Bottle's iterator.
+    assert response.headers.get("cache-control") == "no-cache", response.headers

@@ -1,4 +1,8 @@
-"""The server conformance matrix: the same cases on seven real WSGI servers.
+"""The server conformance matrix: the same cases on every server we support.
+
+Seven servers, gevent.pywsgi in three configurations (plain, monkey-patched,
+with :class:`~wsgi_detach.DetachHandler`), all serving :mod:`tests.matrix_apps`
+through :class:`~wsgi_detach.DetachMiddleware`.
 
 Each server kind is started once per module (a module-scoped parametrised
 fixture) in its own process on 127.0.0.1, and all cases run against it at the
@@ -23,16 +27,12 @@ from typing import Callable
 
 import pytest
 
-import wsgi_detach
 from tests import matrix_report
 from tests.client import Response, Stream, get, wait_event
 from tests.servers import ServerProcess
 
 #: Add to a client's monotonic arrival time to compare it with the server's time.time().
 WALL = time.time() - time.monotonic()
-
-#: True once DetachMiddleware landed: tests.matrix_apps then serves through it.
-MIDDLEWARE = hasattr(wsgi_detach, "DetachMiddleware")
 
 #: Where the middleware can watch an idle connection (the server exposes it).
 WATCHED = ("pywsgi-detach", "gunicorn-gevent", "gunicorn-gthread", "waitress")
@@ -49,12 +49,7 @@ class Cell:
     text: str = ""
     note: str | None = None  # a key of matrix_report.NOTES
     failure: str | None = None  # the traceback when the case failed
-    pending: str | None = None  # why the case cannot run yet
     broken: bool = False  # the case shows a documented breakage (test passes, cell says ✗)
-
-
-class Pending(Exception):
-    """The case needs something that does not exist yet: reported as skipped."""
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -124,13 +119,7 @@ def case_thread(server: str, port: int) -> Cell:
     )
 
 
-def needs_middleware(what: str) -> None:
-    if not MIDDLEWARE:
-        raise Pending(f"needs DetachMiddleware {what}")
-
-
 def case_queue(server: str, port: int) -> Cell:
-    needs_middleware("to adopt the returned queue")
     n = 5
     response = get(port, f"/queue?n={n}&queued=2&interval=0.02", timeout=5)
     assert response.status == 200 and response.complete, response
@@ -210,7 +199,7 @@ def case_disconnect(server: str, port: int) -> Cell:
 
 def case_idle(server: str, port: int) -> Cell:
     k = key()
-    watched = MIDDLEWARE and server in WATCHED
+    watched = server in WATCHED
     query = "" if watched else f"&heartbeat={HEARTBEAT}"
     with Stream(port, f"/idle?key={k}{query}") as stream:
         assert stream.read_chunk() == b"hello\n"
@@ -241,7 +230,6 @@ def case_fail_first(server: str, port: int) -> Cell:
 
 
 def case_fail_first_own(server: str, port: int) -> Cell:
-    needs_middleware("to hold the app's own start_response")
     response = get(port, "/fail_before_data")
     assert response.status == 500 and response.complete, response
     return Cell(str(response.status))
@@ -260,7 +248,6 @@ def case_fail_first_raw(server: str, port: int) -> Cell:
 
 
 def case_headers(server: str, port: int) -> Cell:
-    needs_middleware("to add them")
     response = get(port, "/stream?n=1&interval=0.01")
     assert response.headers.get("cache-control") == "no-cache", response.headers
     assert response.headers.get("x-accel-buffering") == "no", response.headers
@@ -288,8 +275,6 @@ assert set(CASES) | {"validate"} == set(matrix_report.CASES)
 def _run(case: Callable[[str, int], Cell], server: str, port: int) -> Cell:
     try:
         return case(server, port)
-    except Pending as exc:
-        return Cell(pending=str(exc), note="needs_middleware")
     except Exception:
         return Cell(failure=traceback.format_exc())
 
@@ -303,7 +288,7 @@ def _validate(server: ServerProcess) -> Cell:
 
 @pytest.fixture(
     scope="module",
-    params=[s for s in matrix_report.SERVERS if MIDDLEWARE or s != "pywsgi-detach"],
+    params=list(matrix_report.SERVERS),
 )
 def matrix(request: pytest.FixtureRequest) -> Iterator[tuple[str, dict[str, Cell]]]:
     """Start one server, run every case against it concurrently, hand out the cells."""
@@ -336,6 +321,4 @@ def test_matrix(
             },
         )
     )
-    if cell.pending:
-        pytest.skip(cell.pending)
     assert cell.failure is None, f"{case} on {server}:\n{cell.failure}"

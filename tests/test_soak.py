@@ -20,7 +20,6 @@ from typing import Any
 import psutil
 import pytest
 
-import wsgi_detach
 from tests.client import Stream, wait_until
 from tests.servers import ServerProcess
 
@@ -30,12 +29,8 @@ CONCURRENCY = 50
 RSS_SLACK = 4 * 1024 * 1024
 
 
-SERVERS = ["pywsgi", "gunicorn-gevent"]
-if hasattr(wsgi_detach, "DetachMiddleware"):
-    SERVERS.append("pywsgi-detach")  # its disconnect watcher registers every socket
-
-
-@pytest.fixture(scope="module", params=SERVERS)
+#: pywsgi + DetachHandler: its disconnect watcher registers every socket.
+@pytest.fixture(scope="module", params=["pywsgi", "pywsgi-detach", "gunicorn-gevent"])
 def server(request: pytest.FixtureRequest) -> Iterator[ServerProcess]:
     with ServerProcess(request.param, "tests.matrix_apps:app") as process:
         yield process
@@ -117,10 +112,9 @@ def test_resetting_clients_leave_nothing_behind(server: ServerProcess) -> None:
         "closed_twice_or_more": 0,
     }, report
     assert after["open_bodies"] == 0, report
-    if hasattr(wsgi_detach, "DetachMiddleware"):
-        stats = fetch_json(server.port, "/_stats")
-        assert stats["open"] == 0, stats
-        assert stats["disconnected"] == warmup + CLIENTS, stats
+    stats = fetch_json(server.port, "/_stats")
+    assert stats["open"] == 0, stats
+    assert stats["disconnected"] == warmup + CLIENTS, stats
     assert after["greenlets"] <= before["greenlets"], (
         f"{report}\nbefore: {before['greenlet_kinds']}\nafter: {after['greenlet_kinds']}"
     )
