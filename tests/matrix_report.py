@@ -51,7 +51,7 @@ CASES: dict[str, str] = {
     "queue_raw": "... the same queue *without* the middleware",
     "len": "`len()` never truncates (one chunk queued at the first look)",
     "late_start": "status and headers decided by the producer after return",
-    "disconnect": "client leaves while data flows: `on_close` within 2 s",
+    "disconnect": "client leaves while data flows: `on_close` within 2 s, producer told",
     "idle": "client leaves an idle stream: `on_close` within 1 s (watched), else two heartbeats",
     "fail_mid": "`fail()` mid-stream: no terminating chunk (client sees truncation)",
     "fail_first": "`fail()` before the first chunk, body owns `start_response`: a 5xx",
@@ -75,13 +75,6 @@ NOTES: dict[str, str] = {
         "fails. That is the second write after the client's FIN (the first is answered "
         "with a RST), except on waitress, whose lookahead already read the FIN, so its "
         "first write raises."
-    ),
-    "frozen_greenlet": (
-        "The producer here is a plain thread. A greenlet spawned from a request thread "
-        "runs only while that thread waits in the body: once the server closed the body "
-        "the greenlet is frozen and never hears of it (measured: `on_close` ran, the "
-        "greenlet's next `put()` never happened). Produce with `spawn_thread()` on "
-        "threaded servers."
     ),
     "patched_thread": (
         "After `patch_all()` a `threading.Thread` is a greenlet, so this is a greenlet "
