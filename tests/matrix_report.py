@@ -69,12 +69,10 @@ NOTES: dict[str, str] = {
         "put before the failure and then EOF."
     ),
     "heartbeat": (
-        "No watcher sees this idle connection (the server exposes none, or no middleware "
-        "is there to watch it), so the body's heartbeat (0.2 s) is what detects the "
-        "departed client: a server notices only when a write "
-        "fails. That is the second write after the client's FIN (the first is answered "
-        "with a RST), except on waitress, whose lookahead already read the FIN, so its "
-        "first write raises."
+        "The server exposes no connection for the middleware to watch, so the body's "
+        "heartbeat (0.2 s) is what detects the departed client: a server notices only when "
+        "a write fails, which on loopback is the second write after the client's FIN (the "
+        "first is answered with a RST)."
     ),
     "patched_thread": (
         "After `patch_all()` a `threading.Thread` is a greenlet, so this is a greenlet "
