@@ -1,21 +1,23 @@
-"""Real WSGI servers in subprocesses on 127.0.0.1, for the integration tests.
+"""Real WSGI servers in subprocesses on 127.0.0.1: the one launcher every server test uses.
 
-Run as ``python -m tests.servers SERVER MODULE:APP``: the child imports the app,
+Run as ``python -m tests.servers KIND MODULE:APP``: the child imports the app,
 wraps it in ``wsgiref.validate.validator`` (PEP 3333 conformance is checked on
 every request; a violation raises in the server and breaks the test), binds an
-ephemeral port on 127.0.0.1, prints ``LISTENING <port>`` and serves until
-SIGTERM. The parent side is :class:`ServerProcess`, which starts the child,
-waits (bounded) for that line and stops it by its PID.
+ephemeral port on 127.0.0.1, prints ``LISTENING <port>`` once a request sent
+after it is served at once, and serves until SIGTERM. The parent side is
+:class:`ServerProcess` (or :func:`serve`, which also asserts at the end that
+the validator objected to nothing), which starts the child, waits (bounded)
+for that line and stops it by its PID.
 
-Servers: ``pywsgi`` (gevent.pywsgi, unpatched), ``pywsgi-patched`` (after
-``gevent.monkey.patch_all()``, done before anything else is imported),
-``pywsgi-detach`` (pywsgi with wsgi_detach's ``DetachHandler``, which
-exposes the socket to the disconnect watcher and sets ``TCP_NODELAY``),
-``wsgiref`` (stdlib, one thread per request), ``gunicorn-gevent`` and
-``gunicorn-gthread`` (one worker; the child is the arbiter, which forks the
-worker that loads the app and prints the port), ``waitress`` (with
-``channel_request_lookahead=1``, without which waitress never sets
-``waitress.client_disconnected``), ``cheroot``.
+Server kinds (:data:`SERVERS`): gevent.pywsgi plain, monkey-patched, with
+``DetachHandler`` and as ``wsgi_detach.make_server`` builds it (with and
+without ``TCP_NODELAY``); gunicorn's gevent and gthread workers (one worker:
+the child is the arbiter, which forks the worker that loads the app and
+prints the port), each also with ``-drain`` (a ``post_worker_init`` hook
+calls ``drain_on_signal(0.5, b"bye")`` on the app, which must be a
+``DetachMiddleware``); waitress (with ``channel_request_lookahead=1``,
+without which waitress never sets ``waitress.client_disconnected``);
+threaded wsgiref; cheroot.
 
 Besides the app, every child serves ``/_server`` (outside the validator): its
 PID (the worker's, under gunicorn), RSS, live greenlets and threads, unclosed
@@ -26,6 +28,10 @@ app call, from iteration or ``close()``, as warnings (made errors), or from ``__
 iterator collected unclosed), so a server that swallows them cannot hide them.
 The validator's wrapper hides the app iterable's ``len()``; the server still
 sees it, so a lying ``len()`` breaks here as it would in production.
+
+When not to use it: for ``python -m wsgi_detach serve`` itself (the command
+under test is the child there; see tests/test_cli.py), and for in-process
+tests, which call the app directly.
 """
 
 from __future__ import annotations
@@ -36,21 +42,30 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 
-SERVERS = (
-    "pywsgi",
-    "pywsgi-patched",
-    "pywsgi-detach",
-    "gunicorn-gevent",
-    "gunicorn-gthread",
-    "waitress",
-    "wsgiref",
-    "cheroot",
-)
+#: Every server kind, and what it is.
+SERVERS: dict[str, str] = {
+    "pywsgi": "gevent.pywsgi, not monkey-patched",
+    "pywsgi-patched": "gevent.pywsgi after gevent.monkey.patch_all(), done before any import",
+    "pywsgi-detach": "gevent.pywsgi with wsgi_detach.DetachHandler (socket in the environ, "
+    "TCP_NODELAY); the app served as it is",
+    "detach-server": "wsgi_detach.make_server(app, grace=0.5): DetachHandler, TCP_NODELAY, "
+    "a stop() (on SIGTERM) that drains; the app wrapped in DetachMiddleware unless it is one",
+    "detach-server-delay": "detach-server without TCP_NODELAY, for the comparison",
+    "gunicorn-gevent": "gunicorn, one gevent worker",
+    "gunicorn-gthread": "gunicorn, one gthread worker",
+    "gunicorn-gevent-drain": "gunicorn-gevent; the worker calls app.drain_on_signal(0.5, b'bye')",
+    "gunicorn-gthread-drain": "gunicorn-gthread; the worker calls app.drain_on_signal(0.5, b'bye')",
+    "waitress": "waitress with channel_request_lookahead=1",
+    "wsgiref": "wsgiref.simple_server, one thread per request",
+    "cheroot": "cheroot's thread-pool server",
+}
 
 #: How many requests a threaded server handles at once: enough for the
 #: matrix's concurrent cases and for the soak test's bursts.
@@ -58,12 +73,15 @@ THREADS = 64
 
 
 class ServerProcess:
-    """A WSGI server in a child process; use as a context manager."""
+    """A WSGI server of kind ``server`` (see :data:`SERVERS`) in a child process.
 
-    #: The module run as the child (``python -m MODULE SERVER APP``).
-    module = "tests.servers"
+    Use as a context manager, or ``start()`` and ``stop()``; ``port`` and
+    ``url`` say where it listens, ``proc`` is the child (to signal it).
+    """
 
     def __init__(self, server: str, app: str, *, env: dict[str, str] | None = None) -> None:
+        if server not in SERVERS:
+            raise ValueError(f"unknown server {server!r}; choose from {', '.join(SERVERS)}")
         self.server = server
         self.app = app
         self._env = env or {}
@@ -79,7 +97,7 @@ class ServerProcess:
     def start(self, timeout: float = 20.0) -> ServerProcess:
         env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1", **self._env)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", self.module, self.server, self.app],
+            [sys.executable, "-m", "tests.servers", self.server, self.app],
             cwd=ROOT,
             env=env,
             stdout=subprocess.PIPE,
@@ -155,6 +173,20 @@ class ServerProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+@contextmanager
+def serve(server: str, app: str, *, env: dict[str, str] | None = None) -> Iterator[ServerProcess]:
+    """A started :class:`ServerProcess`; on leaving, stopped, and its validation checked.
+
+    For module-scoped fixtures: after the last test of the module (the block
+    left without an exception), asserts that ``wsgiref.validate`` objected to
+    nothing the whole time the server ran.
+    """
+    with ServerProcess(server, app, env=env) as process:
+        yield process
+    problems = process.validation_problems()
+    assert not problems, f"wsgiref.validate objected on {server} serving {app}: {problems}"
 
 
 def _load(spec: str) -> Any:
@@ -324,20 +356,29 @@ def _listening(port: int) -> None:
     print(f"LISTENING {port}", flush=True)
 
 
-def _serve_pywsgi(app: Any, handler: str) -> None:
+def _serve_pywsgi(app: Any, kind: str) -> None:
+    import gevent
     from gevent.pywsgi import WSGIHandler, WSGIServer
 
-    handler_class = WSGIHandler
-    if handler == "detach":
-        from wsgi_detach import DetachHandler as handler_class
+    if kind.startswith("detach-server"):
+        from wsgi_detach import make_server
 
-    server = WSGIServer(("127.0.0.1", 0), app, log=None, handler_class=handler_class)
+        server = make_server(
+            app, "127.0.0.1", 0, nodelay=kind == "detach-server", grace=0.5, log=None
+        )
+        # The validator goes in front of the middleware (it checks what the
+        # server gets), not between make_server and the app it configures.
+        server.application = _instrument(server.middleware)
+    else:
+        handler_class = WSGIHandler
+        if kind == "pywsgi-detach":
+            from wsgi_detach import DetachHandler as handler_class
+        server = WSGIServer(
+            ("127.0.0.1", 0), _instrument(app), log=None, handler_class=handler_class
+        )
     server.start()
     _listening(server.server_port)
-
-    import gevent
-
-    gevent.signal_handler(signal.SIGTERM, server.stop)
+    gevent.signal_handler(signal.SIGTERM, server.stop)  # DetachServer.stop drains first
     server.serve_forever()
 
 
@@ -394,22 +435,29 @@ def _serve_cheroot(app: Any) -> None:
     server.serve()  # SIGTERM's default action ends the process
 
 
-def _serve_gunicorn(spec: str, worker: str) -> None:
+def _serve_gunicorn(spec: str, kind: str) -> None:
     from gunicorn.app.base import BaseApplication
+
+    def post_worker_init(worker: Any) -> None:
+        if kind.endswith("-drain"):
+            # What README.md shows (there worker.wsgi is the middleware; here
+            # the validator wraps it, so it is looked up by name).
+            _load(spec).drain_on_signal(0.5, b"bye")
+        # The worker (not the arbiter) says where it listens once it has
+        # loaded the app: a request sent after that line is served at once.
+        _listening(worker.sockets[0].getsockname()[1])
 
     options: dict[str, Any] = {
         "bind": "127.0.0.1:0",
         "workers": 1,
-        "worker_class": worker,
+        "worker_class": kind.split("-")[1],
         "threads": THREADS,
         "worker_connections": 4096,
         "backlog": 2048,
         "graceful_timeout": 2,
         "loglevel": "warning",
         "accesslog": None,
-        # The worker (not the arbiter) says where it listens once it has
-        # loaded the app: a request sent after that line is served at once.
-        "post_worker_init": lambda w: _listening(w.sockets[0].getsockname()[1]),
+        "post_worker_init": post_worker_init,
     }
 
     class Application(BaseApplication):  # type: ignore[misc]
@@ -425,25 +473,23 @@ def _serve_gunicorn(spec: str, worker: str) -> None:
 
 
 def main(argv: list[str]) -> None:
-    server, spec = argv
-    if server == "pywsgi-patched":
+    kind, spec = argv
+    if kind not in SERVERS:
+        raise SystemExit(f"unknown server {kind!r}; choose from {', '.join(SERVERS)}")
+    if kind == "pywsgi-patched":
         from gevent import monkey
 
         monkey.patch_all()
-    if server.startswith("gunicorn-"):
-        _serve_gunicorn(spec, server.partition("-")[2])
-        return
-    if server not in SERVERS:
-        raise SystemExit(f"unknown server {server!r}; choose from {', '.join(SERVERS)}")
-    app = _instrument(_load(spec))
-    if server.startswith("pywsgi"):
-        _serve_pywsgi(app, server.partition("-")[2])
-    elif server == "wsgiref":
-        _serve_wsgiref(app)
-    elif server == "waitress":
-        _serve_waitress(app)
+    if kind.startswith("gunicorn-"):
+        _serve_gunicorn(spec, kind)
+    elif kind.startswith(("pywsgi", "detach-server")):
+        _serve_pywsgi(_load(spec), kind)
+    elif kind == "wsgiref":
+        _serve_wsgiref(_instrument(_load(spec)))
+    elif kind == "waitress":
+        _serve_waitress(_instrument(_load(spec)))
     else:
-        _serve_cheroot(app)
+        _serve_cheroot(_instrument(_load(spec)))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import gevent.queue
 import pytest
 
 from tests.client import Stream, wait_until
-from tests.servers import ServerProcess
+from tests.servers import serve
 from wsgi_detach import DetachedBody
 from wsgi_detach._adopt import SEARCH_LIMIT, find_inside, is_queue
 
@@ -137,7 +137,7 @@ def test_every_gevent_queue_kind_is_a_queue() -> None:
 def test_an_adopted_queue_on_a_threaded_server_leaves_no_pump_behind() -> None:
     """Regression: on waitress, every abandoned seed-queue request left its pump
     greenlet frozen in the request thread's hub (found by the soak/matrix work)."""
-    with ServerProcess("waitress", "tests.matrix_apps:app") as server:
+    with serve("waitress", "tests.matrix_apps:app") as server:
         for _ in range(10):
             with Stream(server.port, "/queue?n=1000&interval=0.05", timeout=5) as stream:
                 stream.read_head()

@@ -7,20 +7,15 @@ Producers are greenlets and plain OS threads (``via``). The ``served`` fixture
 
 from __future__ import annotations
 
-import json
 import time
 
 import psutil
 import pytest
 
-from tests.client import Stream, get, wait_until
+from tests.client import Stream, events, get, wait_until
 from tests.servers import ServerProcess
 
 pytestmark = pytest.mark.parametrize("via", ["greenlet", "thread"])
-
-
-def events(server: ServerProcess, key: str) -> list[str]:
-    return [name for name, _ in json.loads(get(server.port, f"/_events?key={key}").body)]
 
 
 def test_chunks_arrive_as_they_are_put(served: ServerProcess, via: str) -> None:
@@ -53,8 +48,9 @@ def test_client_disconnect_runs_on_close_and_the_next_put_raises(
     assert stream.read_chunk() is not None
     stream.reset()
     left = time.monotonic()
-    assert wait_until(lambda: len(events(served, key)) == 2, timeout=2.0), events(served, key)
-    assert sorted(events(served, key)) == ["on_close", "put raised BodyAborted"]
+    port = served.port
+    assert wait_until(lambda: len(events(port, key)) == 2, timeout=2.0), events(port, key)
+    assert sorted(events(served.port, key)) == ["on_close", "put raised BodyAborted"]
     assert time.monotonic() - left < 2.0
 
 
@@ -101,10 +97,11 @@ def test_a_stalled_client_keeps_memory_bounded_and_frees_the_producer(
         time.sleep(0.1)
         grown.append(process.memory_info().rss - before)
     assert max(grown) < 24 * 1024 * 1024, f"server RSS grew by {max(grown) >> 20} MiB"
-    assert events(served, key) == []  # still blocked, not finished
+    assert events(served.port, key) == []  # still blocked, not finished
     stream.reset()
     left = time.monotonic()
-    assert wait_until(lambda: "put raised BodyAborted" in events(served, key), timeout=3.0), events(
-        served, key
+    port = served.port
+    assert wait_until(lambda: "put raised BodyAborted" in events(port, key), timeout=3.0), events(
+        port, key
     )
     assert time.monotonic() - left < 2.0

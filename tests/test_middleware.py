@@ -17,22 +17,15 @@ from wsgiref.validate import validator
 import pytest
 
 from tests.client import Stream, events, get, wait_until
-from tests.servers import ServerProcess
-from tests.servers_extra import ExtraServerProcess
+from tests.servers import ServerProcess, serve
 from wsgi_detach import DetachMiddleware, UsageError, detach
 
-SERVERS = ["pywsgi", "wsgiref", "detach-pywsgi", "waitress"]
-
-
-def _process(kind: str, app: str) -> ServerProcess:
-    if kind in ("pywsgi", "pywsgi-patched", "wsgiref"):
-        return ServerProcess(kind, app)
-    return ExtraServerProcess(kind, app)
+SERVERS = ["pywsgi", "wsgiref", "detach-server", "waitress"]
 
 
 @pytest.fixture(scope="module", params=SERVERS)
 def served(request: pytest.FixtureRequest) -> Iterator[ServerProcess]:
-    with _process(request.param, "tests.mw_apps:app") as server:
+    with serve(request.param, "tests.mw_apps:app") as server:
         yield server
 
 
@@ -283,7 +276,7 @@ def test_stats_count_outcomes(served: ServerProcess) -> None:
 @pytest.fixture(scope="module")
 def capped() -> Iterator[ServerProcess]:
     """max_open=2, max_buffered=64 KiB, retry_after=7; our server, so a leaver frees its slot."""
-    with ExtraServerProcess("detach-pywsgi", "tests.mw_apps:capped") as server:
+    with serve("detach-server", "tests.mw_apps:capped") as server:
         yield server
 
 
@@ -329,7 +322,7 @@ def test_max_buffered_caps_bytes_across_bodies(capped: ServerProcess) -> None:
 
 @pytest.mark.parametrize("farewell", [None, "bye"])
 def test_drain_ends_open_streams_and_refuses_new_ones(farewell: str | None) -> None:
-    with ExtraServerProcess("detach-pywsgi", "tests.mw_apps:app") as server:
+    with serve("detach-server", "tests.mw_apps:app") as server:
         streams = [Stream(server.port, f"/idle?key=s{i}") for i in range(2)]
         assert wait_until(lambda: all(events(server.port, f"s{i}") == ["opened"] for i in range(2)))
         # A queue inside Werkzeug's ClosingIterator, one item sent, then idle.
@@ -365,8 +358,7 @@ def test_drain_ends_open_streams_and_refuses_new_ones(farewell: str | None) -> N
 @pytest.mark.parametrize("worker", ["gevent", "gthread"])
 def test_drain_on_signal_under_gunicorn(worker: str) -> None:
     """gunicorn's graceful SIGTERM: the hook's drain says farewell, the worker then exits."""
-    server = ExtraServerProcess(f"gunicorn-{worker}-drain", "tests.mw_apps:app").start()
-    try:
+    with serve(f"gunicorn-{worker}-drain", "tests.mw_apps:app") as server:
         with Stream(server.port, f"/idle?key=g{worker}") as stream:
             assert wait_until(lambda: events(server.port, f"g{worker}") == ["opened"])
             assert server.proc is not None
@@ -374,10 +366,6 @@ def test_drain_on_signal_under_gunicorn(worker: str) -> None:
             response = stream.read_all()
         assert (response.status, response.body, response.complete) == (200, b"bye", True)
         assert server.proc.wait(timeout=15) == 0
-    finally:
-        server.stop()
-        if server.proc is not None and server.proc.stdout is not None:
-            server.proc.stdout.close()
 
 
 def test_an_ordinary_request_leaves_no_reference_cycle() -> None:

@@ -1,5 +1,5 @@
 """make_server / DetachHandler / DetachServer: TCP_NODELAY, the socket in the environ, a
-stop() that drains. Served from a child process (tests/servers_extra.py)."""
+stop() that drains. Served from a child process (tests/servers.py)."""
 
 from __future__ import annotations
 
@@ -10,24 +10,23 @@ import time
 import pytest
 
 from tests.client import Stream, events, keepalive_timings, wait_until
-from tests.servers_extra import ExtraServerProcess
+from tests.servers import serve
 from wsgi_detach import DetachMiddleware, make_server
 
 
 def test_tcp_nodelay_spares_each_small_response_the_delayed_ack() -> None:
     medians = {}
-    for kind in ("detach-pywsgi", "detach-pywsgi-delay"):
-        with ExtraServerProcess(kind, "tests.mw_apps:app") as server:
+    for kind in ("detach-server", "detach-server-delay"):
+        with serve(kind, "tests.mw_apps:app") as server:
             medians[kind] = statistics.median(keepalive_timings(server.port, "/gen", 20))
     # Measured: ~0.3 ms with TCP_NODELAY, ~44 ms without (the client's delayed
     # ACK holds pywsgi's separate write of the final zero chunk).
-    assert medians["detach-pywsgi"] < 0.010
-    assert medians["detach-pywsgi-delay"] > 3 * medians["detach-pywsgi"]
+    assert medians["detach-server"] < 0.010
+    assert medians["detach-server-delay"] > 3 * medians["detach-server"]
 
 
 def test_sigterm_drains_then_exits() -> None:
-    server = ExtraServerProcess("detach-pywsgi", "tests.mw_apps:app").start()  # grace 0.5 s
-    try:
+    with serve("detach-server", "tests.mw_apps:app") as server:  # grace 0.5 s
         idle = Stream(server.port, "/idle?key=term-idle")
         busy = Stream(server.port, "/stream?n=1000&interval=0.05")
         busy.read_head()
@@ -44,10 +43,6 @@ def test_sigterm_drains_then_exits() -> None:
         assert time.monotonic() - stopped < 5
         idle.close()
         busy.close()
-    finally:
-        server.stop()
-        if server.proc is not None and server.proc.stdout is not None:
-            server.proc.stdout.close()  # stop() leaves it open when the child already exited
 
 
 def test_make_server_takes_a_ready_middleware_as_it_is() -> None:

@@ -21,7 +21,7 @@ import psutil
 import pytest
 
 from tests.client import Stream, wait_until
-from tests.servers import ServerProcess
+from tests.servers import ServerProcess, serve
 
 CLIENTS = int(os.environ.get("SOAK_CLIENTS", "1000"))
 CONCURRENCY = 50
@@ -32,7 +32,7 @@ RSS_SLACK = 4 * 1024 * 1024
 #: pywsgi + DetachHandler: its disconnect watcher registers every socket.
 @pytest.fixture(scope="module", params=["pywsgi", "pywsgi-detach", "gunicorn-gevent"])
 def server(request: pytest.FixtureRequest) -> Iterator[ServerProcess]:
-    with ServerProcess(request.param, "tests.matrix_apps:app") as process:
+    with serve(request.param, "tests.matrix_apps:app") as process:
         yield process
 
 

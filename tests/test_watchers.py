@@ -16,7 +16,7 @@ from typing import Any, Callable
 import pytest
 
 from tests.client import Stream, event_times, events, wait_until
-from tests.servers_extra import ExtraServerProcess
+from tests.servers import ServerProcess, serve
 from wsgi_detach._watchers import SOCKET_KEY, watch
 
 # ---------------------------------------------------------------------- in-process
@@ -86,18 +86,18 @@ def test_servers_that_expose_nothing_get_no_watch() -> None:
 
 # ---------------------------------------------------------------------- real servers
 
-WATCHED = ["detach-pywsgi", "gunicorn-gevent", "gunicorn-gthread", "waitress"]
+WATCHED = ["detach-server", "gunicorn-gevent", "gunicorn-gthread", "waitress"]
 
 
 @pytest.fixture(scope="module", params=WATCHED)
-def served(request: pytest.FixtureRequest) -> Iterator[ExtraServerProcess]:
-    with ExtraServerProcess(request.param, "tests.mw_apps:app") as server:
+def served(request: pytest.FixtureRequest) -> Iterator[ServerProcess]:
+    with serve(request.param, "tests.mw_apps:app") as server:
         yield server
 
 
 @pytest.mark.parametrize("leave", ["close", "reset"])
 def test_idle_stream_left_by_its_client_is_closed_within_1s(
-    served: ExtraServerProcess, leave: str
+    served: ServerProcess, leave: str
 ) -> None:
     key = f"leave-{leave}"
     stream = Stream(served.port, f"/idle?key={key}")
@@ -133,7 +133,7 @@ def _read_until(sock: socket.socket, marker: bytes) -> bytes:
         pytest.param(b"", id="unread-body"),
     ],
 )
-def test_waiting_bytes_are_not_a_disconnect(served: ExtraServerProcess, extra: bytes) -> None:
+def test_waiting_bytes_are_not_a_disconnect(served: ServerProcess, extra: bytes) -> None:
     key = f"bytes-{len(extra)}"
     method, body = (b"GET", b"") if extra else (b"POST", b"hello")
     request = (
@@ -153,7 +153,7 @@ def test_waiting_bytes_are_not_a_disconnect(served: ExtraServerProcess, extra: b
 
 
 def test_a_wrapped_queue_is_ended_when_its_client_leaves() -> None:
-    with ExtraServerProcess("detach-pywsgi", "tests.mw_apps:app") as server:
+    with serve("detach-server", "tests.mw_apps:app") as server:
         stream = Stream(server.port, "/queue_idle?n=1&key=wq")
         stream.read_head()
         assert stream.read_chunk() == b"item 0;"
