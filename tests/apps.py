@@ -1,9 +1,18 @@
-"""WSGI apps served by tests/servers.py for the integration tests.
+"""The core scenario app, and the event log every scenario app files into.
+
+For: tests of ``DetachedBody`` on real servers without the middleware
+(tests/test_integration.py); the other scenario apps (tests/mw_apps.py,
+tests/matrix_apps.py, tests/framework_apps.py) add their own paths in front
+of it and hand the rest, ``/_events`` included, to :func:`app`. Not for:
+anything that needs ``DetachMiddleware`` (those modules wrap it).
 
 One app, dispatching on the path, so that one server process serves every
 scenario. Each scenario takes ``?key=`` to file what happened on the server
-side (``on_close`` ran, a ``put`` raised, ...) as events the test reads back
-from ``/_events?key=...`` -- the only window into the server process.
+side (``on_close`` ran, a ``put`` raised, ...) with :func:`record`, as events
+the test reads back from ``/_events?key=...`` (``tests.client.events``) --
+the only window into the server process. :func:`query`,
+:func:`json_response`, :func:`producer` and :func:`pause` are the pieces
+every scenario app builds on.
 
 ``?via=thread`` produces from a plain ``threading.Thread`` (never
 monkey-patched in the ``pywsgi`` server), ``?via=greenlet`` (the default on
@@ -31,14 +40,24 @@ def record(key: str, name: str) -> None:
         _events.setdefault(key, []).append((name, time.time()))
 
 
-def _text(start_response: Callable[..., Any], body: bytes, status: str = "200 OK") -> list[bytes]:
+def query(environ: dict[str, Any]) -> dict[str, str]:
+    """The request's query parameters, the first value of each."""
+    return {k: v[0] for k, v in parse_qs(environ.get("QUERY_STRING", "")).items()}
+
+
+def json_response(
+    start_response: Callable[..., Any], value: object, status: str = "200 OK"
+) -> list[bytes]:
+    """An ordinary (not detached) JSON response with a Content-Length."""
+    body = json.dumps(value).encode()
     start_response(
         status, [("Content-Type", "application/json"), ("Content-Length", str(len(body)))]
     )
     return [body]
 
 
-def _producer(via: str) -> Callable[[DetachedBody, Callable[..., object]], None]:
+def producer(via: str) -> Callable[[DetachedBody, Callable[..., object]], None]:
+    """How to start a producer for ``?via=``: ``thread`` (a plain OS thread) or a greenlet."""
     def run(body: DetachedBody, fn: Callable[..., object]) -> None:
         if via == "thread":
             body.spawn_thread(fn)
@@ -48,7 +67,8 @@ def _producer(via: str) -> Callable[[DetachedBody, Callable[..., object]], None]
     return run
 
 
-def _pause(via: str, seconds: float) -> None:
+def pause(via: str, seconds: float) -> None:
+    """Sleep in a producer started by :func:`producer` for ``via``."""
     if via == "thread":
         # time.sleep looked up now: the real one in a plain thread, gevent's
         # after patch_all() (where threading.Thread is a greenlet).
@@ -59,17 +79,17 @@ def _pause(via: str, seconds: float) -> None:
 
 def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
     path = environ["PATH_INFO"]
-    query = {k: v[0] for k, v in parse_qs(environ.get("QUERY_STRING", "")).items()}
-    key = query.get("key", path)
-    via = query.get("via", "greenlet")
-    n = int(query.get("n", "5"))
-    interval = float(query.get("interval", "0.1"))
-    spawn = _producer(via)
+    params = query(environ)
+    key = params.get("key", path)
+    via = params.get("via", "greenlet")
+    n = int(params.get("n", "5"))
+    interval = float(params.get("interval", "0.1"))
+    spawn = producer(via)
 
     if path == "/_events":
         with _events_lock:
             events = list(_events.get(key, []))
-        return _text(start_response, json.dumps(events).encode())
+        return json_response(start_response, events)
 
     if path == "/stream":
         # n chunks, one every interval seconds: the client checks arrival times.
@@ -79,7 +99,7 @@ def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
         def stream() -> None:
             for i in range(n):
                 body.put(f"chunk {i} {time.time():.6f}\n")
-                _pause(via, interval)
+                pause(via, interval)
 
         spawn(body, stream)
         return body
@@ -94,7 +114,7 @@ def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
             try:
                 for i in range(100_000):
                     body.put(f"{i}\n")
-                    _pause(via, interval)
+                    pause(via, interval)
             except BodyClosed as exc:
                 record(key, f"put raised {type(exc).__name__}")
                 raise
@@ -111,7 +131,7 @@ def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
 
         def rest() -> None:
             for i in range(n):
-                _pause(via, 0.02)
+                pause(via, 0.02)
                 body.put(f"more{i};")
 
         spawn(body, rest)
@@ -123,9 +143,9 @@ def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
 
         def fail_mid() -> None:
             body.put(b"partial-1;")
-            _pause(via, 0.05)
+            pause(via, 0.05)
             body.put(b"partial-2;")
-            _pause(via, 0.05)
+            pause(via, 0.05)
             body.fail(RuntimeError("producer broke mid-stream (expected by the test)"))
 
         spawn(body, fail_mid)
@@ -136,7 +156,7 @@ def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
         body = DetachedBody(start_response=start_response)
 
         def fail_first() -> None:
-            _pause(via, 0.05)
+            pause(via, 0.05)
             body.fail(RuntimeError("producer broke before any data (expected by the test)"))
 
         spawn(body, fail_first)
@@ -147,7 +167,7 @@ def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
         body = DetachedBody(start_response=start_response)
 
         def late() -> None:
-            _pause(via, 0.05)
+            pause(via, 0.05)
             body.start("201 Created", [("Content-Type", "text/plain"), ("X-Late", "yes")])
             body.put(b"made later")
             body.finish()
@@ -176,4 +196,4 @@ def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
         spawn(body, flood)
         return body
 
-    return _text(start_response, b'"not found"', "404 Not Found")
+    return json_response(start_response, "not found", "404 Not Found")

@@ -5,6 +5,10 @@ chunks, whether a chunked response ended with its terminating zero chunk (the
 only way a client can tell a complete stream from an aborted one, PEP3333-NOTES
 rule 10), and the ability to leave abruptly. Every read is bounded by a
 socket timeout.
+
+Also the test side of the scenario apps' endpoints (:func:`get_json`,
+:func:`events`, :func:`wait_event`) and :func:`wait_until`, the one bounded
+poll for conditions in another process.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import socket
 import struct
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass
@@ -152,6 +157,13 @@ def get(port: int, path: str = "/", **kwargs: object) -> Response:
         return stream.read_all()
 
 
+def get_json(port: int, path: str) -> Any:
+    """GET ``path`` and decode its JSON body (``/_events``, ``/_stats``, ``/_server``...)."""
+    response = get(port, path)
+    assert response.status == 200 and response.complete, response
+    return json.loads(response.body)
+
+
 def wait_until(predicate, timeout: float = 5.0, interval: float = 0.01) -> bool:  # type: ignore[no-untyped-def]
     """Poll a cross-process condition, bounded; returns whether it came true."""
     give_up = time.monotonic() + timeout
@@ -165,14 +177,12 @@ def wait_until(predicate, timeout: float = 5.0, interval: float = 0.01) -> bool:
 
 def events(port: int, key: str) -> list[str]:
     """The names of the server-side events tests/apps.py filed under ``key``, in order."""
-    response = get(port, f"/_events?key={key}")
-    return [name for name, _ in json.loads(response.body)]
+    return [name for name, _ in get_json(port, f"/_events?key={key}")]
 
 
 def event_times(port: int, key: str) -> dict[str, float]:
     """Server-side events under ``key``: name -> wall-clock time it was filed (last wins)."""
-    response = get(port, f"/_events?key={key}")
-    return {name: when for name, when in json.loads(response.body)}
+    return {name: when for name, when in get_json(port, f"/_events?key={key}")}
 
 
 def keepalive_timings(port: int, path: str, count: int) -> list[float]:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import os
 from typing import Any, Callable
-from urllib.parse import parse_qs
 
 import bottle
 import django
@@ -33,7 +32,7 @@ import webob
 from django.conf import settings
 
 from tests.apps import app as scenarios
-from tests.apps import record
+from tests.apps import query, record
 from wsgi_detach import BodyClosed, DetachedBody, DetachMiddleware, detach
 
 #: The middleware's idle_timeout, the policy every framework's stream gets;
@@ -43,10 +42,10 @@ IDLE_TIMEOUT = float(os.environ.get("TEST_IDLE_TIMEOUT", "10"))
 
 def detached(environ: dict[str, Any]) -> DetachedBody:
     """``n`` lines, one every ``interval`` seconds, from a greenlet; events under ``key``."""
-    query = {k: v[0] for k, v in parse_qs(environ.get("QUERY_STRING", "")).items()}
-    key = query.get("key", "none")
-    n = int(query.get("n", "4"))
-    interval = float(query.get("interval", "0.05"))
+    params = query(environ)
+    key = params.get("key", "none")
+    n = int(params.get("n", "4"))
+    interval = float(params.get("interval", "0.05"))
     body = detach(environ)  # with the middleware's defaults
     body.on_close(lambda: record(key, "on_close"))
 

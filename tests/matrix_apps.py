@@ -1,5 +1,9 @@
 """The app the conformance matrix and the soak test serve on every server kind.
 
+For: the same request judged on every server, with and without the middleware
+(tests/test_matrix.py), and the leak soak (tests/test_soak.py). Not for: the
+middleware's own options and limits (tests/mw_apps.py).
+
 It adds what the matrix needs to :mod:`tests.apps` (whose scenarios it serves
 unchanged):
 
@@ -28,17 +32,15 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 import threading
 from collections import Counter
 from typing import Any, Callable
-from urllib.parse import parse_qs
 
 import gevent
 import gevent.queue
 
-from tests.apps import _text, record
 from tests.apps import app as scenarios
+from tests.apps import json_response, query, record
 from wsgi_detach import BodyClosed, DetachedBody, DetachMiddleware, detach
 
 RAW_KEY = "tests.without_middleware"
@@ -70,12 +72,12 @@ def _counts() -> dict[str, int]:
 
 def _app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
     path = environ["PATH_INFO"]
-    query = {k: v[0] for k, v in parse_qs(environ.get("QUERY_STRING", "")).items()}
-    key = query.get("key", path)
+    params = query(environ)
+    key = params.get("key", path)
 
     if path == "/idle":
         start_response("200 OK", [("Content-Type", "text/plain")])
-        heartbeat = float(query["heartbeat"]) if "heartbeat" in query else None
+        heartbeat = float(params["heartbeat"]) if "heartbeat" in params else None
         # The deadline only bounds a leak if every detection fails.
         body = make_body(environ, heartbeat=heartbeat, deadline=30)
         body.on_close(lambda: record(key, "on_close"))
@@ -83,10 +85,10 @@ def _app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
         return body
 
     if path == "/queue":
-        n = int(query.get("n", "5"))
-        interval = float(query.get("interval", "0.05"))
+        n = int(params.get("n", "5"))
+        interval = float(params.get("interval", "0.05"))
         start_response("200 OK", [("Content-Type", "text/plain")])
-        queued = int(query.get("queued", "0"))
+        queued = int(params.get("queued", "0"))
         queue: gevent.queue.Queue[Any] = gevent.queue.Queue()
         for i in range(queued):  # ready before the server first looks
             queue.put(f"queued {i};".encode())
@@ -101,7 +103,7 @@ def _app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
         return queue
 
     if path == "/soak":
-        interval = float(query.get("interval", "0.01"))
+        interval = float(params.get("interval", "0.01"))
         start_response("200 OK", [("Content-Type", "text/plain")])
         global _made
         with _counts_lock:
@@ -137,10 +139,10 @@ def _app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
         return body
 
     if path == "/_counts":
-        return _text(start_response, json.dumps(_counts()).encode())
+        return json_response(start_response, _counts())
 
     if path == "/_stats":
-        return _text(start_response, json.dumps(dataclasses.asdict(wrapped.stats())).encode())
+        return json_response(start_response, dataclasses.asdict(wrapped.stats()))
 
     return scenarios(environ, start_response)
 

@@ -1,4 +1,9 @@
-"""WSGI apps behind DetachMiddleware, served by the middleware/watcher/server tests.
+"""Scenario apps behind DetachMiddleware, for the middleware, watcher, server and CLI tests.
+
+For: what the middleware does with each kind of response (ordinary, generator,
+detached, the seed's queue, failures, limits, drain). Not for: the conformance
+matrix (tests/matrix_apps.py, which also serves the same scenarios without the
+middleware) or the frameworks (tests/framework_apps.py).
 
 :func:`make_app` builds one scenario app (dispatching on the path) behind a
 ``DetachMiddleware`` with the given options; the module-level instances are
@@ -10,10 +15,9 @@ core scenarios also run through the middleware. Events are filed with
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import threading
 from typing import Any, Callable
-from urllib.parse import parse_qs
 
 import gevent
 import gevent.queue
@@ -21,7 +25,7 @@ from gevent import monkey
 from werkzeug.wsgi import ClosingIterator
 
 from tests import apps
-from tests.apps import _pause, _producer, record
+from tests.apps import json_response, pause, producer, query, record
 from wsgi_detach import BufferFull, DetachedBody, DetachMiddleware, Unavailable, detach
 
 Start = Callable[..., Any]
@@ -42,35 +46,27 @@ class _Recorded(list):  # type: ignore[type-arg]
         record(self.key, "plain closed")
 
 
-def _json(start_response: Start, value: object, status: str = "200 OK") -> list[bytes]:
-    body = json.dumps(value).encode()
-    start_response(status, [("Content-Type", "application/json"),
-                            ("Content-Length", str(len(body)))])
-    return [body]
-
-
 def make_app(**options: Any) -> DetachMiddleware:
     mw: DetachMiddleware
 
     def scenarios(environ: dict[str, Any], start_response: Start) -> Any:
         path = environ["PATH_INFO"]
-        query = {k: v[0] for k, v in parse_qs(environ.get("QUERY_STRING", "")).items()}
-        key = query.get("key", path)
-        via = query.get("via", "greenlet")
-        n = int(query.get("n", "3"))
-        interval = float(query.get("interval", "0.02"))
-        spawn = _producer(via)
+        params = query(environ)
+        key = params.get("key", path)
+        via = params.get("via", "greenlet")
+        n = int(params.get("n", "3"))
+        interval = float(params.get("interval", "0.02"))
+        spawn = producer(via)
 
         if path == "/_patched":
-            return _json(start_response, {"at_import": PATCHED_AT_IMPORT})
+            return json_response(start_response, {"at_import": PATCHED_AT_IMPORT})
 
         if path == "/_stats":
-            stats = mw.stats()
-            return _json(start_response, stats.__dict__)
+            return json_response(start_response, dataclasses.asdict(mw.stats()))
 
         if path == "/_drain":
-            grace = float(query.get("grace", "1"))
-            farewell = query["farewell"].encode() if "farewell" in query else None
+            grace = float(params.get("grace", "1"))
+            farewell = params["farewell"].encode() if "farewell" in params else None
 
             def drain() -> None:
                 record(key, "drain started")
@@ -81,7 +77,7 @@ def make_app(**options: Any) -> DetachMiddleware:
                 threading.Thread(target=drain, daemon=True).start()
             else:
                 gevent.spawn(drain)
-            return _json(start_response, "draining", "202 Accepted")
+            return json_response(start_response, "draining", "202 Accepted")
 
         if path == "/plain":
             body = b"hello world"
@@ -112,7 +108,7 @@ def make_app(**options: Any) -> DetachMiddleware:
             def produce() -> None:
                 for i in range(n):
                     body.put(f"chunk {i};")
-                    _pause(via, interval)
+                    pause(via, interval)
 
             spawn(body, produce)
             return body
@@ -124,9 +120,9 @@ def make_app(**options: Any) -> DetachMiddleware:
             body = detach(environ, idle_timeout=30)
             body.on_close(lambda: record(key, f"outcome {body.outcome}"))
             record(key, "opened")
-            if "alive" in query:
+            if "alive" in params:
                 def alive() -> None:
-                    _pause(via, float(query["alive"]))
+                    pause(via, float(params["alive"]))
                     body.put(b"alive")
 
                 spawn(body, alive)
@@ -137,7 +133,7 @@ def make_app(**options: Any) -> DetachMiddleware:
             body = detach(environ)
 
             def fail_first() -> None:
-                _pause(via, 0.02)
+                pause(via, 0.02)
                 body.fail(RuntimeError("producer broke before any data (expected by the test)"))
 
             spawn(body, fail_first)
@@ -153,7 +149,7 @@ def make_app(**options: Any) -> DetachMiddleware:
 
             def fail_mid() -> None:
                 body.put(b"partial;")
-                _pause(via, 0.02)
+                pause(via, 0.02)
                 body.fail(RuntimeError("producer broke mid-stream (expected by the test)"))
 
             spawn(body, fail_mid)
@@ -191,7 +187,9 @@ def make_app(**options: Any) -> DetachMiddleware:
                 body = detach(environ)
             except Unavailable as exc:
                 record(key, f"refused: {exc}")
-                return _json(start_response, "framework error page", "500 Internal Server Error")
+                return json_response(
+                    start_response, "framework error page", "500 Internal Server Error"
+                )
             start_response("200 OK", [("Content-Type", "text/plain")])
             body.on_close(lambda: record(key, f"outcome {body.outcome}"))
             return body

@@ -37,15 +37,18 @@ tests, which call the app directly.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from tests.client import get_json
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -65,7 +68,15 @@ SERVERS: dict[str, str] = {
     "waitress": "waitress with channel_request_lookahead=1",
     "wsgiref": "wsgiref.simple_server, one thread per request",
     "cheroot": "cheroot's thread-pool server",
+    "serve-command": "python -m wsgi_detach serve APP --port 0 --no-access-log ARGS: the CLI "
+    "under test, as a user runs it (not instrumented: no validator, no /_server)",
 }
+
+#: The environment of every child: this checkout importable, output unbuffered.
+CHILD_ENV = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+
+#: The line a child prints once it serves: ours, or the serve command's.
+_READY = re.compile(r"^(?:LISTENING |wsgi_detach: serving \S+ on http://127\.0\.0\.1:)(\d+)\b")
 
 #: How many requests a threaded server handles at once: enough for the
 #: matrix's concurrent cases and for the soak test's bursts.
@@ -77,14 +88,25 @@ class ServerProcess:
 
     Use as a context manager, or ``start()`` and ``stop()``; ``port`` and
     ``url`` say where it listens, ``proc`` is the child (to signal it).
+    ``args`` are command-line arguments for the ``serve-command`` kind.
     """
 
-    def __init__(self, server: str, app: str, *, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        server: str,
+        app: str,
+        *,
+        env: dict[str, str] | None = None,
+        args: Sequence[str] = (),
+    ) -> None:
         if server not in SERVERS:
             raise ValueError(f"unknown server {server!r}; choose from {', '.join(SERVERS)}")
+        if args and server != "serve-command":
+            raise ValueError(f"args are for the serve-command kind, not {server!r}")
         self.server = server
         self.app = app
         self._env = env or {}
+        self._args = list(args)
         self.proc: subprocess.Popen[str] | None = None
         self.port = 0
         self._stderr = tempfile.TemporaryFile(mode="w+", prefix="wsgi-detach-server-")
@@ -94,12 +116,17 @@ class ServerProcess:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    def _command(self) -> list[str]:
+        if self.server == "serve-command":
+            return [sys.executable, "-m", "wsgi_detach", "serve", self.app, *self._args,
+                    "--port", "0", "--no-access-log"]
+        return [sys.executable, "-m", "tests.servers", self.server, self.app]
+
     def start(self, timeout: float = 20.0) -> ServerProcess:
-        env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1", **self._env)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.servers", self.server, self.app],
+            self._command(),
             cwd=ROOT,
-            env=env,
+            env=dict(CHILD_ENV, **self._env),
             stdout=subprocess.PIPE,
             stderr=self._stderr,
             text=True,
@@ -110,19 +137,19 @@ class ServerProcess:
             line = self.proc.stdout.readline()
             if not line:
                 break
-            if line.startswith("LISTENING "):
-                self.port = int(line.split()[1])
+            ready = _READY.match(line)
+            if ready:
+                self.port = int(ready.group(1))
                 return self
+        code = self.proc.poll()
         self.stop()
-        raise RuntimeError(f"{self.server} serving {self.app} did not start within {timeout}s")
+        what = f"exited with {code}" if code is not None else f"did not start within {timeout}s"
+        raise RuntimeError(f"{self.server} serving {self.app} {what}; its stderr:\n"
+                           f"{self.stderr_text()}")
 
     def info(self) -> dict[str, Any]:
         """The child's ``/_server`` report (see the module docstring)."""
-        import json
-        import urllib.request
-
-        with urllib.request.urlopen(f"{self.url}/_server", timeout=10) as response:
-            result: dict[str, Any] = json.load(response)
+        result: dict[str, Any] = get_json(self.port, "/_server")
         return result
 
     def stop(self) -> None:
@@ -176,14 +203,16 @@ class ServerProcess:
 
 
 @contextmanager
-def serve(server: str, app: str, *, env: dict[str, str] | None = None) -> Iterator[ServerProcess]:
+def serve(
+    server: str, app: str, *, env: dict[str, str] | None = None, args: Sequence[str] = ()
+) -> Iterator[ServerProcess]:
     """A started :class:`ServerProcess`; on leaving, stopped, and its validation checked.
 
     For module-scoped fixtures: after the last test of the module (the block
     left without an exception), asserts that ``wsgiref.validate`` objected to
     nothing the whole time the server ran.
     """
-    with ServerProcess(server, app, env=env) as process:
+    with ServerProcess(server, app, env=env, args=args) as process:
         yield process
     problems = process.validation_problems()
     assert not problems, f"wsgiref.validate objected on {server} serving {app}: {problems}"
@@ -474,6 +503,8 @@ def _serve_gunicorn(spec: str, kind: str) -> None:
 
 def main(argv: list[str]) -> None:
     kind, spec = argv
+    if kind == "serve-command":
+        raise SystemExit("serve-command is python -m wsgi_detach serve; ServerProcess runs it")
     if kind not in SERVERS:
         raise SystemExit(f"unknown server {kind!r}; choose from {', '.join(SERVERS)}")
     if kind == "pywsgi-patched":

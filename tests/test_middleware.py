@@ -7,7 +7,6 @@ real servers and read the wire with tests/client.py.
 
 from __future__ import annotations
 
-import json
 import signal
 from collections.abc import Iterator
 from typing import Any
@@ -16,7 +15,7 @@ from wsgiref.validate import validator
 
 import pytest
 
-from tests.client import Stream, events, get, wait_until
+from tests.client import Stream, events, get, get_json, wait_until
 from tests.servers import ServerProcess, serve
 from wsgi_detach import DetachMiddleware, UsageError, detach
 
@@ -256,7 +255,7 @@ def test_a_failure_after_the_first_chunk_aborts(served: ServerProcess) -> None:
 
 def test_stats_count_outcomes(served: ServerProcess) -> None:
     def stats() -> dict[str, Any]:
-        result: dict[str, Any] = json.loads(get(served.port, "/_stats").body)
+        result: dict[str, Any] = get_json(served.port, "/_stats")
         return result
 
     before = stats()
@@ -350,7 +349,7 @@ def test_drain_ends_open_streams_and_refuses_new_ones(farewell: str | None) -> N
         assert wait_until(lambda: events(server.port, "s0") == ["opened", expected])
         cut = 0 if farewell else 3
         assert events(server.port, "drain") == ["drain started", f"drain cut {cut}"]
-        stats = json.loads(get(server.port, "/_stats").body)
+        stats = get_json(server.port, "/_stats")
         assert (stats["open"], stats["draining"]) == (0, True)
         assert stats["finished" if farewell else "failed"] == 3
 

@@ -9,10 +9,8 @@ no more file descriptors than before.
 
 from __future__ import annotations
 
-import json
 import os
 import time
-import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -20,7 +18,7 @@ from typing import Any
 import psutil
 import pytest
 
-from tests.client import Stream, wait_until
+from tests.client import Stream, get_json, wait_until
 from tests.servers import ServerProcess, serve
 
 CLIENTS = int(os.environ.get("SOAK_CLIENTS", "1000"))
@@ -36,13 +34,8 @@ def server(request: pytest.FixtureRequest) -> Iterator[ServerProcess]:
         yield process
 
 
-def fetch_json(port: int, path: str) -> Any:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
-        return json.load(response)
-
-
 def counts(port: int) -> dict[str, int]:
-    result: dict[str, int] = fetch_json(port, "/_counts")
+    result: dict[str, int] = get_json(port, "/_counts")
     return result
 
 
@@ -112,7 +105,7 @@ def test_resetting_clients_leave_nothing_behind(server: ServerProcess) -> None:
         "closed_twice_or_more": 0,
     }, report
     assert after["open_bodies"] == 0, report
-    stats = fetch_json(server.port, "/_stats")
+    stats = get_json(server.port, "/_stats")
     assert stats["open"] == 0, stats
     assert stats["disconnected"] == warmup + CLIENTS, stats
     assert after["greenlets"] <= before["greenlets"], (
