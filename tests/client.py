@@ -158,8 +158,12 @@ def get(port: int, path: str = "/", **kwargs: object) -> Response:
 
 
 def get_json(port: int, path: str) -> Any:
-    """GET ``path`` and decode its JSON body (``/_events``, ``/_stats``, ``/_server``...)."""
-    response = get(port, path)
+    """GET ``path`` and decode its JSON body (``/_events``, ``/_stats``, ``/_server``...).
+
+    With ``Connection: close``, so that the server, not the client, ends the
+    connection, as an ordinary HTTP client's one-off request would.
+    """
+    response = get(port, path, headers={"Connection": "close"})
     assert response.status == 200 and response.complete, response
     return json.loads(response.body)
 

@@ -46,6 +46,21 @@ class _Recorded(list):  # type: ignore[type-arg]
         record(self.key, "plain closed")
 
 
+def starts_in_first_iteration(start_response: Start, closed: Callable[[], object]) -> Any:
+    """A generator body that calls start_response inside its first iteration.
+
+    PEP 3333 allows that; it yields an empty chunk between two, and calls
+    ``closed`` when it is closed or exhausted.
+    """
+    try:
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        yield b"a"
+        yield b""
+        yield b"b"
+    finally:
+        closed()
+
+
 def make_app(**options: Any) -> DetachMiddleware:
     mw: DetachMiddleware
 
@@ -86,16 +101,7 @@ def make_app(**options: Any) -> DetachMiddleware:
             return _Recorded([b"hello ", b"world"], key)
 
         if path == "/gen":
-            def gen() -> Any:
-                try:
-                    start_response("200 OK", [("Content-Type", "text/plain")])
-                    yield b"a"
-                    yield b""
-                    yield b"b"
-                finally:
-                    record(key, "gen closed")
-
-            return gen()
+            return starts_in_first_iteration(start_response, lambda: record(key, "gen closed"))
 
         if path in ("/detached", "/own_headers"):
             headers = [("Content-Type", "text/plain")]

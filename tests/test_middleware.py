@@ -16,6 +16,7 @@ from wsgiref.validate import validator
 import pytest
 
 from tests.client import Stream, events, get, get_json, wait_until
+from tests.mw_apps import starts_in_first_iteration
 from tests.servers import ServerProcess, serve
 from wsgi_detach import DetachMiddleware, UsageError, detach
 
@@ -75,14 +76,8 @@ def test_ordinary_response_is_handed_back_unchanged() -> None:
 def test_generator_that_starts_inside_its_first_iteration_passes_through() -> None:
     closed = []
 
-    def app(environ: dict[str, Any], start_response: Any) -> Iterator[bytes]:
-        try:
-            start_response("200 OK", [("Content-Type", "text/plain")])
-            yield b"a"
-            yield b""
-            yield b"b"
-        finally:
-            closed.append(True)
+    def app(environ: dict[str, Any], start_response: Any) -> Any:
+        return starts_in_first_iteration(start_response, lambda: closed.append(True))
 
     server = _Server()
     result = validator(DetachMiddleware(validator(app)))(_environ(), server.start_response)
