@@ -152,12 +152,11 @@ def test_waiting_bytes_are_not_a_disconnect(served: ServerProcess, extra: bytes)
     assert wait_until(lambda: events(served.port, key) == ["opened", "outcome finished"])
 
 
-def test_a_wrapped_queue_is_ended_when_its_client_leaves() -> None:
-    with serve("detach-server", "tests.mw_apps:app") as server:
-        stream = Stream(server.port, "/queue_idle?n=1&key=wq")
-        stream.read_head()
-        assert stream.read_chunk() == b"item 0;"
-        stream.close()
-        # The watcher put StopIteration into the queue: the framework's iterator
-        # ended and the server closed it, though the producer never ended it.
-        assert wait_until(lambda: events(server.port, "wq") == ["wrapper closed"], timeout=2)
+def test_a_wrapped_queue_is_ended_when_its_client_leaves(served: ServerProcess) -> None:
+    stream = Stream(served.port, "/queue_idle?n=1&key=wq")
+    stream.read_head()
+    assert stream.read_chunk() == b"item 0;"
+    stream.close()
+    # The watcher put StopIteration into the queue: the framework's iterator
+    # ended and the server closed it, though the producer never ended it.
+    assert wait_until(lambda: events(served.port, "wq") == ["wrapper closed"], timeout=2)
