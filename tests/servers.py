@@ -29,9 +29,12 @@ iterator collected unclosed), so a server that swallows them cannot hide them.
 The validator's wrapper hides the app iterable's ``len()``; the server still
 sees it, so a lying ``len()`` breaks here as it would in production.
 
-When not to use it: for ``python -m wsgi_detach serve`` itself (the command
-under test is the child there; see tests/test_cli.py), and for in-process
-tests, which call the app directly.
+One kind is not ours: ``serve-command`` runs ``python -m wsgi_detach serve``
+itself (the CLI under test, tests/test_cli.py), so it has no validator and no
+``/_server``; ServerProcess only starts it, reads the port from its
+``wsgi_detach: serving ... on http://127.0.0.1:PORT`` line and stops it.
+
+Not for in-process tests, which call the app directly.
 """
 
 from __future__ import annotations
