@@ -72,21 +72,38 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         item.add_marker(pytest.mark.xdist_group(group))
 
 
+_first_launched = pytest.StashKey[int]()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    item.stash[_first_launched] = len(ServerProcess.launched)
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(
     item: pytest.Item, call: pytest.CallInfo[None]
 ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
-    """A failed test's report shows what its servers printed to stderr (tracebacks, exits)."""
+    """A failed test's report shows what its servers printed to stderr (tracebacks, exits).
+
+    Its servers: those its fixtures hold, and those it (or a fixture) started itself.
+    """
     report = yield
     if report.failed:
-        for name, value in getattr(item, "funcargs", {}).items():
-            if isinstance(value, ServerProcess):
-                code = value.proc.poll() if value.proc is not None else None
-                state = "running" if code is None else f"exited with {code}"
-                report.sections.append(
-                    (f"server {name} ({value.server}, {state}) stderr",
-                     value.stderr_text()[-10000:] or "(nothing)")
-                )
+        servers = {
+            id(value): (name, value)
+            for name, value in getattr(item, "funcargs", {}).items()
+            if isinstance(value, ServerProcess)
+        }
+        for value in ServerProcess.launched[item.stash.get(_first_launched, 0):]:
+            servers.setdefault(id(value), ("started by the test", value))
+        for name, value in servers.values():
+            code = value.proc.poll() if value.proc is not None else None
+            state = "running" if code is None else f"exited with {code}"
+            report.sections.append(
+                (f"server {name} ({value.server}, {state}) stderr",
+                 value.stderr_text()[-10000:] or "(nothing)")
+            )
     return report
 
 

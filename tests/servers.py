@@ -94,6 +94,10 @@ class ServerProcess:
     ``args`` are command-line arguments for the ``serve-command`` kind.
     """
 
+    #: Every ServerProcess started in this test process, in order (for the
+    #: failure reports in tests/conftest.py, which show their stderr).
+    launched: list[ServerProcess] = []  # noqa: RUF012 (one shared record)
+
     def __init__(
         self,
         server: str,
@@ -126,6 +130,7 @@ class ServerProcess:
         return [sys.executable, "-m", "tests.servers", self.server, self.app]
 
     def start(self, timeout: float = 20.0) -> ServerProcess:
+        ServerProcess.launched.append(self)
         self.proc = subprocess.Popen(
             self._command(),
             cwd=ROOT,
