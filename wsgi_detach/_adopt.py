@@ -35,7 +35,7 @@ from __future__ import annotations
 import gc
 import types
 from collections import deque
-from typing import Final, Union
+from typing import Callable, Final, Union
 
 import gevent
 from gevent import GreenletExit
@@ -96,7 +96,7 @@ def find_inside(iterable: object) -> Found | None:
     return None
 
 
-def feed(body: DetachedBody, queue: SimpleQueue | Channel) -> None:
+def feed(body: DetachedBody, queue: SimpleQueue | Channel) -> Callable[[], None]:
     """Move what producers put into ``queue`` into ``body``, until ``StopIteration``.
 
     The pump is a greenlet of the *calling* thread's hub, where the seed's
@@ -113,6 +113,11 @@ def feed(body: DetachedBody, queue: SimpleQueue | Channel) -> None:
     thread are frozen all the same -- nothing can run them -- which is why
     ``detach()`` and ``body.spawn()`` are the way to produce on threaded
     servers.
+
+    Returns the stop function, for the caller to call from the server's
+    ``close()`` too: when something on another thread (a disconnect
+    watcher) closed the body first, the ``on_close`` kill could only be
+    scheduled in a hub that may never run again.
     """
     pump = gevent.spawn(_pump, queue, body)
     hub = pump.parent
@@ -129,6 +134,7 @@ def feed(body: DetachedBody, queue: SimpleQueue | Channel) -> None:
             hub.loop.run_callback_threadsafe(pump.kill, GreenletExit, False)
 
     body.on_close(stop_pump)
+    return stop_pump
 
 
 #: How long ``close()`` may run the request thread's hub to let a pump die.
