@@ -9,6 +9,7 @@ errors that never look like a clean end) on gevent and threaded servers alike.
 from __future__ import annotations
 
 from ._body import Chunk, DetachedBody
+from ._broadcast import Batch, Hub, Message, SlowSubscriber, Subscription
 from ._errors import (
     BodyAborted,
     BodyClosed,
@@ -18,10 +19,13 @@ from ._errors import (
     DetachError,
     UsageError,
 )
+from ._longpoll import long_poll, wait_for_messages
+from ._sse import EventStream, encode_comment, encode_event
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "Batch",
     "BodyAborted",
     "BodyClosed",
     "BodyEnded",
@@ -30,5 +34,14 @@ __all__ = [
     "Chunk",
     "DetachError",
     "DetachedBody",
+    "EventStream",
+    "Hub",
+    "Message",
+    "SlowSubscriber",
+    "Subscription",
     "UsageError",
+    "encode_comment",
+    "encode_event",
+    "long_poll",
+    "wait_for_messages",
 ]
