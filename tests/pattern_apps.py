@@ -24,10 +24,15 @@ _hubs: dict[str, Hub] = {}
 _hubs_lock = threading.Lock()
 
 
-def hub_named(name: str, **options: Any) -> Hub:
+def hub_for(query: dict[str, str]) -> Hub:
+    """The hub named ``?hub=``; ``?history=`` and ``?max_pending=`` apply when it is made."""
+    name = query.get("hub", "default")
     with _hubs_lock:
         if name not in _hubs:
-            _hubs[name] = Hub(**options)
+            _hubs[name] = Hub(
+                history=int(query.get("history", "1000")),
+                max_pending=int(query.get("max_pending", str(1 << 20))),
+            )
         return _hubs[name]
 
 
@@ -67,7 +72,6 @@ TICKER = [
 def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
     path = environ["PATH_INFO"]
     query = {k: v[0] for k, v in parse_qs(environ.get("QUERY_STRING", "")).items()}
-    name = query.get("hub", "default")
 
     if path == "/sse/ticker":
         stream = EventStream(environ, start_response, retry=50)
@@ -92,19 +96,19 @@ def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
         return stream
 
     if path == "/hub/events":
-        hub = hub_named(name, history=int(query.get("history", "1000")))
+        hub = hub_for(query)
         return hub.event_stream(environ, start_response, last_event_id=query.get("after"),
                                 retry=int(query.get("retry", "3000")))
 
     if path == "/hub/ndjson":
-        hub = hub_named(name)
+        hub = hub_for(query)
         start_response("200 OK", [("Content-Type", "application/x-ndjson")])
         body = DetachedBody()
         hub.subscribe(body, last_event_id=query.get("after"))
         return body
 
     if path == "/hub/publish":
-        hub = hub_named(name)
+        hub = hub_for(query)
         n = int(query.get("n", "1"))
         data = query.get("data", "m")
         items = [(data if n == 1 else f"{data}{i}", query.get("event")) for i in range(n)]
@@ -112,16 +116,16 @@ def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
         return _json(start_response, {"cursor": hub.cursor})
 
     if path == "/hub/poll":
-        hub = hub_named(name, history=int(query.get("history", "1000")))
+        hub = hub_for(query)
         return long_poll(hub, query.get("cursor"), start_response,
                          timeout=float(query.get("timeout", "5")))
 
     if path == "/hub/stats":
-        hub = hub_named(name)
+        hub = hub_for(query)
         return _json(start_response, {"subscribers": hub.subscribers, "cursor": hub.cursor,
                                       "polls": len(hub._polls)})
 
     if path == "/hub/disconnect":
-        return _json(start_response, {"ended": hub_named(name).disconnect_all()})
+        return _json(start_response, {"ended": hub_for(query).disconnect_all()})
 
     return apps.app(environ, start_response)

@@ -36,6 +36,11 @@ a plain body with :class:`SlowSubscriber`, so that its client sees a
 truncated response rather than a complete one. The other subscribers and
 the publisher never wait for it, and its memory stays bounded.
 
+Choose ``max_pending`` above the largest burst you publish without yielding:
+messages published in a tight loop sit in *every* body until the server's
+greenlets or threads get to run, and a burst over the cap drops fast clients
+too (they reconnect and resume, but needlessly).
+
 Resync
 ------
 A client whose last id is no longer in the history (it was away too long, or
