@@ -123,7 +123,7 @@ def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
     if path == "/hub/stats":
         hub = hub_for(query)
         return _json(start_response, {"subscribers": hub.subscribers, "cursor": hub.cursor,
-                                      "polls": len(hub._polls)})
+                                      "polls": hub.pending_polls})
 
     if path == "/hub/disconnect":
         return _json(start_response, {"ended": hub_for(query).disconnect_all()})

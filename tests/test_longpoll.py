@@ -106,7 +106,7 @@ def test_wait_for_messages_from_a_thread_woken_by_another_thread() -> None:
     result: list[object] = []
     waiter = threading.Thread(target=lambda: result.append(wait_for_messages(hub, cursor, 5)))
     waiter.start()
-    assert wait_until(lambda: len(hub._polls) == 1)
+    assert wait_until(lambda: hub.pending_polls == 1)
     hub.publish("hello")
     waiter.join(5)
     (batch,) = result
@@ -118,7 +118,7 @@ def test_wait_for_messages_from_a_greenlet_woken_by_a_thread() -> None:
     cursor = hub.cursor
     greenlet = gevent.spawn(wait_for_messages, hub, cursor, 5)
     gevent.sleep(0)  # let it register
-    assert len(hub._polls) == 1
+    assert hub.pending_polls == 1
     publisher = threading.Thread(target=hub.publish, args=("from a thread",))
     started = time.monotonic()
     publisher.start()
@@ -135,4 +135,4 @@ def test_wait_for_messages_times_out_empty() -> None:
     batch = wait_for_messages(hub, hub.cursor, 0.1)
     assert batch.messages == [] and batch.cursor == hub.cursor and not batch.resync
     assert 0.09 < time.monotonic() - started < 1.0
-    assert hub._polls == {}
+    assert hub.pending_polls == 0

@@ -213,6 +213,11 @@ class Hub:
         """How many bodies are subscribed."""
         return len(self._subscribers)
 
+    @property
+    def pending_polls(self) -> int:
+        """How many :meth:`poll` callbacks (long-polls) wait for the next message."""
+        return len(self._polls)
+
     def recent(self, n: int | None = None) -> Batch:
         """The last ``n`` messages in the history (all of it by default), and the cursor."""
         with self._lock:
