@@ -19,10 +19,21 @@ DEFAULT_PORT = 8000
 
 
 def serve(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> None:
-    """Serve the chat on gevent.pywsgi until interrupted."""
-    from gevent.pywsgi import WSGIServer
+    """Serve the chat on gevent.pywsgi until interrupted.
 
-    server = WSGIServer((host, port), ChatApp())
+    Through ``wsgi_detach.make_server`` (DetachMiddleware, TCP_NODELAY,
+    disconnect watching, drain on stop) where this build has it; on a plain
+    ``gevent.pywsgi.WSGIServer`` otherwise.
+    """
+    import wsgi_detach
+
+    make_server = getattr(wsgi_detach, "make_server", None)
+    if make_server is not None:
+        server = make_server(ChatApp(), host, port, grace=2.0, log=None)
+    else:
+        from gevent.pywsgi import WSGIServer
+
+        server = WSGIServer((host, port), ChatApp())
     server.start()
     print(f"wsgi_detach demo chat on http://{host}:{server.server_port}/  (Ctrl-C to stop)",
           flush=True)
