@@ -10,6 +10,8 @@ from collections.abc import Iterator
 
 import pytest
 import requests
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests.client import Stream, wait_until
 from tests.servers import ServerProcess
@@ -332,3 +334,47 @@ def _slow_client_scenario(server: ServerProcess) -> None:
                 tail = chunk[-1:]
         assert blocks == 1 + 2500
         assert requests.get(stats, timeout=5).json()["subscribers"] == 1
+
+
+# -- property: resume is exact against a simple model -------------------------------
+
+@settings(max_examples=60, deadline=None)
+@given(
+    history=st.integers(min_value=1, max_value=6),
+    script=st.lists(
+        st.one_of(
+            st.tuples(st.just("publish"), st.integers(min_value=1, max_value=4)),
+            st.tuples(st.just("join"), st.integers(min_value=-1, max_value=12)),
+        ),
+        max_size=12,
+    ),
+)
+def test_every_joiner_gets_exactly_what_the_model_says(
+    history: int, script: list[tuple[str, int]]
+) -> None:
+    """Join at any past id (or none): replay iff the id is still in the history, else resync."""
+    hub = Hub(history=history)
+    published: list[str] = []  # ids, in order
+    joined: list[tuple[EventStream, int]] = []  # (stream, index of its first expected message)
+    resynced: list[EventStream] = []
+    for op, arg in script:
+        if op == "publish":
+            published += [hub.publish(f"m{len(published)}").id for _ in range(arg)]
+            continue
+        if arg < 0 or not published:  # a first connect: from now on
+            stream, start = EventStream(heartbeat=None), len(published)
+        else:
+            seen = min(arg, len(published) - 1)  # the client saw published[seen]
+            stream = EventStream(heartbeat=None, last_event_id=published[seen])
+            start = seen + 1
+            if len(published) - start > history:  # the next one it needs fell out
+                resynced.append(stream)
+                start = len(published)
+        hub.subscribe(stream)
+        joined.append((stream, start))
+    for stream, start in joined:
+        events = parse(drain(stream)).events
+        if stream in resynced:
+            assert events[0].type == "resync"
+            events = events[1:]
+        assert [e.last_event_id for e in events] == published[start:]
