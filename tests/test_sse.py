@@ -17,12 +17,16 @@ from tests.servers import ServerProcess
 from tests.sse_reference import parse
 from wsgi_detach import BufferFull, EventStream, encode_comment, encode_event
 
-# -- strategies: any text for data; single-line text for event; id without NUL too
-single_line = st.text().filter(lambda s: "\r" not in s and "\n" not in s)
-an_id = single_line.filter(lambda s: "\0" not in s)
+# -- strategies: any text for data, weighted toward what the format gives meaning
+# to (line breaks, colons, spaces, NUL, a BOM); single-line text for event; id
+# without NUL too.
+tricky = st.sampled_from(["\r", "\n", "\r\n", ":", " ", "\0", "\ufeff", "data:", "\u2028"])
+any_text = st.lists(st.one_of(tricky, st.text(max_size=5)), max_size=8).map("".join)
+single_line = any_text.map(lambda s: s.replace("\r", "").replace("\n", ""))
+an_id = single_line.map(lambda s: s.replace("\0", ""))
 events = st.lists(
     st.fixed_dictionaries(
-        {"data": st.text()},
+        {"data": any_text},
         optional={
             "event": single_line,
             "id": an_id,
