@@ -204,6 +204,10 @@ class EventStream(DetachedBody):
             both (UTF-8, a comment line).
     """
 
+    #: The headers to send when your framework starts the response, e.g.
+    #: ``flask.Response(stream, headers=EventStream.HEADERS)``.
+    HEADERS: Final = SSE_HEADERS
+
     def __init__(
         self,
         environ: WSGIEnvironment | None = None,
