@@ -31,9 +31,16 @@ class Response:
 class Stream:
     """One request on its own connection; read the response step by step."""
 
-    def __init__(self, port: int, path: str = "/", *, host: str = "127.0.0.1",
-                 timeout: float = 10.0, http10: bool = False,
-                 headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        port: int,
+        path: str = "/",
+        *,
+        host: str = "127.0.0.1",
+        timeout: float = 10.0,
+        http10: bool = False,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         self.sock = socket.create_connection((host, port), timeout=timeout)
         self.response = Response(started=time.monotonic())
         self._buf = b""
@@ -102,7 +109,7 @@ class Stream:
             while len(self._buf) < size + 2:
                 if not self._fill():
                     return None
-            data, self._buf = self._buf[:size], self._buf[size + 2:]
+            data, self._buf = self._buf[:size], self._buf[size + 2 :]
         else:
             if not self._buf and not self._fill():
                 if self._mode == "close":

@@ -18,6 +18,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ class ServerProcess:
         self._env = env or {}
         self.proc: subprocess.Popen[str] | None = None
         self.port = 0
+        self._stderr = tempfile.TemporaryFile(mode="w+", prefix="wsgi-detach-server-")
 
     @property
     def url(self) -> str:
@@ -48,6 +50,7 @@ class ServerProcess:
             cwd=ROOT,
             env=env,
             stdout=subprocess.PIPE,
+            stderr=self._stderr,
             text=True,
         )
         assert self.proc.stdout is not None
@@ -75,11 +78,31 @@ class ServerProcess:
         if proc.stdout is not None:
             proc.stdout.close()
 
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def stderr_text(self) -> str:
+        """What the server printed to stderr so far (its tracebacks, warnings)."""
+        self._stderr.flush()
+        self._stderr.seek(0)
+        return self._stderr.read()
+
+    def validation_problems(self) -> list[str]:
+        """Lines where wsgiref.validate objected (AssertionError) or warned (WSGIWarning)."""
+        return [
+            line
+            for line in self.stderr_text().splitlines()
+            if "AssertionError" in line or "WSGIWarning" in line
+        ]
+
     def __enter__(self) -> ServerProcess:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+        self._stderr.close()
 
 
 def _load(spec: str) -> Any:
@@ -132,8 +155,12 @@ def main(argv: list[str]) -> None:
         from gevent import monkey
 
         monkey.patch_all()
-    from wsgiref.validate import validator
+    import warnings
+    from wsgiref.validate import WSGIWarning, validator
 
+    # A validator warning becomes an exception in the server, which logs it
+    # to stderr, where ServerProcess.validation_problems() finds it.
+    warnings.simplefilter("error", WSGIWarning)
     app = validator(_load(spec))
     if server in ("pywsgi", "pywsgi-patched"):
         _serve_pywsgi(app)

@@ -2,7 +2,8 @@
 
 Parametrised over the directory listing, so a new example is covered the day
 it is added. An example module exposes a WSGI ``app``; it may list the paths
-to request in ``SMOKE_PATHS`` (default ``["/"]``). Each path must answer 200
+to request in ``SMOKE_PATHS``, else the paths of the ``http://127.0.0.1:PORT/...``
+URLs its docstring tells the reader to open, else ``/``. Each path must answer 200
 and send a first non-empty chunk within a few seconds (streams are not read
 to the end). Modules starting with ``_`` are helpers, not examples.
 
@@ -13,6 +14,7 @@ patches at import, as the primer does, and patching first is what it needs.
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -34,17 +36,21 @@ def _smoke_paths(name: str) -> list[str]:
     source = EXAMPLES / f"{name}.py"
     if not source.is_file():
         source = EXAMPLES / name / "__init__.py"
-    for node in ast.parse(source.read_text()).body:
+    module = ast.parse(source.read_text())
+    for node in module.body:
         if isinstance(node, (ast.Assign, ast.AnnAssign)):
             targets = node.targets if isinstance(node, ast.Assign) else [node.target]
             if any(isinstance(t, ast.Name) and t.id == "SMOKE_PATHS" for t in targets):
                 assert node.value is not None
                 return list(ast.literal_eval(node.value))
-    return ["/"]
+    docstring = ast.get_docstring(module) or ""
+    documented = re.findall(r"http://127\.0\.0\.1:\d+(/[^\s`'\")]*)", docstring)
+    return list(dict.fromkeys(documented)) or ["/"]
 
 
 def test_the_examples_are_found() -> None:
     assert {"bottle_app", "flask_app", "sse_ticker", "chat"} <= set(_examples())
+    assert _smoke_paths("fetch_raw") == ["/fetch"]  # from its docstring
 
 
 @pytest.mark.parametrize("name", _examples())

@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING, Any, Callable, Final, Union
 import gevent
 
 from ._errors import BodyAborted, BodyEnded, BodyTimeout, BufferFull, UsageError
-from ._wakeup import CannotBlockHere, Waiter, allocate_lock, make_waiter
+from ._wakeup import CannotBlockHere, Waiter, allocate_lock, make_waiter, spawn_greenlet
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse
@@ -106,11 +106,12 @@ _WHY: Final[dict[str, str]] = {
 }
 
 
-def _refuse(state: str, op: str, what: str) -> object:
-    """Look up ``(state, op)``; return the verdict or raise the error it names."""
+def _refuse(body: DetachedBody, op: str, what: str) -> object:
+    """Look up ``(body's state, op)``; return the verdict or raise the error it names."""
+    state = body._state
     verdict = _PRODUCER_OPS[state][op]
     if isinstance(verdict, type):
-        raise verdict(f"cannot {what}: the body is {state} because {_WHY[state]}", state)
+        raise verdict(f"cannot {what}: the body is {state} because {_WHY[state]}", state, body)
     return verdict
 
 
@@ -282,7 +283,7 @@ class DetachedBody:
                 f"got {type(status).__name__} and {type(headers).__name__}"
             )
         with self._lock:
-            _refuse(self._state, "write", "start()")
+            _refuse(self, "write", "start()")
             if self._start_response is None:
                 raise UsageError(
                     "start() needs a body created with DetachedBody(start_response=...); "
@@ -292,6 +293,11 @@ class DetachedBody:
                 raise UsageError("start() was already called on this body")
             self._head = (status, list(headers))
             self._last_put = time.monotonic()
+            # The consumer may be waiting with no heartbeat due (none can be
+            # sent before the head): let it look again.
+            consumer = self._take_consumer_locked()
+        if consumer is not None:
+            consumer.wake()
 
     def put(self, chunk: Chunk | type[StopIteration], timeout: float | None = None) -> None:
         """Append a chunk for the server to send; ``put(StopIteration)`` is :meth:`finish`.
@@ -341,8 +347,8 @@ class DetachedBody:
         data = None if chunk is None else self._coerce(chunk)
         with self._lock:
             if data is not None:
-                _refuse(self._state, "write", "finish() with a last chunk")
-            elif _refuse(self._state, "finish", "finish()") is _NOOP:
+                _refuse(self, "write", "finish() with a last chunk")
+            elif _refuse(self, "finish", "finish()") is _NOOP:
                 return
             if self._start_response is not None and self._head is None:
                 # Ending a response that never got a status would leave the
@@ -379,7 +385,7 @@ class DetachedBody:
         if not isinstance(exc, BaseException):
             raise TypeError(f"fail() takes an exception, got {type(exc).__name__}")
         with self._lock:
-            if _refuse(self._state, "fail", "fail()") is _NOOP:
+            if _refuse(self, "fail", "fail()") is _NOOP:
                 log.debug("fail(%r) on a %s body ignored", exc, self._state)
                 return
             self._end_locked(FAILED, exc)
@@ -422,7 +428,7 @@ class DetachedBody:
         if exc is None:
             self.finish()
             return False
-        if isinstance(exc, BodyAborted) and self._state in (CLOSED, EXPIRED):
+        if isinstance(exc, BodyAborted) and exc.body is self:
             log.debug("producer stopped: %s", exc)
             return True
         self.fail(exc)
@@ -432,9 +438,13 @@ class DetachedBody:
         """Run ``fn(*args, **kwargs)`` in a new greenlet tied to this body.
 
         When ``fn`` returns the body finishes; when it raises, the body fails
-        (see :meth:`__exit__`). The greenlet lives in the calling thread's hub.
+        (see :meth:`__exit__`). Called from a greenlet (gevent servers), the new
+        greenlet runs in the same hub. Called from a plain thread (a threaded
+        server's request thread), it runs in wsgi_detach's producer hub thread
+        instead: a greenlet left on the request thread would freeze the moment
+        the request ended, and never learn that the client left.
         """
-        return gevent.spawn(self._run_tied, fn, args, kwargs)
+        return spawn_greenlet(self._run_tied, fn, args, kwargs)
 
     def spawn_thread(
         self, fn: Callable[..., object], *args: Any, **kwargs: Any
@@ -547,7 +557,7 @@ class DetachedBody:
         give_up = None if timeout is None else time.monotonic() + timeout
         while True:
             with self._lock:
-                _refuse(self._state, "write", "put()")
+                _refuse(self, "write", "put()")
                 if self._start_response is not None and self._head is None:
                     raise UsageError(
                         "put() before start(): this body owns start_response, so call "

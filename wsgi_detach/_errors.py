@@ -56,11 +56,14 @@ class BodyClosed(DetachError):
     Attributes:
         state: the body's state when the write was refused (``"finished"``,
             ``"failed"``, ``"expired"`` or ``"closed"``).
+        body: the body that refused it, so that a producer writing to several
+            bodies can tell which one ended.
     """
 
-    def __init__(self, message: str, state: str) -> None:
+    def __init__(self, message: str, state: str, body: object = None) -> None:
         super().__init__(message)
         self.state = state
+        self.body = body
 
 
 class BodyEnded(BodyClosed, UsageError):
