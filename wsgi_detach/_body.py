@@ -222,6 +222,7 @@ class DetachedBody:
         self._callbacks: list[Callable[[], object]] | None = []
         self._head: tuple[str, list[tuple[str, str]]] | None = None  # from start()
         self._head_sent = start_response is None  # the app called start_response itself
+        self._needs_head = start_response is not None  # owned, and start() not called yet
         self._sent_data = False  # a non-empty chunk went to the server
         self._outcome: str | None = None
         now = time.monotonic()
@@ -292,6 +293,7 @@ class DetachedBody:
             if self._head is not None:
                 raise UsageError("start() was already called on this body")
             self._head = (status, list(headers))
+            self._needs_head = False
             self._last_put = time.monotonic()
             # The consumer may be waiting with no heartbeat due (none can be
             # sent before the head): let it look again.
@@ -320,19 +322,23 @@ class DetachedBody:
             UsageError: the body owns ``start_response`` and ``start()`` was
                 not called yet.
         """
-        if chunk is StopIteration:
-            self.finish()
-            return
-        self._put(self._coerce(chunk), block=True, timeout=timeout)
+        if type(chunk) is not bytes:
+            if chunk is StopIteration:
+                self.finish()
+                return
+            chunk = self._coerce(chunk)
+        self._put(chunk, True, timeout)
 
     write = put
 
     def put_nowait(self, chunk: Chunk | type[StopIteration]) -> None:
         """Like :meth:`put`, but raise :class:`BufferFull` instead of waiting for room."""
-        if chunk is StopIteration:
-            self.finish()
-            return
-        self._put(self._coerce(chunk), block=False, timeout=None)
+        if type(chunk) is not bytes:
+            if chunk is StopIteration:
+                self.finish()
+                return
+            chunk = self._coerce(chunk)
+        self._put(chunk, False, None)
 
     def finish(self, chunk: Chunk | None = None) -> None:
         """End the response cleanly, optionally with a last chunk.
@@ -350,7 +356,7 @@ class DetachedBody:
                 _refuse(self, "write", "finish() with a last chunk")
             elif _refuse(self, "finish", "finish()") is _NOOP:
                 return
-            if self._start_response is not None and self._head is None:
+            if self._needs_head:
                 # Ending a response that never got a status would leave the
                 # server with nothing valid to send: make it a 500 rather than
                 # a hang, and tell the caller.
@@ -475,6 +481,24 @@ class DetachedBody:
 
     def __next__(self) -> bytes:
         """The server's side: the next non-empty chunk, blocking until there is one."""
+        # Fast path: data waiting and no producer blocked on the cap.
+        with self._lock:
+            buffer = self._buffer
+            if buffer and not self._producers:
+                chunk = buffer.popleft()
+                if buffer and len(chunk) < self._coalesce:
+                    chunk = self._join_locked(chunk)
+                self._buffered -= len(chunk)
+            else:
+                chunk = None
+        if chunk is None:
+            return self._next_slow()
+        if self._head_sent and self._heartbeat is None:
+            self._sent_data = True
+            return chunk
+        return self._emit(chunk)
+
+    def _next_slow(self) -> bytes:
         while True:
             to_wake: list[Waiter] = []
             waiter: Waiter | None = None
@@ -553,24 +577,32 @@ class DetachedBody:
             f"finish), got {type(chunk).__name__}"
         )
 
-    def _put(self, data: bytes, *, block: bool, timeout: float | None) -> None:
+    def _put(self, data: bytes, block: bool, timeout: float | None) -> None:
+        # The hot path of every stream: keep it to one lock round-trip and no
+        # calls when the body is open and has room.
         give_up = None if timeout is None else time.monotonic() + timeout
         while True:
             with self._lock:
-                _refuse(self, "write", "put()")
-                if self._start_response is not None and self._head is None:
+                if self._state is not OPEN:
+                    _refuse(self, "write", "put()")
+                if self._needs_head:
                     raise UsageError(
                         "put() before start(): this body owns start_response, so call "
                         "body.start(status, headers) first"
                     )
                 cap = self._max_buffer
-                if cap is None or not self._buffered or self._buffered + len(data) <= cap:
-                    self._last_put = time.monotonic()
+                buffered = self._buffered
+                if cap is None or not buffered or buffered + len(data) <= cap:
+                    if self._idle_timeout is not None:
+                        self._last_put = time.monotonic()
                     if not data:
                         return
                     self._buffer.append(data)
-                    self._buffered += len(data)
-                    consumer = self._take_consumer_locked()
+                    self._buffered = buffered + len(data)
+                    consumer = self._consumer
+                    if consumer is None:
+                        return
+                    self._consumer = None
                     break
                 if not block:
                     raise BufferFull(
@@ -601,8 +633,7 @@ class DetachedBody:
                     f"put() waited {timeout}s for room under max_buffer={cap} bytes; the client "
                     f"is not reading fast enough"
                 )
-        if consumer is not None:
-            consumer.wake()
+        consumer.wake()
 
     def _take_consumer_locked(self) -> Waiter | None:
         consumer, self._consumer = self._consumer, None
@@ -617,20 +648,23 @@ class DetachedBody:
             waiter.wake()
 
     def _pop_locked(self) -> bytes:
-        buffer = self._buffer
-        chunk = buffer.popleft()
-        limit = self._coalesce
-        if buffer and len(chunk) < limit:
-            parts = [chunk]
-            size = len(chunk)
-            while buffer and size + len(buffer[0]) <= limit:
-                part = buffer.popleft()
-                parts.append(part)
-                size += len(part)
-            if len(parts) > 1:
-                chunk = b"".join(parts)
+        chunk = self._buffer.popleft()
+        if self._buffer and len(chunk) < self._coalesce:
+            chunk = self._join_locked(chunk)
         self._buffered -= len(chunk)
         return chunk
+
+    def _join_locked(self, first: bytes) -> bytes:
+        """Join chunks that are already waiting onto ``first``, up to ``coalesce`` bytes."""
+        buffer = self._buffer
+        limit = self._coalesce
+        parts = [first]
+        size = len(first)
+        while buffer and size + len(buffer[0]) <= limit:
+            part = buffer.popleft()
+            parts.append(part)
+            size += len(part)
+        return first if len(parts) == 1 else b"".join(parts)
 
     def _can_send_locked(self) -> bool:
         return self._head_sent or self._head is not None
