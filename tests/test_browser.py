@@ -177,9 +177,11 @@ def test_a_dropped_event_source_resumes_with_last_event_id_exactly_once(
         page.wait_for("during the gap", timeout=5)
         requests.post(post, json={"nick": "srv", "text": "after"}, timeout=5)
         page.wait_for("after")
-        texts = [m["text"] for m in page.log()]
+        log = page.log()
+        texts = [m["text"] for m in log]
         assert texts.count("during the gap") == 1
         assert texts[-3:] == ["before", "during the gap", "after"]
+        assert log[-3]["id"] == before["id"]  # EventSource's lastEventId is the hub's id
         assert state(server, room)["last_event_ids"] == [None, before["id"]]
         assert page.js("return window.chatState.connects") == 2
     finally:
