@@ -31,6 +31,9 @@ SERVERS = ("pywsgi", "pywsgi-patched", "wsgiref")
 class ServerProcess:
     """A WSGI server in a child process; use as a context manager."""
 
+    #: The module run as the child (``python -m MODULE SERVER APP``).
+    module = "tests.servers"
+
     def __init__(self, server: str, app: str, *, env: dict[str, str] | None = None) -> None:
         self.server = server
         self.app = app
@@ -38,6 +41,7 @@ class ServerProcess:
         self.proc: subprocess.Popen[str] | None = None
         self.port = 0
         self._stderr = tempfile.TemporaryFile(mode="w+", prefix="wsgi-detach-server-")
+        self._final_stderr = ""
 
     @property
     def url(self) -> str:
@@ -46,7 +50,7 @@ class ServerProcess:
     def start(self, timeout: float = 20.0) -> ServerProcess:
         env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1", **self._env)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.servers", self.server, self.app],
+            [sys.executable, "-m", self.module, self.server, self.app],
             cwd=ROOT,
             env=env,
             stdout=subprocess.PIPE,
@@ -66,17 +70,20 @@ class ServerProcess:
         raise RuntimeError(f"{self.server} serving {self.app} did not start within {timeout}s")
 
     def stop(self) -> None:
+        """Stop the child by its PID; keep what it printed to stderr, close the files."""
         proc = self.proc
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-        if proc.stdout is not None:
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=10)
+        if proc is not None and proc.stdout is not None:
             proc.stdout.close()
+        if not self._stderr.closed:
+            self._final_stderr = self.stderr_text()
+            self._stderr.close()
 
     @property
     def pid(self) -> int:
@@ -85,6 +92,8 @@ class ServerProcess:
 
     def stderr_text(self) -> str:
         """What the server printed to stderr so far (its tracebacks, warnings)."""
+        if self._stderr.closed:
+            return self._final_stderr
         self._stderr.flush()
         self._stderr.seek(0)
         return self._stderr.read()
@@ -102,7 +111,6 @@ class ServerProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-        self._stderr.close()
 
 
 def _load(spec: str) -> Any:

@@ -19,6 +19,7 @@ import requests
 
 from tests.client import wait_until
 from tests.servers import ServerProcess
+from tests.servers_extra import ExtraServerProcess
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
@@ -43,7 +44,8 @@ FLAGS = [
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[ServerProcess]:
-    with ServerProcess("pywsgi", "tests.chat_app:app") as proc:
+    # As the demo runs: make_server's pywsgi, DetachMiddleware in front.
+    with ExtraServerProcess("detach-pywsgi", "tests.chat_app:app") as proc:
         yield proc
 
 

@@ -48,7 +48,8 @@ from typing import TYPE_CHECKING, Any, Callable, Final, Union
 
 import gevent
 
-from ._errors import BodyAborted, BodyEnded, BodyTimeout, BufferFull, UsageError
+from ._budget import ByteBudget
+from ._errors import BodyAborted, BodyEnded, BodyTimeout, BufferFull, Unavailable, UsageError
 from ._wakeup import CannotBlockHere, Waiter, allocate_lock, make_waiter, spawn_greenlet
 
 if TYPE_CHECKING:
@@ -173,6 +174,10 @@ class DetachedBody:
             to this many bytes into one yield, so the server makes one write
             instead of many. Never delays a chunk: it only merges chunks that
             are already waiting. ``0`` keeps every chunk separate.
+        budget: a :class:`ByteBudget` shared with other bodies: a ``put()``
+            that would take their total buffered bytes over its limit raises
+            :class:`BufferFull` at once, even where ``max_buffer`` would block
+            (see :mod:`wsgi_detach._budget` for why). ``None``: no shared cap.
     """
 
     def __init__(
@@ -187,6 +192,7 @@ class DetachedBody:
         start_response: StartResponse | None = None,
         timeout_chunk: Chunk | None = None,
         coalesce: int = _DEFAULT_COALESCE,
+        budget: ByteBudget | None = None,
     ) -> None:
         self._idle_timeout = _positive_or_none("idle_timeout", idle_timeout)
         self._deadline = _positive_or_none("deadline", deadline)
@@ -211,6 +217,9 @@ class DetachedBody:
         if not isinstance(coalesce, int) or coalesce < 0:
             raise ValueError(f"coalesce must be an int >= 0, got {coalesce!r}")
         self._coalesce = coalesce
+        if budget is not None and not isinstance(budget, ByteBudget):
+            raise TypeError(f"budget must be a ByteBudget or None, got {budget!r}")
+        self._budget = budget
 
         self._lock = allocate_lock()
         self._state: str = OPEN
@@ -369,8 +378,7 @@ class DetachedBody:
             else:
                 error = None
                 if data:
-                    self._buffer.append(data)
-                    self._buffered += len(data)
+                    self._append_locked(data)
                 self._end_locked(FINISHED, None)
                 consumer = self._take_consumer_locked()
         if consumer is not None:
@@ -489,6 +497,8 @@ class DetachedBody:
                 if buffer and len(chunk) < self._coalesce:
                     chunk = self._join_locked(chunk)
                 self._buffered -= len(chunk)
+                if self._budget is not None:
+                    self._budget.give(len(chunk))
             else:
                 chunk = None
         if chunk is None:
@@ -550,6 +560,8 @@ class DetachedBody:
             self._outcome = self._outcome_locked()
             self._state = CLOSED
             self._buffer.clear()
+            if self._budget is not None:
+                self._budget.give(self._buffered)
             self._buffered = 0
             self._end_error = None
             waiters = self._producers
@@ -593,6 +605,12 @@ class DetachedBody:
                 cap = self._max_buffer
                 buffered = self._buffered
                 if cap is None or not buffered or buffered + len(data) <= cap:
+                    if data and self._budget is not None and not self._budget.take(len(data)):
+                        raise BufferFull(
+                            f"the shared budget of {self._budget.limit} bytes buffered across "
+                            f"all bodies is used up; the process is overloaded, so drop or "
+                            f"retry this chunk rather than wait for other clients"
+                        )
                     if self._idle_timeout is not None:
                         self._last_put = time.monotonic()
                     if not data:
@@ -652,6 +670,8 @@ class DetachedBody:
         if self._buffer and len(chunk) < self._coalesce:
             chunk = self._join_locked(chunk)
         self._buffered -= len(chunk)
+        if self._budget is not None:
+            self._budget.give(len(chunk))
         return chunk
 
     def _join_locked(self, first: bytes) -> bytes:
@@ -665,6 +685,13 @@ class DetachedBody:
             parts.append(part)
             size += len(part)
         return first if len(parts) == 1 else b"".join(parts)
+
+    def _append_locked(self, data: bytes) -> None:
+        """Buffer a chunk that must not be refused (a last chunk, a timeout chunk)."""
+        self._buffer.append(data)
+        self._buffered += len(data)
+        if self._budget is not None:
+            self._budget.force(len(data))
 
     def _can_send_locked(self) -> bool:
         return self._head_sent or self._head is not None
@@ -695,8 +722,7 @@ class DetachedBody:
             )
             if self._timeout_chunk is not None and self._can_send_locked():
                 if self._timeout_chunk:
-                    self._buffer.append(self._timeout_chunk)
-                    self._buffered += len(self._timeout_chunk)
+                    self._append_locked(self._timeout_chunk)
                 self._end_locked(EXPIRED, None)
             else:
                 self._end_locked(EXPIRED, BodyTimeout(f"response timed out: {what}"))
@@ -718,21 +744,9 @@ class DetachedBody:
         """Report a failure or timeout to the server: an error response if still possible."""
         if self._start_response is None or self._sent_data:
             raise error
-        status = (
-            "504 Gateway Timeout" if isinstance(error, BodyTimeout) else "500 Internal Server Error"
-        )
-        log.error("detached response failed before any data was sent: %s", status, exc_info=error)
         self._head_sent = True
         self._sent_data = True
-        message = status.encode("ascii") + b"\n"
-        headers = [*_ERROR_HEADERS, ("Content-Length", str(len(message)))]
-        # exc_info replaces headers decided but not yet sent (PEP 3333 "Error
-        # Handling"); the server raises it back if they were sent after all.
-        try:
-            raise error
-        except BaseException:
-            self._start_response(status, headers, sys.exc_info())
-        return message
+        return error_response(self._start_response, error)
 
     def _outcome_locked(self) -> str:
         if self._state == FAILED:
@@ -742,6 +756,30 @@ class DetachedBody:
         if self._state == FINISHED and not self._buffer:
             return "finished"
         return "disconnected"
+
+
+def error_response(start_response: StartResponse, error: BaseException) -> bytes:
+    """Turn ``error`` into a 5xx response (504 a timeout, 503 a drain) before any data went out.
+
+    Calls ``start_response`` with ``exc_info``, which replaces headers decided
+    but not yet sent (PEP 3333 "Error Handling"; the server raises it back if
+    they were sent after all), and returns the body to yield. Shared with the
+    middleware, which does the same for bodies it did not create.
+    """
+    if isinstance(error, BodyTimeout):
+        status = "504 Gateway Timeout"
+    elif isinstance(error, Unavailable):  # cut off by a drain: the client should come back
+        status = "503 Service Unavailable"
+    else:
+        status = "500 Internal Server Error"
+    log.error("detached response failed before any data was sent: %s", status, exc_info=error)
+    message = status.encode("ascii") + b"\n"
+    headers = [*_ERROR_HEADERS, ("Content-Length", str(len(message)))]
+    try:
+        raise error
+    except BaseException:
+        start_response(status, headers, sys.exc_info())
+    return message
 
 
 def _positive_or_none(name: str, value: float | None) -> float | None:

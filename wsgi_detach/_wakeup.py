@@ -53,6 +53,7 @@ import os
 from typing import Any, Callable, Protocol
 
 import gevent
+from gevent import spawn as _gevent_spawn
 from gevent.hub import Waiter as _GeventHubWaiter
 from gevent.monkey import get_original
 from greenlet import getcurrent
@@ -69,7 +70,9 @@ __all__ = [
     "get_ident",
     "in_hub",
     "make_waiter",
+    "runner_here",
     "spawn_greenlet",
+    "start_beside",
 ]
 
 #: A real OS lock, even after ``gevent.monkey.patch_all()``. The body holds it
@@ -192,8 +195,7 @@ class _ProducerHub:
         self.hub: Any = None
         ready = allocate_lock()
         ready.acquire()
-        start_new_thread: Callable[..., int] = get_original("_thread", "start_new_thread")
-        start_new_thread(self._run, (ready,))
+        _start_thread(self._run, (ready,))
         if not ready.acquire(True, 10.0):  # pragma: no cover - a machine in trouble
             raise RuntimeError("the wsgi_detach producer hub thread did not start")
 
@@ -239,3 +241,45 @@ def spawn_greenlet(fn: Callable[..., object], *args: Any, **kwargs: Any) -> geve
             _producer_hub = _ProducerHub()
         producer_hub = _producer_hub
     return producer_hub.spawn(fn, args, kwargs)
+
+
+def runner_here() -> Callable[[Callable[[], object]], None]:
+    """Capture where the caller runs; return a function that runs ``fn()`` there, from any thread.
+
+    For code that learns something on one thread (a disconnect watcher's OS
+    thread) and must act where the request lives. In a thread with a gevent
+    hub, ``fn`` runs in a new greenlet of that hub, so it may block
+    cooperatively and may touch greenlet-only objects; it is scheduled with
+    ``run_callback_threadsafe``, which wakes a loop asleep in ``epoll_wait``.
+    In a thread without a hub there is nothing to go back to: ``fn`` runs at
+    once in whichever thread calls the returned function.
+    """
+    hub = _get_hub_if_exists()
+    if hub is None:
+        return _call
+    loop = hub.loop
+
+    def run_in_hub(fn: Callable[[], object]) -> None:
+        loop.run_callback_threadsafe(_gevent_spawn, fn)
+
+    return run_in_hub
+
+
+def _call(fn: Callable[[], object]) -> None:
+    fn()
+
+
+def start_beside(fn: Callable[[], object]) -> None:
+    """Run ``fn()`` beside the caller: in a greenlet if this thread has a hub, else in a thread.
+
+    For work started from a signal handler that must block (a drain): in a
+    gevent process a new OS thread could not wait on greenlets, and on a
+    threaded server there may be no running hub to host a greenlet.
+    """
+    if _get_hub_if_exists() is not None:
+        _gevent_spawn(fn)
+    else:
+        _start_thread(fn, ())
+
+
+_start_thread: Callable[..., int] = get_original("_thread", "start_new_thread")
