@@ -1,8 +1,9 @@
 """The demo: a chat with rooms over SSE or long-polling, served by gevent.pywsgi.
 
-Run it with ``python -m wsgi_detach._demo`` (or the CLI's ``demo`` command)
-and open http://127.0.0.1:8000/ in two windows. Not part of the API: the
-package ships it so that the README's first command works from an install.
+Run it with ``python -m wsgi_detach demo`` (the CLI, with all of ``serve``'s
+options) or ``python -m wsgi_detach._demo``, and open http://127.0.0.1:8000/
+in two windows. Not part of the API: the package ships it so that the
+README's demo command works from an install.
 """
 
 from __future__ import annotations
@@ -19,30 +20,24 @@ DEFAULT_PORT = 8000
 
 
 def serve(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> None:
-    """Serve the chat on gevent.pywsgi until interrupted.
+    """Serve the chat until interrupted: gevent.pywsgi through ``make_server``.
 
-    Through ``wsgi_detach.make_server`` (DetachMiddleware, TCP_NODELAY,
-    disconnect watching, drain on stop) where this build has it; on a plain
-    ``gevent.pywsgi.WSGIServer`` otherwise.
+    That is DetachMiddleware in front, TCP_NODELAY, idle disconnects noticed,
+    a short drain on stop.
     """
-    import wsgi_detach
+    import signal
 
-    make_server = getattr(wsgi_detach, "make_server", None)
-    if make_server is not None:
-        server = make_server(ChatApp(), host, port, grace=2.0, log=None)
-    else:
-        from gevent.pywsgi import WSGIServer
+    import gevent
 
-        server = WSGIServer((host, port), ChatApp())
+    from wsgi_detach import make_server
+
+    server = make_server(ChatApp(), host, port, grace=1.0, log=None)
     server.start()
     print(f"wsgi_detach demo chat on http://{host}:{server.server_port}/  (Ctrl-C to stop)",
           flush=True)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.stop(timeout=1)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        gevent.signal_handler(signum, server.stop)  # in a new greenlet: the drain may block
+    server.serve_forever()
 
 
 def main(argv: list[str] | None = None) -> None:
