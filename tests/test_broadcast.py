@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from tests.client import Stream, wait_until
 from tests.servers import ServerProcess
+from tests.servers_extra import ExtraServerProcess
 from tests.sse_reference import Parser, parse
 from wsgi_detach import DetachedBody, EventStream, Hub, SlowSubscriber
 
@@ -378,3 +379,15 @@ def test_every_joiner_gets_exactly_what_the_model_says(
             assert events[0].type == "resync"
             events = events[1:]
         assert [e.last_event_id for e in events] == published[start:]
+
+
+def test_behind_the_middleware_a_departed_idle_client_is_unsubscribed_at_once() -> None:
+    # make_server's handler lets the middleware watch the socket: no publish,
+    # no heartbeat needed to notice the client left.
+    with ExtraServerProcess("detach-pywsgi", "tests.pattern_apps:app") as server:
+        stats = f"{server.url}/hub/stats?hub=watched"
+        with Stream(server.port, "/hub/events?hub=watched", timeout=5) as stream:
+            assert (stream.read_chunk() or b"").startswith(b": stream open\n")
+            assert requests.get(stats, timeout=5).json()["subscribers"] == 1
+        assert wait_until(lambda: requests.get(stats, timeout=5).json()["subscribers"] == 0,
+                          timeout=2)
