@@ -17,7 +17,7 @@ from tests.client import Stream, wait_until
 from tests.servers import ServerProcess
 from tests.servers_extra import ExtraServerProcess
 from tests.sse_reference import Parser, parse
-from wsgi_detach import DetachedBody, EventStream, Hub, SlowSubscriber
+from wsgi_detach import DetachedBody, EventStream, Hub, SlowSubscriber, UsageError
 
 
 def drain(body: DetachedBody) -> bytes:
@@ -391,3 +391,23 @@ def test_behind_the_middleware_a_departed_idle_client_is_unsubscribed_at_once() 
             assert requests.get(stats, timeout=5).json()["subscribers"] == 1
         assert wait_until(lambda: requests.get(stats, timeout=5).json()["subscribers"] == 0,
                           timeout=2)
+
+
+def test_a_subscriber_whose_encoder_raises_is_dropped_alone(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    hub = Hub()
+    broken, fine = DetachedBody(), EventStream(heartbeat=None)
+
+    def encode(message: object) -> bytes:
+        raise RuntimeError("broken encoder (expected by the test)")
+
+    hub.subscribe(broken, encode=encode)
+    hub.subscribe(fine)
+    message = hub.publish("still delivered")
+    assert hub.subscribers == 1
+    assert sse_events(fine) == [("message", "still delivered", message.id)]
+    assert "that subscriber is dropped" in caplog.text
+    with pytest.raises(UsageError, match=r"the subscription's encode\(\) raised"):
+        next(broken)
+    broken.close()

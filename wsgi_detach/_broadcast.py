@@ -57,12 +57,15 @@ import json
 import logging
 import secrets
 from collections import deque
-from typing import Any, Callable, Final, NamedTuple
+from typing import TYPE_CHECKING, Any, Callable, Final, NamedTuple
 
 from ._body import DetachedBody
-from ._errors import BodyClosed, BufferFull, DetachError
+from ._errors import BodyClosed, BufferFull, DetachError, UsageError
 from ._sse import EventStream, encode_event
 from ._wakeup import allocate_lock
+
+if TYPE_CHECKING:
+    from _typeshed.wsgi import StartResponse, WSGIEnvironment
 
 __all__ = ["RESYNC", "Batch", "Hub", "Message", "SlowSubscriber", "Subscription"]
 
@@ -253,12 +256,16 @@ class Hub:
             message.sse()  # checks event and data now, in the caller, before anyone sees it
             self._seq = seq
             self._history.append(message)
-            dropped = [sub for sub in self._subscribers if not self._deliver_locked(sub, message)]
-            for sub in dropped:
+            dropped = []
+            for sub in self._subscribers:
+                why = self._deliver_locked(sub, message)
+                if why is not None:
+                    dropped.append((sub, why))
+            for sub, _ in dropped:
                 del self._subscribers[sub]
             polls, self._polls = self._polls, {}
-        for sub in dropped:
-            _drop(sub.body, self._max_pending)
+        for sub, why in dropped:
+            _drop(sub.body, why, self._max_pending)
         for callback, cursor in polls.items():
             _run(callback, self.since(cursor))
         return message
@@ -316,8 +323,8 @@ class Hub:
 
     def event_stream(
         self,
-        environ: Any,
-        start_response: Any = None,
+        environ: WSGIEnvironment,
+        start_response: StartResponse | None = None,
         *,
         last_event_id: str | None = None,
         **options: Any,
@@ -398,19 +405,28 @@ class Hub:
             return Batch([], now, True)
         return Batch(list(itertools.islice(self._history, seq - oldest + 1, None)), now)
 
-    def _deliver_locked(self, sub: Subscription, message: Message) -> bool:
-        """Queue ``message`` for one subscriber; False drops it."""
+    def _deliver_locked(self, sub: Subscription, message: Message) -> str | None:
+        """Queue ``message`` for one subscriber; None, or why it must be dropped."""
         body = sub.body
-        chunk = sub.encode(message)
+        try:
+            chunk = sub.encode(message)
+        except Exception:  # one subscriber's broken encoder must not stop the others
+            log.exception("encode=%r raised on %r; that subscriber is dropped", sub.encode, message)
+            return _BROKEN
         if body.buffered + len(chunk) > self._max_pending:
-            return False
+            return _SLOW
         try:
             body.put_nowait(chunk)
         except BufferFull:
-            return False
+            return _SLOW
         except BodyClosed:
-            return False  # the client left; on_close would unsubscribe it anyway
-        return True
+            return _GONE  # the client left; on_close would unsubscribe it anyway
+        return None
+
+
+_SLOW: Final = "slow"
+_BROKEN: Final = "broken"
+_GONE: Final = "gone"
 
 
 def _resync_chunk(batch: Batch, is_sse: bool, reason: str = "missed too much") -> bytes:
@@ -420,11 +436,13 @@ def _resync_chunk(batch: Batch, is_sse: bool, reason: str = "missed too much") -
     return _ndjson(Message(0, batch.cursor, json.loads(data), RESYNC))
 
 
-def _drop(body: DetachedBody, max_pending: int) -> None:
-    """End a slow subscriber after what it already has: see "Slow subscribers"."""
-    if body.state != "open":
+def _drop(body: DetachedBody, why: str, max_pending: int) -> None:
+    """End a dropped subscriber after what it already has: see "Slow subscribers"."""
+    if why == _GONE or body.state != "open":
         return
-    if isinstance(body, EventStream):
+    if why == _BROKEN:
+        body.fail(UsageError("the subscription's encode() raised; see the wsgi_detach log"))
+    elif isinstance(body, EventStream):
         body.finish()
     else:
         why = f"subscriber fell more than max_pending={max_pending} bytes behind; dropped"
