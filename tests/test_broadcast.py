@@ -95,7 +95,7 @@ def test_an_id_not_in_the_history_gets_one_resync_event(last_id: str, why: str) 
     events = sse_events(stream)
     assert events[0] == (
         "resync",
-        json.dumps({"reason": "missed too much", "cursor": f"{epoch}-10"}),
+        json.dumps({"reason": "missed too much", "cursor": f"{epoch}-10"}, separators=(",", ":")),
         f"{epoch}-10",
     ), why
     assert events[1:] == [("message", "after", after.id)]

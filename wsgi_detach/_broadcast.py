@@ -430,10 +430,8 @@ _GONE: Final = "gone"
 
 
 def _resync_chunk(batch: Batch, is_sse: bool, reason: str = "missed too much") -> bytes:
-    data = json.dumps({"reason": reason, "cursor": batch.cursor})
-    if is_sse:
-        return encode_event(data, event=RESYNC, id=batch.cursor)
-    return _ndjson(Message(0, batch.cursor, json.loads(data), RESYNC))
+    notice = Message(0, batch.cursor, {"reason": reason, "cursor": batch.cursor}, RESYNC)
+    return notice.sse() if is_sse else _ndjson(notice)
 
 
 def _drop(body: DetachedBody, why: str, max_pending: int) -> None:
@@ -445,8 +443,8 @@ def _drop(body: DetachedBody, why: str, max_pending: int) -> None:
     elif isinstance(body, EventStream):
         body.finish()
     else:
-        why = f"subscriber fell more than max_pending={max_pending} bytes behind; dropped"
-        body.fail(SlowSubscriber(why))
+        behind = f"subscriber fell more than max_pending={max_pending} bytes behind; dropped"
+        body.fail(SlowSubscriber(behind))
 
 
 def _run(callback: Callable[[Batch], object], batch: Batch) -> None:
