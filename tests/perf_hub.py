@@ -1,6 +1,7 @@
 """Manual measurement (not collected by pytest): Hub fan-out latency and publish cost.
 
-Run: ``python -m tests.perf_hub [clients] [messages]`` (defaults 1000, 30).
+Run: ``python -m tests.perf_hub [clients] [messages] [server]`` (defaults 1000,
+30, ``pywsgi``; ``detach-pywsgi`` serves through ``make_server`` and the middleware).
 
 1. In-process: the cost of one ``publish`` to N subscribed EventStreams
    (encoding once, ``put_nowait`` into each).
@@ -19,6 +20,7 @@ import gevent
 from gevent import socket
 
 from tests.servers import ServerProcess
+from tests.servers_extra import ExtraServerProcess
 from wsgi_detach import EventStream, Hub
 
 
@@ -89,10 +91,12 @@ def main() -> None:
     cost = publish_cost(n)
     print(f"publish to {n} in-process EventStreams: {cost * 1e3:.2f} ms "
           f"({cost / n * 1e6:.2f} us per subscriber)")
-    with ServerProcess("pywsgi", "tests.pattern_apps:app") as server:
+    kind = sys.argv[3] if len(sys.argv) > 3 else "pywsgi"
+    process = ExtraServerProcess if kind.startswith("detach") else ServerProcess
+    with process(kind, "tests.pattern_apps:app") as server:
         latencies = fanout(server.port, n, messages)
     expected = n * messages
-    print(f"fan-out over loopback, {n} SSE clients x {messages} messages: "
+    print(f"fan-out over loopback on {kind}, {n} SSE clients x {messages} messages: "
           f"{len(latencies)}/{expected} delivered; latency ms p50 {percentile(latencies, 50):.1f} "
           f"p99 {percentile(latencies, 99):.1f} max {max(latencies):.1f}")
 
