@@ -181,3 +181,9 @@ def test_last_event_id_header_reaches_the_stream(server: ServerProcess) -> None:
     assert parse(body).events[0].data == repr("caf\u00e9-42")
     with Stream(server.port, "/sse/echo", timeout=5) as stream:
         assert parse(stream.read_all().body).events[0].data == "None"
+
+
+def test_a_bad_retry_is_refused_at_construction() -> None:
+    with pytest.raises(ValueError, match="retry must be >= 0 milliseconds, got -5"):
+        EventStream(retry=-5)
+    assert next(EventStream(retry=0, heartbeat=None)) == b": stream open\nretry: 0\n\n"

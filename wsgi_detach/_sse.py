@@ -205,7 +205,7 @@ class EventStream(DetachedBody):
     """
 
     #: The headers to send when your framework starts the response, e.g.
-    #: ``flask.Response(stream, headers=EventStream.HEADERS)``.
+    #: ``flask.Response(stream, headers=list(EventStream.HEADERS))``.
     HEADERS: Final = SSE_HEADERS
 
     def __init__(
@@ -221,6 +221,9 @@ class EventStream(DetachedBody):
         for fixed in ("encoding", "heartbeat_chunk"):
             if fixed in options:
                 raise TypeError(f"EventStream fixes {fixed}; do not pass it")
+        opening = encode_comment("stream open")
+        if retry is not None:  # checked before the body exists, so a bad value leaks nothing
+            opening += f"retry: {_retry_ms(retry)}\n\n".encode("ascii")
         super().__init__(
             start_response=start_response,
             heartbeat=heartbeat,
@@ -234,9 +237,6 @@ class EventStream(DetachedBody):
         """What the client last saw (``Last-Event-ID``), or ``None`` on a first connect."""
         if start_response is not None:
             self.start("200 OK", list(SSE_HEADERS))
-        opening = encode_comment("stream open")
-        if retry is not None:
-            opening += f"retry: {_retry_ms(retry)}\n\n".encode("ascii")
         self.put_nowait(opening)
 
     def send(
