@@ -87,6 +87,18 @@ def test_a_cursor_out_of_history_gets_a_resync_at_once(server: ServerProcess) ->
     assert answer["cursor"].endswith("-6")
 
 
+def test_disconnect_all_answers_a_waiting_poll_empty(server: ServerProcess) -> None:
+    cursor = publish(server, "closing", "x")
+    stats = f"{server.url}/hub/stats?hub=closing"
+    with Stream(server.port, f"/hub/poll?hub=closing&cursor={cursor}&timeout=5") as waiting:
+        assert wait_until(lambda: requests.get(stats, timeout=5).json()["polls"] == 1)
+        ended = requests.get(f"{server.url}/hub/disconnect?hub=closing", timeout=5).json()
+        response = waiting.read_all()
+    assert ended == {"ended": 1}
+    assert json.loads(response.body) == {"messages": [], "cursor": cursor, "resync": False}
+    assert response.status == 200 and response.complete
+
+
 def test_a_client_that_leaves_withdraws_its_poll(server: ServerProcess) -> None:
     cursor = publish(server, "leaver", "x")
     stats = f"{server.url}/hub/stats?hub=leaver"

@@ -26,7 +26,7 @@ import importlib  # noqa: E402
 import os  # noqa: E402
 import signal  # noqa: E402
 import sys  # noqa: E402
-from typing import Any, Optional  # noqa: E402
+from typing import Any, Callable, Optional  # noqa: E402
 
 import gevent  # noqa: E402
 
@@ -100,7 +100,12 @@ def _server_options(command: argparse.ArgumentParser, *, grace: float) -> None:
     )
 
 
-def _serve(args: argparse.Namespace, app: Any = None, label: str = "") -> int:
+def _serve(
+    args: argparse.Namespace,
+    app: Any = None,
+    label: str = "",
+    before_stop: Optional[Callable[[], object]] = None,
+) -> int:
     from wsgi_detach import make_server
 
     if app is None:
@@ -133,9 +138,18 @@ def _serve(args: argparse.Namespace, app: Any = None, label: str = "") -> int:
         flush=True,
     )
     for signum in (signal.SIGTERM, signal.SIGINT):
-        gevent.signal_handler(signum, server.stop)  # runs in a new greenlet: it may block
+        gevent.signal_handler(signum, _stopper(server, before_stop))
     server.serve_forever()
     return 0
+
+
+def _stopper(server: Any, before_stop: Optional[Callable[[], object]]) -> Callable[[], None]:
+    def stop() -> None:  # runs in a new greenlet: it may block
+        if before_stop is not None:
+            before_stop()
+        server.stop()
+
+    return stop
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -143,7 +157,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.command == "demo":
         from wsgi_detach._demo import ChatApp
 
-        return _serve(args, ChatApp(), "the demo chat")
+        chat = ChatApp()
+        # On SIGTERM the chat ends its streams and polls cleanly first, so
+        # the drain has nothing to cut.
+        return _serve(args, chat, "the demo chat", before_stop=chat.disconnect_all)
     return _serve(args)
 
 

@@ -366,16 +366,20 @@ class Hub:
             return self._polls.pop(callback, None) is not None
 
     def disconnect_all(self) -> int:
-        """End every subscriber's body cleanly, e.g. before a restart; returns how many.
+        """End every subscriber's body cleanly and answer every pending poll; returns how many.
 
-        EventSource clients reconnect and resume from their last id.
+        For a restart or a drain: EventSource clients reconnect and resume
+        from their last id, long-pollers get an empty answer and poll again.
         """
         with self._lock:
             subs = list(self._subscribers)
             self._subscribers.clear()
+            polls, self._polls = self._polls, {}
         for sub in subs:
             sub.body.finish()
-        return len(subs)
+        for callback, cursor in polls.items():
+            _run(callback, Batch([], cursor))
+        return len(subs) + len(polls)
 
     def __repr__(self) -> str:
         return (

@@ -31,12 +31,18 @@ def serve(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> None:
 
     from wsgi_detach import make_server
 
-    server = make_server(ChatApp(), host, port, grace=1.0, log=None)
+    chat = ChatApp()
+    server = make_server(chat, host, port, grace=1.0, log=None)
     server.start()
     print(f"wsgi_detach demo chat on http://{host}:{server.server_port}/  (Ctrl-C to stop)",
           flush=True)
+
+    def stop() -> None:  # in a new greenlet: the drain may block
+        chat.disconnect_all()  # streams end cleanly, polls get an empty answer
+        server.stop()
+
     for signum in (signal.SIGTERM, signal.SIGINT):
-        gevent.signal_handler(signum, server.stop)  # in a new greenlet: the drain may block
+        gevent.signal_handler(signum, stop)
     server.serve_forever()
 
 

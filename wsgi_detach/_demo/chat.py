@@ -75,6 +75,12 @@ class ChatApp:
                 hub = self._rooms[name] = Hub(history=self._history)
             return hub
 
+    def disconnect_all(self) -> int:
+        """End every room's streams and polls cleanly (before a shutdown); returns how many."""
+        with self._lock:
+            hubs = list(self._rooms.values())
+        return sum(hub.disconnect_all() for hub in hubs)
+
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         try:
             return self._route(environ, start_response)
