@@ -411,3 +411,20 @@ def test_a_subscriber_whose_encoder_raises_is_dropped_alone(
     with pytest.raises(UsageError, match=r"the subscription's encode\(\) raised"):
         next(broken)
     broken.close()
+
+
+@pytest.mark.parametrize("kind", ["gunicorn-gevent", "gunicorn-gthread", "waitress"])
+def test_streams_open_at_once_and_thread_publishes_arrive_on_other_servers(kind: str) -> None:
+    with ExtraServerProcess(kind, "tests.pattern_apps:app") as server:
+        with Stream(server.port, "/hub/events?hub=other", timeout=5) as stream:
+            head = stream.read_head()
+            assert head.headers["content-type"] == "text/event-stream; charset=utf-8"
+            assert (stream.read_chunk() or b"").startswith(b": stream open\n")
+            parser = Parser()
+            started = time.monotonic()
+            requests.get(f"{server.url}/hub/publish?hub=other&via=thread&data=hi", timeout=5)
+            read_events(stream, parser, 1)
+            assert time.monotonic() - started < 0.5
+            assert parser.events[0].data == "hi"
+        # End the stream so the server stops at once (gthread waits for its threads).
+        requests.get(f"{server.url}/hub/disconnect?hub=other", timeout=5)
