@@ -27,6 +27,7 @@ from ._errors import (
     BodyTimeout,
     BufferFull,
     DetachError,
+    ProducerStopped,
     Unavailable,
     UsageError,
 )
@@ -57,6 +58,7 @@ __all__ = [
     "EventStream",
     "Hub",
     "Message",
+    "ProducerStopped",
     "SlowSubscriber",
     "Subscription",
     "Unavailable",
