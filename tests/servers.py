@@ -103,9 +103,18 @@ class ServerProcess:
         import json
         import urllib.request
 
-        with urllib.request.urlopen(f"{self.url}/_server", timeout=10) as response:
-            result: dict[str, Any] = json.load(response)
+        try:
+            with urllib.request.urlopen(f"{self.url}/_server", timeout=10) as response:
+                result: dict[str, Any] = json.load(response)
+        except OSError as exc:
+            raise RuntimeError(self.post_mortem(f"/_server failed: {exc}")) from exc
         return result
+
+    def post_mortem(self, what: str) -> str:
+        """``what``, with the child's exit status and the end of its stderr."""
+        code = None if self.proc is None else self.proc.poll()
+        tail = "\n".join(self.stderr_text().splitlines()[-30:])
+        return f"{what}; {self.server} exit status {code}; its stderr ends:\n{tail}"
 
     def stop(self) -> None:
         """Stop the child by its PID; keep what it printed to stderr, close the files."""
