@@ -42,7 +42,7 @@ from gevent import GreenletExit
 from gevent.queue import Channel, SimpleQueue
 
 from ._body import DetachedBody
-from ._wakeup import get_ident, in_hub
+from ._wakeup import get_ident, hub_poster, in_hub
 
 __all__ = ["SEARCH_LIMIT", "Found", "feed", "find_inside", "is_queue"]
 
@@ -120,7 +120,8 @@ def feed(body: DetachedBody, queue: SimpleQueue | Channel) -> Callable[[], None]
     scheduled in a hub that may never run again.
     """
     pump = gevent.spawn(_pump, queue, body)
-    hub = pump.parent
+    post = hub_poster()
+    assert post is not None  # gevent.spawn just made sure this thread has a hub
     pump_thread = get_ident()
 
     def stop_pump() -> None:
@@ -131,7 +132,7 @@ def feed(body: DetachedBody, queue: SimpleQueue | Channel) -> Callable[[], None]
         else:
             # Closed from another thread (a drain, a watcher) or from a loop
             # callback: schedule the kill in the pump's hub.
-            hub.loop.run_callback_threadsafe(pump.kill, GreenletExit, False)
+            post(pump.kill, GreenletExit, False)
 
     body.on_close(stop_pump)
     return stop_pump
