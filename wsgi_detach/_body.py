@@ -508,6 +508,16 @@ class DetachedBody:
             return chunk
         return self._emit(chunk)
 
+    def _exhausted(self) -> bool:
+        """True when the next ``next()`` raises StopIteration without waiting.
+
+        For :class:`~wsgi_detach.DetachHandler`, which then sends the
+        terminating chunk with the chunk it has in hand (one write per
+        long-poll instead of two). A hint only: the handler still calls
+        ``next()`` and trusts what it does.
+        """
+        return self._state is not OPEN and not self._buffer and self._end_error is None
+
     def _next_slow(self) -> bytes:
         while True:
             to_wake: list[Waiter] = []

@@ -625,6 +625,19 @@ class _DetachedResponse:
             request.sent_data = True
         return chunk
 
+    def _exhausted(self) -> bool:
+        """True when the next ``next()`` ends the iteration without waiting; see
+        :meth:`DetachedBody._exhausted`. Known only when the app's iterable is
+        the body itself."""
+        if self._done:
+            return True
+        inner = self._inner
+        return (
+            type(inner) is DetachedBody
+            and self._request.cut_off is None
+            and inner._exhausted()
+        )
+
     def _failed(self, request: _Request, error: Exception) -> bytes:
         if request.sent_data:
             raise error  # the server aborts the connection: never a clean-looking end
