@@ -4,18 +4,24 @@ from a child process (tests/servers_extra.py)."""
 
 from __future__ import annotations
 
+import io
 import re
 import signal
 import socket
 import statistics
 import time
 from collections.abc import Iterator
+from http.client import HTTPException
+from typing import Any
 
 import pytest
+from gevent.pywsgi import headers_factory
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests.client import Stream, events, get, keepalive_timings, wait_until
 from tests.servers_extra import ExtraServerProcess
-from wsgi_detach import DetachMiddleware, make_server
+from wsgi_detach import DetachHandler, DetachMiddleware, make_server
 
 
 def test_tcp_nodelay_spares_each_small_response_the_delayed_ack() -> None:
@@ -144,3 +150,38 @@ def test_detach_handler_merges_head_data_and_terminator(
     wire_servers: tuple[int, int], path: str, sends: int
 ) -> None:
     assert _sends(wire_servers[1], path) == sends
+
+
+_HEADER_BYTES = st.sampled_from([b"a", b"Host", b"-", b":", b": ", b" ", b"\t", b"\r", b"\n",
+                                 b"\r\n", b"\xe9", b"From ", b"x y", b"\x7f", b"!"])
+
+
+def _state(message: Any) -> dict[str, Any]:
+    """A parsed message's attributes, its defects by type (they compare by identity)."""
+    return {**vars(message), "defects": [type(defect) for defect in message.defects]}
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.lists(_HEADER_BYTES, max_size=6).map(b"".join), max_size=6))
+def test_request_headers_parse_as_pywsgi_parses_them(lines: list[bytes]) -> None:
+    raw = b"".join(line + b"\r\n" for line in lines) + b"\r\nrest"
+    handler = DetachHandler.__new__(DetachHandler)  # MessageClass reads nothing of it
+    ours, theirs = io.BytesIO(raw), io.BytesIO(raw)
+    try:
+        expected = headers_factory(theirs)
+    except HTTPException as exc:
+        with pytest.raises(type(exc)):
+            handler.MessageClass(ours, 0)
+        return
+    parsed = handler.MessageClass(ours, 0)
+    assert _state(parsed) == _state(expected)
+    assert list(parsed.headers) == list(expected.headers)
+    assert ours.read() == theirs.read()  # the request body starts where it did
+
+
+def test_request_headers_fast_path_is_taken_for_plain_lines() -> None:
+    parsed = DetachHandler.__new__(DetachHandler).MessageClass(
+        io.BytesIO(b"Host: a\r\nX-Long:  spaced  \r\n\r\n"), 0
+    )
+    assert parsed._headers == [("Host", "a"), ("X-Long", "spaced  ")]
+    assert parsed.get("host") == "a" and parsed.status == ""

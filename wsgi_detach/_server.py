@@ -26,11 +26,15 @@ that is not monkey-patched if your app uses blocking libraries (the
 
 from __future__ import annotations
 
+import email.parser
 import logging
+import re
 import socket
 from collections.abc import Iterator
+from http import client as _http
 from typing import TYPE_CHECKING, Any, Callable, Final
 
+from gevent import pywsgi
 from gevent.pool import Pool
 from gevent.pywsgi import WSGIHandler, WSGIServer
 from gevent.socket import socket as _GeventSocket
@@ -54,6 +58,13 @@ _AFTER_DRAIN: Final = 1.0
 _LAST_CHUNK: Final = b"0\r\n\r\n"
 #: What ``next(iterator, _END)`` returns at the end of a body.
 _END: Final = object()
+
+#: A request header line the email parser would take as ``name: value`` and
+#: nothing else: a name of the characters it accepts, no continuation, no
+#: stray line break. Anything else goes to the email parser itself.
+_SIMPLE_HEADER: Final = re.compile(r"([\x21-\x39\x3b-\x7e]+):[ \t]*([^\r\n]*)\r?\n")
+#: What pywsgi's own ``MessageClass`` builds (``None``: a gevent without it).
+_OldMessage: Any = getattr(pywsgi, "OldMessage", None)
 
 
 class DetachHandler(WSGIHandler):  # type: ignore[misc]  # gevent ships no type hints
@@ -93,6 +104,36 @@ class DetachHandler(WSGIHandler):  # type: ignore[misc]  # gevent ships no type 
             self.socket._sock.send if type(self.socket) is _GeventSocket else None
         )
         super().handle()
+
+    def MessageClass(self, rfile: Any, *args: Any) -> Any:
+        """The request headers, as pywsgi's own parser returns them, in a fraction of its time.
+
+        pywsgi hands every header block to the ``email`` package (~30 us a
+        request here). The lines are read exactly as ``http.client`` reads
+        them (same limits, same errors); when each is a plain ``name: value``
+        line, the message is filled in directly with what the email parser
+        would have stored; anything unusual (continuation lines, odd names)
+        still goes through the email parser.
+        """
+        if _OldMessage is None or _read_headers is None:
+            return super().MessageClass(rfile, *args)
+        try:
+            lines = _read_headers(rfile)
+        except _http.LineTooLong:
+            message = _OldMessage()
+            message.status = "Line too long"
+            return message
+        pairs = []
+        match = _SIMPLE_HEADER.fullmatch
+        for line in lines[:-1]:
+            found = match(line.decode("latin-1"))
+            if found is None:
+                return _email_parser(lines)
+            pairs.append(found.groups())
+        message = _OldMessage()
+        message._headers = pairs
+        message._payload = ""
+        return message
 
     def get_environ(self) -> dict[str, Any]:
         environ: dict[str, Any] = super().get_environ()
@@ -193,6 +234,15 @@ class DetachHandler(WSGIHandler):  # type: ignore[misc]  # gevent ships no type 
                 self.code = -self.code
             raise
         self.response_length += len(data)
+
+
+_read_headers: Callable[[Any], list[bytes]] | None = getattr(_http, "_read_headers", None)
+
+
+def _email_parser(lines: list[bytes]) -> Any:
+    """What ``http.client.parse_headers`` does with the lines it read."""
+    text = b"".join(lines).decode("iso-8859-1")
+    return email.parser.Parser(_class=_OldMessage).parsestr(text)
 
 
 class DetachServer(WSGIServer):  # type: ignore[misc]
