@@ -65,6 +65,8 @@ _END: Final = object()
 _SIMPLE_HEADER: Final = re.compile(r"([\x21-\x39\x3b-\x7e]+):[ \t]*([^\r\n]*)\r?\n")
 #: What pywsgi's own ``MessageClass`` builds (``None``: a gevent without it).
 _OldMessage: Any = getattr(pywsgi, "OldMessage", None)
+#: The access log pywsgi installs for ``log=None``.
+_NoopLog: Any = getattr(pywsgi, "_NoopLog", None)
 
 
 class DetachHandler(WSGIHandler):  # type: ignore[misc]  # gevent ships no type hints
@@ -123,17 +125,23 @@ class DetachHandler(WSGIHandler):  # type: ignore[misc]  # gevent ships no type 
             message = _OldMessage()
             message.status = "Line too long"
             return message
-        pairs = []
+        pairs: list[tuple[str, str]] = []
         match = _SIMPLE_HEADER.fullmatch
         for line in lines[:-1]:
             found = match(line.decode("latin-1"))
             if found is None:
                 return _email_parser(lines)
-            pairs.append(found.groups())
+            pairs.append((found[1], found[2]))
         message = _OldMessage()
         message._headers = pairs
         message._payload = ""
         return message
+
+    def log_request(self) -> None:
+        # pywsgi formats the access log line (a datetime, string formatting)
+        # even when it writes it nowhere.
+        if _NoopLog is None or not isinstance(self.server.log, _NoopLog):
+            super().log_request()
 
     def get_environ(self) -> dict[str, Any]:
         environ: dict[str, Any] = super().get_environ()
