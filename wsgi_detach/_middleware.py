@@ -408,6 +408,21 @@ _DETACHED: Final = "detached"  # a detached response: streaming headers, our wra
 class _Request:
     """The middleware's state for one request."""
 
+    __slots__ = (
+        "bodies",
+        "cancel_watch",
+        "cut_off",
+        "gone",
+        "head",
+        "mode",
+        "mw",
+        "queue",
+        "refused",
+        "sent_data",
+        "server_start_response",
+        "server_write",
+    )
+
     def __init__(self, mw: DetachMiddleware, start_response: StartResponse) -> None:
         # No reference to the environ: it holds our detach() method, and a
         # cycle would keep every request's environ alive until the next
