@@ -105,7 +105,10 @@ class DetachHandler(WSGIHandler):  # type: ignore[misc]  # gevent ships no type 
         self._raw_send = (
             self.socket._sock.send if type(self.socket) is _GeventSocket else None
         )
-        super().handle()
+        try:
+            super().handle()
+        finally:
+            self._raw_send = None  # pywsgi drops its socket references here too
 
     def MessageClass(self, rfile: Any, *args: Any) -> Any:
         """The request headers, as pywsgi's own parser returns them, in a fraction of its time.
