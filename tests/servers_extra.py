@@ -13,7 +13,10 @@ without ``TCP_NODELAY``, for the comparison), ``gunicorn-gevent`` and
 port), the same with ``-drain`` (a ``post_worker_init`` hook calls
 ``drain_on_signal(0.5, b"bye")`` on the middleware), ``waitress``
 (``channel_request_lookahead=1``, without which it never sets
-``waitress.client_disconnected``).
+``waitress.client_disconnected``), and for the byte-for-byte comparison of
+the write path (no validator, no middleware added: tests/wire_apps.py)
+``pywsgi-plain`` (a plain gevent.pywsgi ``WSGIServer``) and ``detach-handler``
+(the same with :class:`~wsgi_detach.DetachHandler`, counting its sends).
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ SERVERS = (
     "gunicorn-gevent-drain",
     "gunicorn-gthread-drain",
     "waitress",
+    "pywsgi-plain",
+    "detach-handler",
 )
 
 
@@ -68,6 +73,26 @@ def _serve_detach_pywsgi(app: Any, nodelay: bool) -> None:
     # The validator goes in front of the middleware (it checks what the
     # server gets), not between make_server and the app it configures.
     server.application = validator(server.middleware)
+    server.start()
+    print(f"LISTENING {server.server_port}", flush=True)
+    gevent.signal_handler(signal.SIGTERM, server.stop)
+    server.serve_forever()
+
+
+def _serve_wire(app: Any, handler: bool) -> None:
+    import gevent
+    from gevent.pywsgi import WSGIServer
+
+    from tests import wire_apps
+    from wsgi_detach import DetachHandler
+
+    class CountingHandler(DetachHandler):  # type: ignore[misc]
+        def _sendall(self, data: bytes) -> None:
+            wire_apps.SENDS[0] += 1
+            super()._sendall(data)
+
+    kwargs: dict[str, Any] = {"handler_class": CountingHandler} if handler else {}
+    server = WSGIServer(("127.0.0.1", 0), app, log=None, **kwargs)
     server.start()
     print(f"LISTENING {server.server_port}", flush=True)
     gevent.signal_handler(signal.SIGTERM, server.stop)
@@ -125,6 +150,9 @@ def main(argv: list[str]) -> None:
         monkey.patch_all()
     from wsgiref.validate import validator
 
+    if server in ("pywsgi-plain", "detach-handler"):
+        _serve_wire(_load(spec), handler=server == "detach-handler")
+        return
     if server in ("detach-pywsgi", "detach-pywsgi-delay"):
         _serve_detach_pywsgi(_load(spec), nodelay=server == "detach-pywsgi")
         return

@@ -17,7 +17,7 @@ import pytest
 
 from tests.client import Stream, event_times, events, wait_until
 from tests.servers_extra import ExtraServerProcess
-from wsgi_detach._watchers import SOCKET_KEY, watch
+from wsgi_detach._watchers import SOCKET_KEY, WATCH_DELAY, _get_monitor, watch
 
 # ---------------------------------------------------------------------- in-process
 
@@ -70,6 +70,37 @@ def test_cancel_stops_the_watch(connection: tuple[socket.socket, socket.socket])
     cancel()
     client.close()
     assert not gone.wait(0.5)
+
+
+def _epoll_watches(fd: int) -> bool:
+    """Whether the kernel has ``fd`` registered in the watcher thread's epoll."""
+    epoll_fd = _get_monitor()._epoll.fileno()
+    with open(f"/proc/self/fdinfo/{epoll_fd}") as info:
+        return any(line.startswith(f"tfd: {fd:8d} ") for line in info)
+
+
+def test_a_watch_ended_within_the_delay_never_reaches_epoll(
+    connection: tuple[socket.socket, socket.socket],
+) -> None:
+    server, _client = connection
+    _, cancel = _watch_from_a_thread({SOCKET_KEY: server})
+    assert not _epoll_watches(server.fileno())
+    cancel()
+    time.sleep(WATCH_DELAY * 2)  # past the moment it would have been registered
+    assert not _epoll_watches(server.fileno())
+    _, cancel = _watch_from_a_thread({SOCKET_KEY: server})
+    assert wait_until(lambda: _epoll_watches(server.fileno()), timeout=1.0)
+    cancel()
+    assert not _epoll_watches(server.fileno())
+
+
+def test_a_client_that_leaves_before_the_registration_is_noticed(
+    connection: tuple[socket.socket, socket.socket],
+) -> None:
+    server, client = connection
+    gone, _ = _watch_from_a_thread({SOCKET_KEY: server})
+    client.close()
+    assert gone.wait(1.0)
 
 
 def test_waitress_flag_is_polled() -> None:

@@ -239,6 +239,8 @@ class DetachedBody:
             raise TypeError(f"budget must be a ByteBudget or None, got {budget!r}")
         self._budget = budget
 
+        # Whether the consumer has a clock to watch while it waits.
+        self._timed = idle_timeout is not None or deadline is not None or heartbeat is not None
         self._lock = allocate_lock()
         self._state: str = OPEN
         self._buffer: deque[bytes] = deque()
@@ -537,6 +539,16 @@ class DetachedBody:
             return chunk
         return self._emit(chunk)
 
+    def _exhausted(self) -> bool:
+        """True when the next ``next()`` raises StopIteration without waiting.
+
+        For :class:`~wsgi_detach.DetachHandler`, which then sends the
+        terminating chunk with the chunk it has in hand (one write per
+        long-poll instead of two). A hint only: the handler still calls
+        ``next()`` and trusts what it does.
+        """
+        return self._state is not OPEN and not self._buffer and self._end_error is None
+
     def _next_slow(self) -> bytes:
         while True:
             to_wake: list[Waiter] = []
@@ -568,7 +580,7 @@ class DetachedBody:
                 elif self._state != OPEN:
                     raise StopIteration
                 else:
-                    wait_for = self._due_locked(time.monotonic())
+                    wait_for = self._due_locked(time.monotonic()) if self._timed else None
                     if wait_for is None or wait_for > 0:
                         if self._consumer is not None:
                             raise UsageError("two consumers iterate the same DetachedBody")
@@ -584,12 +596,15 @@ class DetachedBody:
             if error is not None:
                 return self._raise_end(error)
             assert waiter is not None
+            woken = False
             try:
-                waiter.wait(wait_for)
+                woken = waiter.wait(wait_for)
             finally:
-                with self._lock:
-                    if self._consumer is waiter:
-                        self._consumer = None
+                # Whoever woke us took us off the body already (under the lock).
+                if not woken:
+                    with self._lock:
+                        if self._consumer is waiter:
+                            self._consumer = None
 
     def close(self) -> None:
         """PEP 3333's close(): the request is over, whatever its outcome.
@@ -788,7 +803,8 @@ class DetachedBody:
             status, headers = self._head
             self._start_response(status, headers)
         self._sent_data = True
-        self._last_yield = time.monotonic()
+        if self._heartbeat is not None:
+            self._last_yield = time.monotonic()
         return chunk
 
     def _raise_end(self, error: BaseException) -> bytes:

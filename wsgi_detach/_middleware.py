@@ -408,6 +408,22 @@ _DETACHED: Final = "detached"  # a detached response: streaming headers, our wra
 class _Request:
     """The middleware's state for one request."""
 
+    __slots__ = (
+        "bodies",
+        "cancel_watch",
+        "cut_off",
+        "gone",
+        "head",
+        "mode",
+        "mw",
+        "queue",
+        "refused",
+        "sent_data",
+        "server_start_response",
+        "server_write",
+        "stop_pump",
+    )
+
     def __init__(self, mw: DetachMiddleware, start_response: StartResponse) -> None:
         # No reference to the environ: it holds our detach() method, and a
         # cycle would keep every request's environ alive until the next
@@ -630,6 +646,19 @@ class _DetachedResponse:
         if chunk:
             request.sent_data = True
         return chunk
+
+    def _exhausted(self) -> bool:
+        """True when the next ``next()`` ends the iteration without waiting; see
+        :meth:`DetachedBody._exhausted`. Known only when the app's iterable is
+        the body itself."""
+        if self._done:
+            return True
+        inner = self._inner
+        return (
+            type(inner) is DetachedBody
+            and self._request.cut_off is None
+            and inner._exhausted()
+        )
 
     def _failed(self, request: _Request, error: Exception) -> bytes:
         if request.sent_data:

@@ -180,7 +180,7 @@ class _HubWaiter:
 
     def __init__(self, hub: Any) -> None:
         self._hub = hub
-        self._ident = get_ident()
+        self._ident = hub.thread_ident  # the thread that runs it: this one
         self._waiter = _GeventHubWaiter(hub)
         self._inbox = _inbox(hub)
 
