@@ -401,3 +401,85 @@ def test_an_ordinary_request_leaves_no_reference_cycle() -> None:
         assert alive() is None  # freed by reference counting, not left for the collector
     finally:
         gc.enable()
+
+
+# ---------------------------------------------------------------------- review regressions
+
+
+def _run_wsgiref(app: Any) -> bytes:
+    """One request through wsgiref's real handler, in-process; the raw response bytes."""
+    import io
+    from wsgiref.handlers import SimpleHandler
+
+    out, errors = io.BytesIO(), io.StringIO()
+    SimpleHandler(io.BytesIO(), out, errors, _environ(), multithread=False).run(app)
+    return out.getvalue()
+
+
+class _Inner:
+    """A framework's wrapper around a body (like Werkzeug's ClosingIterator)."""
+
+    def __init__(self, body: Any) -> None:
+        self.body = body
+        self.closed = 0
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self.body)
+
+    def close(self) -> None:
+        self.closed += 1
+
+
+def test_a_start_response_that_raises_ends_the_detached_response() -> None:
+    """Finding 1: wsgiref asserts on a hop-by-hop header when the held head is
+    flushed; the body, its max_open slot and the inner iterable leaked."""
+    made: list[_Inner] = []
+
+    def app(environ: dict[str, Any], start_response: Any) -> Any:
+        start_response("200 OK", [("Content-Type", "text/plain"), ("Connection", "keep-alive")])
+        made.append(_Inner(detach(environ)))
+        return made[-1]
+
+    middleware = DetachMiddleware(app, max_open=1)
+    assert _run_wsgiref(middleware).startswith(b"HTTP/1.0 500")
+    (inner,) = made
+    assert (inner.closed, inner.body.outcome) == (1, "failed")
+    stats = middleware.stats()
+    assert (stats.open, stats.failed) == (0, 1)
+    assert _run_wsgiref(middleware).startswith(b"HTTP/1.0 500")  # not 503: the slot is free
+
+
+def test_a_start_response_that_raises_closes_an_ordinary_response() -> None:
+    """Finding 1, the pass-through path: the server never got the iterable."""
+    body = _Closing([b"x"])
+
+    def app(environ: dict[str, Any], start_response: Any) -> Any:
+        start_response("200 OK", [("Content-Type", "text/plain"), ("Connection", "close")])
+        return body
+
+    assert _run_wsgiref(DetachMiddleware(app)).startswith(b"HTTP/1.0 500")
+    assert body.closed == 1
+
+
+def test_a_watch_that_raises_ends_the_detached_response() -> None:
+    """Finding 1: an exception from watch() leaked the body like a refused head."""
+    import os
+
+    from wsgi_detach._watchers import SOCKET_KEY
+
+    bodies: list[Any] = []
+
+    def app(environ: dict[str, Any], start_response: Any) -> Any:
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        bodies.append(detach(environ))
+        return bodies[-1]
+
+    closed_file = open(os.devnull)
+    closed_file.close()  # fileno() now raises ValueError
+    environ = _environ()
+    environ[SOCKET_KEY] = closed_file
+    middleware = DetachMiddleware(app)
+    with pytest.raises(ValueError, match=r"^I/O operation on closed file"):
+        middleware(environ, _Server().start_response)
+    assert bodies[0].outcome == "failed"
+    assert middleware.stats().open == 0

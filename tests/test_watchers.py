@@ -161,3 +161,13 @@ def test_a_wrapped_queue_is_ended_when_its_client_leaves() -> None:
         # The watcher put StopIteration into the queue: the framework's iterator
         # ended and the server closed it, though the producer never ended it.
         assert wait_until(lambda: events(server.port, "wq") == ["wrapper closed"], timeout=2)
+
+
+def test_a_descriptor_epoll_refuses_is_left_unwatched(tmp_path: Any) -> None:
+    """Finding 1: the fd was stored before epoll.register, which raised out of watch()."""
+    from wsgi_detach import _watchers
+
+    with open(tmp_path / "regular", "w") as regular:  # epoll refuses regular files (EPERM)
+        assert watch({SOCKET_KEY: regular}, lambda: None) is None
+        monitor = _watchers._monitor
+        assert monitor is None or regular.fileno() not in monitor._by_fd

@@ -421,6 +421,7 @@ class _Request:
         self.stop_pump: Callable[[], None] | None = None  # for an adopted bare queue
         self.queue: Any = None  # a gevent queue a framework wrapped, if one was found
         self.cut_off: Unavailable | None = None  # drain's grace ran out on that queue
+        self.failed = False  # the server refused the head of a detached response
         self.refused = False
         self.gone = False  # the watcher saw the client leave
         self.sent_data = False
@@ -493,7 +494,14 @@ class _Request:
                 found = find_inside(result)
             if found is None:
                 self.mode = _PASS
-                self.flush_head()
+                try:
+                    self.flush_head()
+                except BaseException:
+                    # The server refused the head: it never gets ``result``,
+                    # so nobody else would close it (PEP 3333 "Specification
+                    # Details": close() must be called).
+                    _close_quietly(result)
+                    raise
                 return result
             try:
                 if isinstance(found, DetachedBody):
@@ -510,11 +518,25 @@ class _Request:
                 _close(result)
                 self.close_bodies()
                 return self.refuse()
+        response = _DetachedResponse(self, result)
         self.mode = _DETACHED
-        self.flush_head()
-        if mw.watch_disconnects:
-            self.cancel_watch = watch(environ, self.on_disconnect)
-        return _DetachedResponse(self, result)
+        try:
+            self.flush_head()
+            if mw.watch_disconnects:
+                self.cancel_watch = watch(environ, self.on_disconnect)
+        except BaseException as exc:
+            # The server's start_response refused the head (wsgiref asserts on
+            # a hop-by-hop header), or the watch could not start: the server
+            # never gets the response, so end it here -- fail the bodies (the
+            # producers learn, stats count a failure), close the app's
+            # iterable, free the max_open slot.
+            if isinstance(exc, Exception):
+                for body in self.bodies:
+                    body.fail(exc)
+                self.failed = True
+            _close_quietly(response)
+            raise
+        return response
 
     def flush_head(self) -> None:
         if self.head is None:
@@ -569,7 +591,7 @@ class _Request:
             # even when a watcher closed the body first.
             self.stop_pump()
         if self.queue is not None:
-            if self.cut_off is not None:
+            if self.cut_off is not None or self.failed:
                 outcome = "failed"
             else:
                 outcome = "finished" if ended and not self.gone else "disconnected"
@@ -654,3 +676,11 @@ def _close(iterable: object) -> None:
     close = getattr(iterable, "close", None)
     if close is not None:
         close()
+
+
+def _close_quietly(iterable: object) -> None:
+    """Close ``iterable`` while another exception is on its way out: log, do not replace it."""
+    try:
+        _close(iterable)
+    except Exception:
+        log.exception("closing %r after the response failed raised too", iterable)

@@ -129,13 +129,15 @@ class _Monitor:
     def watch_socket(self, fd: int, on_disconnect: Callable[[], object]) -> Cancel:
         entry = _Watch(fd, None, on_disconnect)
         with self._lock:
-            self._by_fd[fd] = entry
             try:
                 self._epoll.register(fd, _RDHUP)
             except FileExistsError:
                 # A previous request on a reused descriptor was closed by the
                 # server before it was unwatched: take the slot over.
                 self._epoll.modify(fd, _RDHUP)
+            # Only once the kernel took it: a failed register leaves no entry
+            # behind for a descriptor that a later connection will reuse.
+            self._by_fd[fd] = entry
         return lambda: self._forget(entry)
 
     def watch_poll(self, check: Callable[[], bool], on_disconnect: Callable[[], object]) -> Cancel:
@@ -265,7 +267,14 @@ def watch(environ: dict[str, Any], on_disconnect: Callable[[], object]) -> Cance
             return None
         if fd < 0:
             return None
-        return _get_monitor().watch_socket(fd, on_disconnect)
+        try:
+            return _get_monitor().watch_socket(fd, on_disconnect)
+        except OSError as exc:
+            # Not a pollable socket (EPERM), or the kernel's epoll limit
+            # (ENOSPC: fs.epoll.max_user_watches) is reached: unwatched, as on a
+            # server that exposes nothing; heartbeats remain the fallback.
+            log.warning("cannot watch fd %d for a disconnect (%s); unwatched", fd, exc)
+            return None
     check = environ.get("waitress.client_disconnected")
     if callable(check):
         return _get_monitor().watch_poll(check, on_disconnect)
