@@ -483,3 +483,53 @@ def test_a_watch_that_raises_ends_the_detached_response() -> None:
         middleware(environ, _Server().start_response)
     assert bodies[0].outcome == "failed"
     assert middleware.stats().open == 0
+
+
+def test_drain_on_signal_without_a_hub_drains_then_dies_by_the_signal() -> None:
+    """Finding 2: on a server without a gevent hub (waitress, wsgiref, cheroot) the
+    drain ran in a thread, whose signal.signal() raised: SIGTERM was swallowed."""
+    import subprocess
+    import sys
+    import textwrap
+
+    child = textwrap.dedent("""
+        import threading, time
+        from wsgi_detach import DetachMiddleware, detach
+
+        def app(environ, start_response):
+            start_response("200 OK", [("Content-Type", "text/plain")])
+            body = detach(environ)
+            body.on_close(lambda: print("outcome", body.outcome, flush=True))
+            return body
+
+        mw = DetachMiddleware(app)
+        response = mw({}, lambda status, headers, exc_info=None: None)  # one open stream
+
+        def serve():  # what a threaded server's worker does
+            try:
+                for chunk in response:
+                    print("sent", chunk, flush=True)
+            finally:
+                response.close()
+
+        threading.Thread(target=serve, daemon=True).start()
+        mw.drain_on_signal(5, b"bye")
+        print("ready", flush=True)
+        for _ in range(50):  # bounded: 5 s
+            time.sleep(0.1)
+        print("still alive", flush=True)
+    """)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", child], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == "ready\n"
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=8)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    # The drain said farewell, the stream ended, then the signal's default action.
+    assert (proc.returncode, out, err) == (-signal.SIGTERM, "sent b'bye'\noutcome finished\n", "")

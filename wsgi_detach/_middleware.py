@@ -312,7 +312,10 @@ class DetachMiddleware:
         worker, for one, then stops accepting and waits for its connections,
         which the drain ends. Where the previous handler was the default
         (the process would die at once), the drain runs first and the signal
-        is then delivered again with the default handler.
+        is then delivered again with the default handler; a second signal
+        during the drain kills at once. This works on servers without a
+        gevent hub too (waitress, wsgiref, cheroot), where the drain runs in
+        a thread.
 
         The place for it under gunicorn is a ``post_worker_init`` hook, where
         ``worker.wsgi`` is this middleware::
@@ -323,9 +326,10 @@ class DetachMiddleware:
         previous = signal.getsignal(signum)
 
         def die_after_drain() -> None:
-            self.drain(grace, farewell)
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
+            try:
+                self.drain(grace, farewell)
+            finally:
+                os.kill(os.getpid(), signum)
 
         def handler(number: int, frame: FrameType | None) -> None:
             if callable(previous):
@@ -334,6 +338,11 @@ class DetachMiddleware:
             elif previous == signal.SIG_IGN:
                 start_beside(lambda: self.drain(grace, farewell))
             else:
+                # Reset here: a handler runs on the main thread, the one place
+                # signal.signal() works; the drain may run in another thread
+                # (servers without a gevent hub). A second signal during the
+                # drain now kills at once, as without us.
+                signal.signal(signum, signal.SIG_DFL)
                 start_beside(die_after_drain)
 
         signal.signal(signum, handler)
