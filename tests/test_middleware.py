@@ -533,3 +533,19 @@ def test_drain_on_signal_without_a_hub_drains_then_dies_by_the_signal() -> None:
             proc.communicate()
     # The drain said farewell, the stream ended, then the signal's default action.
     assert (proc.returncode, out, err) == (-signal.SIGTERM, "sent b'bye'\noutcome finished\n", "")
+
+
+def test_a_second_start_response_without_exc_info_raises() -> None:
+    """Finding 16 (PEP 3333): behind the middleware the second call silently
+    replaced the held head; without it the server raises."""
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        start_response("404 Not Found", [("Content-Type", "text/plain")])  # the app's bug
+        return [b"x"]
+
+    with pytest.raises(UsageError, match=r"^start_response\(\) called a second time without "
+                                         r"exc_info; only an error handler may replace"):
+        DetachMiddleware(app)(_environ(), _Server().start_response)
+    assert _run_wsgiref(DetachMiddleware(app)).startswith(b"HTTP/1.0 500")  # as bare wsgiref
+

@@ -472,6 +472,15 @@ class _Request:
         self, status: str, headers: list[tuple[str, str]], exc_info: ExcInfo | None = None
     ) -> Callable[[bytes], object]:
         if self.mode == _HOLD and self.server_write is None:
+            if self.head is not None and exc_info is None:
+                # PEP 3333 "The start_response() Callable": a fatal error, as
+                # every server treats it; silently replacing the held head
+                # would hide an app bug that breaks without the middleware.
+                raise UsageError(
+                    "start_response() called a second time without exc_info; only an "
+                    "error handler may replace the status and headers, passing "
+                    "exc_info=sys.exc_info()"
+                )
             self.head = (status, headers, exc_info)  # a later call with exc_info replaces it
             return self.write
         if self.mode == _DETACHED:
