@@ -549,3 +549,22 @@ def test_a_second_start_response_without_exc_info_raises() -> None:
         DetachMiddleware(app)(_environ(), _Server().start_response)
     assert _run_wsgiref(DetachMiddleware(app)).startswith(b"HTTP/1.0 500")  # as bare wsgiref
 
+
+def test_detach_after_the_app_returned_is_refused() -> None:
+    """Finding 13: detach() inside the iterator (Flask's stream_with_context) was
+    accepted, counted in max_open and never released."""
+
+    def app(environ: dict[str, Any], start_response: Any) -> Iterator[bytes]:
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        body = detach(environ)  # lazily, at the first iteration
+        body.finish(b"hello")
+        yield from body
+
+    middleware = DetachMiddleware(app, max_open=1)
+    for _ in range(2):
+        result = middleware(_environ(), _Server().start_response)
+        with pytest.raises(UsageError, match=r"^detach\(environ\) was called after the app "
+                                             r"returned \(inside the response iterator"):
+            list(result)
+        result.close()  # type: ignore[attr-defined]
+    assert middleware.stats().open == 0

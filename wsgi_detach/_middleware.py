@@ -452,6 +452,14 @@ class _Request:
     # ------------------------------------------------------------------ what the app calls
 
     def detach(self, **overrides: Any) -> DetachedBody:
+        if self.mode != _HOLD:
+            # Too late to count, watch or close it: the response is already
+            # decided (an ordinary one passes through untouched).
+            raise UsageError(
+                "detach(environ) was called after the app returned (inside the response "
+                "iterator, e.g. a stream_with_context generator); call it in the app or "
+                "view itself, before returning the body"
+            )
         unknown = set(overrides) - _BODY_OVERRIDES
         if unknown:
             raise TypeError(
