@@ -171,3 +171,31 @@ def test_a_descriptor_epoll_refuses_is_left_unwatched(tmp_path: Any) -> None:
         assert watch({SOCKET_KEY: regular}, lambda: None) is None
         monitor = _watchers._monitor
         assert monitor is None or regular.fileno() not in monitor._by_fd
+
+
+@pytest.mark.parametrize("pipelined", [False, True], ids=["half-close", "pipelined+half-close"])
+def test_a_half_closed_client_sees_an_aborted_response(
+    served: ExtraServerProcess, pipelined: bool
+) -> None:
+    """Finding 5: a client that half-closes and keeps reading was taken for gone and
+    got a clean end (terminating chunk): a truncated response that looked complete.
+    pywsgi reads a pipelined request ahead, so FIONREAD did not protect that case."""
+    if pipelined and served.server == "waitress":
+        pytest.skip("waitress reports no disconnect after a pipelined request: it serves both")
+    request = b"GET /stream?n=2&interval=5 HTTP/1.1\r\nHost: x\r\n\r\n"  # chunk 1 after 5 s
+    if pipelined:
+        request += b"GET /plain HTTP/1.1\r\nHost: x\r\n\r\n"
+    sock = _raw(served.port, request)
+    try:
+        received = _read_until(sock, b"chunk 0")
+        sock.shutdown(socket.SHUT_WR)
+        half_closed = time.monotonic()
+        received += _read_until(sock, b"never sent: read to the end")
+        took = time.monotonic() - half_closed
+    finally:
+        sock.close()
+    assert received.startswith(b"HTTP/1.1 200") and b"chunk 0" in received
+    assert took < 4  # ended before chunk 1, by the watcher
+    assert b"chunk 1" not in received
+    assert not received.endswith(b"0\r\n\r\n")  # aborted, never a clean end
+    assert received.count(b"HTTP/1.1 ") == 1  # the pipelined request is not served after it

@@ -45,6 +45,7 @@ body of the request (idempotent).
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import signal
@@ -57,7 +58,7 @@ from ._body import Chunk, DetachedBody, error_response
 from ._budget import ByteBudget
 from ._errors import DetachError, Unavailable, UsageError
 from ._wakeup import CannotBlockHere, Waiter, allocate_lock, make_waiter, start_beside
-from ._watchers import watch
+from ._watchers import exposes_socket, watch
 
 if TYPE_CHECKING:
     from types import FrameType
@@ -433,6 +434,10 @@ class _Request:
         self.failed = False  # the server refused the head of a detached response
         self.refused = False
         self.gone = False  # the watcher saw the client leave
+        # ...and ended the response before its producer did: the server must
+        # then abort, not end cleanly (see _DetachedResponse.__next__).
+        self.cut_by_watcher = False
+        self.server_keeps_connection = False  # a socket watch: see on_disconnect
         self.sent_data = False
         self.cancel_watch: Callable[[], object] | None = None
 
@@ -550,6 +555,7 @@ class _Request:
             self.flush_head()
             if mw.watch_disconnects:
                 self.cancel_watch = watch(environ, self.on_disconnect)
+                self.server_keeps_connection = exposes_socket(environ)
         except BaseException as exc:
             # The server's start_response refused the head (wsgiref asserts on
             # a hop-by-hop header), or the watch could not start: the server
@@ -603,8 +609,11 @@ class _Request:
         self.gone = True
         for body in self.bodies:
             body.close()  # open -> outcome "disconnected"; the server's close() later is a no-op
+            if body.outcome == "disconnected":
+                self.cut_by_watcher = True
         if self.queue is not None:
             self.end_queue()
+            self.cut_by_watcher = True
 
     def end(self, ended: bool) -> None:
         """The response is over (the server closed it): stop watching, close every body."""
@@ -671,6 +680,18 @@ class _DetachedResponse:
         except StopIteration:
             if request.cut_off is not None:  # never a clean-looking end for a cut stream
                 return self._failed(request, request.cut_off)
+            if request.cut_by_watcher and request.server_keeps_connection:
+                # The watcher saw the read side end: the client left -- or only
+                # half-closed (shutdown(SHUT_WR)) and still reads. A clean end
+                # would show that client a truncated stream as complete. An
+                # ECONNRESET is what pywsgi and gunicorn treat as a departed
+                # client: they close the connection without the terminating
+                # chunk, log nothing, and serve no pipelined request after it.
+                raise ConnectionResetError(
+                    errno.ECONNRESET,
+                    "the client closed its side of the connection before the response "
+                    "ended; aborting the response",
+                ) from None
             self._ended = True
             raise
         except Exception as exc:

@@ -30,7 +30,14 @@ new connection since ``epoll_wait`` returned) and checks ``FIONREAD``: no
 unread bytes means the read side is at EOF (what a 0-byte ``MSG_PEEK`` would
 say); unread bytes mean the client half-closed *after* sending more, which is
 not treated as a disconnect -- the socket is dropped from the watch, and the
-next failing write will tell. An idle stream therefore costs one epoll
+next failing write will tell. ``FIONREAD`` sees only what is still in the
+kernel, though: pywsgi (and gunicorn) read ahead into their own buffer, so a
+pipelined request they already read, followed by a half-close, looks like a
+departure. Either way a reported disconnect ends the response with an
+*abort* (no terminating chunk, see :func:`exposes_socket`), never a clean
+end, so a half-closed client that still reads sees a truncated response as
+truncated, and its pipelined request goes unanswered (a client must be ready
+to resend those after a closed connection). An idle stream therefore costs one epoll
 registration (~700 bytes with our bookkeeping) and no wake-ups at all;
 detection is as fast as the kernel delivers the FIN. ``waitress.client_disconnected`` is a
 function, not a descriptor, so those are polled every :data:`POLL_INTERVAL`.
@@ -67,7 +74,7 @@ from gevent.monkey import get_original
 
 from ._wakeup import allocate_lock, runner_here
 
-__all__ = ["POLL_INTERVAL", "SOCKET_KEY", "watch"]
+__all__ = ["POLL_INTERVAL", "SOCKET_KEY", "exposes_socket", "watch"]
 
 log = logging.getLogger("wsgi_detach")
 
@@ -235,6 +242,21 @@ def _look(fd: int) -> str:
     return _BYTES_FIRST if struct.unpack("i", buf)[0] else _LEFT
 
 
+def _socket_of(environ: dict[str, Any]) -> Any:
+    return environ.get(SOCKET_KEY) or environ.get("gunicorn.socket")
+
+
+def exposes_socket(environ: dict[str, Any]) -> bool:
+    """True when :func:`watch` watches the client socket itself (not a server's own flag).
+
+    Such a server still holds the connection open when the watch reports the
+    client gone -- the client may only have half-closed and still read -- so
+    a response must then end with an abort, not a clean end. Waitress, the
+    flag case, closes the connection itself when it notices.
+    """
+    return _socket_of(environ) is not None
+
+
 _monitor: _Monitor | None = None
 _monitor_lock = allocate_lock()
 
@@ -259,7 +281,7 @@ def watch(environ: dict[str, Any], on_disconnect: Callable[[], object]) -> Cance
     """
     if _epoll is None:
         return None
-    sock = environ.get(SOCKET_KEY) or environ.get("gunicorn.socket")
+    sock = _socket_of(environ)
     if sock is not None:
         try:
             fd = sock.fileno()
