@@ -57,3 +57,28 @@ def test_make_server_takes_a_ready_middleware_as_it_is() -> None:
     with pytest.raises(TypeError, match=r"^app is already a DetachMiddleware; configure it there, "
                                          r"not with \['idle_timeout'\]$"):
         make_server(middleware, port=0, idle_timeout=3)
+
+
+def test_head_gets_the_head_alone_and_ends_the_stream() -> None:
+    """Finding 12: pywsgi sends a body even for HEAD; an endless detached stream
+    streamed forever after the HEAD headers, holding its producer and slot."""
+    import socket
+
+    with ExtraServerProcess("detach-pywsgi", "tests.mw_apps:app") as server:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=3) as sock:
+            sock.sendall(b"HEAD /forever?key=head&interval=0.02 HTTP/1.1\r\nHost: x\r\n\r\n")
+            received = b""
+            while b"\r\n\r\n" not in received:
+                received += sock.recv(65536)
+            assert received.startswith(b"HTTP/1.1 200")
+            # Keep-alive: the next response follows the head, no body between.
+            sock.sendall(b"GET /plain HTTP/1.1\r\nHost: x\r\n\r\n")
+            give_up = time.monotonic() + 3
+            while not received.endswith(b"hello world") and time.monotonic() < give_up:
+                more = sock.recv(65536)
+                assert more, received
+                received += more
+        head, _, rest = received.partition(b"\r\n\r\n")
+        assert b"transfer-encoding: chunked" in head.lower()  # the same head as a GET
+        assert rest.startswith(b"HTTP/1.1 200 OK\r\n")
+        assert wait_until(lambda: "on_close" in events(server.port, "head"), timeout=2)

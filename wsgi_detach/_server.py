@@ -50,7 +50,7 @@ _AFTER_DRAIN: Final = 1.0
 
 
 class DetachHandler(WSGIHandler):  # type: ignore[misc]  # gevent ships no type hints
-    """A ``WSGIHandler`` that exposes its socket and sets ``TCP_NODELAY``."""
+    """A ``WSGIHandler`` that exposes its socket, sets ``TCP_NODELAY``, sends HEAD no body."""
 
     def handle(self) -> None:
         if getattr(self.server, "nodelay", True):
@@ -64,6 +64,22 @@ class DetachHandler(WSGIHandler):  # type: ignore[misc]  # gevent ships no type 
         environ: dict[str, Any] = super().get_environ()
         environ[SOCKET_KEY] = self.socket
         return environ
+
+    def process_result(self) -> None:
+        if self.command != "HEAD":
+            super().process_result()
+            return
+        # HEAD gets GET's head and no body (RFC 9110 9.3.2). pywsgi sends the
+        # body anyway -- for an endless detached stream, forever. Send the head
+        # once it is decided (a body may call start_response in its first
+        # iteration), then stop: run_application closes the result, which ends
+        # the stream and frees its producer and max_open slot.
+        if not self.status:
+            for _ in self.result:
+                if self.status:
+                    break
+        if self.status and not self.headers_sent:
+            self.write(b"")  # the head alone; no chunk, no terminating chunk
 
 
 class DetachServer(WSGIServer):  # type: ignore[misc]
