@@ -199,3 +199,52 @@ def test_a_half_closed_client_sees_an_aborted_response(
     assert b"chunk 1" not in received
     assert not received.endswith(b"0\r\n\r\n")  # aborted, never a clean end
     assert received.count(b"HTTP/1.1 ") == 1  # the pipelined request is not served after it
+
+
+def test_a_slow_on_close_delays_no_other_detection() -> None:
+    """Finding 11: on a threaded server (no hub in the request thread) every body's
+    on_close ran in the one watcher thread, one after another: a 1 s callback
+    (an unsubscribe RPC, say) delayed noticing every other departure by 1 s."""
+    from wsgi_detach import DetachMiddleware, detach
+
+    started: dict[str, float] = {}
+    all_started = threading.Event()
+
+    def app(environ: dict[str, Any], start_response: Any) -> Any:
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        body = detach(environ)
+        name = environ["name"]
+
+        def slow_unsubscribe() -> None:
+            started[name] = time.monotonic()
+            if len(started) == 3:
+                all_started.set()
+            time.sleep(1.0)  # the slow cleanup itself, not a synchronisation
+
+        body.on_close(slow_unsubscribe)
+        return body
+
+    middleware = DetachMiddleware(app)
+    pairs = [socket.socketpair() for _ in range(3)]
+    responses: list[Any] = []
+
+    def serve(name: str, sock: socket.socket) -> None:  # a gthread worker's request
+        environ = {SOCKET_KEY: sock, "name": name}
+        responses.append(middleware(environ, lambda *args: None))
+
+    threads = [threading.Thread(target=serve, args=(n, p[0])) for n, p in zip("ABC", pairs)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(5)
+    try:
+        left = time.monotonic()
+        for _, client in pairs:
+            client.close()  # three clients leave at once
+        assert all_started.wait(3), started
+        assert max(started.values()) - left < 0.5, started
+    finally:
+        for response in responses:
+            response.close()
+        for server, _ in pairs:
+            server.close()

@@ -39,7 +39,10 @@ end, so a half-closed client that still reads sees a truncated response as
 truncated, and its pipelined request goes unanswered (a client must be ready
 to resend those after a closed connection). An idle stream therefore costs one epoll
 registration (~700 bytes with our bookkeeping) and no wake-ups at all;
-detection is as fast as the kernel delivers the FIN. ``waitress.client_disconnected`` is a
+detection is as fast as the kernel delivers the FIN. The callback never
+runs in the watcher thread itself: in the request's gevent hub if it has one,
+else in a thread of its own, so a slow ``on_close`` callback delays nobody
+else's detection. ``waitress.client_disconnected`` is a
 function, not a descriptor, so those are polled every :data:`POLL_INTERVAL`.
 
 Why an OS thread and not a greenlet per stream or a libev io watcher
@@ -72,7 +75,7 @@ from typing import Any, Callable, Final
 
 from gevent.monkey import get_original
 
-from ._wakeup import allocate_lock, runner_here
+from ._wakeup import allocate_lock, runner_here, start_beside
 
 __all__ = ["POLL_INTERVAL", "SOCKET_KEY", "exposes_socket", "watch"]
 
@@ -208,8 +211,23 @@ class _Monitor:
                 self._report(entry)
 
     def _report(self, entry: _Watch) -> None:
-        if self._forget(entry):
+        if not self._forget(entry):
+            return
+        if entry.run is runner_here():
+            # The request's thread had no gevent hub, so the callback would run
+            # right here -- on_close callbacks and all (an unsubscribe RPC, a
+            # database write). Give it a thread of its own, so that one slow
+            # callback does not hold up noticing every other departure.
+            start_beside(lambda: _guarded(entry.on_disconnect))
+        else:  # a new greenlet in the request's hub: already beside us
             entry.run(entry.on_disconnect)
+
+
+def _guarded(fn: Callable[[], object]) -> None:
+    try:
+        fn()
+    except Exception:
+        log.exception("disconnect callback %r raised", fn)
 
 
 _LEFT: Final = "left"
@@ -274,7 +292,7 @@ def watch(environ: dict[str, Any], on_disconnect: Callable[[], object]) -> Cance
 
     Call it from the greenlet or thread that serves the request:
     ``on_disconnect`` runs back there (in a new greenlet of its hub), or in
-    the watcher thread when the serving thread has no gevent hub. Returns a
+    a new thread of its own when the serving thread has no gevent hub. Returns a
     function that stops the watch; call it when the response ends, and
     always before the server may close the socket. Linux only (epoll): None
     elsewhere.
