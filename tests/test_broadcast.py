@@ -428,3 +428,52 @@ def test_streams_open_at_once_and_thread_publishes_arrive_on_other_servers(kind:
             assert parser.events[0].data == "hi"
         # End the stream so the server stops at once (gthread waits for its threads).
         requests.get(f"{server.url}/hub/disconnect?hub=other", timeout=5)
+
+
+def test_encoders_and_logging_run_outside_the_hub_lock() -> None:
+    """Finding 8: publish() ran the subscribers' encode() and log.exception under the
+    hub's real lock; under gevent, an encoder or a logging handler that yields let
+    another greenlet block the OS thread on that lock: the process froze. Run in a
+    child so that a regression is a timeout, not a frozen test run."""
+    import subprocess
+    import sys
+    import textwrap
+
+    child = textwrap.dedent("""
+        import logging
+        import gevent
+        from wsgi_detach import DetachedBody, Hub
+
+        class Yielding(logging.Handler):  # a socket handler under gevent
+            def emit(self, record):
+                gevent.sleep(0)
+
+        log = logging.getLogger("wsgi_detach")
+        log.addHandler(Yielding())
+        log.propagate = False
+
+        def slow_first(message):  # message 1 is still encoding when 2 is published
+            if message.seq == 1:
+                gevent.sleep(0.05)
+            return message.text.encode() + b";"
+
+        hub = Hub()
+        broken = DetachedBody()
+        hub.subscribe(broken, encode=lambda message: 1 / 0)
+        ordered = DetachedBody()
+        hub.subscribe(ordered, encode=slow_first)
+        first = gevent.spawn(hub.publish, "m1")
+        second = gevent.spawn_later(0.01, hub.publish, "m2")
+        print(len(gevent.joinall([first, second], timeout=2)), flush=True)
+        out = b""
+        while ordered.buffered:
+            out += next(ordered)
+        print(out.decode(), broken.state, hub.subscribers, flush=True)
+    """)
+    try:
+        result = subprocess.run(
+            [sys.executable, "-c", child], capture_output=True, text=True, timeout=8
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("the child froze: a yielding encoder or log handler ran under the hub lock")
+    assert (result.stdout, result.stderr) == ("2\nm1;m2; failed 1\n", "")

@@ -98,8 +98,6 @@ WIRE_CASES = {
                      "/notmodified", "/fail_after", "/fail_first", "/liar", "/big", "/body_done",
                      "/body_later", "/body_empty_end", "/body_fail", "/poll", "/missing")
     },
-    "head": [f"HEAD {path} HTTP/1.1" for path in ("/list", "/gen", "/body_done", "/poll")]
-    + [f"HEAD /empty HTTP/1.1|{CLOSE}"],
     **{f"http/1.0 {path}": [f"GET {path} HTTP/1.0"]
        for path in ("/list", "/gen", "/clen", "/body_later", "/poll", "/empty")},
     "http/1.0 keep-alive": ["GET /list HTTP/1.0|Connection: keep-alive\r\n",
@@ -126,6 +124,17 @@ def test_detach_handler_sends_what_plain_pywsgi_sends(
     expected = _exchange(plain_port, WIRE_CASES[case])
     assert expected.startswith(b"HTTP/1.1 ")
     assert _exchange(our_port, WIRE_CASES[case]) == expected
+
+
+@pytest.mark.parametrize("path", ["/list", "/gen", "/body_done", "/poll", "/empty", "/clen"])
+def test_detach_handler_answers_head_with_gets_head_alone(
+    wire_servers: tuple[int, int], path: str
+) -> None:
+    """Plain pywsgi sends a body after a HEAD's head (for an endless stream,
+    forever); ours sends exactly the head a GET gets, and nothing after it."""
+    plain_port, our_port = wire_servers
+    get_head = _exchange(plain_port, [f"GET {path} HTTP/1.1|{CLOSE}"]).partition(b"\r\n\r\n")[0]
+    assert _exchange(our_port, [f"HEAD {path} HTTP/1.1|{CLOSE}"]) == get_head + b"\r\n\r\n"
 
 
 def _sends(port: int, path: str) -> int:
@@ -217,3 +226,28 @@ def test_the_access_log_is_still_written_when_one_is_configured() -> None:
         assert '"GET /list HTTP/1.1" 200 ' in lines.getvalue()
     finally:
         server.stop(timeout=1)
+
+
+def test_head_gets_the_head_alone_and_ends_the_stream() -> None:
+    """Finding 12: pywsgi sends a body even for HEAD; an endless detached stream
+    streamed forever after the HEAD headers, holding its producer and slot."""
+    import socket
+
+    with ExtraServerProcess("detach-pywsgi", "tests.mw_apps:app") as server:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=3) as sock:
+            sock.sendall(b"HEAD /forever?key=head&interval=0.02 HTTP/1.1\r\nHost: x\r\n\r\n")
+            received = b""
+            while b"\r\n\r\n" not in received:
+                received += sock.recv(65536)
+            assert received.startswith(b"HTTP/1.1 200")
+            # Keep-alive: the next response follows the head, no body between.
+            sock.sendall(b"GET /plain HTTP/1.1\r\nHost: x\r\n\r\n")
+            give_up = time.monotonic() + 3
+            while not received.endswith(b"hello world") and time.monotonic() < give_up:
+                more = sock.recv(65536)
+                assert more, received
+                received += more
+        head, _, rest = received.partition(b"\r\n\r\n")
+        assert b"transfer-encoding: chunked" in head.lower()  # the same head as a GET
+        assert rest.startswith(b"HTTP/1.1 200 OK\r\n")
+        assert wait_until(lambda: "on_close" in events(server.port, "head"), timeout=2)

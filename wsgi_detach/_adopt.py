@@ -23,7 +23,12 @@ attribute, but all of them hold a reference to it, which
 ``gc.get_referents`` follows. The search skips functions, bound methods,
 classes, modules and module globals (a module-level queue is not this
 response's body) and gives up after :data:`SEARCH_LIMIT` objects, so an
-ordinary response pays a few microseconds. A queue found this way is
+ordinary response pays a few microseconds. A *queue* counts only when the
+path to it runs through containers, ``functools``/``itertools`` objects and
+those frameworks' own objects and generators: an app's own generator or
+object that drains a private work queue is an ordinary response, not the
+seed's pattern (a raw app returns the queue itself). A :class:`DetachedBody`
+counts wherever it is found. A queue found this way is
 iterated by the framework, not by us: the middleware can count it, add
 streaming headers and end it on a disconnect, but not enforce timeouts or
 type checks; return the queue from a raw WSGI app or use ``detach()`` for
@@ -78,22 +83,52 @@ def is_queue(obj: object) -> bool:
 
 
 def find_inside(iterable: object) -> Found | None:
-    """A :class:`DetachedBody` or gevent queue that ``iterable`` wraps, if it can be seen."""
+    """A :class:`DetachedBody` or gevent queue that ``iterable`` wraps, if it can be seen.
+
+    A body is found wherever it is (it can only be a response body). A queue
+    only through framework plumbing (see :func:`_plumbing`): a queue an
+    app's own generator or object consumes is its private business.
+    """
     seen = {id(iterable)}
-    todo = deque(gc.get_referents(iterable))
+    root_trusted = _plumbing(iterable)
+    todo = deque((child, root_trusted) for child in gc.get_referents(iterable))
     budget = SEARCH_LIMIT
     while todo and budget:
-        obj = todo.popleft()
+        obj, trusted = todo.popleft()
         if id(obj) in seen or isinstance(obj, _LEAVES):
             continue
         seen.add(id(obj))
         budget -= 1
-        if isinstance(obj, (DetachedBody, SimpleQueue, Channel)):
+        if isinstance(obj, DetachedBody):
             return obj
+        if isinstance(obj, (SimpleQueue, Channel)):
+            if trusted:
+                return obj
+            continue  # e.g. a work queue the app's own generator drains
         if isinstance(obj, dict) and "__builtins__" in obj:
             continue  # a module's globals: everything in it, nothing of this response
-        todo.extend(gc.get_referents(obj))
+        inner = trusted and _plumbing(obj)
+        todo.extend((child, inner) for child in gc.get_referents(obj))
     return None
+
+
+#: Modules whose objects may stand between a response and the seed's queue:
+#: containers and function tools, and the frameworks whose wrappers we know
+#: (Werkzeug's ClosingIterator and its encoding generator, Bottle's
+#: _closeiter, Django's StreamingHttpResponse and its ``map``, WebOb).
+_PLUMBING_MODULES: Final = frozenset(
+    {"builtins", "functools", "itertools", "werkzeug", "flask", "bottle", "django", "webob"}
+)
+
+
+def _plumbing(obj: object) -> bool:
+    """True if a queue seen through ``obj`` may be the response's own body."""
+    if isinstance(obj, types.GeneratorType):  # builtins by type: judge it by its code's module
+        frame = obj.gi_frame
+        module = frame.f_globals.get("__name__", "") if frame is not None else ""
+    else:
+        module = type(obj).__module__
+    return str(module).partition(".")[0] in _PLUMBING_MODULES
 
 
 def feed(body: DetachedBody, queue: SimpleQueue | Channel) -> Callable[[], None]:

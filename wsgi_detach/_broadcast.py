@@ -15,11 +15,16 @@ Theory of operation
 :meth:`Hub.publish` numbers each message, keeps it in a bounded history (a
 ring buffer) and puts it, already encoded, into every subscribed body with
 ``put_nowait``: publishing never blocks, so it works from a greenlet, a
-loop callback or a plain OS thread alike. Everything happens under one real
-lock (never a cooperative one; see :mod:`wsgi_detach._wakeup`), which makes
-the order of messages the same for every subscriber, and makes "replay what
-you missed, then register for what comes next" one atomic step, so that a
-reconnecting client gets each message exactly once.
+loop callback or a plain OS thread alike. Numbering, the history and the
+hand-over to the bodies happen under one real lock (never a cooperative
+one; see :mod:`wsgi_detach._wakeup`), which makes "replay what you missed,
+then register for what comes next" one atomic step, so that a reconnecting
+client gets each message exactly once. The subscribers' ``encode`` and any
+logging run *outside* that lock (a logging handler that yields under gevent
+while a real lock is held would freeze its thread); messages encoded out of
+order wait for their turn, so the order is still the same for every
+subscriber. (The catch-up of :meth:`Hub.subscribe` is encoded under the lock,
+to stay atomic: keep a custom ``encode`` free of blocking and yielding.)
 
 Ids are ``"<epoch>-<seq>"``: ``seq`` counts up from 1, ``epoch`` is random
 per hub, so an id kept by a browser across a server restart is recognised as
@@ -201,6 +206,8 @@ class Hub:
         self._epoch = secrets.token_hex(3)
         self._seq = 0
         self._history: deque[Message] = deque(maxlen=history)
+        self._delivered = 0  # the last seq delivered to every subscriber
+        self._ready: dict[int, dict[Subscription, bytes | None]] = {}  # encoded, awaiting turn
         self._subscribers: dict[Subscription, None] = {}  # insertion-ordered set
         self._polls: dict[Callable[[Batch], object], str] = {}  # one-shot callbacks
 
@@ -256,14 +263,32 @@ class Hub:
             message.sse()  # checks event and data now, in the caller, before anyone sees it
             self._seq = seq
             self._history.append(message)
-            dropped = []
-            for sub in self._subscribers:
-                why = self._deliver_locked(sub, message)
-                if why is not None:
-                    dropped.append((sub, why))
-            for sub, _ in dropped:
-                del self._subscribers[sub]
+            subscribers = list(self._subscribers)
             polls, self._polls = self._polls, {}
+        # Encoders are user code, and so is a logging handler: neither runs
+        # under the real lock. Under gevent, one that yields (a socket
+        # handler, say) while the lock is held would let another greenlet of
+        # the thread block the whole OS thread on it, for good.
+        chunks: dict[Subscription, bytes | None] = {}  # None: its encoder raised
+        broken: list[tuple[Subscription, Exception]] = []
+        try:
+            for sub in subscribers:
+                try:
+                    chunks[sub] = sub.encode(message)
+                except Exception as exc:  # one broken encoder must not stop the others
+                    chunks[sub] = None
+                    broken.append((sub, exc))
+        finally:
+            for sub in subscribers:  # interrupted (GreenletExit): drop the rest, lose no order
+                chunks.setdefault(sub, None)
+            dropped = self._deliver(seq, chunks)
+        for sub, error in broken:
+            log.error(
+                "encode=%r raised on %r; that subscriber is dropped",
+                sub.encode,
+                message,
+                exc_info=error,
+            )
         for sub, why in dropped:
             _drop(sub.body, why, self._max_pending)
         for callback, cursor in polls.items():
@@ -409,14 +434,33 @@ class Hub:
             return Batch([], now, True)
         return Batch(list(itertools.islice(self._history, seq - oldest + 1, None)), now)
 
-    def _deliver_locked(self, sub: Subscription, message: Message) -> str | None:
-        """Queue ``message`` for one subscriber; None, or why it must be dropped."""
+    def _deliver(
+        self, seq: int, chunks: dict[Subscription, bytes | None]
+    ) -> list[tuple[Subscription, str]]:
+        """Hand in message ``seq`` encoded, then deliver every message whose turn has come.
+
+        Publishers encode concurrently, outside the lock, so message 7 may be
+        ready before message 6: it waits in ``_ready`` and whoever completes
+        6 delivers both, in order -- every subscriber sees one order. Returns
+        the subscribers to drop, and why.
+        """
+        dropped: list[tuple[Subscription, str]] = []
+        with self._lock:
+            self._ready[seq] = chunks
+            while self._delivered + 1 in self._ready:
+                self._delivered += 1
+                for sub, chunk in self._ready.pop(self._delivered).items():
+                    if sub not in self._subscribers:
+                        continue  # cancelled or dropped meanwhile
+                    why = _BROKEN if chunk is None else self._put_locked(sub, chunk)
+                    if why is not None:
+                        del self._subscribers[sub]
+                        dropped.append((sub, why))
+        return dropped
+
+    def _put_locked(self, sub: Subscription, chunk: bytes) -> str | None:
+        """Queue an encoded message for one subscriber; None, or why it must be dropped."""
         body = sub.body
-        try:
-            chunk = sub.encode(message)
-        except Exception:  # one subscriber's broken encoder must not stop the others
-            log.exception("encode=%r raised on %r; that subscriber is dropped", sub.encode, message)
-            return _BROKEN
         if body.buffered + len(chunk) > self._max_pending:
             return _SLOW
         try:

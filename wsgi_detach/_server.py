@@ -70,7 +70,8 @@ _NoopLog: Any = getattr(pywsgi, "_NoopLog", None)
 
 
 class DetachHandler(WSGIHandler):  # type: ignore[misc]  # gevent ships no type hints
-    """A ``WSGIHandler`` that exposes its socket, sets ``TCP_NODELAY`` and writes leaner.
+    """A ``WSGIHandler`` that exposes its socket, sets ``TCP_NODELAY``, answers HEAD with
+    the head alone, and writes leaner.
 
     The write path: the bytes a client receives are exactly those plain
     pywsgi sends for the same app (tests/test_server.py compares them), in
@@ -102,9 +103,7 @@ class DetachHandler(WSGIHandler):  # type: ignore[misc]  # gevent ships no type 
         # The kernel socket under gevent's, for the non-blocking first try of
         # each send; only for gevent's plain socket class (a TLS socket's
         # ``_sock`` would bypass the encryption).
-        self._raw_send = (
-            self.socket._sock.send if type(self.socket) is _GeventSocket else None
-        )
+        self._raw_send = self.socket._sock.send if type(self.socket) is _GeventSocket else None
         try:
             super().handle()
         finally:
@@ -167,6 +166,9 @@ class DetachHandler(WSGIHandler):  # type: ignore[misc]  # gevent ships no type 
         self._send(data, False)
 
     def process_result(self) -> None:
+        if self.command == "HEAD":
+            self._send_head_only()
+            return
         # pywsgi's loop, with the terminator merged into the last chunk where
         # the body can tell, without waiting, that it has no more.
         result = self.result
@@ -198,6 +200,19 @@ class DetachHandler(WSGIHandler):  # type: ignore[misc]  # gevent ships no type 
                 self._send(b"", True)
             elif self.response_use_chunked:
                 self._sendall(_LAST_CHUNK)
+
+    def _send_head_only(self) -> None:
+        # HEAD gets GET's head and no body (RFC 9110 9.3.2). pywsgi sends the
+        # body anyway -- for an endless detached stream, forever. Send the head
+        # once it is decided (a body may call start_response in its first
+        # iteration), then stop: run_application closes the result, which ends
+        # the stream and frees its producer and max_open slot.
+        if not self.status:
+            for _ in self.result:
+                if self.status:
+                    break
+        if self.status and not self.headers_sent:
+            self.write(b"")  # the head alone; no chunk, no terminating chunk
 
     def _send(self, data: bytes, last: bool) -> None:
         """Send ``data`` (the headers first if due; the terminator too if ``last``) in one go."""

@@ -277,4 +277,3 @@ class EventStream(DetachedBody):
 
     def __repr__(self) -> str:
         return "<EventStream" + super().__repr__()[len("<DetachedBody") :]
-

@@ -30,9 +30,18 @@ new connection since ``epoll_wait`` returned) and checks ``FIONREAD``: no
 unread bytes means the read side is at EOF (what a 0-byte ``MSG_PEEK`` would
 say); unread bytes mean the client half-closed *after* sending more, which is
 not treated as a disconnect -- the socket is dropped from the watch, and the
-next failing write will tell. An idle stream therefore costs one epoll
-registration (~700 bytes with our bookkeeping); detection is as fast as the
-kernel delivers the FIN.
+next failing write will tell. ``FIONREAD`` sees only what is still in the
+kernel, though: pywsgi (and gunicorn) read ahead into their own buffer, so a
+pipelined request they already read, followed by a half-close, looks like a
+departure. Either way a reported disconnect ends the response with an
+*abort* (no terminating chunk, see :func:`exposes_socket`), never a clean
+end, so a half-closed client that still reads sees a truncated response as
+truncated, and its pipelined request goes unanswered (a client must be ready
+to resend those after a closed connection). An idle stream therefore costs
+one epoll registration (~700 bytes with our bookkeeping); detection is as
+fast as the kernel delivers the FIN. The callback never runs in the watcher
+thread itself: in the request's gevent hub if it has one, else in a thread
+of its own, so a slow ``on_close`` callback delays nobody else's detection.
 
 Registration waits :data:`WATCH_DELAY` (0.1 s): most responses (a long-poll
 answered at once, an ordinary stream) end before that, and then cost no
@@ -46,6 +55,7 @@ registered: epoll reports a hang-up that already happened.
 
 ``waitress.client_disconnected`` is a function, not a descriptor, so those
 are polled every :data:`POLL_INTERVAL`.
+
 
 Why an OS thread and not a greenlet per stream or a libev io watcher
 (measured in bench/mw_idle_watch.py, 5 000 idle streams): one thread serves
@@ -79,9 +89,9 @@ from typing import Any, Callable, Final
 
 from gevent.monkey import get_original
 
-from ._wakeup import allocate_lock, runner_here
+from ._wakeup import allocate_lock, runner_here, start_beside
 
-__all__ = ["POLL_INTERVAL", "SOCKET_KEY", "WATCH_DELAY", "watch"]
+__all__ = ["POLL_INTERVAL", "SOCKET_KEY", "WATCH_DELAY", "exposes_socket", "watch"]
 
 log = logging.getLogger("wsgi_detach")
 
@@ -248,8 +258,23 @@ class _Monitor:
                 self._report(entry)
 
     def _report(self, entry: _Watch) -> None:
-        if self._forget(entry):
+        if not self._forget(entry):
+            return
+        if entry.run is runner_here():
+            # The request's thread had no gevent hub, so the callback would run
+            # right here -- on_close callbacks and all (an unsubscribe RPC, a
+            # database write). Give it a thread of its own, so that one slow
+            # callback does not hold up noticing every other departure.
+            start_beside(lambda: _guarded(entry.on_disconnect))
+        else:  # a new greenlet in the request's hub: already beside us
             entry.run(entry.on_disconnect)
+
+
+def _guarded(fn: Callable[[], object]) -> None:
+    try:
+        fn()
+    except Exception:
+        log.exception("disconnect callback %r raised", fn)
 
 
 _LEFT: Final = "left"
@@ -282,6 +307,21 @@ def _look(fd: int) -> str:
     return _BYTES_FIRST if struct.unpack("i", buf)[0] else _LEFT
 
 
+def _socket_of(environ: dict[str, Any]) -> Any:
+    return environ.get(SOCKET_KEY) or environ.get("gunicorn.socket")
+
+
+def exposes_socket(environ: dict[str, Any]) -> bool:
+    """True when :func:`watch` watches the client socket itself (not a server's own flag).
+
+    Such a server still holds the connection open when the watch reports the
+    client gone -- the client may only have half-closed and still read -- so
+    a response must then end with an abort, not a clean end. Waitress, the
+    flag case, closes the connection itself when it notices.
+    """
+    return _socket_of(environ) is not None
+
+
 _monitor: _Monitor | None = None
 _monitor_lock = allocate_lock()
 
@@ -299,14 +339,14 @@ def watch(environ: dict[str, Any], on_disconnect: Callable[[], object]) -> Cance
 
     Call it from the greenlet or thread that serves the request:
     ``on_disconnect`` runs back there (in a new greenlet of its hub), or in
-    the watcher thread when the serving thread has no gevent hub. Returns a
+    a new thread of its own when the serving thread has no gevent hub. Returns a
     function that stops the watch; call it when the response ends, and
     always before the server may close the socket. Linux only (epoll): None
     elsewhere.
     """
     if _epoll is None:
         return None
-    sock = environ.get(SOCKET_KEY) or environ.get("gunicorn.socket")
+    sock = _socket_of(environ)
     if sock is not None:
         try:
             fd = sock.fileno()
@@ -314,7 +354,14 @@ def watch(environ: dict[str, Any], on_disconnect: Callable[[], object]) -> Cance
             return None
         if fd < 0:
             return None
-        return _get_monitor().watch_socket(fd, on_disconnect)
+        try:
+            return _get_monitor().watch_socket(fd, on_disconnect)
+        except OSError as exc:
+            # Not a pollable socket (EPERM), or the kernel's epoll limit
+            # (ENOSPC: fs.epoll.max_user_watches) is reached: unwatched, as on a
+            # server that exposes nothing; heartbeats remain the fallback.
+            log.warning("cannot watch fd %d for a disconnect (%s); unwatched", fd, exc)
+            return None
     check = environ.get("waitress.client_disconnected")
     if callable(check):
         return _get_monitor().watch_poll(check, on_disconnect)

@@ -34,8 +34,10 @@ def serve(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> None:
     chat = ChatApp()
     server = make_server(chat, host, port, grace=1.0, log=None)
     server.start()
-    print(f"wsgi_detach demo chat on http://{host}:{server.server_port}/  (Ctrl-C to stop)",
-          flush=True)
+    print(
+        f"wsgi_detach demo chat on http://{host}:{server.server_port}/  (Ctrl-C to stop)",
+        flush=True,
+    )
 
     def stop() -> None:  # in a new greenlet: the drain may block
         chat.disconnect_all()  # streams end cleanly, polls get an empty answer
