@@ -1,0 +1,338 @@
+"""The load generator: ``python -m bench.client --cpu N '<job JSON>'``.
+
+It runs in its own process (pinned to another core than the server) on
+gevent with raw sockets and no monkey-patching. Every job has two phases so
+the orchestrator can sample the server between them:
+
+1. set up (connect, warm up), then print ``{"event": "ready", ...}``;
+2. wait for ``go`` on stdin, measure, print ``{"event": "result", ...}``.
+
+Every wait has a deadline taken from the job; nothing here loops forever.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import gevent
+import gevent.event
+from gevent import socket
+from gevent.pool import Pool
+
+from bench import stats, system, wire
+
+RECV = 262144
+#: Concurrent connects while opening thousands of streams: enough to be
+#: quick, few enough not to overflow the server's accept backlog.
+CONNECT_CONCURRENCY = 200
+
+
+def emit(obj: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+def wait_go(timeout: float) -> None:
+    """Block this greenlet (not the hub) until ``go`` arrives on stdin."""
+    fd = sys.stdin.fileno()
+    os.set_blocking(fd, False)
+    buf = b""
+    deadline = time.monotonic() + timeout
+    while b"\n" not in buf:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("no 'go' from the orchestrator")
+        socket.wait_read(fd, timeout=left, timeout_exc=TimeoutError("no 'go'"))
+        data = os.read(fd, 1024)
+        if not data:
+            raise EOFError("orchestrator closed stdin")
+        buf += data
+
+
+def connect(port: int) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.settimeout(None)
+    return sock
+
+
+class Reader:
+    """One connection's receive side: head, then a body, keeping leftovers."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buf = b""
+
+    def head(self) -> wire.Head:
+        while b"\r\n\r\n" not in self.buf:
+            data = self.sock.recv(RECV)
+            if not data:
+                raise wire.ProtocolError("connection closed before the head")
+            self.buf += data
+        raw, self.buf = self.buf.split(b"\r\n\r\n", 1)
+        return wire.Head(raw)
+
+    def body(self, keep: bool, on_data: Callable[[wire.Dechunker, int], None] | None = None) -> wire.Dechunker:
+        """Read a whole body; ``on_data(dechunker, recv_ns)`` runs after each recv."""
+        head = self.head()
+        if head.status != 200:
+            raise wire.ProtocolError(f"status {head.status}")
+        d = wire.Dechunker(keep)
+        if not head.chunked:  # Content-Length (only our tiny control replies)
+            while len(self.buf) < (head.length or 0):
+                self.buf += self.sock.recv(RECV)
+            length = head.length or 0
+            d.out += self.buf[:length]
+            self.buf = self.buf[length:]
+            d.done = True
+            return d
+        data, self.buf = self.buf, b""
+        now = time.time_ns()
+        while True:
+            if data:
+                finished = d.feed(data)
+                if on_data is not None:
+                    on_data(d, now)
+                if finished:
+                    self.buf = d.rest
+                    return d
+            data = self.sock.recv(RECV)
+            now = time.time_ns()
+            if not data:
+                raise wire.ProtocolError("connection closed mid-body (no last chunk)")
+
+
+def get(port: int, path: str) -> bytes:
+    sock = connect(port)
+    try:
+        sock.sendall(wire.request(path))
+        return bytes(Reader(sock).body(keep=True).out)
+    finally:
+        sock.close()
+
+
+# -- jobs ---------------------------------------------------------------------
+
+def throughput(port: int, n: int, size: int, timeout: float) -> dict[str, Any]:
+    sock = connect(port)
+    reader = Reader(sock)
+    sock.sendall(wire.request(f"/stream?n={min(n, 2000)}&size={size}"))  # warm up
+    reader.body(keep=False)
+    emit({"event": "ready"})
+    wait_go(timeout)
+    with gevent.Timeout(timeout):
+        t0 = time.perf_counter()
+        sock.sendall(wire.request(f"/stream?n={n}&size={size}"))
+        d = reader.body(keep=False)
+        seconds = time.perf_counter() - t0
+    sock.close()
+    if d.chunks < n or d.payload != n * size:
+        raise wire.ProtocolError(f"got {d.chunks} chunks / {d.payload} B, expected {n} / {n * size}")
+    return {
+        "seconds": seconds,
+        "chunks_per_s": n / seconds,
+        "mb_per_s": n * size / seconds / 1e6,
+        "payload_mb": n * size / 1e6,
+        "wire_chunks": d.chunks,
+    }
+
+
+class Streams:
+    """C held streams on /fanout: connect, read hello, then collect messages."""
+
+    def __init__(self, port: int, c: int) -> None:
+        self.port, self.c = port, c
+        self.latencies: list[int] = []
+        self.received = 0
+        self.ended = 0
+        self.connected = 0  # streams past their hello
+        self.errors: list[str] = []
+        self.socks: list[socket.socket] = []
+        self.greenlets: list[gevent.Greenlet] = []
+
+    def open(self, timeout: float) -> float:
+        """Open all streams, each past its hello; return seconds it took."""
+        t0 = time.perf_counter()
+        pool = Pool(CONNECT_CONCURRENCY)
+        hellos = [gevent.event.Event() for _ in range(self.c)]
+        for ev in hellos:
+            self.greenlets.append(gevent.spawn(self.one, ev))
+            pool.spawn(ev.wait, timeout)
+        with gevent.Timeout(timeout, False):
+            pool.join()
+        return time.perf_counter() - t0
+
+    def one(self, hello: gevent.event.Event) -> None:
+        try:
+            sock = connect(self.port)
+            self.socks.append(sock)
+            sock.sendall(wire.request("/fanout"))
+            self.connected_one(sock, hello)
+        except Exception as exc:  # noqa: BLE001 - counted, reported, never silent
+            self.errors.append(repr(exc))
+        finally:
+            hello.set()
+
+    def connected_one(self, sock: socket.socket, hello: gevent.event.Event) -> None:
+        def on_data(d: wire.Dechunker, now: int) -> None:
+            if not hello.is_set():
+                self.connected += 1
+                hello.set()
+            for line in d.lines():
+                msg = wire.parse_message(line)
+                if msg is not None:
+                    self.received += 1
+                    self.latencies.append(now - msg[1])
+
+        Reader(sock).body(keep=True, on_data=on_data)
+        self.ended += 1
+
+    def close(self) -> None:
+        gevent.killall(self.greenlets, block=True, timeout=5)
+        for sock in self.socks:
+            sock.close()
+
+
+def fanout(port: int, c: int, n: int, interval_ms: int, timeout: float) -> dict[str, Any]:
+    streams = Streams(port, c)
+    connect_s = streams.open(timeout)
+    emit({"event": "ready", "connected": streams.connected, "connect_s": connect_s})
+    wait_go(timeout)
+    get(port, f"/start?n={n}&interval_ms={interval_ms}")
+    gevent.joinall(streams.greenlets, timeout=n * interval_ms / 1000 + 10 + c / 500)
+    expected = c * n
+    result = {
+        "streams": c,
+        "messages": n,
+        "connected": streams.connected,
+        "connect_s": connect_s,
+        "received": streams.received,
+        "lost": expected - streams.received,
+        "ended": streams.ended,
+        "errors": len(streams.errors),
+        "first_error": streams.errors[0] if streams.errors else None,
+        **stats.latency_summary(streams.latencies),
+    }
+    streams.close()
+    return result
+
+
+def idle(port: int, c: int, timeout: float) -> dict[str, Any]:
+    streams = Streams(port, c)
+    connect_s = streams.open(timeout)
+    emit({"event": "ready", "connected": streams.connected, "connect_s": connect_s})
+    wait_go(timeout)
+    result = {"streams": c, "connected": streams.connected, "errors": len(streams.errors),
+              "first_error": streams.errors[0] if streams.errors else None}
+    streams.close()
+    return result
+
+
+def longpoll(port: int, pollers: int, window_s: float, warmup_s: float, interval_ms: int,
+             timeout: float) -> dict[str, Any]:
+    socks = [connect(port) for _ in range(pollers)]
+    emit({"event": "ready", "connected": len(socks)})
+    wait_go(timeout)
+    n = int((warmup_s + window_s + 2) * 1000 / interval_ms)
+    get(port, f"/start?n={n}&interval_ms={interval_ms}")
+    t0 = time.monotonic()
+    w0, w1 = t0 + warmup_s, t0 + warmup_s + window_s
+    done: list[int] = []
+    latencies: list[int] = []
+    errors: list[str] = []
+
+    def poller(sock: socket.socket) -> None:
+        reader = Reader(sock)
+        try:
+            while time.monotonic() < w1:
+                sock.sendall(wire.request("/poll"))
+                d = reader.body(keep=True)
+                now_ns, now = time.time_ns(), time.monotonic()
+                if w0 <= now < w1:
+                    done.append(1)
+                    for line in d.lines():
+                        msg = wire.parse_message(line)
+                        if msg is not None:
+                            latencies.append(now_ns - msg[1])
+        except Exception as exc:  # noqa: BLE001 - counted, reported, never silent
+            errors.append(repr(exc))
+
+    greenlets = [gevent.spawn(poller, s) for s in socks]
+    gevent.joinall(greenlets, timeout=warmup_s + window_s + 5)
+    gevent.killall(greenlets, block=True, timeout=5)
+    for s in socks:
+        s.close()
+    return {
+        "pollers": pollers,
+        "window_s": window_s,
+        "polls": len(done),
+        "polls_per_s": len(done) / window_s,
+        "errors": len(errors),
+        "first_error": errors[0] if errors else None,
+        **stats.latency_summary(latencies),
+    }
+
+
+def xthread(port: int, n: int, sleep_ms: float, timeout: float) -> dict[str, Any]:
+    sock = connect(port)
+    reader = Reader(sock)
+    emit({"event": "ready"})
+    wait_go(timeout)
+    latencies: list[int] = []
+
+    def on_data(d: wire.Dechunker, now: int) -> None:
+        for line in d.lines():
+            msg = wire.parse_message(line)
+            if msg is not None:
+                latencies.append(now - msg[1])
+
+    with gevent.Timeout(timeout):
+        t0 = time.perf_counter()
+        sock.sendall(wire.request(f"/xthread?n={n}&sleep_ms={sleep_ms:g}"))
+        reader.body(keep=True, on_data=on_data)
+        seconds = time.perf_counter() - t0
+    sock.close()
+    return {
+        "messages": n,
+        "received": len(latencies),
+        "lost": n - len(latencies),
+        "seconds": seconds,
+        "chunks_per_s": len(latencies) / seconds,
+        **stats.latency_summary(latencies),
+    }
+
+
+JOBS: dict[str, Callable[..., dict[str, Any]]] = {
+    "throughput": throughput,
+    "fanout": fanout,
+    "idle": idle,
+    "longpoll": longpoll,
+    "xthread": xthread,
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.client")
+    parser.add_argument("job", help='JSON: {"kind": ..., "port": ..., ...}')
+    parser.add_argument("--cpu", type=int, default=None)
+    args = parser.parse_args(argv)
+    system.raise_nofile()
+    system.pin(args.cpu)
+    job = json.loads(args.job)
+    kind = job.pop("kind")
+    try:
+        result = JOBS[kind](**job)
+    except Exception as exc:  # noqa: BLE001 - reported to the orchestrator as data
+        emit({"event": "error", "error": f"{type(exc).__name__}: {exc}"})
+        raise SystemExit(1) from exc
+    emit({"event": "result", **result})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""One measurement: a fresh target server, a client job, server samples between.
+
+The server and the client run as separate processes pinned to different
+cores. The orchestrator samples the server's CPU time and RSS (psutil)
+when the client says it is ready and again when it reports, so CPU
+figures cover exactly the measured phase.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import psutil
+
+from bench import system
+from bench.procs import Child, ChildError
+
+SERVER_START_TIMEOUT = 30.0
+
+
+def placement() -> tuple[int | None, int | None]:
+    """(server core, client core): the first two usable cores, or no pinning."""
+    cores = system.cores()
+    if len(cores) < 2:
+        return None, None
+    return cores[0], cores[1]
+
+
+class Server:
+    """A running target server: its port, PID, self-description and psutil handle."""
+
+    def __init__(self, child: Child, ready: dict[str, Any]) -> None:
+        self.child = child
+        self.port: int = ready["port"]
+        self.info: dict[str, Any] = ready["info"]
+        self.ps = psutil.Process(child.pid)
+
+    def cpu_s(self) -> float:
+        t = self.ps.cpu_times()
+        return float(t.user + t.system)
+
+    def rss(self) -> int:
+        return int(self.ps.memory_info().rss)
+
+
+@contextmanager
+def server(target: str) -> Iterator[Server]:
+    """Start ``target``'s server, yield it once it listens, stop it by PID."""
+    core, _ = placement()
+    args = [target] + ([] if core is None else ["--cpu", str(core)])
+    child = Child("bench.server", args)
+    try:
+        yield Server(child, child.read_json(SERVER_START_TIMEOUT))
+    finally:
+        child.stop()
+
+
+class Sample:
+    """Server CPU and RSS at the client's ready point and at its result."""
+
+    def __init__(self) -> None:
+        self.cpu_ready = self.cpu_done = 0.0
+        self.rss_before = self.rss_ready = self.rss_done = 0
+
+
+def run_client(srv: Server, job: dict[str, Any], timeout: float, settle: float = 0.0) -> tuple[dict[str, Any], Sample]:
+    """Run one client job against ``srv``; return its result and the server samples.
+
+    ``settle`` seconds pass between the client's ready and the samples, for
+    RSS to reflect connections the server accepted a moment ago.
+    """
+    _, core = placement()
+    sample = Sample()
+    sample.rss_before = srv.rss()
+    args = [json.dumps({**job, "port": srv.port, "timeout": timeout})]
+    if core is not None:
+        args += ["--cpu", str(core)]
+    client = Child("bench.client", args, stdin=True)
+    try:
+        ready = client.read_json(timeout)
+        if ready.get("event") != "ready":
+            raise ChildError(f"client: {ready.get('error', ready)}")
+        if settle:
+            time.sleep(settle)
+        sample.rss_ready = srv.rss()
+        sample.cpu_ready = srv.cpu_s()
+        client.send("go")
+        result = client.read_json(timeout * 2)
+        sample.cpu_done = srv.cpu_s()
+        sample.rss_done = srv.rss()
+        if result.get("event") != "result":
+            raise ChildError(f"client: {result.get('error', result)}{client.tail()}")
+        client.wait(10)
+        result.pop("event")
+        return result, sample
+    finally:
+        client.stop()

@@ -1,0 +1,67 @@
+"""The registry of benchmark targets: one server module per target.
+
+Each target is a small server process on 127.0.0.1 started by
+``python -m bench.server NAME``. This module only *names* them (it imports
+none of their frameworks), so the orchestrator stays light and a missing
+framework fails one target, not the run.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+THROUGHPUT, FANOUT, IDLE, LONGPOLL, XTHREAD = "throughput", "fanout", "idle", "longpoll", "xthread"
+PUSH = frozenset({THROUGHPUT, FANOUT, IDLE, LONGPOLL})
+
+
+@dataclass(frozen=True)
+class Target:
+    """A server the harness can start, and the scenarios it takes part in."""
+
+    name: str
+    module: str
+    entry: str
+    scenarios: frozenset[str]
+    summary: str
+    nodelay: bool = False  # ask the server to set TCP_NODELAY itself
+
+    def load(self) -> object:
+        return getattr(importlib.import_module(self.module), self.entry)
+
+
+TARGETS: dict[str, Target] = {
+    t.name: t
+    for t in (
+        Target("wsgi_detach", "bench.targets.detach", "serve", PUSH | {XTHREAD},
+               "DetachedBody on gevent.pywsgi (+ our middleware/handler when present)"),
+        Target("seed_queue", "bench.targets.seed_queue", "serve", PUSH | {XTHREAD},
+               "gevent Queue body in a generator, put(StopIteration) ends it"),
+        Target("generator", "bench.targets.generator", "serve", frozenset({THROUGHPUT}),
+               "plain generator on gevent.pywsgi: the WSGI throughput ceiling"),
+        Target("tornado", "bench.targets.tornado_app", "serve", PUSH,
+               "Tornado RequestHandler.write + await flush()"),
+        Target("starlette", "bench.targets.starlette_app", "serve", PUSH,
+               "uvicorn (uvloop+httptools) + StreamingResponse from asyncio.Queue"),
+        Target("sse_starlette", "bench.targets.starlette_app", "serve_sse",
+               frozenset({FANOUT, IDLE}), "uvicorn (uvloop+httptools) + EventSourceResponse"),
+        Target("raw_limit", "bench.targets.raw_limit", "serve", PUSH,
+               "gevent StreamServer writing chunked HTTP by hand: the stack's limit"),
+        Target("seed_queue_nodelay", "bench.targets.seed_queue", "serve", PUSH,
+               "seed_queue with a pywsgi handler that sets TCP_NODELAY", nodelay=True),
+    )
+}
+
+#: Run when --targets is not given (seed_queue_nodelay is an opt-in probe).
+DEFAULT = ("wsgi_detach", "seed_queue", "generator", "tornado", "starlette", "sse_starlette",
+           "raw_limit")
+
+
+def unavailable(name: str) -> str | None:
+    """Why target ``name`` cannot run in this checkout, or None if it can."""
+    if name == "wsgi_detach":
+        try:
+            from wsgi_detach import DetachedBody  # noqa: F401
+        except ImportError as exc:
+            return f"wsgi_detach.DetachedBody is not importable yet ({exc})"
+    return None
