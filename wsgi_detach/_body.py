@@ -1,0 +1,715 @@
+"""DetachedBody: a WSGI response body that any code can write to after the app returned.
+
+Theory of operation
+-------------------
+The WSGI server is the *consumer*: it iterates the body (PEP 3333,
+"Specification Details") and calls ``close()`` when the request ends, however
+it ends. Any number of *producers* (greenlets, loop callbacks, plain OS
+threads) call ``put()`` to append chunks and ``finish()`` or ``fail()`` to end
+the response. Between them sits a buffer of bytes guarded by one real lock;
+blocking on either side goes through :mod:`wsgi_detach._wakeup`, which is the
+only place that knows whether a waiter is a greenlet or a thread.
+
+The producer-side lifecycle is the table ``_PRODUCER_OPS`` below: for every
+state, what each operation does. Anything that is not ``_OK`` or ``_NOOP`` is
+the exception class to raise, with a message naming the state and the
+operation (see :func:`_refuse`). The consumer side reads:
+
+=========  ==========================================================
+state      what ``next(body)`` does once the buffer is empty
+=========  ==========================================================
+open       waits (cooperatively under gevent, blocking on a thread);
+           yields a heartbeat, or expires the body on a timeout
+finished   ``StopIteration``
+failed     raises the producer's exception once (a 500 response
+           instead, if nothing was sent and the body owns
+           ``start_response``), then ``StopIteration``
+expired    raises ``BodyTimeout`` once (or the ``timeout_chunk`` was
+           queued and is yielded), then ``StopIteration``
+closed     ``StopIteration``; the buffer was discarded
+=========  ==========================================================
+
+Chunks put before ``finish()``/``fail()`` are always delivered before the end
+is reported: a failure must not hide data the client could still use, and must
+never look like a clean end (PEP 3333 "Error Handling": raising out of the
+iterator makes the server abort the connection, so an HTTP/1.1 chunked client
+sees no terminating chunk).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+import time
+from collections import deque
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Callable, Final, Union
+
+import gevent
+
+from ._errors import BodyAborted, BodyEnded, BodyTimeout, BufferFull, UsageError
+from ._wakeup import CannotBlockHere, Waiter, allocate_lock, make_waiter
+
+if TYPE_CHECKING:
+    from _typeshed.wsgi import StartResponse
+
+__all__ = ["Chunk", "DetachedBody"]
+
+log = logging.getLogger("wsgi_detach")
+
+#: What ``put()`` accepts. ``StopIteration`` (the class) is the seed's
+#: end-of-stream marker and means ``finish()``.
+Chunk = Union[bytes, bytearray, memoryview, str]
+
+OPEN: Final = "open"
+FINISHED: Final = "finished"
+FAILED: Final = "failed"
+EXPIRED: Final = "expired"
+CLOSED: Final = "closed"
+
+
+class _Op:
+    """A verdict in the lifecycle table that is not an exception."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+_OK = _Op("ok")
+_NOOP = _Op("no-op")
+
+# The producer-side lifecycle. Rows: the state; columns: the operation.
+#   finish   -- finish() with no last chunk: ending twice is harmless, and a
+#               producer's ``with body:`` exits after the client left must not
+#               raise, so it is a no-op in every ended state.
+#   write    -- put()/write()/finish(chunk)/start(): data would be lost, so
+#               refuse loudly; whose fault it is picks the exception.
+#   fail     -- fail(exc): the first end wins; a later failure has nowhere to go.
+_PRODUCER_OPS: Final[dict[str, dict[str, object]]] = {
+    #            write        finish  fail
+    OPEN: {"write": _OK, "finish": _OK, "fail": _OK},
+    FINISHED: {"write": BodyEnded, "finish": _NOOP, "fail": _NOOP},
+    FAILED: {"write": BodyEnded, "finish": _NOOP, "fail": _NOOP},
+    EXPIRED: {"write": BodyAborted, "finish": _NOOP, "fail": _NOOP},
+    CLOSED: {"write": BodyAborted, "finish": _NOOP, "fail": _NOOP},
+}
+
+_WHY: Final[dict[str, str]] = {
+    FINISHED: "you already called finish()",
+    FAILED: "you already called fail()",
+    EXPIRED: "it timed out (idle_timeout or deadline) before the producer ended it",
+    CLOSED: "the server closed it (the client disconnected or the request ended)",
+}
+
+
+def _refuse(state: str, op: str, what: str) -> object:
+    """Look up ``(state, op)``; return the verdict or raise the error it names."""
+    verdict = _PRODUCER_OPS[state][op]
+    if isinstance(verdict, type):
+        raise verdict(f"cannot {what}: the body is {state} because {_WHY[state]}", state)
+    return verdict
+
+
+_DEFAULT_COALESCE: Final = 64 * 1024
+_ERROR_HEADERS: Final = [("Content-Type", "text/plain; charset=utf-8")]
+
+
+class DetachedBody:
+    """A WSGI body iterable that producers fill later, from any greenlet or thread.
+
+    Return it from a WSGI app and hand it to whatever produces the data::
+
+        def app(environ, start_response):
+            start_response("200 OK", [("Content-Type", "text/plain")])
+            body = DetachedBody(idle_timeout=30)
+            body.spawn(ticker, body)          # or a callback, or a thread
+            return body
+
+        def ticker(body):
+            for i in range(3):
+                body.put(f"tick {i}\\n")
+                gevent.sleep(1)
+            body.finish()
+
+    Producer side (any greenlet, loop callback or OS thread): :meth:`put`
+    (alias :meth:`write`), :meth:`put_nowait`, :meth:`finish`, :meth:`fail`,
+    :meth:`start`. Consumer side (the server): iteration and :meth:`close`.
+
+    The body has no ``__len__`` on purpose: servers trust ``len()`` to derive
+    Content-Length (PEP 3333 "Handling the Content-Length Header"), and a
+    queue's length is not the length of the response.
+
+    Args:
+        idle_timeout: seconds the producer may stay silent (no ``put``) before
+            iteration raises :class:`BodyTimeout`. Heartbeats do not count as
+            activity. ``None``: no limit.
+        deadline: seconds from construction after which the body expires,
+            however active. ``None``: no limit.
+        heartbeat: when nothing was yielded for this many seconds, yield
+            ``heartbeat_chunk``. Keeps proxies from closing an idle stream, and
+            is how a server that exposes no socket notices a departed client
+            (its next write fails). ``None``: off.
+        heartbeat_chunk: what a heartbeat sends; must be non-empty, since
+            servers skip empty writes and an empty heartbeat detects nothing.
+        max_buffer: bytes that may wait unsent. At the cap, ``put()`` blocks
+            until the consumer drains (backpressure) and ``put_nowait()``
+            raises :class:`BufferFull`. A single chunk larger than the cap is
+            accepted when the buffer is empty. ``None``: unbounded.
+        encoding: how ``str`` chunks are encoded.
+        start_response: the server's ``start_response``, if the producer is to
+            decide the status and headers later with :meth:`start`. They are
+            handed to the server inside the first iteration, which PEP 3333
+            allows ("The start_response() Callable"). A failure before any
+            data then becomes a 500 response, a timeout a 504.
+        timeout_chunk: if given, a timeout ends the body *cleanly* with this
+            last chunk (may be ``b""``) instead of raising :class:`BodyTimeout`;
+            what a long-poll wants when nothing happened.
+        coalesce: when the client is behind and several chunks wait, join up
+            to this many bytes into one yield, so the server makes one write
+            instead of many. Never delays a chunk: it only merges chunks that
+            are already waiting. ``0`` keeps every chunk separate.
+    """
+
+    def __init__(
+        self,
+        *,
+        idle_timeout: float | None = None,
+        deadline: float | None = None,
+        heartbeat: float | None = None,
+        heartbeat_chunk: bytes = b"\n",
+        max_buffer: int | None = None,
+        encoding: str = "utf-8",
+        start_response: StartResponse | None = None,
+        timeout_chunk: Chunk | None = None,
+        coalesce: int = _DEFAULT_COALESCE,
+    ) -> None:
+        self._idle_timeout = _positive_or_none("idle_timeout", idle_timeout)
+        self._deadline = _positive_or_none("deadline", deadline)
+        self._heartbeat = _positive_or_none("heartbeat", heartbeat)
+        if not isinstance(heartbeat_chunk, bytes) or not heartbeat_chunk:
+            raise TypeError(
+                f"heartbeat_chunk must be non-empty bytes (an empty write detects nothing), "
+                f"got {heartbeat_chunk!r}"
+            )
+        self._heartbeat_chunk = heartbeat_chunk
+        if max_buffer is not None and (
+            not isinstance(max_buffer, int) or isinstance(max_buffer, bool) or max_buffer <= 0
+        ):
+            raise ValueError(f"max_buffer must be a positive int or None, got {max_buffer!r}")
+        self._max_buffer = max_buffer
+        "".encode(encoding)  # fail now on an unknown encoding, not at the first put()
+        self._encoding = encoding
+        if start_response is not None and not callable(start_response):
+            raise TypeError(f"start_response must be callable, got {start_response!r}")
+        self._start_response = start_response
+        self._timeout_chunk = None if timeout_chunk is None else self._coerce(timeout_chunk)
+        if not isinstance(coalesce, int) or coalesce < 0:
+            raise ValueError(f"coalesce must be an int >= 0, got {coalesce!r}")
+        self._coalesce = coalesce
+
+        self._lock = allocate_lock()
+        self._state: str = OPEN
+        self._buffer: deque[bytes] = deque()
+        self._buffered = 0
+        self._end_error: BaseException | None = None  # raised once the buffer drains
+        self._consumer: Waiter | None = None
+        self._producers: list[Waiter] = []
+        self._callbacks: list[Callable[[], object]] | None = []
+        self._head: tuple[str, list[tuple[str, str]]] | None = None  # from start()
+        self._head_sent = start_response is None  # the app called start_response itself
+        self._sent_data = False  # a non-empty chunk went to the server
+        self._outcome: str | None = None
+        now = time.monotonic()
+        self._created = now
+        self._last_put = now
+        self._last_yield = now
+
+    # ------------------------------------------------------------------ introspection
+
+    @property
+    def state(self) -> str:
+        """``"open"``, ``"finished"``, ``"failed"``, ``"expired"`` or ``"closed"``."""
+        return self._state
+
+    @property
+    def closed(self) -> bool:
+        """True once the server called :meth:`close`."""
+        return self._state == CLOSED
+
+    @property
+    def buffered(self) -> int:
+        """Bytes put but not yet handed to the server."""
+        return self._buffered
+
+    @property
+    def outcome(self) -> str | None:
+        """How the response ended, known once closed; ``None`` before.
+
+        ``"finished"``: the producer finished and every byte went to the
+        server. ``"failed"``: the producer called ``fail()``. ``"timed_out"``:
+        ``idle_timeout`` or ``deadline`` expired. ``"disconnected"``: the
+        server closed the body before the producer ended it, or with data
+        still undelivered; almost always a client that left.
+        """
+        return self._outcome
+
+    def __repr__(self) -> str:
+        return (
+            f"<DetachedBody {self._state}, {len(self._buffer)} chunks / "
+            f"{self._buffered} bytes buffered>"
+        )
+
+    # ------------------------------------------------------------------ producer side
+
+    def start(self, status: str, headers: list[tuple[str, str]]) -> None:
+        """Decide the status and headers of a body created with ``start_response``.
+
+        Callable from any greenlet or thread, once, before the first
+        :meth:`put`. The server receives them inside its first iteration.
+
+        Raises:
+            UsageError: the body was made without ``start_response``, or
+                ``start()`` was already called.
+            BodyClosed: the body already ended.
+        """
+        if not isinstance(status, str) or not isinstance(headers, list):
+            raise TypeError(
+                f"start() takes a status str and a list of (name, value) tuples, "
+                f"got {type(status).__name__} and {type(headers).__name__}"
+            )
+        with self._lock:
+            _refuse(self._state, "write", "start()")
+            if self._start_response is None:
+                raise UsageError(
+                    "start() needs a body created with DetachedBody(start_response=...); "
+                    "this app calls start_response itself"
+                )
+            if self._head is not None:
+                raise UsageError("start() was already called on this body")
+            self._head = (status, list(headers))
+            self._last_put = time.monotonic()
+
+    def put(self, chunk: Chunk | type[StopIteration], timeout: float | None = None) -> None:
+        """Append a chunk for the server to send; ``put(StopIteration)`` is :meth:`finish`.
+
+        Accepts ``bytes``, ``bytearray``, ``memoryview`` (copied, so the caller
+        may reuse its buffer) and ``str`` (encoded with ``encoding``). An empty
+        chunk sends nothing but counts as activity for ``idle_timeout``.
+
+        With ``max_buffer`` set and reached, blocks the calling greenlet or
+        thread until the server drained enough (backpressure), until
+        ``timeout`` seconds pass (:class:`BufferFull`), or until the body is
+        closed (:class:`BodyAborted`).
+
+        Raises:
+            TypeError: the chunk is of another type; the body stays usable.
+            BodyEnded: you already called ``finish()`` or ``fail()``.
+            BodyAborted: the server closed the body, or it timed out.
+            BufferFull: ``timeout`` passed, or the cap is reached and the
+                caller is the gevent hub itself, where it must not block.
+            UsageError: the body owns ``start_response`` and ``start()`` was
+                not called yet.
+        """
+        if chunk is StopIteration:
+            self.finish()
+            return
+        self._put(self._coerce(chunk), block=True, timeout=timeout)
+
+    write = put
+
+    def put_nowait(self, chunk: Chunk | type[StopIteration]) -> None:
+        """Like :meth:`put`, but raise :class:`BufferFull` instead of waiting for room."""
+        if chunk is StopIteration:
+            self.finish()
+            return
+        self._put(self._coerce(chunk), block=False, timeout=None)
+
+    def finish(self, chunk: Chunk | None = None) -> None:
+        """End the response cleanly, optionally with a last chunk.
+
+        Chunks already put are still delivered; then iteration stops. Calling
+        it again, or after the body was closed or failed, does nothing (so a
+        producer's cleanup path may always call it) -- unless it carries a
+        chunk, which could not be delivered and therefore raises.
+
+        The last chunk bypasses ``max_buffer``: finishing never blocks.
+        """
+        data = None if chunk is None else self._coerce(chunk)
+        with self._lock:
+            if data is not None:
+                _refuse(self._state, "write", "finish() with a last chunk")
+            elif _refuse(self._state, "finish", "finish()") is _NOOP:
+                return
+            if self._start_response is not None and self._head is None:
+                # Ending a response that never got a status would leave the
+                # server with nothing valid to send: make it a 500 rather than
+                # a hang, and tell the caller.
+                error = UsageError(
+                    "finish() before start(): this body owns start_response, so call "
+                    "body.start(status, headers) first"
+                )
+                self._end_locked(FAILED, error)
+                consumer = self._take_consumer_locked()
+            else:
+                error = None
+                if data:
+                    self._buffer.append(data)
+                    self._buffered += len(data)
+                self._end_locked(FINISHED, None)
+                consumer = self._take_consumer_locked()
+        if consumer is not None:
+            consumer.wake()
+        if error is not None:
+            raise error
+
+    def fail(self, exc: BaseException | type[BaseException]) -> None:
+        """End the response as broken: deliver what was put, then raise ``exc`` in the server.
+
+        The server then aborts the connection, so the client sees a truncated
+        response, never a clean end (over chunked HTTP/1.1: no terminating
+        chunk). If nothing was sent yet and the body owns ``start_response``,
+        the client gets a 500 instead. A no-op once the body ended.
+        """
+        if isinstance(exc, type) and issubclass(exc, BaseException):
+            exc = exc()
+        if not isinstance(exc, BaseException):
+            raise TypeError(f"fail() takes an exception, got {type(exc).__name__}")
+        with self._lock:
+            if _refuse(self._state, "fail", "fail()") is _NOOP:
+                log.debug("fail(%r) on a %s body ignored", exc, self._state)
+                return
+            self._end_locked(FAILED, exc)
+            consumer = self._take_consumer_locked()
+        if consumer is not None:
+            consumer.wake()
+
+    def on_close(self, callback: Callable[[], object]) -> Callable[[], object]:
+        """Run ``callback()`` once when the server closes the body.
+
+        That is at the end of every request: finished, failed, timed out or
+        abandoned by the client; the usual place to unsubscribe a producer.
+        Registered after close, it runs at once. An exception from a callback
+        is logged to the ``wsgi_detach`` logger and does not stop the others.
+        Returns ``callback``, so it works as a decorator.
+        """
+        if not callable(callback):
+            raise TypeError(f"on_close() takes a callable, got {callback!r}")
+        with self._lock:
+            if self._callbacks is not None:
+                self._callbacks.append(callback)
+                return callback
+        _run_callback(callback)
+        return callback
+
+    def __enter__(self) -> DetachedBody:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        """Finish on a normal exit, fail on an exception: a dead producer never hangs a request.
+
+        A :class:`BodyAborted` raised by this very body (the client left or it
+        timed out) is the ordinary end of a producer and is swallowed.
+        """
+        if exc is None:
+            self.finish()
+            return False
+        if isinstance(exc, BodyAborted) and self._state in (CLOSED, EXPIRED):
+            log.debug("producer stopped: %s", exc)
+            return True
+        self.fail(exc)
+        return False
+
+    def spawn(self, fn: Callable[..., object], *args: Any, **kwargs: Any) -> gevent.Greenlet:
+        """Run ``fn(*args, **kwargs)`` in a new greenlet tied to this body.
+
+        When ``fn`` returns the body finishes; when it raises, the body fails
+        (see :meth:`__exit__`). The greenlet lives in the calling thread's hub.
+        """
+        return gevent.spawn(self._run_tied, fn, args, kwargs)
+
+    def spawn_thread(
+        self, fn: Callable[..., object], *args: Any, **kwargs: Any
+    ) -> threading.Thread:
+        """Run ``fn(*args, **kwargs)`` in a new daemon thread tied to this body.
+
+        Like :meth:`spawn`, for blocking code that must not run in a greenlet
+        (a C library, a blocking client). The body is safe to write from it.
+        """
+        thread = threading.Thread(
+            target=self._run_tied,
+            args=(fn, args, kwargs),
+            name="wsgi_detach-producer",
+            daemon=True,
+        )
+        thread.start()
+        return thread
+
+    def _run_tied(self, fn: Callable[..., object], args: Any, kwargs: Any) -> object:
+        with self:
+            return fn(*args, **kwargs)
+        return None  # only reached when __exit__ swallowed BodyAborted
+
+    # ------------------------------------------------------------------ consumer side
+
+    def __iter__(self) -> DetachedBody:
+        return self
+
+    def __next__(self) -> bytes:
+        """The server's side: the next non-empty chunk, blocking until there is one."""
+        while True:
+            to_wake: list[Waiter] = []
+            waiter: Waiter | None = None
+            chunk: bytes | None = None
+            error: BaseException | None = None
+            with self._lock:
+                if self._buffer:
+                    chunk = self._pop_locked()
+                    if self._producers:
+                        to_wake, self._producers = self._producers, []
+                elif self._end_error is not None:
+                    error, self._end_error = self._end_error, None
+                elif self._state != OPEN:
+                    raise StopIteration
+                else:
+                    wait_for = self._due_locked(time.monotonic())
+                    if wait_for is None or wait_for > 0:
+                        if self._consumer is not None:
+                            raise UsageError("two consumers iterate the same DetachedBody")
+                        waiter = self._consumer = make_waiter()
+                    else:
+                        chunk = self._on_due_locked()
+                        if chunk is None:
+                            continue
+            for producer in to_wake:
+                producer.wake()
+            if chunk is not None:
+                return self._emit(chunk)
+            if error is not None:
+                return self._raise_end(error)
+            assert waiter is not None
+            try:
+                waiter.wait(wait_for)
+            finally:
+                with self._lock:
+                    if self._consumer is waiter:
+                        self._consumer = None
+
+    def close(self) -> None:
+        """PEP 3333's close(): the request is over, whatever its outcome.
+
+        Idempotent. Discards what is still buffered, wakes a blocked consumer
+        and every blocked producer (they get :class:`BodyAborted`), then runs
+        the ``on_close`` callbacks, each exactly once.
+        """
+        with self._lock:
+            if self._state == CLOSED:
+                return
+            self._outcome = self._outcome_locked()
+            self._state = CLOSED
+            self._buffer.clear()
+            self._buffered = 0
+            self._end_error = None
+            waiters = self._producers
+            self._producers = []
+            consumer = self._take_consumer_locked()
+            callbacks, self._callbacks = self._callbacks or [], None
+        if consumer is not None:
+            waiters.append(consumer)
+        for waiter in waiters:
+            waiter.wake()
+        for callback in callbacks:
+            _run_callback(callback)
+
+    # ------------------------------------------------------------------ internals
+
+    def _coerce(self, chunk: object) -> bytes:
+        if isinstance(chunk, bytes):
+            return chunk
+        if isinstance(chunk, str):
+            return chunk.encode(self._encoding)
+        if isinstance(chunk, (bytearray, memoryview)):
+            return bytes(chunk)
+        raise TypeError(
+            f"a chunk must be bytes, bytearray, memoryview or str (or StopIteration to "
+            f"finish), got {type(chunk).__name__}"
+        )
+
+    def _put(self, data: bytes, *, block: bool, timeout: float | None) -> None:
+        give_up = None if timeout is None else time.monotonic() + timeout
+        while True:
+            with self._lock:
+                _refuse(self._state, "write", "put()")
+                if self._start_response is not None and self._head is None:
+                    raise UsageError(
+                        "put() before start(): this body owns start_response, so call "
+                        "body.start(status, headers) first"
+                    )
+                cap = self._max_buffer
+                if cap is None or not self._buffered or self._buffered + len(data) <= cap:
+                    self._last_put = time.monotonic()
+                    if not data:
+                        return
+                    self._buffer.append(data)
+                    self._buffered += len(data)
+                    consumer = self._take_consumer_locked()
+                    break
+                if not block:
+                    raise BufferFull(
+                        f"max_buffer={cap} bytes reached ({self._buffered} waiting for the client)"
+                    )
+                try:
+                    waiter = make_waiter()
+                except CannotBlockHere:
+                    raise BufferFull(
+                        f"max_buffer={cap} bytes reached and put() was called from the gevent hub "
+                        f"(a loop callback), where blocking would stop every greenlet; use "
+                        f"put_nowait() and handle BufferFull, or produce from a greenlet"
+                    ) from None
+                self._producers.append(waiter)
+            remaining = None if give_up is None else give_up - time.monotonic()
+            woken = False
+            try:
+                woken = waiter.wait(remaining)
+            finally:
+                if not woken:
+                    with self._lock:
+                        if waiter in self._producers:
+                            self._producers.remove(waiter)
+                        else:
+                            woken = True  # woken as the timer fired: look again
+            if not woken:
+                raise BufferFull(
+                    f"put() waited {timeout}s for room under max_buffer={cap} bytes; the client "
+                    f"is not reading fast enough"
+                )
+        if consumer is not None:
+            consumer.wake()
+
+    def _take_consumer_locked(self) -> Waiter | None:
+        consumer, self._consumer = self._consumer, None
+        return consumer
+
+    def _end_locked(self, state: str, error: BaseException | None) -> None:
+        self._state = state
+        self._end_error = error
+        # Producers blocked on a full buffer must hear that the body ended.
+        waiters, self._producers = self._producers, []
+        for waiter in waiters:
+            waiter.wake()
+
+    def _pop_locked(self) -> bytes:
+        buffer = self._buffer
+        chunk = buffer.popleft()
+        limit = self._coalesce
+        if buffer and len(chunk) < limit:
+            parts = [chunk]
+            size = len(chunk)
+            while buffer and size + len(buffer[0]) <= limit:
+                part = buffer.popleft()
+                parts.append(part)
+                size += len(part)
+            if len(parts) > 1:
+                chunk = b"".join(parts)
+        self._buffered -= len(chunk)
+        return chunk
+
+    def _can_send_locked(self) -> bool:
+        return self._head_sent or self._head is not None
+
+    def _due_locked(self, now: float) -> float | None:
+        """Seconds until the next timeout or heartbeat is due (<= 0: due now); None: never."""
+        due: float | None = None
+        if self._idle_timeout is not None:
+            due = self._last_put + self._idle_timeout
+        if self._deadline is not None:
+            end = self._created + self._deadline
+            due = end if due is None else min(due, end)
+        if self._heartbeat is not None and self._can_send_locked():
+            beat = self._last_yield + self._heartbeat
+            due = beat if due is None else min(due, beat)
+        return None if due is None else due - now
+
+    def _on_due_locked(self) -> bytes | None:
+        """Something is due: expire the body, or return a heartbeat chunk."""
+        now = time.monotonic()
+        idle = self._idle_timeout is not None and now >= self._last_put + self._idle_timeout
+        late = self._deadline is not None and now >= self._created + self._deadline
+        if idle or late:
+            what = (
+                f"deadline={self._deadline}s passed"
+                if late
+                else f"the producer was silent for idle_timeout={self._idle_timeout}s"
+            )
+            if self._timeout_chunk is not None and self._can_send_locked():
+                if self._timeout_chunk:
+                    self._buffer.append(self._timeout_chunk)
+                    self._buffered += len(self._timeout_chunk)
+                self._end_locked(EXPIRED, None)
+            else:
+                self._end_locked(EXPIRED, BodyTimeout(f"response timed out: {what}"))
+            return None
+        return self._heartbeat_chunk
+
+    def _emit(self, chunk: bytes) -> bytes:
+        """Hand a chunk to the server, calling the owned start_response first if due."""
+        if not self._head_sent:
+            assert self._head is not None and self._start_response is not None
+            self._head_sent = True
+            status, headers = self._head
+            self._start_response(status, headers)
+        self._sent_data = True
+        self._last_yield = time.monotonic()
+        return chunk
+
+    def _raise_end(self, error: BaseException) -> bytes:
+        """Report a failure or timeout to the server: an error response if still possible."""
+        if self._start_response is None or self._sent_data:
+            raise error
+        status = (
+            "504 Gateway Timeout" if isinstance(error, BodyTimeout) else "500 Internal Server Error"
+        )
+        log.error("detached response failed before any data was sent: %s", status, exc_info=error)
+        self._head_sent = True
+        self._sent_data = True
+        message = status.encode("ascii") + b"\n"
+        headers = [*_ERROR_HEADERS, ("Content-Length", str(len(message)))]
+        # exc_info replaces headers decided but not yet sent (PEP 3333 "Error
+        # Handling"); the server raises it back if they were sent after all.
+        try:
+            raise error
+        except BaseException:
+            self._start_response(status, headers, sys.exc_info())
+        return message
+
+    def _outcome_locked(self) -> str:
+        if self._state == FAILED:
+            return "failed"
+        if self._state == EXPIRED:
+            return "timed_out"
+        if self._state == FINISHED and not self._buffer:
+            return "finished"
+        return "disconnected"
+
+
+def _positive_or_none(name: str, value: float | None) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"{name} must be a positive number of seconds or None, got {value!r}")
+    return float(value)
+
+
+def _run_callback(callback: Callable[[], object]) -> None:
+    try:
+        callback()
+    except Exception:
+        log.exception("on_close callback %r raised; the other callbacks still run", callback)

@@ -1,0 +1,100 @@
+"""The exception hierarchy of wsgi_detach.
+
+Every error this package raises on purpose derives from :class:`DetachError`.
+Below it the errors are split by *who is at fault*, so that a producer can
+tell a bug in its own code from the ordinary end of a request:
+
+=====================  ===========================================  ==============
+exception              raised when                                  who caused it
+=====================  ===========================================  ==============
+``UsageError``         the API was misused (``put()`` before        the caller
+                       ``start()``, two consumers, ...)
+``BodyEnded``          writing after your own ``finish()``/``fail()``  the caller
+``BodyAborted``        writing after the server closed the body,    the outside
+                       or after a timeout ended it                  world
+``BodyTimeout``        iterating past ``idle_timeout``/``deadline``  the producer
+                                                                    was too slow
+``BufferFull``         ``put_nowait()`` with ``max_buffer`` reached,  the consumer
+                       or a blocking ``put()`` where it cannot block  is behind
+=====================  ===========================================  ==============
+
+``BodyEnded`` and ``BodyAborted`` share the base :class:`BodyClosed`, so code
+that only wants to know "can I still write?" catches that one. ``BodyEnded`` is
+also a :class:`UsageError`: both are bugs in the calling code.
+
+This module imports nothing of ours.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BodyAborted",
+    "BodyClosed",
+    "BodyEnded",
+    "BodyTimeout",
+    "BufferFull",
+    "DetachError",
+    "UsageError",
+]
+
+
+class DetachError(Exception):
+    """Base class of every error wsgi_detach raises on purpose."""
+
+
+class UsageError(DetachError, RuntimeError):
+    """The calling code used the API in a way it does not allow; the message says how to fix it."""
+
+
+class BodyClosed(DetachError):
+    """The body no longer accepts data.
+
+    Raised by ``put()``/``write()``/``finish(chunk)`` and by a blocked ``put()``
+    that was waiting for buffer space. Catch this to stop producing whatever
+    the reason; catch a subclass to tell the reasons apart.
+
+    Attributes:
+        state: the body's state when the write was refused (``"finished"``,
+            ``"failed"``, ``"expired"`` or ``"closed"``).
+    """
+
+    def __init__(self, message: str, state: str) -> None:
+        super().__init__(message)
+        self.state = state
+
+
+class BodyEnded(BodyClosed, UsageError):
+    """You wrote to a body after ending it yourself with ``finish()`` or ``fail()``.
+
+    This is a bug in the producing code: the producer already said the
+    response was complete (or broken), and then tried to add to it.
+    """
+
+
+class BodyAborted(BodyClosed):
+    """The consuming side ended the body before the producer did.
+
+    Either the server called ``close()`` (the client disconnected, the request
+    ended, the server is shutting down) or a timeout expired. This is the
+    ordinary way a long-lived producer learns that nobody is listening any
+    more: stop producing and clean up.
+    """
+
+
+class BodyTimeout(DetachError, TimeoutError):
+    """The producer was silent for ``idle_timeout`` seconds, or ``deadline`` passed.
+
+    Raised out of the body's iteration, that is inside the server, so that the
+    server aborts the connection and the client sees an incomplete response
+    rather than a clean (and wrong) end. Pass ``timeout_chunk`` to end cleanly
+    instead.
+    """
+
+
+class BufferFull(DetachError):
+    """``max_buffer`` bytes are waiting for the client and the caller cannot wait.
+
+    Raised by ``put_nowait()``, by ``put(timeout=...)`` when the timeout
+    passes, and by ``put()`` called from the gevent hub itself (a loop
+    callback), where blocking would deadlock the whole process.
+    """
