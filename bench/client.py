@@ -126,19 +126,33 @@ def throughput(port: int, n: int, size: int, timeout: float) -> dict[str, Any]:
     reader.body(keep=False)
     emit({"event": "ready"})
     wait_go(timeout)
+    total = n * size
+    t_payload: list[float] = []
+
+    def on_data(d: wire.Dechunker, _now: int) -> None:
+        if not t_payload and d.payload >= total:
+            t_payload.append(time.perf_counter())
+
     with gevent.Timeout(timeout):
         t0 = time.perf_counter()
         sock.sendall(wire.request(f"/stream?n={n}&size={size}"))
-        d = reader.body(keep=False)
-        seconds = time.perf_counter() - t0
+        d = reader.body(keep=False, on_data=on_data)
+        t_end = time.perf_counter()
     sock.close()
-    if d.chunks < n or d.payload != n * size:
-        raise wire.ProtocolError(f"got {d.chunks} chunks / {d.payload} B, expected {n} / {n * size}")
+    # Rates use the time to the last payload byte; the wait from there to the
+    # terminating chunk is reported apart (tail_ms), because on a server
+    # without TCP_NODELAY it is a fixed ~40 ms delayed-ACK stall, not a rate.
+    seconds = (t_payload[0] if t_payload else t_end) - t0
+    # Compare payload bytes, not chunk counts: a body may legitimately merge
+    # chunks that are already waiting into one write (wire_chunks shows it).
+    if d.payload != n * size:
+        raise wire.ProtocolError(f"got {d.payload} payload bytes, expected {n * size}")
     return {
         "seconds": seconds,
         "chunks_per_s": n / seconds,
         "mb_per_s": n * size / seconds / 1e6,
         "payload_mb": n * size / 1e6,
+        "tail_ms": (t_end - t0 - seconds) * 1000,
         "wire_chunks": d.chunks,
     }
 

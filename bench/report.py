@@ -21,7 +21,7 @@ REFERENCES = ("seed_queue", "raw_limit")
 #: Columns per scenario: (metric key, header, format).
 COLUMNS: dict[str, list[tuple[str, str, str]]] = {
     THROUGHPUT: [("chunks_per_s", "chunks/s", "{:,.0f}"), ("mb_per_s", "MB/s", "{:,.1f}"),
-                 ("cpu_s_per_mb", "CPU-s/MB", "{:.4f}")],
+                 ("cpu_s_per_mb", "CPU-s/MB", "{:.4f}"), ("tail_ms", "tail ms", "{:.1f}")],
     FANOUT: [("p50_ms", "p50 ms", "{:.1f}"), ("p99_ms", "p99 ms", "{:.1f}"),
              ("max_ms", "max ms", "{:.1f}"), ("lost", "lost", "{:.0f}"),
              ("server_cpu_s", "srv CPU-s", "{:.2f}")],
@@ -81,7 +81,7 @@ def table(results: dict[str, Any], order: list[str]) -> str:
             better = "higher" if higher else "lower"
             lines.append(f"\n== {scenario} {case}  (ratios on {key}, {better} is better)")
             cols = COLUMNS[scenario]
-            header = f"{'target':<19}" + "".join(f"{h:>12}" for _, h, _ in cols)
+            header = f"{'target':<24}" + "".join(f"{h:>12}" for _, h, _ in cols)
             header += "".join(f"{'/' + r:>12}" for r in REFERENCES)
             lines.append(header)
             refs = {r: targets.get(r, {}).get("median", {}).get(key) for r in REFERENCES}
@@ -90,9 +90,9 @@ def table(results: dict[str, Any], order: list[str]) -> str:
                 med = entry["median"]
                 if not med:
                     errors = [r.get("error", "") for r in entry["runs"]]
-                    lines.append(f"{target:<19}  FAILED: {errors[0][:90] if errors else '?'}")
+                    lines.append(f"{target:<24}  FAILED: {errors[0][:90] if errors else '?'}")
                     continue
-                row = f"{target:<19}"
+                row = f"{target:<24}"
                 for metric, _, fmt in cols:
                     value = med.get(metric)
                     row += f"{fmt.format(value) if value is not None else '-':>12}"

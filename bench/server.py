@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> None:
     system.pin(args.cpu)
     target = TARGETS[args.target]
     serve = target.load()
-    serve(announce, nodelay=target.nodelay)  # type: ignore[operator]
+    serve(announce, **dict(target.options))  # type: ignore[operator]
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ class Target:
     entry: str
     scenarios: frozenset[str]
     summary: str
-    nodelay: bool = False  # ask the server to set TCP_NODELAY itself
+    options: tuple[tuple[str, object], ...] = ()  # keyword arguments for its serve()
 
     def load(self) -> object:
         return getattr(importlib.import_module(self.module), self.entry)
@@ -47,19 +47,24 @@ TARGETS: dict[str, Target] = {
                frozenset({FANOUT, IDLE}), "uvicorn (uvloop+httptools) + EventSourceResponse"),
         Target("raw_limit", "bench.targets.raw_limit", "serve", PUSH,
                "gevent StreamServer writing chunked HTTP by hand: the stack's limit"),
+        # Opt-in probes (not in DEFAULT): each isolates one effect.
         Target("seed_queue_nodelay", "bench.targets.seed_queue", "serve", PUSH,
-               "seed_queue with a pywsgi handler that sets TCP_NODELAY", nodelay=True),
+               "seed_queue with a pywsgi handler that sets TCP_NODELAY", (("nodelay", True),)),
+        Target("wsgi_detach_nodelay", "bench.targets.detach", "serve", PUSH | {XTHREAD},
+               "wsgi_detach with a pywsgi handler that sets TCP_NODELAY", (("nodelay", True),)),
+        Target("wsgi_detach_nocoalesce", "bench.targets.detach", "serve", PUSH | {XTHREAD},
+               "wsgi_detach with coalesce=0: one write per put()", (("coalesce", 0),)),
     )
 }
 
-#: Run when --targets is not given (seed_queue_nodelay is an opt-in probe).
+#: Run when --targets is not given (the *_nodelay and *_nocoalesce probes are opt-in).
 DEFAULT = ("wsgi_detach", "seed_queue", "generator", "tornado", "starlette", "sse_starlette",
            "raw_limit")
 
 
 def unavailable(name: str) -> str | None:
     """Why target ``name`` cannot run in this checkout, or None if it can."""
-    if name == "wsgi_detach":
+    if name.startswith("wsgi_detach"):
         try:
             from wsgi_detach import DetachedBody  # noqa: F401
         except ImportError as exc:

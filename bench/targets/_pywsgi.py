@@ -51,7 +51,9 @@ class Stream(Protocol):
 class Adapter(Protocol):
     """A target: how it makes a stream, and optionally a direct throughput body."""
 
-    def new_stream(self, maxsize: int | None) -> Stream: ...
+    def new_stream(self, maxsize: int | None, chunk_size: int = 0) -> Stream:
+        """A stream holding at most ``maxsize`` chunks of ``chunk_size`` (None: unbounded)."""
+        ...
 
 
 def query(environ: WSGIEnvironment) -> dict[str, int]:
@@ -94,7 +96,7 @@ class App:
             start_response("200 OK", HEADERS)
             return direct(q["n"], q["size"])  # type: ignore[no-any-return]
         if path == "/stream":
-            s = self.adapter.new_stream(producer.QUEUE_CHUNKS)
+            s = self.adapter.new_stream(producer.QUEUE_CHUNKS, q["size"])
             s.spawn(producer.produce, s.put, s.finish, q["n"], q["size"])
         elif path == "/fanout":
             s = self.adapter.new_stream(None)

@@ -4,6 +4,10 @@ It uses whatever of the package has landed: ``DetachMiddleware`` around the
 app and our TCP_NODELAY pywsgi handler when they exist (probed with
 ``hasattr``), plain pywsgi otherwise. The server's ready line records what
 was used, so a result always says what it measured.
+
+``wsgi_detach_nocoalesce`` is the same body with ``coalesce=0``: one server
+write per ``put()``, like the queue targets, which isolates the hand-off
+cost from the write-merging the body does by default.
 """
 
 from __future__ import annotations
@@ -23,11 +27,11 @@ HANDLER_NAMES = ("DetachHandler", "WSGIHandler", "NoDelayHandler")
 class DetachStream:
     """``DetachedBody`` behind the shared app's :class:`~bench.targets._pywsgi.Stream`."""
 
-    def __init__(self, maxsize: int | None) -> None:
-        # max_buffer bounds the throughput producer like the queue targets'
-        # maxsize does; the other routes are unbounded like theirs.
-        limit = None if maxsize is None else maxsize
-        self.body = wsgi_detach.DetachedBody(max_buffer=limit)
+    def __init__(self, maxsize: int | None, chunk_size: int, options: dict[str, Any]) -> None:
+        # max_buffer is in bytes; bound it to the same number of chunks the
+        # queue targets may hold, so backpressure is comparable.
+        limit = None if maxsize is None else maxsize * max(1, chunk_size)
+        self.body = wsgi_detach.DetachedBody(max_buffer=limit, **options)
 
     def put(self, data: bytes) -> None:
         self.body.put(data)
@@ -50,8 +54,11 @@ class DetachStream:
 
 
 class Adapter:
-    def new_stream(self, maxsize: int | None) -> DetachStream:
-        return DetachStream(maxsize)
+    def __init__(self, options: dict[str, Any]) -> None:
+        self.options = options
+
+    def new_stream(self, maxsize: int | None, chunk_size: int = 0) -> DetachStream:
+        return DetachStream(maxsize, chunk_size, self.options)
 
 
 def pieces() -> dict[str, object]:
@@ -64,9 +71,15 @@ def pieces() -> dict[str, object]:
     }
 
 
-def serve(announce: Callable[[int, dict[str, object]], None], nodelay: bool = False) -> NoReturn:
+def serve(
+    announce: Callable[[int, dict[str, object]], None],
+    nodelay: bool = False,
+    coalesce: int | None = None,
+) -> NoReturn:
     info = pieces()
-    app: Callable[..., Any] = _pywsgi.App(Adapter())
+    options = {} if coalesce is None else {"coalesce": coalesce}
+    info["body_options"] = options
+    app: Callable[..., Any] = _pywsgi.App(Adapter(options))
     if info["middleware"]:
         app = wsgi_detach.DetachMiddleware(app)
     handler: type | None = getattr(wsgi_detach, str(info["own_handler"]), None)

@@ -16,7 +16,7 @@ from bench.targets import _pywsgi
 
 
 class Adapter:
-    def new_stream(self, maxsize: int | None) -> _pywsgi.Stream:
+    def new_stream(self, maxsize: int | None, chunk_size: int = 0) -> _pywsgi.Stream:
         raise NotImplementedError("the generator target only streams /stream")
 
     def direct_stream(self, n: int, size: int) -> Iterator[bytes]:
@@ -25,6 +25,5 @@ class Adapter:
             yield chunk
 
 
-def serve(announce: Callable[[int, dict[str, object]], None], nodelay: bool = False) -> NoReturn:
-    handler = _pywsgi.NoDelayHandler if nodelay else None
-    _pywsgi.serve(_pywsgi.App(Adapter()), announce, handler)
+def serve(announce: Callable[[int, dict[str, object]], None]) -> NoReturn:
+    _pywsgi.serve(_pywsgi.App(Adapter()), announce)

@@ -117,7 +117,7 @@ class Raw:
             sock.sendall(NOT_FOUND)
 
 
-def serve(announce: Callable[[int, dict[str, object]], None], nodelay: bool = True) -> NoReturn:
+def serve(announce: Callable[[int, dict[str, object]], None]) -> NoReturn:
     raw = Raw()
     server = StreamServer(("127.0.0.1", 0), raw.handle, backlog=4096)
     server.start()

@@ -62,7 +62,7 @@ class QueueStream:
 
 
 class Adapter:
-    def new_stream(self, maxsize: int | None) -> QueueStream:
+    def new_stream(self, maxsize: int | None, chunk_size: int = 0) -> QueueStream:
         return QueueStream(maxsize)
 
 

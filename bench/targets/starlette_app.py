@@ -151,9 +151,9 @@ def serve_variant(announce: Callable[[int, dict[str, object]], None], sse: bool)
     raise SystemExit(0)
 
 
-def serve(announce: Callable[[int, dict[str, object]], None], nodelay: bool = True) -> NoReturn:
+def serve(announce: Callable[[int, dict[str, object]], None]) -> NoReturn:
     serve_variant(announce, sse=False)
 
 
-def serve_sse(announce: Callable[[int, dict[str, object]], None], nodelay: bool = True) -> NoReturn:
+def serve_sse(announce: Callable[[int, dict[str, object]], None]) -> NoReturn:
     serve_variant(announce, sse=True)

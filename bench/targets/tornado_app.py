@@ -123,6 +123,6 @@ async def main(announce: Callable[[int, dict[str, object]], None]) -> None:
     await asyncio.Event().wait()
 
 
-def serve(announce: Callable[[int, dict[str, object]], None], nodelay: bool = True) -> NoReturn:
+def serve(announce: Callable[[int, dict[str, object]], None]) -> NoReturn:
     asyncio.run(main(announce))
     raise SystemExit(0)
