@@ -21,16 +21,12 @@ from collections.abc import Callable
 from typing import Any
 
 import gevent
-import gevent.event
 from gevent import socket
-from gevent.pool import Pool
 
 from bench import stats, system, wire
+from bench.streams import Streams
 
 RECV = 262144
-#: Concurrent connects while opening thousands of streams: enough to be
-#: quick, few enough not to overflow the server's accept backlog.
-CONNECT_CONCURRENCY = 200
 
 
 def emit(obj: dict[str, Any]) -> None:
@@ -157,69 +153,13 @@ def throughput(port: int, n: int, size: int, timeout: float) -> dict[str, Any]:
     }
 
 
-class Streams:
-    """C held streams on /fanout: connect, read hello, then collect messages."""
-
-    def __init__(self, port: int, c: int) -> None:
-        self.port, self.c = port, c
-        self.latencies: list[int] = []
-        self.received = 0
-        self.ended = 0
-        self.connected = 0  # streams past their hello
-        self.errors: list[str] = []
-        self.socks: list[socket.socket] = []
-        self.greenlets: list[gevent.Greenlet] = []
-
-    def open(self, timeout: float) -> float:
-        """Open all streams, each past its hello; return seconds it took."""
-        t0 = time.perf_counter()
-        pool = Pool(CONNECT_CONCURRENCY)
-        hellos = [gevent.event.Event() for _ in range(self.c)]
-        for ev in hellos:
-            self.greenlets.append(gevent.spawn(self.one, ev))
-            pool.spawn(ev.wait, timeout)
-        with gevent.Timeout(timeout, False):
-            pool.join()
-        return time.perf_counter() - t0
-
-    def one(self, hello: gevent.event.Event) -> None:
-        try:
-            sock = connect(self.port)
-            self.socks.append(sock)
-            sock.sendall(wire.request("/fanout"))
-            self.connected_one(sock, hello)
-        except Exception as exc:  # noqa: BLE001 - counted, reported, never silent
-            self.errors.append(repr(exc))
-        finally:
-            hello.set()
-
-    def connected_one(self, sock: socket.socket, hello: gevent.event.Event) -> None:
-        def on_data(d: wire.Dechunker, now: int) -> None:
-            if not hello.is_set():
-                self.connected += 1
-                hello.set()
-            for line in d.lines():
-                msg = wire.parse_message(line)
-                if msg is not None:
-                    self.received += 1
-                    self.latencies.append(now - msg[1])
-
-        Reader(sock).body(keep=True, on_data=on_data)
-        self.ended += 1
-
-    def close(self) -> None:
-        gevent.killall(self.greenlets, block=True, timeout=5)
-        for sock in self.socks:
-            sock.close()
-
-
 def fanout(port: int, c: int, n: int, interval_ms: int, timeout: float) -> dict[str, Any]:
     streams = Streams(port, c)
     connect_s = streams.open(timeout)
     emit({"event": "ready", "connected": streams.connected, "connect_s": connect_s})
     wait_go(timeout)
     get(port, f"/start?n={n}&interval_ms={interval_ms}")
-    gevent.joinall(streams.greenlets, timeout=n * interval_ms / 1000 + 10 + c / 500)
+    streams.wait_done(timeout=n * interval_ms / 1000 + 10 + c / 500)
     expected = c * n
     result = {
         "streams": c,
@@ -232,6 +172,7 @@ def fanout(port: int, c: int, n: int, interval_ms: int, timeout: float) -> dict[
         "errors": len(streams.errors),
         "first_error": streams.errors[0] if streams.errors else None,
         **stats.latency_summary(streams.latencies),
+        "worst_by_seq_ms": [round(streams.worst.get(i, 0) / 1e6, 1) for i in range(n)],
     }
     streams.close()
     return result

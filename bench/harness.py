@@ -64,6 +64,7 @@ class Sample:
 
     def __init__(self) -> None:
         self.cpu_ready = self.cpu_done = 0.0
+        self.client_cpu = 0.0  # the client's CPU-seconds over the measured phase
         self.rss_before = self.rss_ready = self.rss_done = 0
 
 
@@ -86,11 +87,15 @@ def run_client(srv: Server, job: dict[str, Any], timeout: float, settle: float =
             raise ChildError(f"client: {ready.get('error', ready)}")
         if settle:
             time.sleep(settle)
+        cps = psutil.Process(client.pid)
         sample.rss_ready = srv.rss()
         sample.cpu_ready = srv.cpu_s()
+        client_t = cps.cpu_times()
         client.send("go")
         result = client.read_json(timeout * 2)
         sample.cpu_done = srv.cpu_s()
+        client_u = cps.cpu_times()
+        sample.client_cpu = client_u.user + client_u.system - client_t.user - client_t.system
         sample.rss_done = srv.rss()
         if result.get("event") != "result":
             raise ChildError(f"client: {result.get('error', result)}{client.tail()}")
