@@ -97,9 +97,11 @@ def make_app(sse: bool) -> Starlette:
         return StreamingResponse(drain(q, leave), media_type=MEDIA)
 
     async def poll(request: Request) -> Response:
+        # Starlette's idiom for "held until the next message": await it, then
+        # return an ordinary response (Content-Length, no chunking).
         q: asyncio.Queue[bytes | None] = asyncio.Queue()
         hub.polls.append(q)
-        return StreamingResponse(drain(q), media_type=MEDIA)
+        return Response(await q.get(), media_type=MEDIA)
 
     async def start(request: Request) -> Response:
         interval = arg(request, "interval_ms", 100) / 1000.0

@@ -85,9 +85,11 @@ class FanoutHandler(Base):
 
 class PollHandler(Base):
     async def get(self) -> None:
+        # Tornado's idiom for "held until the next message": await it, then
+        # finish() with it (Content-Length, no chunking).
         q: asyncio.Queue[bytes | None] = asyncio.Queue()
         self.hub.polls.append(q)
-        await self.drain(q)
+        self.finish(await q.get())
 
 
 class StartHandler(Base):
