@@ -68,7 +68,9 @@ class Sample:
         self.rss_before = self.rss_ready = self.rss_done = 0
 
 
-def run_client(srv: Server, job: dict[str, Any], timeout: float, settle: float = 0.0) -> tuple[dict[str, Any], Sample]:
+def run_client(
+    srv: Server, job: dict[str, Any], timeout: float, settle: float = 0.0
+) -> tuple[dict[str, Any], Sample]:
     """Run one client job against ``srv``; return its result and the server samples.
 
     ``settle`` seconds pass between the client's ready and the samples, for

@@ -38,7 +38,9 @@ def message(seq: int) -> bytes:
     return b"%d %d\n" % (seq, time.time_ns())
 
 
-def produce(put: Callable[[bytes], object], finish: Callable[[], object], n: int, size: int) -> None:
+def produce(
+    put: Callable[[bytes], object], finish: Callable[[], object], n: int, size: int
+) -> None:
     """Push ``n`` chunks of ``size`` bytes, then end the stream (blocking sinks)."""
     chunk = payload(size)
     for _ in range(n):

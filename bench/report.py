@@ -20,17 +20,36 @@ REFERENCES = ("seed_queue", "raw_limit")
 
 #: Columns per scenario: (metric key, header, format).
 COLUMNS: dict[str, list[tuple[str, str, str]]] = {
-    THROUGHPUT: [("chunks_per_s", "chunks/s", "{:,.0f}"), ("mb_per_s", "MB/s", "{:,.1f}"),
-                 ("cpu_s_per_mb", "CPU-s/MB", "{:.4f}"), ("tail_ms", "tail ms", "{:.1f}")],
-    FANOUT: [("p50_ms", "p50 ms", "{:.1f}"), ("p99_ms", "p99 ms", "{:.1f}"),
-             ("max_ms", "max ms", "{:.1f}"), ("lost", "lost", "{:.0f}"),
-             ("server_cpu_s", "srv CPU-s", "{:.2f}")],
-    IDLE: [("kib_per_stream", "KiB/stream", "{:.1f}"), ("connected", "streams", "{:.0f}"),
-           ("rss_after_mib", "RSS MiB", "{:.0f}")],
-    LONGPOLL: [("polls_per_s", "polls/s", "{:,.0f}"), ("p50_ms", "p50 ms", "{:.1f}"),
-               ("p99_ms", "p99 ms", "{:.1f}"), ("errors", "errors", "{:.0f}")],
-    XTHREAD: [("chunks_per_s", "chunks/s", "{:,.0f}"), ("p50_ms", "p50 ms", "{:.2f}"),
-              ("p99_ms", "p99 ms", "{:.2f}"), ("lost", "lost", "{:.0f}")],
+    THROUGHPUT: [
+        ("chunks_per_s", "chunks/s", "{:,.0f}"),
+        ("mb_per_s", "MB/s", "{:,.1f}"),
+        ("cpu_s_per_mb", "CPU-s/MB", "{:.4f}"),
+        ("tail_ms", "tail ms", "{:.1f}"),
+    ],
+    FANOUT: [
+        ("p50_ms", "p50 ms", "{:.1f}"),
+        ("p99_ms", "p99 ms", "{:.1f}"),
+        ("max_ms", "max ms", "{:.1f}"),
+        ("lost", "lost", "{:.0f}"),
+        ("server_cpu_s", "srv CPU-s", "{:.2f}"),
+    ],
+    IDLE: [
+        ("kib_per_stream", "KiB/stream", "{:.1f}"),
+        ("connected", "streams", "{:.0f}"),
+        ("rss_after_mib", "RSS MiB", "{:.0f}"),
+    ],
+    LONGPOLL: [
+        ("polls_per_s", "polls/s", "{:,.0f}"),
+        ("p50_ms", "p50 ms", "{:.1f}"),
+        ("p99_ms", "p99 ms", "{:.1f}"),
+        ("errors", "errors", "{:.0f}"),
+    ],
+    XTHREAD: [
+        ("chunks_per_s", "chunks/s", "{:,.0f}"),
+        ("p50_ms", "p50 ms", "{:.2f}"),
+        ("p99_ms", "p99 ms", "{:.2f}"),
+        ("lost", "lost", "{:.0f}"),
+    ],
 }
 
 

@@ -25,16 +25,31 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
     size = p.add_mutually_exclusive_group()
-    size.add_argument("--quick", action="store_const", const="quick", dest="profile",
-                      help="small counts, 1 repeat: under 3 minutes")
-    size.add_argument("--smoke", action="store_const", const="smoke", dest="profile",
-                      help="tiny sizes (seconds): for the test suite, not for numbers")
+    size.add_argument(
+        "--quick",
+        action="store_const",
+        const="quick",
+        dest="profile",
+        help="small counts, 1 repeat: under 3 minutes",
+    )
+    size.add_argument(
+        "--smoke",
+        action="store_const",
+        const="smoke",
+        dest="profile",
+        help="tiny sizes (seconds): for the test suite, not for numbers",
+    )
     p.set_defaults(profile="full")
-    p.add_argument("--only", default=",".join(scenarios.ORDER),
-                   help=f"comma-separated scenarios (default all: {','.join(scenarios.ORDER)})")
-    p.add_argument("--targets", default=",".join(DEFAULT),
-                   help=f"comma-separated targets (default {','.join(DEFAULT)}; "
-                        f"all: {','.join(TARGETS)})")
+    p.add_argument(
+        "--only",
+        default=",".join(scenarios.ORDER),
+        help=f"comma-separated scenarios (default all: {','.join(scenarios.ORDER)})",
+    )
+    p.add_argument(
+        "--targets",
+        default=",".join(DEFAULT),
+        help=f"comma-separated targets (default {','.join(DEFAULT)}; all: {','.join(TARGETS)})",
+    )
     p.add_argument("--repeats", type=int, default=None, help="override the profile's repeats")
     p.add_argument("--results-dir", type=Path, default=RESULTS)
     p.add_argument("--plot", action="store_true", help="also render bench.png")
@@ -73,12 +88,18 @@ def main(argv: list[str] | None = None) -> int:
 
     machine = system.machine()
     server_core, client_core = harness.placement()
-    print(f"machine: {machine['cpu']}, {machine['cores']} cores; server on core {server_core}, "
-          f"client on core {client_core}")
-    print(f"python {machine['python']}; " + ", ".join(
-        f"{k} {v}" for k, v in machine["packages"].items() if v))  # type: ignore[union-attr]
-    print(f"profile {profile.name}, {repeats} repeat(s); scenarios {','.join(wanted)}; "
-          f"targets {','.join(runnable)}")
+    print(
+        f"machine: {machine['cpu']}, {machine['cores']} cores; server on core {server_core}, "
+        f"client on core {client_core}"
+    )
+    print(
+        f"python {machine['python']}; "
+        + ", ".join(f"{k} {v}" for k, v in machine["packages"].items() if v)
+    )  # type: ignore[union-attr]
+    print(
+        f"profile {profile.name}, {repeats} repeat(s); scenarios {','.join(wanted)}; "
+        f"targets {','.join(runnable)}"
+    )
     for t, why in skipped.items():
         print(f"skipping {t}: {why}")
 
@@ -91,14 +112,18 @@ def main(argv: list[str] | None = None) -> int:
                 t0 = time.monotonic()
                 try:
                     cases = scenarios.MEASURE[scenario](target, profile)
-                except Exception as exc:  # noqa: BLE001 - one target's failure is data
+                except Exception as exc:
                     traceback.print_exc(file=sys.stderr)
                     cases = {"*": {"error": f"{type(exc).__name__}: {exc}"[:2000]}}
                 for case, metrics in cases.items():
-                    raw.setdefault(scenario, {}).setdefault(case, {}).setdefault(target, []).append(metrics)
-                print(f"  [{rep + 1}/{repeats}] {scenario:<10} {target:<18} "
-                      f"{time.monotonic() - t0:5.1f}s" + ("  ERROR" if "*" in cases else ""),
-                      flush=True)
+                    raw.setdefault(scenario, {}).setdefault(case, {}).setdefault(target, []).append(
+                        metrics
+                    )
+                print(
+                    f"  [{rep + 1}/{repeats}] {scenario:<10} {target:<18} "
+                    f"{time.monotonic() - t0:5.1f}s" + ("  ERROR" if "*" in cases else ""),
+                    flush=True,
+                )
 
     results = report.summarise(raw)
     order = [t for t in TARGETS if t in runnable]
@@ -112,17 +137,20 @@ def main(argv: list[str] | None = None) -> int:
             "targets": runnable,
             "skipped": skipped,
             "placement": {"server_core": server_core, "client_core": client_core},
-            "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - (time.monotonic() - t_start))),
+            "started_utc": time.strftime(
+                "%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - (time.monotonic() - t_start))
+            ),
             "duration_s": round(time.monotonic() - t_start, 1),
             "profile_sizes": profile.__dict__,
         },
         "results": results,
     }
     path = report.write(doc, args.results_dir)
-    print(f"\nwrote {path} and {args.results_dir / 'latest.json'} "
-          f"({doc['meta']['duration_s']} s)")
+    print(f"\nwrote {path} and {args.results_dir / 'latest.json'} ({doc['meta']['duration_s']} s)")
     if args.plot:
         from bench import plot
 
-        print(f"plot: {plot.render(args.results_dir / 'latest.json', args.results_dir / 'bench.png')}")
+        print(
+            f"plot: {plot.render(args.results_dir / 'latest.json', args.results_dir / 'bench.png')}"
+        )
     return 0

@@ -41,13 +41,35 @@ class Profile:
 
 
 PROFILES = {
-    "full": Profile("full", 3, ((64, 200_000), (16384, 20_000)), (100, 1000, 5000), 50,
-                    (1000, 5000), 5.0, 1.0),
-    "quick": Profile("quick", 1, ((64, 50_000), (16384, 5_000)), (100, 1000, 5000), 10,
-                     (1000,), 2.0, 0.5, xthread_rate_n=20_000, xthread_wake_n=50),
-    "smoke": Profile("smoke", 1, ((64, 2_000),), (20,), 3, (50,), 0.5, 0.2,
-                     longpoll_pollers=20, xthread_rate_n=500, xthread_wake_n=5,
-                     xthread_sleep_ms=2.0),
+    "full": Profile(
+        "full", 3, ((64, 200_000), (16384, 20_000)), (100, 1000, 5000), 50, (1000, 5000), 5.0, 1.0
+    ),
+    "quick": Profile(
+        "quick",
+        1,
+        ((64, 50_000), (16384, 5_000)),
+        (100, 1000, 5000),
+        10,
+        (1000,),
+        2.0,
+        0.5,
+        xthread_rate_n=20_000,
+        xthread_wake_n=50,
+    ),
+    "smoke": Profile(
+        "smoke",
+        1,
+        ((64, 2_000),),
+        (20,),
+        3,
+        (50,),
+        0.5,
+        0.2,
+        longpoll_pollers=20,
+        xthread_rate_n=500,
+        xthread_wake_n=5,
+        xthread_sleep_ms=2.0,
+    ),
 }
 
 
@@ -61,8 +83,12 @@ def throughput(target: str, p: Profile) -> dict[str, dict[str, Any]]:
         for size, n in p.throughput:
             res, s = harness.run_client(srv, {"kind": "throughput", "n": n, "size": size}, 60)
             cpu = s.cpu_done - s.cpu_ready
-            out[size_label(size)] = {**res, "server_cpu_s": cpu,
-                                     "cpu_s_per_mb": cpu / res["payload_mb"], "server": srv.info}
+            out[size_label(size)] = {
+                **res,
+                "server_cpu_s": cpu,
+                "cpu_s_per_mb": cpu / res["payload_mb"],
+                "server": srv.info,
+            }
     return out
 
 
@@ -72,8 +98,12 @@ def fanout(target: str, p: Profile) -> dict[str, dict[str, Any]]:
         for c in p.fanout_c:
             job = {"kind": "fanout", "c": c, "n": p.fanout_n, "interval_ms": p.fanout_interval_ms}
             res, s = harness.run_client(srv, job, 60 + c / 100)
-            out[f"C={c}"] = {**res, "server_cpu_s": s.cpu_done - s.cpu_ready,
-                             "server_rss_mib": s.rss_ready / 2**20, "server": srv.info}
+            out[f"C={c}"] = {
+                **res,
+                "server_cpu_s": s.cpu_done - s.cpu_ready,
+                "server_rss_mib": s.rss_ready / 2**20,
+                "server": srv.info,
+            }
     return out
 
 
@@ -84,32 +114,51 @@ def idle(target: str, p: Profile) -> dict[str, dict[str, Any]]:
             time.sleep(0.2)  # let start-up allocations settle before "before"
             res, s = harness.run_client(srv, {"kind": "idle", "c": c}, 60 + c / 100, settle=0.5)
             grown = s.rss_ready - s.rss_before
-            out[f"C={c}"] = {**res, "rss_before_mib": s.rss_before / 2**20,
-                             "rss_after_mib": s.rss_ready / 2**20,
-                             "kib_per_stream": grown / 1024 / max(1, res["connected"]),
-                             "server": srv.info}
+            out[f"C={c}"] = {
+                **res,
+                "rss_before_mib": s.rss_before / 2**20,
+                "rss_after_mib": s.rss_ready / 2**20,
+                "kib_per_stream": grown / 1024 / max(1, res["connected"]),
+                "server": srv.info,
+            }
     return out
 
 
 def longpoll(target: str, p: Profile) -> dict[str, dict[str, Any]]:
-    job = {"kind": "longpoll", "pollers": p.longpoll_pollers, "window_s": p.longpoll_window_s,
-           "warmup_s": p.longpoll_warmup_s, "interval_ms": p.longpoll_interval_ms}
+    job = {
+        "kind": "longpoll",
+        "pollers": p.longpoll_pollers,
+        "window_s": p.longpoll_window_s,
+        "warmup_s": p.longpoll_warmup_s,
+        "interval_ms": p.longpoll_interval_ms,
+    }
     with harness.server(target) as srv:
         res, s = harness.run_client(srv, job, 60)
         ceiling = p.longpoll_pollers * 1000 / p.longpoll_interval_ms
-        return {f"P={p.longpoll_pollers}": {**res, "ceiling_per_s": ceiling,
-                                            "server_cpu_s": s.cpu_done - s.cpu_ready,
-                                            "server": srv.info}}
+        return {
+            f"P={p.longpoll_pollers}": {
+                **res,
+                "ceiling_per_s": ceiling,
+                "server_cpu_s": s.cpu_done - s.cpu_ready,
+                "server": srv.info,
+            }
+        }
 
 
 def xthread(target: str, p: Profile) -> dict[str, dict[str, Any]]:
     out = {}
     with harness.server(target) as srv:
-        for case, n, sleep_ms in (("rate", p.xthread_rate_n, 0.0),
-                                  ("wake-up", p.xthread_wake_n, p.xthread_sleep_ms)):
+        for case, n, sleep_ms in (
+            ("rate", p.xthread_rate_n, 0.0),
+            ("wake-up", p.xthread_wake_n, p.xthread_sleep_ms),
+        ):
             res, s = harness.run_client(srv, {"kind": "xthread", "n": n, "sleep_ms": sleep_ms}, 60)
-            out[case] = {**res, "sleep_ms": sleep_ms, "server_cpu_s": s.cpu_done - s.cpu_ready,
-                         "server": srv.info}
+            out[case] = {
+                **res,
+                "sleep_ms": sleep_ms,
+                "server_cpu_s": s.cpu_done - s.cpu_ready,
+                "server": srv.info,
+            }
     return out
 
 

@@ -14,8 +14,19 @@ import resource
 import sys
 from importlib import metadata
 
-PACKAGES = ("gevent", "greenlet", "tornado", "starlette", "uvicorn", "uvloop", "httptools",
-            "sse-starlette", "psutil", "matplotlib", "wsgi_detach")
+PACKAGES = (
+    "gevent",
+    "greenlet",
+    "tornado",
+    "starlette",
+    "uvicorn",
+    "uvloop",
+    "httptools",
+    "sse-starlette",
+    "psutil",
+    "matplotlib",
+    "wsgi_detach",
+)
 
 
 def raise_nofile() -> int:

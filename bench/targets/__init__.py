@@ -33,33 +33,93 @@ class Target:
 TARGETS: dict[str, Target] = {
     t.name: t
     for t in (
-        Target("wsgi_detach", "bench.targets.detach", "serve", PUSH | {XTHREAD},
-               "DetachedBody on gevent.pywsgi (+ our middleware/handler when present)"),
-        Target("seed_queue", "bench.targets.seed_queue", "serve", PUSH | {XTHREAD},
-               "gevent Queue body in a generator, put(StopIteration) ends it"),
-        Target("generator", "bench.targets.generator", "serve", frozenset({THROUGHPUT}),
-               "plain generator on gevent.pywsgi: the WSGI throughput ceiling"),
-        Target("tornado", "bench.targets.tornado_app", "serve", PUSH,
-               "Tornado RequestHandler.write + await flush()"),
-        Target("starlette", "bench.targets.starlette_app", "serve", PUSH,
-               "uvicorn (uvloop+httptools) + StreamingResponse from asyncio.Queue"),
-        Target("sse_starlette", "bench.targets.starlette_app", "serve_sse",
-               frozenset({FANOUT, IDLE}), "uvicorn (uvloop+httptools) + EventSourceResponse"),
-        Target("raw_limit", "bench.targets.raw_limit", "serve", PUSH,
-               "gevent StreamServer writing chunked HTTP by hand: the stack's limit"),
+        Target(
+            "wsgi_detach",
+            "bench.targets.detach",
+            "serve",
+            PUSH | {XTHREAD},
+            "DetachedBody on gevent.pywsgi (+ our middleware/handler when present)",
+        ),
+        Target(
+            "seed_queue",
+            "bench.targets.seed_queue",
+            "serve",
+            PUSH | {XTHREAD},
+            "gevent Queue body in a generator, put(StopIteration) ends it",
+        ),
+        Target(
+            "generator",
+            "bench.targets.generator",
+            "serve",
+            frozenset({THROUGHPUT}),
+            "plain generator on gevent.pywsgi: the WSGI throughput ceiling",
+        ),
+        Target(
+            "tornado",
+            "bench.targets.tornado_app",
+            "serve",
+            PUSH,
+            "Tornado RequestHandler.write + await flush()",
+        ),
+        Target(
+            "starlette",
+            "bench.targets.starlette_app",
+            "serve",
+            PUSH,
+            "uvicorn (uvloop+httptools) + StreamingResponse from asyncio.Queue",
+        ),
+        Target(
+            "sse_starlette",
+            "bench.targets.starlette_app",
+            "serve_sse",
+            frozenset({FANOUT, IDLE}),
+            "uvicorn (uvloop+httptools) + EventSourceResponse",
+        ),
+        Target(
+            "raw_limit",
+            "bench.targets.raw_limit",
+            "serve",
+            PUSH,
+            "gevent StreamServer writing chunked HTTP by hand: the stack's limit",
+        ),
         # Opt-in probes (not in DEFAULT): each isolates one effect.
-        Target("seed_queue_nodelay", "bench.targets.seed_queue", "serve", PUSH,
-               "seed_queue with a pywsgi handler that sets TCP_NODELAY", (("nodelay", True),)),
-        Target("wsgi_detach_nodelay", "bench.targets.detach", "serve", PUSH | {XTHREAD},
-               "wsgi_detach with a pywsgi handler that sets TCP_NODELAY", (("nodelay", True),)),
-        Target("wsgi_detach_nocoalesce", "bench.targets.detach", "serve", PUSH | {XTHREAD},
-               "wsgi_detach with coalesce=0: one write per put()", (("coalesce", 0),)),
+        Target(
+            "seed_queue_nodelay",
+            "bench.targets.seed_queue",
+            "serve",
+            PUSH,
+            "seed_queue with a pywsgi handler that sets TCP_NODELAY",
+            (("nodelay", True),),
+        ),
+        Target(
+            "wsgi_detach_nodelay",
+            "bench.targets.detach",
+            "serve",
+            PUSH | {XTHREAD},
+            "wsgi_detach with a pywsgi handler that sets TCP_NODELAY",
+            (("nodelay", True),),
+        ),
+        Target(
+            "wsgi_detach_nocoalesce",
+            "bench.targets.detach",
+            "serve",
+            PUSH | {XTHREAD},
+            "wsgi_detach with coalesce=0: one write per put()",
+            (("coalesce", 0),),
+        ),
     )
 }
 
 #: Run when --targets is not given (the *_nodelay and *_nocoalesce probes are opt-in).
-DEFAULT = ("wsgi_detach", "seed_queue", "generator", "tornado", "starlette", "sse_starlette",
-           "raw_limit")
+DEFAULT = (
+    "wsgi_detach",
+    "seed_queue",
+    "generator",
+    "tornado",
+    "starlette",
+    "sse_starlette",
+    "raw_limit",
+)
 
 
 def unavailable(name: str) -> str | None:

@@ -88,7 +88,9 @@ class App:
         q = query(environ)
         if path == "/start":
             interval = q.get("interval_ms", 100) / 1000.0
-            gevent.spawn(producer.publish_loop, self.publish, self.end, q["n"], interval, gevent.sleep)
+            gevent.spawn(
+                producer.publish_loop, self.publish, self.end, q["n"], interval, gevent.sleep
+            )
             start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "3")])
             return [b"ok\n"]
         direct = getattr(self.adapter, "direct_stream", None)

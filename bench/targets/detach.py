@@ -16,7 +16,6 @@ from collections.abc import Callable
 from typing import Any, NoReturn
 
 import wsgi_detach
-
 from bench.targets import _pywsgi
 
 #: Names under which a pywsgi handler of ours may be exported; the first

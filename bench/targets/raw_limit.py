@@ -111,7 +111,9 @@ class Raw:
             sub.done.wait()
         elif url.path == "/start":
             interval = q.get("interval_ms", 100) / 1000.0
-            gevent.spawn(producer.publish_loop, self.publish, self.end, q["n"], interval, gevent.sleep)
+            gevent.spawn(
+                producer.publish_loop, self.publish, self.end, q["n"], interval, gevent.sleep
+            )
             sock.sendall(OK)
         else:
             sock.sendall(NOT_FOUND)

@@ -57,7 +57,9 @@ class Hub:
         task.add_done_callback(self.tasks.discard)
 
 
-async def drain(q: asyncio.Queue[bytes | None], on_exit: Callable[[], None] | None = None) -> AsyncIterator[bytes]:
+async def drain(
+    q: asyncio.Queue[bytes | None], on_exit: Callable[[], None] | None = None
+) -> AsyncIterator[bytes]:
     try:
         while (item := await q.get()) is not None:
             yield item
@@ -66,7 +68,9 @@ async def drain(q: asyncio.Queue[bytes | None], on_exit: Callable[[], None] | No
             on_exit()
 
 
-async def drain_sse(q: asyncio.Queue[bytes | None], on_exit: Callable[[], None]) -> AsyncIterator[dict[str, str]]:
+async def drain_sse(
+    q: asyncio.Queue[bytes | None], on_exit: Callable[[], None]
+) -> AsyncIterator[dict[str, str]]:
     async for item in drain(q, on_exit):
         yield {"data": item.decode().rstrip("\n")}
 

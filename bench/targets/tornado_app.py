@@ -95,7 +95,9 @@ class PollHandler(Base):
 class StartHandler(Base):
     def get(self) -> None:
         interval = self.int_arg("interval_ms", 100) / 1000.0
-        coro = producer.publish_loop_async(self.hub.publish, self.hub.end, self.int_arg("n"), interval)
+        coro = producer.publish_loop_async(
+            self.hub.publish, self.hub.end, self.int_arg("n"), interval
+        )
         task = asyncio.get_running_loop().create_task(coro)
         _tasks.add(task)
         task.add_done_callback(_tasks.discard)
