@@ -111,7 +111,10 @@ def idle(target: str, p: Profile) -> dict[str, dict[str, Any]]:
     out = {}
     for c in p.idle_c:
         with harness.server(target) as srv:
-            time.sleep(0.2)  # let start-up allocations settle before "before"
+            # Warm up first: the first requests load code paths and grow
+            # pools once per process, which is not a per-stream cost.
+            harness.run_client(srv, {"kind": "idle", "c": 20}, 30)
+            time.sleep(0.2)
             res, s = harness.run_client(srv, {"kind": "idle", "c": c}, 60 + c / 100, settle=0.5)
             grown = s.rss_ready - s.rss_before
             out[f"C={c}"] = {
