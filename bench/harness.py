@@ -20,6 +20,8 @@ from bench import system
 from bench.procs import Child, ChildError
 
 SERVER_START_TIMEOUT = 30.0
+#: Shortest measured phase for which the foreign-load share is computed.
+MIN_WINDOW = 0.5
 
 
 def placement() -> tuple[int | None, int | None]:
@@ -59,12 +61,35 @@ def server(target: str) -> Iterator[Server]:
         child.stop()
 
 
+def busy_s() -> float:
+    """The whole machine's user + system CPU-seconds so far."""
+    t = psutil.cpu_times()
+    return float(t.user + t.nice + t.system)
+
+
 class Sample:
     """Server CPU and RSS at the client's ready point and at its result."""
 
     def __init__(self) -> None:
         self.cpu_ready = self.cpu_done = 0.0
         self.client_cpu = 0.0  # the client's CPU-seconds over the measured phase
+        self.wall = 0.0  # seconds of the measured phase
+        self.busy = 0.0  # whole machine's user+system CPU-seconds over the phase
+
+    @property
+    def foreign_share(self) -> float:
+        """Share of the machine's CPU that neither server nor client used.
+
+        Other processes (someone's test suite, a build) steal cores from a
+        pinned benchmark; this is how a result says it was disturbed.
+        Kernel softirq time is excluded from ``busy``: loopback traffic puts
+        our own work there.
+        """
+        if self.wall < MIN_WINDOW:
+            return 0.0  # psutil's 10 ms clock ticks make shorter windows meaningless
+        cores = len(system.cores()) or 1
+        foreign = self.busy - (self.cpu_done - self.cpu_ready) - self.client_cpu
+        return max(0.0, foreign) / max(1e-9, self.wall * cores)
         self.rss_before = self.rss_ready = self.rss_done = 0
 
 
@@ -93,10 +118,12 @@ def run_client(
         sample.rss_ready = srv.rss()
         sample.cpu_ready = srv.cpu_s()
         client_t = cps.cpu_times()
+        machine_t, wall_t = busy_s(), time.monotonic()
         client.send("go")
         result = client.read_json(timeout * 2)
         sample.cpu_done = srv.cpu_s()
         client_u = cps.cpu_times()
+        sample.busy, sample.wall = busy_s() - machine_t, time.monotonic() - wall_t
         sample.client_cpu = client_u.user + client_u.system - client_t.user - client_t.system
         sample.rss_done = srv.rss()
         if result.get("event") != "result":

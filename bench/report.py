@@ -18,6 +18,10 @@ from bench.targets import FANOUT, IDLE, LONGPOLL, THROUGHPUT, XTHREAD
 
 REFERENCES = ("seed_queue", "raw_limit")
 
+#: Above this share of the machine's CPU used by other processes during a
+#: measurement, its row is flagged: on 2 cores that is a stolen core-tenth.
+DISTURBED = 0.05
+
 #: Columns per scenario: (metric key, header, format).
 COLUMNS: dict[str, list[tuple[str, str, str]]] = {
     THROUGHPUT: [
@@ -118,6 +122,9 @@ def table(results: dict[str, Any], order: list[str]) -> str:
                 row += "".join(f"{ratio(med.get(key), refs[r]):>12}" for r in REFERENCES)
                 if entry.get("failed_runs"):
                     row += f"  ({entry['failed_runs']} failed)"
+                foreign = med.get("foreign_cpu_share", 0.0)
+                if foreign > DISTURBED:
+                    row += f"  !{foreign:.0%} other load"
                 lines.append(row)
     return "\n".join(lines)
 

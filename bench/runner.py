@@ -10,6 +10,7 @@ the repeats.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 import traceback
@@ -20,6 +21,8 @@ from bench import harness, report, scenarios, system
 from bench.targets import DEFAULT, TARGETS, unavailable
 
 RESULTS = Path(__file__).resolve().parent / "results"
+#: 1-minute load average above which the run warns that it is not alone.
+LOADED = 0.5
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -103,6 +106,12 @@ def main(argv: list[str] | None = None) -> int:
     for t, why in skipped.items():
         print(f"skipping {t}: {why}")
 
+    load_before = os.getloadavg()
+    if load_before[0] > LOADED:
+        print(
+            f"warning: load average {load_before[0]:.2f} before the run: other processes "
+            "share these cores; rows they disturbed are marked '!'"
+        )
     raw: dict[str, dict[str, dict[str, list[dict[str, Any]]]]] = {}
     t_start = time.monotonic()
     for rep in range(repeats):
@@ -137,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
             "targets": runnable,
             "skipped": skipped,
             "placement": {"server_core": server_core, "client_core": client_core},
+            "loadavg_before": load_before,
+            "loadavg_after": os.getloadavg(),
             "started_utc": time.strftime(
                 "%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - (time.monotonic() - t_start))
             ),

@@ -73,6 +73,11 @@ PROFILES = {
 }
 
 
+def disturbance(s: harness.Sample) -> dict[str, float]:
+    """The client's CPU and the share of the machine other processes used."""
+    return {"client_cpu_s": s.client_cpu, "foreign_cpu_share": s.foreign_share}
+
+
 def size_label(size: int) -> str:
     return f"{size // 1024}KiB" if size >= 1024 and size % 1024 == 0 else f"{size}B"
 
@@ -88,6 +93,7 @@ def throughput(target: str, p: Profile) -> dict[str, dict[str, Any]]:
                 "server_cpu_s": cpu,
                 "cpu_s_per_mb": cpu / res["payload_mb"],
                 "server": srv.info,
+                **disturbance(s),
             }
     return out
 
@@ -103,6 +109,7 @@ def fanout(target: str, p: Profile) -> dict[str, dict[str, Any]]:
                 "server_cpu_s": s.cpu_done - s.cpu_ready,
                 "server_rss_mib": s.rss_ready / 2**20,
                 "server": srv.info,
+                **disturbance(s),
             }
     return out
 
@@ -123,6 +130,7 @@ def idle(target: str, p: Profile) -> dict[str, dict[str, Any]]:
                 "rss_after_mib": s.rss_ready / 2**20,
                 "kib_per_stream": grown / 1024 / max(1, res["connected"]),
                 "server": srv.info,
+                **disturbance(s),
             }
     return out
 
@@ -144,6 +152,7 @@ def longpoll(target: str, p: Profile) -> dict[str, dict[str, Any]]:
                 "ceiling_per_s": ceiling,
                 "server_cpu_s": s.cpu_done - s.cpu_ready,
                 "server": srv.info,
+                **disturbance(s),
             }
         }
 
@@ -161,6 +170,7 @@ def xthread(target: str, p: Profile) -> dict[str, dict[str, Any]]:
                 "sleep_ms": sleep_ms,
                 "server_cpu_s": s.cpu_done - s.cpu_ready,
                 "server": srv.info,
+                **disturbance(s),
             }
     return out
 
