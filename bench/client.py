@@ -207,7 +207,8 @@ def longpoll(
     get(port, f"/start?n={n}&interval_ms={interval_ms}")
     t0 = time.monotonic()
     w0, w1 = t0 + warmup_s, t0 + warmup_s + window_s
-    done: list[int] = []
+    done: list[int] = []  # polls completed inside the window
+    total: list[int] = []  # all polls completed while measuring
     latencies: list[int] = []
     errors: list[str] = []
 
@@ -229,6 +230,7 @@ def longpoll(
                 now_ns, now = time.time_ns(), time.monotonic()
                 if not buf.startswith(b"HTTP/1.1 200 "):
                     raise wire.ProtocolError(f"bad response {buf[:40]!r}")
+                total.append(1)
                 if w0 <= now < w1:
                     done.append(1)
                     found = MESSAGE.search(buf, buf.find(b"\r\n\r\n"))
@@ -247,6 +249,7 @@ def longpoll(
         "window_s": window_s,
         "polls": len(done),
         "polls_per_s": len(done) / window_s,
+        "polls_total": len(total),
         "errors": len(errors),
         "first_error": errors[0] if errors else None,
         **stats.latency_summary(latencies),

@@ -27,7 +27,7 @@ COLUMNS: dict[str, list[tuple[str, str, str]]] = {
     THROUGHPUT: [
         ("chunks_per_s", "chunks/s", "{:,.0f}"),
         ("mb_per_s", "MB/s", "{:,.1f}"),
-        ("cpu_s_per_mb", "CPU-s/MB", "{:.4f}"),
+        ("cpu_s_per_mb", "CPU-s/MB", "{:.3g}"),
         ("tail_ms", "tail ms", "{:.1f}"),
     ],
     FANOUT: [
@@ -35,7 +35,7 @@ COLUMNS: dict[str, list[tuple[str, str, str]]] = {
         ("p99_ms", "p99 ms", "{:.1f}"),
         ("max_ms", "max ms", "{:.1f}"),
         ("lost", "lost", "{:.0f}"),
-        ("server_cpu_s", "srv CPU-s", "{:.2f}"),
+        ("server_us_per_msg", "srv us/msg", "{:.1f}"),
     ],
     IDLE: [
         ("kib_per_stream", "KiB/stream", "{:.1f}"),
@@ -46,6 +46,7 @@ COLUMNS: dict[str, list[tuple[str, str, str]]] = {
         ("polls_per_s", "polls/s", "{:,.0f}"),
         ("p50_ms", "p50 ms", "{:.1f}"),
         ("p99_ms", "p99 ms", "{:.1f}"),
+        ("server_us_per_poll", "srv us/poll", "{:.0f}"),
         ("errors", "errors", "{:.0f}"),
     ],
     XTHREAD: [

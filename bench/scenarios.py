@@ -104,9 +104,11 @@ def fanout(target: str, p: Profile) -> dict[str, dict[str, Any]]:
         for c in p.fanout_c:
             job = {"kind": "fanout", "c": c, "n": p.fanout_n, "interval_ms": p.fanout_interval_ms}
             res, s = harness.run_client(srv, job, 60 + c / 100)
+            cpu = s.cpu_done - s.cpu_ready
             out[f"C={c}"] = {
                 **res,
-                "server_cpu_s": s.cpu_done - s.cpu_ready,
+                "server_cpu_s": cpu,
+                "server_us_per_msg": cpu / max(1, res["received"]) * 1e6,
                 "server_rss_mib": s.rss_ready / 2**20,
                 "server": srv.info,
                 **disturbance(s),
@@ -151,6 +153,7 @@ def longpoll(target: str, p: Profile) -> dict[str, dict[str, Any]]:
                 **res,
                 "ceiling_per_s": ceiling,
                 "server_cpu_s": s.cpu_done - s.cpu_ready,
+                "server_us_per_poll": (s.cpu_done - s.cpu_ready) / max(1, res["polls_total"]) * 1e6,
                 "server": srv.info,
                 **disturbance(s),
             }
