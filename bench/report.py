@@ -28,6 +28,7 @@ COLUMNS: dict[str, list[tuple[str, str, str]]] = {
         ("chunks_per_s", "chunks/s", "{:,.0f}"),
         ("mb_per_s", "MB/s", "{:,.1f}"),
         ("cpu_s_per_mb", "CPU-s/MB", "{:.3g}"),
+        ("wire_chunks", "writes", "{:,.0f}"),
         ("tail_ms", "tail ms", "{:.1f}"),
     ],
     FANOUT: [
