@@ -67,6 +67,13 @@ def busy_s() -> float:
     return float(t.user + t.nice + t.system)
 
 
+def busy_share(seconds: float) -> float:
+    """Share of the machine's CPU that was busy over the next ``seconds``."""
+    before = busy_s()
+    time.sleep(seconds)
+    return (busy_s() - before) / (seconds * (len(system.cores()) or 1))
+
+
 class Sample:
     """Server CPU and RSS at the client's ready point and at its result."""
 

@@ -21,8 +21,9 @@ from bench import harness, report, scenarios, system
 from bench.targets import DEFAULT, TARGETS, unavailable
 
 RESULTS = Path(__file__).resolve().parent / "results"
-#: 1-minute load average above which the run warns that it is not alone.
-LOADED = 0.5
+#: Share of the machine's CPU used by others just before the run above
+#: which the run warns that it is not alone.
+LOADED = 0.05
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -107,10 +108,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"skipping {t}: {why}")
 
     load_before = os.getloadavg()
-    if load_before[0] > LOADED:
+    others = harness.busy_share(1.0)
+    if others > LOADED:
         print(
-            f"warning: load average {load_before[0]:.2f} before the run: other processes "
-            "share these cores; rows they disturbed are marked '!'"
+            f"warning: other processes used {others:.0%} of the CPU in the second before the "
+            "run; rows they disturbed are marked '!'"
         )
     raw: dict[str, dict[str, dict[str, list[dict[str, Any]]]]] = {}
     t_start = time.monotonic()
@@ -147,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
             "skipped": skipped,
             "placement": {"server_core": server_core, "client_core": client_core},
             "loadavg_before": load_before,
+            "foreign_cpu_share_before": others,
             "loadavg_after": os.getloadavg(),
             "started_utc": time.strftime(
                 "%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - (time.monotonic() - t_start))
