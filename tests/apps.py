@@ -32,8 +32,9 @@ def record(key: str, name: str) -> None:
 
 
 def _text(start_response: Callable[..., Any], body: bytes, status: str = "200 OK") -> list[bytes]:
-    start_response(status, [("Content-Type", "application/json"),
-                            ("Content-Length", str(len(body)))])
+    start_response(
+        status, [("Content-Type", "application/json"), ("Content-Length", str(len(body)))]
+    )
     return [body]
 
 

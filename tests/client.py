@@ -9,6 +9,7 @@ socket timeout.
 
 from __future__ import annotations
 
+import json
 import socket
 import struct
 import time
@@ -31,9 +32,16 @@ class Response:
 class Stream:
     """One request on its own connection; read the response step by step."""
 
-    def __init__(self, port: int, path: str = "/", *, host: str = "127.0.0.1",
-                 timeout: float = 10.0, http10: bool = False,
-                 headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        port: int,
+        path: str = "/",
+        *,
+        host: str = "127.0.0.1",
+        timeout: float = 10.0,
+        http10: bool = False,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         self.sock = socket.create_connection((host, port), timeout=timeout)
         self.response = Response(started=time.monotonic())
         self._buf = b""
@@ -102,7 +110,7 @@ class Stream:
             while len(self._buf) < size + 2:
                 if not self._fill():
                     return None
-            data, self._buf = self._buf[:size], self._buf[size + 2:]
+            data, self._buf = self._buf[:size], self._buf[size + 2 :]
         else:
             if not self._buf and not self._fill():
                 if self._mode == "close":
@@ -153,3 +161,37 @@ def wait_until(predicate, timeout: float = 5.0, interval: float = 0.01) -> bool:
         if time.monotonic() >= give_up:
             return False
         time.sleep(interval)
+
+
+def events(port: int, key: str) -> list[str]:
+    """The names of the server-side events tests/apps.py filed under ``key``, in order."""
+    response = get(port, f"/_events?key={key}")
+    return [name for name, _ in json.loads(response.body)]
+
+
+def event_times(port: int, key: str) -> dict[str, float]:
+    """Server-side events under ``key``: name -> wall-clock time it was filed (last wins)."""
+    response = get(port, f"/_events?key={key}")
+    return {name: when for name, when in json.loads(response.body)}
+
+
+def keepalive_timings(port: int, path: str, count: int) -> list[float]:
+    """Seconds each of ``count`` sequential GETs took on one keep-alive connection.
+
+    For small chunked responses (the body must end with the zero chunk): what
+    a long-polling client or a chatty API client sees per request.
+    """
+    request = f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode("latin-1")
+    timings = []
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        for _ in range(count):
+            started = time.perf_counter()
+            sock.sendall(request)
+            data = b""
+            while not data.endswith(b"0\r\n\r\n"):
+                more = sock.recv(65536)
+                if not more:
+                    raise ConnectionError("the server closed the keep-alive connection")
+                data += more
+            timings.append(time.perf_counter() - started)
+    return timings

@@ -18,6 +18,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -30,12 +31,17 @@ SERVERS = ("pywsgi", "pywsgi-patched", "wsgiref")
 class ServerProcess:
     """A WSGI server in a child process; use as a context manager."""
 
+    #: The module run as the child (``python -m MODULE SERVER APP``).
+    module = "tests.servers"
+
     def __init__(self, server: str, app: str, *, env: dict[str, str] | None = None) -> None:
         self.server = server
         self.app = app
         self._env = env or {}
         self.proc: subprocess.Popen[str] | None = None
         self.port = 0
+        self._stderr = tempfile.TemporaryFile(mode="w+", prefix="wsgi-detach-server-")
+        self._final_stderr = ""
 
     @property
     def url(self) -> str:
@@ -44,10 +50,11 @@ class ServerProcess:
     def start(self, timeout: float = 20.0) -> ServerProcess:
         env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1", **self._env)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.servers", self.server, self.app],
+            [sys.executable, "-m", self.module, self.server, self.app],
             cwd=ROOT,
             env=env,
             stdout=subprocess.PIPE,
+            stderr=self._stderr,
             text=True,
         )
         assert self.proc.stdout is not None
@@ -63,17 +70,41 @@ class ServerProcess:
         raise RuntimeError(f"{self.server} serving {self.app} did not start within {timeout}s")
 
     def stop(self) -> None:
+        """Stop the child by its PID; keep what it printed to stderr, close the files."""
         proc = self.proc
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-        if proc.stdout is not None:
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=10)
+        if proc is not None and proc.stdout is not None:
             proc.stdout.close()
+        if not self._stderr.closed:
+            self._final_stderr = self.stderr_text()
+            self._stderr.close()
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def stderr_text(self) -> str:
+        """What the server printed to stderr so far (its tracebacks, warnings)."""
+        if self._stderr.closed:
+            return self._final_stderr
+        self._stderr.flush()
+        self._stderr.seek(0)
+        return self._stderr.read()
+
+    def validation_problems(self) -> list[str]:
+        """Lines where wsgiref.validate objected (AssertionError) or warned (WSGIWarning)."""
+        return [
+            line
+            for line in self.stderr_text().splitlines()
+            if "AssertionError" in line or "WSGIWarning" in line
+        ]
 
     def __enter__(self) -> ServerProcess:
         return self.start()
@@ -132,8 +163,12 @@ def main(argv: list[str]) -> None:
         from gevent import monkey
 
         monkey.patch_all()
-    from wsgiref.validate import validator
+    import warnings
+    from wsgiref.validate import WSGIWarning, validator
 
+    # A validator warning becomes an exception in the server, which logs it
+    # to stderr, where ServerProcess.validation_problems() finds it.
+    warnings.simplefilter("error", WSGIWarning)
     app = validator(_load(spec))
     if server in ("pywsgi", "pywsgi-patched"):
         _serve_pywsgi(app)

@@ -48,8 +48,9 @@ from typing import TYPE_CHECKING, Any, Callable, Final, Union
 
 import gevent
 
-from ._errors import BodyAborted, BodyEnded, BodyTimeout, BufferFull, UsageError
-from ._wakeup import CannotBlockHere, Waiter, allocate_lock, make_waiter
+from ._budget import ByteBudget
+from ._errors import BodyAborted, BodyEnded, BodyTimeout, BufferFull, Unavailable, UsageError
+from ._wakeup import CannotBlockHere, Waiter, allocate_lock, make_waiter, spawn_greenlet
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse
@@ -106,11 +107,12 @@ _WHY: Final[dict[str, str]] = {
 }
 
 
-def _refuse(state: str, op: str, what: str) -> object:
-    """Look up ``(state, op)``; return the verdict or raise the error it names."""
+def _refuse(body: DetachedBody, op: str, what: str) -> object:
+    """Look up ``(body's state, op)``; return the verdict or raise the error it names."""
+    state = body._state
     verdict = _PRODUCER_OPS[state][op]
     if isinstance(verdict, type):
-        raise verdict(f"cannot {what}: the body is {state} because {_WHY[state]}", state)
+        raise verdict(f"cannot {what}: the body is {state} because {_WHY[state]}", state, body)
     return verdict
 
 
@@ -172,6 +174,10 @@ class DetachedBody:
             to this many bytes into one yield, so the server makes one write
             instead of many. Never delays a chunk: it only merges chunks that
             are already waiting. ``0`` keeps every chunk separate.
+        budget: a :class:`ByteBudget` shared with other bodies: a ``put()``
+            that would take their total buffered bytes over its limit raises
+            :class:`BufferFull` at once, even where ``max_buffer`` would block
+            (see :mod:`wsgi_detach._budget` for why). ``None``: no shared cap.
     """
 
     def __init__(
@@ -186,6 +192,7 @@ class DetachedBody:
         start_response: StartResponse | None = None,
         timeout_chunk: Chunk | None = None,
         coalesce: int = _DEFAULT_COALESCE,
+        budget: ByteBudget | None = None,
     ) -> None:
         self._idle_timeout = _positive_or_none("idle_timeout", idle_timeout)
         self._deadline = _positive_or_none("deadline", deadline)
@@ -210,6 +217,9 @@ class DetachedBody:
         if not isinstance(coalesce, int) or coalesce < 0:
             raise ValueError(f"coalesce must be an int >= 0, got {coalesce!r}")
         self._coalesce = coalesce
+        if budget is not None and not isinstance(budget, ByteBudget):
+            raise TypeError(f"budget must be a ByteBudget or None, got {budget!r}")
+        self._budget = budget
 
         self._lock = allocate_lock()
         self._state: str = OPEN
@@ -221,6 +231,7 @@ class DetachedBody:
         self._callbacks: list[Callable[[], object]] | None = []
         self._head: tuple[str, list[tuple[str, str]]] | None = None  # from start()
         self._head_sent = start_response is None  # the app called start_response itself
+        self._needs_head = start_response is not None  # owned, and start() not called yet
         self._sent_data = False  # a non-empty chunk went to the server
         self._outcome: str | None = None
         now = time.monotonic()
@@ -282,7 +293,7 @@ class DetachedBody:
                 f"got {type(status).__name__} and {type(headers).__name__}"
             )
         with self._lock:
-            _refuse(self._state, "write", "start()")
+            _refuse(self, "write", "start()")
             if self._start_response is None:
                 raise UsageError(
                     "start() needs a body created with DetachedBody(start_response=...); "
@@ -291,7 +302,13 @@ class DetachedBody:
             if self._head is not None:
                 raise UsageError("start() was already called on this body")
             self._head = (status, list(headers))
+            self._needs_head = False
             self._last_put = time.monotonic()
+            # The consumer may be waiting with no heartbeat due (none can be
+            # sent before the head): let it look again.
+            consumer = self._take_consumer_locked()
+        if consumer is not None:
+            consumer.wake()
 
     def put(self, chunk: Chunk | type[StopIteration], timeout: float | None = None) -> None:
         """Append a chunk for the server to send; ``put(StopIteration)`` is :meth:`finish`.
@@ -314,19 +331,23 @@ class DetachedBody:
             UsageError: the body owns ``start_response`` and ``start()`` was
                 not called yet.
         """
-        if chunk is StopIteration:
-            self.finish()
-            return
-        self._put(self._coerce(chunk), block=True, timeout=timeout)
+        if type(chunk) is not bytes:
+            if chunk is StopIteration:
+                self.finish()
+                return
+            chunk = self._coerce(chunk)
+        self._put(chunk, True, timeout)
 
     write = put
 
     def put_nowait(self, chunk: Chunk | type[StopIteration]) -> None:
         """Like :meth:`put`, but raise :class:`BufferFull` instead of waiting for room."""
-        if chunk is StopIteration:
-            self.finish()
-            return
-        self._put(self._coerce(chunk), block=False, timeout=None)
+        if type(chunk) is not bytes:
+            if chunk is StopIteration:
+                self.finish()
+                return
+            chunk = self._coerce(chunk)
+        self._put(chunk, False, None)
 
     def finish(self, chunk: Chunk | None = None) -> None:
         """End the response cleanly, optionally with a last chunk.
@@ -341,10 +362,10 @@ class DetachedBody:
         data = None if chunk is None else self._coerce(chunk)
         with self._lock:
             if data is not None:
-                _refuse(self._state, "write", "finish() with a last chunk")
-            elif _refuse(self._state, "finish", "finish()") is _NOOP:
+                _refuse(self, "write", "finish() with a last chunk")
+            elif _refuse(self, "finish", "finish()") is _NOOP:
                 return
-            if self._start_response is not None and self._head is None:
+            if self._needs_head:
                 # Ending a response that never got a status would leave the
                 # server with nothing valid to send: make it a 500 rather than
                 # a hang, and tell the caller.
@@ -357,8 +378,7 @@ class DetachedBody:
             else:
                 error = None
                 if data:
-                    self._buffer.append(data)
-                    self._buffered += len(data)
+                    self._append_locked(data)
                 self._end_locked(FINISHED, None)
                 consumer = self._take_consumer_locked()
         if consumer is not None:
@@ -379,7 +399,7 @@ class DetachedBody:
         if not isinstance(exc, BaseException):
             raise TypeError(f"fail() takes an exception, got {type(exc).__name__}")
         with self._lock:
-            if _refuse(self._state, "fail", "fail()") is _NOOP:
+            if _refuse(self, "fail", "fail()") is _NOOP:
                 log.debug("fail(%r) on a %s body ignored", exc, self._state)
                 return
             self._end_locked(FAILED, exc)
@@ -422,7 +442,7 @@ class DetachedBody:
         if exc is None:
             self.finish()
             return False
-        if isinstance(exc, BodyAborted) and self._state in (CLOSED, EXPIRED):
+        if isinstance(exc, BodyAborted) and exc.body is self:
             log.debug("producer stopped: %s", exc)
             return True
         self.fail(exc)
@@ -432,9 +452,13 @@ class DetachedBody:
         """Run ``fn(*args, **kwargs)`` in a new greenlet tied to this body.
 
         When ``fn`` returns the body finishes; when it raises, the body fails
-        (see :meth:`__exit__`). The greenlet lives in the calling thread's hub.
+        (see :meth:`__exit__`). Called from a greenlet (gevent servers), the new
+        greenlet runs in the same hub. Called from a plain thread (a threaded
+        server's request thread), it runs in wsgi_detach's producer hub thread
+        instead: a greenlet left on the request thread would freeze the moment
+        the request ended, and never learn that the client left.
         """
-        return gevent.spawn(self._run_tied, fn, args, kwargs)
+        return spawn_greenlet(self._run_tied, fn, args, kwargs)
 
     def spawn_thread(
         self, fn: Callable[..., object], *args: Any, **kwargs: Any
@@ -465,6 +489,26 @@ class DetachedBody:
 
     def __next__(self) -> bytes:
         """The server's side: the next non-empty chunk, blocking until there is one."""
+        # Fast path: data waiting and no producer blocked on the cap.
+        with self._lock:
+            buffer = self._buffer
+            if buffer and not self._producers:
+                chunk = buffer.popleft()
+                if buffer and len(chunk) < self._coalesce:
+                    chunk = self._join_locked(chunk)
+                self._buffered -= len(chunk)
+                if self._budget is not None:
+                    self._budget.give(len(chunk))
+            else:
+                chunk = None
+        if chunk is None:
+            return self._next_slow()
+        if self._head_sent and self._heartbeat is None:
+            self._sent_data = True
+            return chunk
+        return self._emit(chunk)
+
+    def _next_slow(self) -> bytes:
         while True:
             to_wake: list[Waiter] = []
             waiter: Waiter | None = None
@@ -516,6 +560,8 @@ class DetachedBody:
             self._outcome = self._outcome_locked()
             self._state = CLOSED
             self._buffer.clear()
+            if self._budget is not None:
+                self._budget.give(self._buffered)
             self._buffered = 0
             self._end_error = None
             waiters = self._producers
@@ -543,24 +589,38 @@ class DetachedBody:
             f"finish), got {type(chunk).__name__}"
         )
 
-    def _put(self, data: bytes, *, block: bool, timeout: float | None) -> None:
+    def _put(self, data: bytes, block: bool, timeout: float | None) -> None:
+        # The hot path of every stream: keep it to one lock round-trip and no
+        # calls when the body is open and has room.
         give_up = None if timeout is None else time.monotonic() + timeout
         while True:
             with self._lock:
-                _refuse(self._state, "write", "put()")
-                if self._start_response is not None and self._head is None:
+                if self._state is not OPEN:
+                    _refuse(self, "write", "put()")
+                if self._needs_head:
                     raise UsageError(
                         "put() before start(): this body owns start_response, so call "
                         "body.start(status, headers) first"
                     )
                 cap = self._max_buffer
-                if cap is None or not self._buffered or self._buffered + len(data) <= cap:
-                    self._last_put = time.monotonic()
+                buffered = self._buffered
+                if cap is None or not buffered or buffered + len(data) <= cap:
+                    if data and self._budget is not None and not self._budget.take(len(data)):
+                        raise BufferFull(
+                            f"the shared budget of {self._budget.limit} bytes buffered across "
+                            f"all bodies is used up; the process is overloaded, so drop or "
+                            f"retry this chunk rather than wait for other clients"
+                        )
+                    if self._idle_timeout is not None:
+                        self._last_put = time.monotonic()
                     if not data:
                         return
                     self._buffer.append(data)
-                    self._buffered += len(data)
-                    consumer = self._take_consumer_locked()
+                    self._buffered = buffered + len(data)
+                    consumer = self._consumer
+                    if consumer is None:
+                        return
+                    self._consumer = None
                     break
                 if not block:
                     raise BufferFull(
@@ -591,8 +651,7 @@ class DetachedBody:
                     f"put() waited {timeout}s for room under max_buffer={cap} bytes; the client "
                     f"is not reading fast enough"
                 )
-        if consumer is not None:
-            consumer.wake()
+        consumer.wake()
 
     def _take_consumer_locked(self) -> Waiter | None:
         consumer, self._consumer = self._consumer, None
@@ -607,20 +666,32 @@ class DetachedBody:
             waiter.wake()
 
     def _pop_locked(self) -> bytes:
-        buffer = self._buffer
-        chunk = buffer.popleft()
-        limit = self._coalesce
-        if buffer and len(chunk) < limit:
-            parts = [chunk]
-            size = len(chunk)
-            while buffer and size + len(buffer[0]) <= limit:
-                part = buffer.popleft()
-                parts.append(part)
-                size += len(part)
-            if len(parts) > 1:
-                chunk = b"".join(parts)
+        chunk = self._buffer.popleft()
+        if self._buffer and len(chunk) < self._coalesce:
+            chunk = self._join_locked(chunk)
         self._buffered -= len(chunk)
+        if self._budget is not None:
+            self._budget.give(len(chunk))
         return chunk
+
+    def _join_locked(self, first: bytes) -> bytes:
+        """Join chunks that are already waiting onto ``first``, up to ``coalesce`` bytes."""
+        buffer = self._buffer
+        limit = self._coalesce
+        parts = [first]
+        size = len(first)
+        while buffer and size + len(buffer[0]) <= limit:
+            part = buffer.popleft()
+            parts.append(part)
+            size += len(part)
+        return first if len(parts) == 1 else b"".join(parts)
+
+    def _append_locked(self, data: bytes) -> None:
+        """Buffer a chunk that must not be refused (a last chunk, a timeout chunk)."""
+        self._buffer.append(data)
+        self._buffered += len(data)
+        if self._budget is not None:
+            self._budget.force(len(data))
 
     def _can_send_locked(self) -> bool:
         return self._head_sent or self._head is not None
@@ -651,8 +722,7 @@ class DetachedBody:
             )
             if self._timeout_chunk is not None and self._can_send_locked():
                 if self._timeout_chunk:
-                    self._buffer.append(self._timeout_chunk)
-                    self._buffered += len(self._timeout_chunk)
+                    self._append_locked(self._timeout_chunk)
                 self._end_locked(EXPIRED, None)
             else:
                 self._end_locked(EXPIRED, BodyTimeout(f"response timed out: {what}"))
@@ -674,21 +744,9 @@ class DetachedBody:
         """Report a failure or timeout to the server: an error response if still possible."""
         if self._start_response is None or self._sent_data:
             raise error
-        status = (
-            "504 Gateway Timeout" if isinstance(error, BodyTimeout) else "500 Internal Server Error"
-        )
-        log.error("detached response failed before any data was sent: %s", status, exc_info=error)
         self._head_sent = True
         self._sent_data = True
-        message = status.encode("ascii") + b"\n"
-        headers = [*_ERROR_HEADERS, ("Content-Length", str(len(message)))]
-        # exc_info replaces headers decided but not yet sent (PEP 3333 "Error
-        # Handling"); the server raises it back if they were sent after all.
-        try:
-            raise error
-        except BaseException:
-            self._start_response(status, headers, sys.exc_info())
-        return message
+        return error_response(self._start_response, error)
 
     def _outcome_locked(self) -> str:
         if self._state == FAILED:
@@ -698,6 +756,30 @@ class DetachedBody:
         if self._state == FINISHED and not self._buffer:
             return "finished"
         return "disconnected"
+
+
+def error_response(start_response: StartResponse, error: BaseException) -> bytes:
+    """Turn ``error`` into a 5xx response (504 a timeout, 503 a drain) before any data went out.
+
+    Calls ``start_response`` with ``exc_info``, which replaces headers decided
+    but not yet sent (PEP 3333 "Error Handling"; the server raises it back if
+    they were sent after all), and returns the body to yield. Shared with the
+    middleware, which does the same for bodies it did not create.
+    """
+    if isinstance(error, BodyTimeout):
+        status = "504 Gateway Timeout"
+    elif isinstance(error, Unavailable):  # cut off by a drain: the client should come back
+        status = "503 Service Unavailable"
+    else:
+        status = "500 Internal Server Error"
+    log.error("detached response failed before any data was sent: %s", status, exc_info=error)
+    message = status.encode("ascii") + b"\n"
+    headers = [*_ERROR_HEADERS, ("Content-Length", str(len(message)))]
+    try:
+        raise error
+    except BaseException:
+        start_response(status, headers, sys.exc_info())
+    return message
 
 
 def _positive_or_none(name: str, value: float | None) -> float | None:

@@ -16,6 +16,9 @@ exception              raised when                                  who caused i
                                                                     was too slow
 ``BufferFull``         ``put_nowait()`` with ``max_buffer`` reached,  the consumer
                        or a blocking ``put()`` where it cannot block  is behind
+``Unavailable``        ``DetachMiddleware`` refuses a new detached    the load (or
+                       response (``max_open``, draining), or ends   a shutdown)
+                       one that outlived ``drain()``'s grace
 =====================  ===========================================  ==============
 
 ``BodyEnded`` and ``BodyAborted`` share the base :class:`BodyClosed`, so code
@@ -34,6 +37,7 @@ __all__ = [
     "BodyTimeout",
     "BufferFull",
     "DetachError",
+    "Unavailable",
     "UsageError",
 ]
 
@@ -56,11 +60,14 @@ class BodyClosed(DetachError):
     Attributes:
         state: the body's state when the write was refused (``"finished"``,
             ``"failed"``, ``"expired"`` or ``"closed"``).
+        body: the body that refused it, so that a producer writing to several
+            bodies can tell which one ended.
     """
 
-    def __init__(self, message: str, state: str) -> None:
+    def __init__(self, message: str, state: str, body: object = None) -> None:
         super().__init__(message)
         self.state = state
+        self.body = body
 
 
 class BodyEnded(BodyClosed, UsageError):
@@ -97,4 +104,15 @@ class BufferFull(DetachError):
     Raised by ``put_nowait()``, by ``put(timeout=...)`` when the timeout
     passes, and by ``put()`` called from the gevent hub itself (a loop
     callback), where blocking would deadlock the whole process.
+    """
+
+
+class Unavailable(DetachError):
+    """The server cannot take (or keep) this detached response: it is full or shutting down.
+
+    Raised by ``detach(environ)`` when ``DetachMiddleware(max_open=...)``
+    detached responses are already open or ``drain()`` began; let it
+    propagate (or let your framework turn it into any error page): the
+    middleware answers ``503`` with ``Retry-After`` either way. Also the
+    exception a body fails with when ``drain()``'s grace runs out.
     """

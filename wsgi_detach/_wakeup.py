@@ -35,13 +35,25 @@ deadlock them). A thread without a hub waits on a real (never monkey-patched)
 lock. Calling from inside the hub greenlet itself, where blocking would stop
 every greenlet, raises :class:`CannotBlockHere`.
 
+Greenlet producers have the mirror-image problem. A greenlet spawned on a
+threaded server's request thread runs only while that thread runs its hub,
+that is while the server iterates the body; once the request ends the thread
+goes back to the server and the greenlet is frozen forever, never reaching the
+``put()`` that would tell it the client left. :func:`spawn_greenlet` therefore
+spawns in the caller's hub only when the caller is itself a greenlet run by a
+hub (gevent servers), and otherwise in one process-wide *producer hub*: a
+daemon OS thread that does nothing but run a gevent loop.
+
 This module imports nothing of ours.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any, Callable, Protocol
 
+import gevent
+from gevent import spawn as _gevent_spawn
 from gevent.hub import Waiter as _GeventHubWaiter
 from gevent.monkey import get_original
 from greenlet import getcurrent
@@ -58,6 +70,9 @@ __all__ = [
     "get_ident",
     "in_hub",
     "make_waiter",
+    "runner_here",
+    "spawn_greenlet",
+    "start_beside",
 ]
 
 #: A real OS lock, even after ``gevent.monkey.patch_all()``. The body holds it
@@ -68,6 +83,11 @@ allocate_lock: Callable[[], Any] = get_original("_thread", "allocate_lock")
 #: The real OS thread id (monkey-patching makes ``threading.get_ident`` return
 #: a greenlet id, which would make two greenlets look like two threads).
 get_ident: Callable[[], int] = get_original("_thread", "get_ident")
+
+
+#: How long a waiter without a timeout keeps its hub alive before it returns
+#: False and its caller, having no deadline, simply waits again.
+_KEEP_ALIVE = 3600.0
 
 
 class CannotBlockHere(RuntimeError):
@@ -95,9 +115,11 @@ class _HubWaiter:
         self._waiter = _GeventHubWaiter(hub)
 
     def wait(self, timeout: float | None) -> bool:
-        if timeout is None:
-            return bool(self._waiter.get())
-        timer = self._hub.loop.timer(max(timeout, 0.0))
+        # Always arm a (referenced) timer, even without a timeout: a wake-up
+        # from another thread arrives through the loop's unreferenced async
+        # watcher, so a hub with nothing else to watch (no listening socket,
+        # say) would otherwise decide it can never be woken and raise LoopExit.
+        timer = self._hub.loop.timer(_KEEP_ALIVE if timeout is None else max(timeout, 0.0))
         timer.start(self._waiter.switch, False)
         try:
             return bool(self._waiter.get())
@@ -153,3 +175,111 @@ def make_waiter() -> Waiter:
             "would stop every greenlet in the process"
         )
     return _HubWaiter(hub)
+
+
+def _run_by_a_hub() -> bool:
+    """True when the caller is a greenlet that a running hub schedules (or the hub)."""
+    hub = _get_hub_if_exists()
+    if hub is None:
+        return False
+    current = getcurrent()
+    return current is hub or current.parent is hub
+
+
+class _ProducerHub:
+    """A daemon OS thread running a gevent hub forever, for greenlet producers
+    spawned from plain threads."""
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self.hub: Any = None
+        ready = allocate_lock()
+        ready.acquire()
+        _start_thread(self._run, (ready,))
+        if not ready.acquire(True, 10.0):  # pragma: no cover - a machine in trouble
+            raise RuntimeError("the wsgi_detach producer hub thread did not start")
+
+    def _run(self, ready: Any) -> None:
+        self.hub = gevent.get_hub()
+        ready.release()
+        while True:  # keep a referenced timer so that the loop never exits
+            gevent.sleep(3600)
+
+    def spawn(self, fn: Callable[..., object], args: Any, kwargs: Any) -> gevent.Greenlet:
+        started: list[gevent.Greenlet] = []
+        latch = allocate_lock()
+        latch.acquire()
+
+        def start() -> None:
+            started.append(gevent.spawn(fn, *args, **kwargs))
+            latch.release()
+
+        self.hub.loop.run_callback_threadsafe(start)
+        if not latch.acquire(True, 10.0):  # pragma: no cover - a machine in trouble
+            raise RuntimeError("the wsgi_detach producer hub did not start the greenlet")
+        return started[0]
+
+
+_producer_hub: _ProducerHub | None = None
+_producer_hub_lock = allocate_lock()
+
+
+def spawn_greenlet(fn: Callable[..., object], *args: Any, **kwargs: Any) -> gevent.Greenlet:
+    """Spawn ``fn`` in a greenlet whose hub keeps running after the caller's request ends.
+
+    In the caller's hub when the caller is a greenlet (gevent.pywsgi, gunicorn's
+    gevent worker, anything monkey-patched); from a plain thread (waitress,
+    wsgiref, gunicorn gthread), in the process-wide producer hub thread. The
+    greenlet belongs to that hub: join or kill it from there, or watch it with
+    ``link``/``dead`` rather than ``join`` from another thread.
+    """
+    if _run_by_a_hub():
+        return gevent.spawn(fn, *args, **kwargs)
+    global _producer_hub
+    with _producer_hub_lock:
+        if _producer_hub is None or _producer_hub.pid != os.getpid():  # new after a fork
+            _producer_hub = _ProducerHub()
+        producer_hub = _producer_hub
+    return producer_hub.spawn(fn, args, kwargs)
+
+
+def runner_here() -> Callable[[Callable[[], object]], None]:
+    """Capture where the caller runs; return a function that runs ``fn()`` there, from any thread.
+
+    For code that learns something on one thread (a disconnect watcher's OS
+    thread) and must act where the request lives. In a thread with a gevent
+    hub, ``fn`` runs in a new greenlet of that hub, so it may block
+    cooperatively and may touch greenlet-only objects; it is scheduled with
+    ``run_callback_threadsafe``, which wakes a loop asleep in ``epoll_wait``.
+    In a thread without a hub there is nothing to go back to: ``fn`` runs at
+    once in whichever thread calls the returned function.
+    """
+    hub = _get_hub_if_exists()
+    if hub is None:
+        return _call
+    loop = hub.loop
+
+    def run_in_hub(fn: Callable[[], object]) -> None:
+        loop.run_callback_threadsafe(_gevent_spawn, fn)
+
+    return run_in_hub
+
+
+def _call(fn: Callable[[], object]) -> None:
+    fn()
+
+
+def start_beside(fn: Callable[[], object]) -> None:
+    """Run ``fn()`` beside the caller: in a greenlet if this thread has a hub, else in a thread.
+
+    For work started from a signal handler that must block (a drain): in a
+    gevent process a new OS thread could not wait on greenlets, and on a
+    threaded server there may be no running hub to host a greenlet.
+    """
+    if _get_hub_if_exists() is not None:
+        _gevent_spawn(fn)
+    else:
+        _start_thread(fn, ())
+
+
+_start_thread: Callable[..., int] = get_original("_thread", "start_new_thread")

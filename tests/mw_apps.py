@@ -1,0 +1,228 @@
+"""WSGI apps behind DetachMiddleware, served by the middleware/watcher/server tests.
+
+:func:`make_app` builds one scenario app (dispatching on the path) behind a
+``DetachMiddleware`` with the given options; the module-level instances are
+what the tests name as ``tests.mw_apps:NAME``. Paths this module does not
+know go to tests/apps.py (``/_events``, ``/stream``, ``/forever``...), so the
+core scenarios also run through the middleware. Events are filed with
+``tests.apps.record`` and read back from ``/_events?key=``.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from typing import Any, Callable
+from urllib.parse import parse_qs
+
+import gevent
+import gevent.queue
+from gevent import monkey
+from werkzeug.wsgi import ClosingIterator
+
+from tests import apps
+from tests.apps import _pause, _producer, record
+from wsgi_detach import BufferFull, DetachedBody, DetachMiddleware, Unavailable, detach
+
+Start = Callable[..., Any]
+
+#: Whether gevent had patched the socket module by the time this module was
+#: imported: ``python -m wsgi_detach serve`` must patch before importing the app.
+PATCHED_AT_IMPORT = monkey.is_module_patched("socket")
+
+
+class _Recorded(list):  # type: ignore[type-arg]
+    """An ordinary response body that files each close() call."""
+
+    def __init__(self, items: list[bytes], key: str) -> None:
+        super().__init__(items)
+        self.key = key
+
+    def close(self) -> None:
+        record(self.key, "plain closed")
+
+
+def _json(start_response: Start, value: object, status: str = "200 OK") -> list[bytes]:
+    body = json.dumps(value).encode()
+    start_response(status, [("Content-Type", "application/json"),
+                            ("Content-Length", str(len(body)))])
+    return [body]
+
+
+def make_app(**options: Any) -> DetachMiddleware:
+    mw: DetachMiddleware
+
+    def scenarios(environ: dict[str, Any], start_response: Start) -> Any:
+        path = environ["PATH_INFO"]
+        query = {k: v[0] for k, v in parse_qs(environ.get("QUERY_STRING", "")).items()}
+        key = query.get("key", path)
+        via = query.get("via", "greenlet")
+        n = int(query.get("n", "3"))
+        interval = float(query.get("interval", "0.02"))
+        spawn = _producer(via)
+
+        if path == "/_patched":
+            return _json(start_response, {"at_import": PATCHED_AT_IMPORT})
+
+        if path == "/_stats":
+            stats = mw.stats()
+            return _json(start_response, stats.__dict__)
+
+        if path == "/_drain":
+            grace = float(query.get("grace", "1"))
+            farewell = query["farewell"].encode() if "farewell" in query else None
+
+            def drain() -> None:
+                record(key, "drain started")
+                cut = mw.drain(grace, farewell)
+                record(key, f"drain cut {cut}")
+
+            if via == "thread":
+                threading.Thread(target=drain, daemon=True).start()
+            else:
+                gevent.spawn(drain)
+            return _json(start_response, "draining", "202 Accepted")
+
+        if path == "/plain":
+            body = b"hello world"
+            start_response("200 OK", [("Content-Type", "text/plain"),
+                                      ("Content-Length", str(len(body)))])
+            return _Recorded([b"hello ", b"world"], key)
+
+        if path == "/gen":
+            def gen() -> Any:
+                try:
+                    start_response("200 OK", [("Content-Type", "text/plain")])
+                    yield b"a"
+                    yield b""
+                    yield b"b"
+                finally:
+                    record(key, "gen closed")
+
+            return gen()
+
+        if path in ("/detached", "/own_headers"):
+            headers = [("Content-Type", "text/plain")]
+            if path == "/own_headers":
+                headers.append(("Cache-Control", "private, max-age=5"))
+            start_response("200 OK", headers)
+            body = detach(environ)
+            body.on_close(lambda: record(key, f"outcome {body.outcome}"))
+
+            def produce() -> None:
+                for i in range(n):
+                    body.put(f"chunk {i};")
+                    _pause(via, interval)
+
+            spawn(body, produce)
+            return body
+
+        if path == "/idle":
+            # Never writes, unless ?alive=SECONDS: then one chunk after that
+            # long, and the end -- proof that the stream was not cut.
+            start_response("200 OK", [("Content-Type", "text/plain")])
+            body = detach(environ, idle_timeout=30)
+            body.on_close(lambda: record(key, f"outcome {body.outcome}"))
+            record(key, "opened")
+            if "alive" in query:
+                def alive() -> None:
+                    _pause(via, float(query["alive"]))
+                    body.put(b"alive")
+
+                spawn(body, alive)
+            return body
+
+        if path == "/fail_first":
+            start_response("200 OK", [("Content-Type", "text/plain")])
+            body = detach(environ)
+
+            def fail_first() -> None:
+                _pause(via, 0.02)
+                body.fail(RuntimeError("producer broke before any data (expected by the test)"))
+
+            spawn(body, fail_first)
+            return body
+
+        if path == "/timeout_first":
+            start_response("200 OK", [("Content-Type", "text/plain")])
+            return detach(environ, idle_timeout=0.1)
+
+        if path == "/fail_mid":
+            start_response("200 OK", [("Content-Type", "text/plain")])
+            body = detach(environ)
+
+            def fail_mid() -> None:
+                body.put(b"partial;")
+                _pause(via, 0.02)
+                body.fail(RuntimeError("producer broke mid-stream (expected by the test)"))
+
+            spawn(body, fail_mid)
+            return body
+
+        if path.startswith("/queue"):
+            # The seed's trick, unchanged: a gevent queue ended by StopIteration.
+            start_response("200 OK", [("Content-Type", "text/plain")])
+            queue: gevent.queue.Queue = gevent.queue.Queue()  # type: ignore[type-arg]
+            if path == "/queue_one":
+                queue.put("first;")  # a server trusting len()==1 would stop here
+            wrapped = path in ("/queue_wrapped", "/queue_idle")
+            # The seed puts str (Bottle encodes it); a bare ClosingIterator does not.
+            items: list[object] = [f"item {i};".encode() if wrapped else f"item {i};"
+                                   for i in range(n)]
+            if path == "/queue_bad":
+                items = [None, "never sent"]
+
+            def fill() -> None:
+                for item in items:
+                    gevent.sleep(interval)
+                    queue.put(item)
+                if path != "/queue_idle":
+                    queue.put(StopIteration)
+
+            gevent.spawn(fill)
+            if wrapped:
+                # What Flask returns for Response(queue): Werkzeug's ClosingIterator.
+                return ClosingIterator(queue, lambda: record(key, "wrapper closed"))
+            return queue
+
+        if path == "/caught":
+            # A framework that turns every exception into its own error page.
+            try:
+                body = detach(environ)
+            except Unavailable as exc:
+                record(key, f"refused: {exc}")
+                return _json(start_response, "framework error page", "500 Internal Server Error")
+            start_response("200 OK", [("Content-Type", "text/plain")])
+            body.on_close(lambda: record(key, f"outcome {body.outcome}"))
+            return body
+
+        if path == "/fill":
+            # Two bodies of this request, 40 000 bytes each, against max_buffered.
+            start_response("200 OK", [("Content-Type", "text/plain")])
+            first, second = detach(environ), detach(environ)
+            first.put(b"x" * 40000)
+            try:
+                second.put(b"y" * 40000)
+                record(key, "second put accepted")
+            except BufferFull as exc:
+                record(key, f"BufferFull: {exc}")
+            record(key, f"buffered {mw.stats().buffered}")
+            second.close()
+            first.finish()
+            return first
+
+        if path == "/own_body":
+            # A body the app made itself, not through detach(): still managed.
+            start_response("200 OK", [("Content-Type", "text/plain")])
+            own = DetachedBody()
+            own.on_close(lambda: record(key, f"outcome {own.outcome}"))
+            return own
+
+        return apps.app(environ, start_response)
+
+    mw = DetachMiddleware(scenarios, **options)
+    return mw
+
+
+app = make_app(idle_timeout=10)
+capped = make_app(max_open=2, max_buffered=64 * 1024, retry_after=7)

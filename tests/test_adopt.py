@@ -1,0 +1,132 @@
+"""_adopt: the seed's queue and detached bodies are found inside real frameworks' iterators.
+
+Each framework is called in-process as the WSGI app it is, with a gevent
+queue (the seed's pattern) as the response body; the search must find that
+very queue in whatever the framework returns, and nothing in an ordinary
+response.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+from wsgiref.util import setup_testing_defaults
+
+import gevent.queue
+import pytest
+
+from wsgi_detach import DetachedBody
+from wsgi_detach._adopt import SEARCH_LIMIT, find_inside, is_queue
+
+#: A module-level queue: reachable from every function's globals, and
+#: therefore exactly what the search must not find by accident.
+SHARED: gevent.queue.Queue = gevent.queue.Queue()  # type: ignore[type-arg]
+
+
+def _call(app: Callable[..., Any], path: str = "/") -> Any:
+    environ: dict[str, Any] = {}
+    setup_testing_defaults(environ)
+    environ["PATH_INFO"] = path
+    return app(environ, lambda status, headers, exc_info=None: lambda data: None)
+
+
+def _queue() -> gevent.queue.Queue:  # type: ignore[type-arg]
+    queue: gevent.queue.Queue = gevent.queue.Queue()  # type: ignore[type-arg]
+    queue.put(b"first")  # Bottle peeks at the first chunk inside the app call
+    return queue
+
+
+def _flask(body: object) -> Any:
+    import flask
+
+    app = flask.Flask(__name__)
+    app.add_url_rule("/", "stream", lambda: flask.Response(body))
+    return _call(app)
+
+
+def _bottle(body: object) -> Any:
+    import bottle
+
+    app = bottle.Bottle()
+    app.route("/", callback=lambda: body)
+    return _call(app)
+
+
+def _webob(body: object) -> Any:
+    import webob
+
+    return _call(webob.Response(app_iter=body))
+
+
+_django_body: list[object] = []
+
+
+def _django_view(request: Any) -> Any:
+    from django.http import StreamingHttpResponse
+
+    return StreamingHttpResponse(_django_body[-1])
+
+
+def _django(body: object) -> Any:
+    import django
+    from django.conf import settings
+    from django.urls import path
+
+    if not settings.configured:
+        settings.configure(
+            DEBUG=False, ALLOWED_HOSTS=["*"], SECRET_KEY="test", ROOT_URLCONF=__name__,
+            MIDDLEWARE=[], INSTALLED_APPS=[],
+        )
+        django.setup()
+        urlpatterns.append(path("", _django_view))
+    from django.core.handlers.wsgi import WSGIHandler
+
+    _django_body.append(body)  # Django caches the URL conf: the view reads the body from here
+    return _call(WSGIHandler())
+
+
+urlpatterns: list[Any] = []
+
+FRAMEWORKS = {"flask": _flask, "bottle": _bottle, "webob": _webob, "django": _django}
+
+
+#: webob imports the stdlib cgi module, deprecated in 3.11; not ours to fix.
+pytestmark = pytest.mark.filterwarnings("ignore:'cgi' is deprecated:DeprecationWarning")
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+@pytest.mark.parametrize("kind", ["queue", "body"])
+def test_found_inside_each_framework(framework: str, kind: str) -> None:
+    body: Any = _queue() if kind == "queue" else DetachedBody()
+    if kind == "body":
+        body.put(b"first")
+    result = FRAMEWORKS[framework](body)
+    try:
+        assert result is body or find_inside(result) is body
+    finally:
+        getattr(result, "close", lambda: None)()
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_nothing_found_in_an_ordinary_response(framework: str) -> None:
+    SHARED.put(b"unrelated")
+    result = FRAMEWORKS[framework]([b"plain", b" bytes"])
+    try:
+        assert find_inside(result) is None
+    finally:
+        getattr(result, "close", lambda: None)()
+
+
+def test_the_search_is_bounded() -> None:
+    queue = _queue()
+    deep: Any = queue
+    for _ in range(SEARCH_LIMIT + 1):
+        deep = [deep]
+    assert find_inside(deep) is None
+    assert find_inside([[queue]]) is queue
+
+
+def test_every_gevent_queue_kind_is_a_queue() -> None:
+    kinds = [gevent.queue.Queue, gevent.queue.JoinableQueue, gevent.queue.LifoQueue,
+             gevent.queue.PriorityQueue, gevent.queue.Channel]
+    assert all(is_queue(kind()) for kind in kinds)
+    assert not is_queue([b"a list"])

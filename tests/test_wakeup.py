@@ -1,0 +1,69 @@
+"""_wakeup: the right kind of waiter for each context, and each wakes across threads."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import gevent
+
+from wsgi_detach._wakeup import CannotBlockHere, in_hub, make_waiter
+
+
+def test_a_thread_without_a_hub_gets_a_thread_waiter_woken_from_a_greenlet() -> None:
+    kinds: list[str] = []
+    woken: list[bool] = []
+    registered = threading.Event()
+    holder: list[object] = []
+
+    def thread() -> None:
+        waiter = make_waiter()
+        kinds.append(type(waiter).__name__)
+        holder.append(waiter)
+        registered.set()
+        woken.append(waiter.wait(5))
+
+    t = threading.Thread(target=thread)
+    t.start()
+    assert registered.wait(5)
+    gevent.spawn(lambda: holder[0].wake()).join(5)  # type: ignore[attr-defined]
+    t.join(5)
+    assert kinds == ["_ThreadWaiter"] and woken == [True]
+
+
+def test_a_hub_waiter_times_out_and_wakes_from_another_thread() -> None:
+    gevent.get_hub()
+    waiter = make_waiter()
+    assert type(waiter).__name__ == "_HubWaiter"
+    started = time.monotonic()
+    assert waiter.wait(0.02) is False
+    assert time.monotonic() - started >= 0.015
+
+    waiter = make_waiter()
+    threading.Thread(target=lambda: (time.sleep(0.01), waiter.wake())).start()
+    assert waiter.wait(5) is True  # no LoopExit though nothing else keeps the hub busy
+
+
+def test_the_hub_itself_cannot_block() -> None:
+    seen: list[object] = []
+
+    def callback() -> None:
+        seen.append(in_hub())
+        try:
+            make_waiter()
+        except CannotBlockHere as exc:
+            seen.append(str(exc))
+
+    gevent.get_hub().loop.run_callback(callback)
+    gevent.sleep(0.01)
+    assert seen[0] is True
+    assert "cannot block in the gevent hub" in str(seen[1])
+    assert in_hub() is False
+
+
+def test_a_wake_before_the_wait_is_not_lost() -> None:
+    gevent.get_hub()
+    waiter = make_waiter()
+    waiter.wake()
+    gevent.sleep(0)  # let the scheduled switch run before anyone waits
+    assert waiter.wait(1) is True

@@ -1,0 +1,137 @@
+"""The command line: ``python -m wsgi_detach serve module:app``.
+
+``serve`` runs any WSGI app under gevent.pywsgi behind DetachMiddleware, with
+the handler that exposes the socket (idle disconnects noticed) and sets
+TCP_NODELAY, and drains on SIGTERM/SIGINT. ``demo`` is reserved for the chat
+demo.
+
+Monkey-patching comes first, before the app and before the rest of
+wsgi_detach is imported: an app module that does ``from socket import
+socket`` or ``import requests`` at import time must get gevent's versions.
+(Python imports the package's ``__init__`` before this file; it loads only
+modules that look names up at call time -- the server helpers are imported
+lazily for this reason, and tests/test_cli.py checks the app sees a patched
+process.)
+"""
+
+from gevent import monkey
+
+monkey.patch_all()
+
+# Everything below comes after the patch, hence no `from __future__` import
+# (it would have to be the first statement) and the E402 exemptions.
+import argparse  # noqa: E402
+import codecs  # noqa: E402
+import importlib  # noqa: E402
+import os  # noqa: E402
+import signal  # noqa: E402
+import sys  # noqa: E402
+from typing import Any, Optional  # noqa: E402
+
+import gevent  # noqa: E402
+
+__all__ = ["main"]
+
+
+def _load(spec: str) -> Any:
+    module_name, _, attribute = spec.partition(":")
+    if not module_name or not attribute:
+        raise SystemExit(f"serve: expected MODULE:APP (like mysite.wsgi:application), got {spec!r}")
+    sys.path.insert(0, os.getcwd())  # like gunicorn: the app's package is in the current directory
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise SystemExit(f"serve: cannot import {module_name!r}: {exc}") from exc
+    try:
+        app = getattr(module, attribute)
+    except AttributeError:
+        raise SystemExit(f"serve: module {module_name!r} has no attribute {attribute!r}") from None
+    if not callable(app):
+        raise SystemExit(f"serve: {spec} is {type(app).__name__}, not a WSGI app (a callable)")
+    return app
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m wsgi_detach")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser(
+        "serve", help="serve a WSGI app under gevent.pywsgi with DetachMiddleware"
+    )
+    serve.add_argument("app", metavar="MODULE:APP", help="the WSGI app, e.g. chat:app")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
+    serve.add_argument(
+        "--port", type=int, default=8000, help="port; 0 picks one (default: %(default)s)"
+    )
+    serve.add_argument(
+        "--grace",
+        type=float,
+        default=10.0,
+        help="seconds open streams get to end on SIGTERM/SIGINT (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--farewell",
+        help="last chunk sent to every open stream on shutdown; backslash escapes "
+        "are decoded, e.g. 'retry: 1000\\n\\n'",
+    )
+    serve.add_argument("--idle-timeout", type=float, help="default idle_timeout of bodies")
+    serve.add_argument("--heartbeat", type=float, help="default heartbeat of bodies (seconds)")
+    serve.add_argument("--max-open", type=int, help="most detached responses open at once")
+    serve.add_argument("--max-buffered", type=int, help="most bytes buffered across all bodies")
+    serve.add_argument("--no-access-log", action="store_true", help="do not log each request")
+    serve.add_argument(
+        "--no-nodelay",
+        action="store_true",
+        help="leave TCP_NODELAY off (only to measure what it costs)",
+    )
+
+    commands.add_parser("demo", help="run the chat demo (not available yet)")
+    return parser
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from wsgi_detach import make_server
+
+    app = _load(args.app)
+    options = {
+        name: value
+        for name, value in (
+            ("idle_timeout", args.idle_timeout),
+            ("heartbeat", args.heartbeat),
+            ("max_open", args.max_open),
+            ("max_buffered", args.max_buffered),
+        )
+        if value is not None
+    }
+    server = make_server(
+        app,
+        args.host,
+        args.port,
+        nodelay=not args.no_nodelay,
+        grace=args.grace,
+        farewell=codecs.decode(args.farewell, "unicode_escape") if args.farewell else None,
+        log=None if args.no_access_log else "default",
+        **options,
+    )
+    server.start()
+    print(
+        f"wsgi_detach: serving {args.app} on http://{args.host}:{server.server_port} "
+        f"(gevent.pywsgi; SIGTERM drains for {args.grace}s)",
+        flush=True,
+    )
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        gevent.signal_handler(signum, server.stop)  # runs in a new greenlet: it may block
+    server.serve_forever()
+    return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "demo":
+        print("wsgi_detach demo: the chat demo is not part of this build yet", file=sys.stderr)
+        return 2
+    return _serve(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,119 @@
+"""Recognise detached responses the middleware did not create: the seed's gevent queue, and
+bodies hidden inside a framework's own iterator.
+
+Use: :class:`~wsgi_detach.DetachMiddleware` calls :func:`find_inside` on the
+iterable an app returned, and :func:`feed` to serve a bare
+``gevent.queue.Queue`` through a :class:`~wsgi_detach.DetachedBody`.
+
+Why the queue needs a body in front of it: served as it is, a queue exposes
+``__len__`` (pywsgi and waitress then derive a wrong Content-Length), yields
+whatever was put (``str``, ``None``), has no ``close()`` and no timeouts
+(PEP3333-NOTES "What the seed's trick does on real servers"). A pump greenlet
+moves each item into a body, so every promise of the body holds, and a
+producer that puts a wrong type fails the response instead of corrupting it.
+The pump lives in the serving thread's hub, next to the producers of the
+seed's pattern (greenlets spawned by the app); a producer on a plain OS
+thread cannot wake a gevent queue at all, and should use ``detach()``.
+
+Why a bounded search of the object graph for framework wrappers: Werkzeug's
+``ClosingIterator`` keeps the body behind a ``functools.partial`` around a
+generator, Bottle's ``_closeiter`` behind ``itertools.chain``, Django's
+``StreamingHttpResponse`` behind ``map``. None exposes the body by a public
+attribute, but all of them hold a reference to it, which
+``gc.get_referents`` follows. The search skips functions, bound methods,
+classes, modules and module globals (a module-level queue is not this
+response's body) and gives up after :data:`SEARCH_LIMIT` objects, so an
+ordinary response pays a few microseconds. A queue found this way is
+iterated by the framework, not by us: the middleware can count it, add
+streaming headers and end it on a disconnect, but not enforce timeouts or
+type checks; return the queue from a raw WSGI app or use ``detach()`` for
+those.
+"""
+
+from __future__ import annotations
+
+import gc
+import types
+from collections import deque
+from typing import Final, Union
+
+import gevent
+from gevent import GreenletExit
+from gevent.queue import Channel, SimpleQueue
+
+from ._body import DetachedBody
+
+__all__ = ["SEARCH_LIMIT", "Found", "feed", "find_inside", "is_queue"]
+
+#: How many objects :func:`find_inside` looks at before it gives up. Werkzeug,
+#: Bottle and Django need fewer than 20; the limit only bounds the cost of a
+#: large ordinary response (a list of many chunks).
+SEARCH_LIMIT: Final = 64
+
+_LEAVES: Final = (
+    bytes,
+    str,
+    int,
+    float,
+    bytearray,
+    memoryview,
+    type,
+    types.ModuleType,
+    types.FunctionType,
+    types.BuiltinFunctionType,
+    types.CodeType,
+    # A close callback (``response.close``) leads back to the whole response
+    # object, its headers and the request's environ: slow to walk, and the
+    # body is reached through the iterator anyway.
+    types.MethodType,
+)
+
+Found = Union[DetachedBody, SimpleQueue, Channel]
+
+
+def is_queue(obj: object) -> bool:
+    """True for the seed's body: any gevent queue (``Queue``, ``JoinableQueue``, ``Channel``...)."""
+    return isinstance(obj, (SimpleQueue, Channel))
+
+
+def find_inside(iterable: object) -> Found | None:
+    """A :class:`DetachedBody` or gevent queue that ``iterable`` wraps, if it can be seen."""
+    seen = {id(iterable)}
+    todo = deque(gc.get_referents(iterable))
+    budget = SEARCH_LIMIT
+    while todo and budget:
+        obj = todo.popleft()
+        if id(obj) in seen or isinstance(obj, _LEAVES):
+            continue
+        seen.add(id(obj))
+        budget -= 1
+        if isinstance(obj, (DetachedBody, SimpleQueue, Channel)):
+            return obj
+        if isinstance(obj, dict) and "__builtins__" in obj:
+            continue  # a module's globals: everything in it, nothing of this response
+        todo.extend(gc.get_referents(obj))
+    return None
+
+
+def feed(body: DetachedBody, queue: SimpleQueue | Channel) -> None:
+    """Move what producers put into ``queue`` into ``body``, until ``StopIteration``.
+
+    The pump is a greenlet of the *calling* thread's hub, where the seed's
+    producers live (greenlets the app spawned): a gevent queue cannot wake a
+    greenlet of another thread. It finishes the body at ``StopIteration``,
+    fails it on a wrong chunk type, and is killed when the body closes, so a
+    client that leaves does not leave it blocked on the queue forever. (On a
+    threaded server that kill, like the seed's producers, runs only when that
+    thread runs its hub again.)
+    """
+    pump = gevent.spawn(_pump, queue, body)
+    loop = pump.parent.loop
+    # The body may be closed from another thread (a drain, a watcher): kill
+    # the pump in its own hub.
+    body.on_close(lambda: loop.run_callback_threadsafe(pump.kill, GreenletExit, False))
+
+
+def _pump(queue: SimpleQueue | Channel, body: DetachedBody) -> None:
+    with body:  # finishes the body when the loop ends, fails it if put() raises
+        for item in queue:  # a gevent queue's iteration ends at the StopIteration marker
+            body.put(item)

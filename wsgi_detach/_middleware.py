@@ -1,0 +1,650 @@
+"""DetachMiddleware: detached responses made safe and policy-driven, whatever framework made them.
+
+When to use it
+--------------
+Wrap your WSGI app once (``app = DetachMiddleware(app, idle_timeout=60)``)
+when it returns detached responses -- :class:`~wsgi_detach.DetachedBody`
+objects or the seed's ``gevent.queue.Queue`` -- and you want, in one place:
+the same timeouts, heartbeat and buffer limits on every stream; a client
+that leaves an idle stream noticed within a second (on servers that expose
+the connection, see :mod:`wsgi_detach._watchers`); a 5xx instead of a
+truncated 200 when a stream fails before its first byte; headers that keep
+proxies from holding a stream back; a cap on open streams and buffered
+bytes; a graceful :meth:`~DetachMiddleware.drain` for shutdown; and
+:meth:`~DetachMiddleware.stats`.
+
+Inside the app, ask for a body with :func:`detach` (the one line per
+framework is in README.md, "DetachMiddleware"): the body carries the
+middleware's defaults and is registered in the environ, so the middleware
+finds it even inside a framework's own iterator, and closes it exactly once
+when the response ends.
+
+When not to use it: for an app that never detaches a response it costs a
+function call and a short look at the returned iterable per request, and
+changes nothing. It is not a general streaming middleware: it adds nothing
+to responses it does not recognise as detached.
+
+Theory of operation
+-------------------
+Per request the middleware holds the app's ``start_response`` call instead
+of passing it on, until the app returns: only then is it known whether the
+response is detached (a body was registered, or one came back), and so
+whether to add the streaming headers or to answer 503 instead. Holding is
+invisible to the server, which sends nothing before the first non-empty
+chunk anyway (PEP 3333 "The start_response() Callable"). An ordinary
+response is then handed back *unchanged* -- same object, so same ``len()``,
+same ``close()``, same ``wsgi.file_wrapper`` -- and any later
+``start_response`` call passes straight through. A detached response is
+wrapped in :class:`_DetachedResponse`, which yields one value per value the
+app yields (PEP 3333 "Buffering and Streaming"), turns an error before the
+first non-empty chunk into a 5xx via ``exc_info`` (PEP 3333 "Error
+Handling"), lets a later error propagate so the server aborts the
+connection, and on ``close()`` closes the app's iterable once, then every
+body of the request (idempotent).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Final
+
+from ._adopt import feed, find_inside, is_queue
+from ._body import Chunk, DetachedBody, error_response
+from ._budget import ByteBudget
+from ._errors import DetachError, Unavailable, UsageError
+from ._wakeup import CannotBlockHere, Waiter, allocate_lock, make_waiter, start_beside
+from ._watchers import watch
+
+if TYPE_CHECKING:
+    from types import FrameType
+
+    from _typeshed import OptExcInfo as ExcInfo
+    from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
+
+__all__ = ["BODIES_KEY", "DETACH_KEY", "DetachMiddleware", "DetachStats", "detach"]
+
+log = logging.getLogger("wsgi_detach")
+
+#: The environ key of the factory :func:`detach` calls.
+DETACH_KEY: Final = "wsgi_detach.detach"
+#: The environ key of the list of bodies created for this request.
+BODIES_KEY: Final = "wsgi_detach.bodies"
+
+#: DetachedBody options the middleware may default and ``detach()`` override.
+_BODY_DEFAULTS: Final = frozenset(
+    {
+        "idle_timeout",
+        "deadline",
+        "heartbeat",
+        "heartbeat_chunk",
+        "max_buffer",
+        "encoding",
+        "timeout_chunk",
+        "coalesce",
+    }
+)
+#: ...and what only ``detach()`` may pass: a start_response belongs to one request.
+_BODY_OVERRIDES: Final = _BODY_DEFAULTS | {"start_response"}
+
+#: Added to detached responses unless the app set them: an intermediary that
+#: buffers or caches a stream would hold every chunk back. X-Accel-Buffering
+#: is nginx's per-response switch for proxy_buffering.
+_STREAMING_HEADERS: Final = (("Cache-Control", "no-cache"), ("X-Accel-Buffering", "no"))
+
+_OUTCOMES: Final = ("finished", "failed", "timed_out", "disconnected")
+
+
+@dataclass(frozen=True)
+class DetachStats:
+    """A snapshot of :meth:`DetachMiddleware.stats`; the totals count since construction."""
+
+    #: Detached responses open now (bodies and recognised queues).
+    open: int
+    #: Bytes waiting in all bodies the middleware made (its ``max_buffered`` budget).
+    buffered: int
+    #: Responses that ended as the producer intended, every byte handed to the server.
+    finished: int
+    #: Responses whose producer called ``fail()`` (or died), including drain's cut-offs.
+    failed: int
+    #: Responses ended by ``idle_timeout`` or ``deadline``.
+    timed_out: int
+    #: Responses the client left (or the server closed) before they ended.
+    disconnected: int
+    #: Requests answered 503 because of ``max_open`` or a drain.
+    refused: int
+    #: True once :meth:`DetachMiddleware.drain` was called.
+    draining: bool
+
+
+def detach(environ: WSGIEnvironment, **overrides: Any) -> DetachedBody:
+    """Create a :class:`DetachedBody` for this request, with the middleware's defaults.
+
+    ``overrides`` replace single defaults (``idle_timeout``, ``heartbeat``,
+    ``max_buffer``, ``start_response``...). The body is registered in
+    ``environ["wsgi_detach.bodies"]``, so the middleware treats the response
+    as detached and closes the body when the request ends even if a
+    framework wraps it. Call it while the app handles the request (not from
+    a producer later on).
+
+    Example (raw WSGI)::
+
+        def app(environ, start_response):
+            start_response("200 OK", [("Content-Type", "text/plain")])
+            body = detach(environ, idle_timeout=30)
+            body.spawn(produce, body)
+            return body
+
+    Raises:
+        UsageError: the app is not wrapped in :class:`DetachMiddleware`.
+        Unavailable: ``max_open`` responses are open or the server is
+            draining; let it propagate, the middleware answers 503.
+        TypeError: an unknown option.
+    """
+    try:
+        factory = environ[DETACH_KEY]
+    except KeyError:
+        raise UsageError(
+            "detach(environ) needs the app wrapped in DetachMiddleware: "
+            "app = DetachMiddleware(app); or create a DetachedBody() yourself"
+        ) from None
+    body: DetachedBody = factory(**overrides)
+    return body
+
+
+class DetachMiddleware:
+    """Wrap a WSGI app so that its detached responses follow one policy.
+
+    Args:
+        app: any WSGI application.
+        max_open: most detached bodies (and recognised queues) open at once,
+            counted per body -- a request usually has one; beyond it a new
+            one is answered ``503`` with ``Retry-After``. Each open stream
+            holds a connection, a greenlet or thread and its buffer.
+            ``None``: no cap.
+        max_buffered: most bytes buffered across all bodies the middleware
+            creates; at the cap ``put()`` raises :class:`BufferFull` on any of
+            them, even where ``max_buffer`` would block (see
+            :mod:`wsgi_detach._budget`). ``None``: counted, not capped.
+        retry_after: seconds announced in ``Retry-After`` on a 503.
+        streaming_headers: add ``Cache-Control: no-cache`` and
+            ``X-Accel-Buffering: no`` to detached responses that did not set
+            them, so proxies pass chunks on at once.
+        watch_disconnects: watch the connection of idle detached responses
+            where the server exposes it, and close the bodies of a client
+            that left (``outcome == "disconnected"``).
+        find_wrapped: look inside the iterable an ordinary-looking response
+            returned for a gevent queue or body a framework wrapped (see
+            :mod:`wsgi_detach._adopt`). Bodies from :func:`detach` never
+            need it.
+        **defaults: :class:`DetachedBody` options for every body the
+            middleware creates: ``idle_timeout``, ``deadline``,
+            ``heartbeat``, ``heartbeat_chunk``, ``max_buffer``, ``encoding``,
+            ``timeout_chunk``, ``coalesce``.
+
+    Example::
+
+        app = DetachMiddleware(app, idle_timeout=60, heartbeat=15, max_open=5000)
+    """
+
+    def __init__(
+        self,
+        app: WSGIApplication,
+        *,
+        max_open: int | None = None,
+        max_buffered: int | None = None,
+        retry_after: int = 5,
+        streaming_headers: bool = True,
+        watch_disconnects: bool = True,
+        find_wrapped: bool = True,
+        **defaults: Any,
+    ) -> None:
+        if not callable(app):
+            raise TypeError(f"DetachMiddleware wraps a WSGI app (a callable), got {app!r}")
+        unknown = set(defaults) - _BODY_DEFAULTS
+        if unknown:
+            raise TypeError(
+                f"DetachMiddleware got unknown options {sorted(unknown)}; body defaults "
+                f"are {sorted(_BODY_DEFAULTS)}"
+            )
+        if max_open is not None and (not isinstance(max_open, int) or max_open <= 0):
+            raise ValueError(f"max_open must be a positive int or None, got {max_open!r}")
+        if not isinstance(retry_after, int) or retry_after < 0:
+            raise ValueError(f"retry_after must be an int >= 0 (seconds), got {retry_after!r}")
+        DetachedBody(**defaults).close()  # bad values fail here, not at the first request
+        self.app = app
+        self.max_open = max_open
+        self.retry_after = retry_after
+        self.streaming_headers = streaming_headers
+        self.watch_disconnects = watch_disconnects
+        self.find_wrapped = find_wrapped
+        self.defaults: dict[str, Any] = dict(defaults)
+        self.budget = ByteBudget(max_buffered)
+        self._lock = allocate_lock()
+        self._open: set[object] = set()
+        self._totals = dict.fromkeys(_OUTCOMES, 0)
+        self._refused = 0
+        self._draining = False
+        self._drain_waiters: list[Waiter] = []
+
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        if DETACH_KEY in environ:  # an outer DetachMiddleware already looks after this request
+            return self.app(environ, start_response)
+        return _Request(self, start_response).run(environ)
+
+    # ------------------------------------------------------------------ introspection
+
+    def stats(self) -> DetachStats:
+        """Open responses, buffered bytes, and how the ended ones ended."""
+        with self._lock:
+            return DetachStats(
+                open=len(self._open),
+                buffered=self.budget.used,
+                refused=self._refused,
+                draining=self._draining,
+                **self._totals,
+            )
+
+    # ------------------------------------------------------------------ shutdown
+
+    def drain(self, grace: float, farewell: Chunk | None = None) -> int:
+        """Stop taking detached responses and end the open ones within ``grace`` seconds.
+
+        From the call on, a new detached response is answered 503 (with
+        ``Retry-After``). With ``farewell`` (say, an SSE event that tells the
+        client to reconnect elsewhere), every open body gets it as its last
+        chunk and finishes at once. Then the open responses have ``grace``
+        seconds to end; those still open are failed with
+        :class:`Unavailable`, which makes the server abort their connection
+        (a client sees a truncated stream, not a clean end). Blocks the
+        calling greenlet or thread until then.
+
+        Call it from a SIGTERM handler (:meth:`drain_on_signal` installs
+        one; under gunicorn from ``post_worker_init`` -- its ``worker_exit``
+        runs after the worker stopped waiting for connections, too late), or
+        before ``WSGIServer.stop()`` (``make_server``'s server does).
+
+        Returns:
+            How many responses had to be cut off when the grace ran out.
+
+        Raises:
+            UsageError: called from the gevent hub itself (a loop callback),
+                where it must not block; call it from a greenlet.
+        """
+        with self._lock:
+            self._draining = True
+            streams = list(self._open)
+        if farewell is not None:
+            for stream in streams:
+                _say_farewell(stream, farewell)
+        try:
+            waiter = make_waiter()
+        except CannotBlockHere:
+            raise UsageError(
+                "drain() blocks until streams end; call it from a greenlet "
+                "(gevent.spawn(middleware.drain, grace)), not from a loop callback"
+            ) from None
+        with self._lock:
+            waiting = bool(self._open)
+            if waiting:
+                self._drain_waiters.append(waiter)
+        if waiting:
+            waiter.wait(grace)
+        with self._lock:
+            if waiter in self._drain_waiters:
+                self._drain_waiters.remove(waiter)
+            left = list(self._open)
+        for stream in left:
+            _cut(stream, grace)
+        return len(left)
+
+    def drain_on_signal(
+        self, grace: float, farewell: Chunk | None = None, signum: int = signal.SIGTERM
+    ) -> None:
+        """On ``signum``, drain (see :meth:`drain`) beside whatever the process did before.
+
+        Installs a handler (call it from the main thread) that starts
+        ``drain(grace, farewell)`` in a new greenlet (gevent) or thread, then
+        hands the signal to the handler that was there before -- gunicorn's
+        worker, for one, then stops accepting and waits for its connections,
+        which the drain ends. Where the previous handler was the default
+        (the process would die at once), the drain runs first and the signal
+        is then delivered again with the default handler.
+
+        The place for it under gunicorn is a ``post_worker_init`` hook, where
+        ``worker.wsgi`` is this middleware::
+
+            def post_worker_init(worker):  # gunicorn.conf.py
+                worker.wsgi.drain_on_signal(worker.cfg.graceful_timeout - 1, b"bye\\n")
+        """
+        previous = signal.getsignal(signum)
+
+        def die_after_drain() -> None:
+            self.drain(grace, farewell)
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+
+        def handler(number: int, frame: FrameType | None) -> None:
+            if callable(previous):
+                start_beside(lambda: self.drain(grace, farewell))
+                previous(number, frame)
+            elif previous == signal.SIG_IGN:
+                start_beside(lambda: self.drain(grace, farewell))
+            else:
+                start_beside(die_after_drain)
+
+        signal.signal(signum, handler)
+
+    # ------------------------------------------------------------------ bookkeeping
+
+    def _admit(self, stream: object) -> None:
+        """Count ``stream`` as open, or raise Unavailable when full or draining."""
+        with self._lock:
+            if self._draining:
+                reason = "the server is shutting down (draining)"
+            elif self.max_open is not None and len(self._open) >= self.max_open:
+                reason = f"max_open={self.max_open} detached responses are open"
+            else:
+                self._open.add(stream)
+                return
+            self._refused += 1
+        raise Unavailable(f"no new detached response: {reason}; retry later")
+
+    def _release(self, stream: object, outcome: str | None) -> None:
+        with self._lock:
+            if stream not in self._open:
+                return
+            self._open.discard(stream)
+            self._totals[outcome or "disconnected"] += 1
+            waiters: list[Waiter] = []
+            if not self._open and self._drain_waiters:
+                waiters, self._drain_waiters = self._drain_waiters, []
+        for waiter in waiters:
+            waiter.wake()
+
+    def _track_body(self, body: DetachedBody) -> None:
+        self._admit(body)
+        body.on_close(lambda: self._release(body, body.outcome))
+
+    def _streaming(self, headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        if not self.streaming_headers:
+            return headers
+        present = {name.lower() for name, _ in headers}
+        extra = [item for item in _STREAMING_HEADERS if item[0].lower() not in present]
+        return [*headers, *extra] if extra else headers
+
+
+def _say_farewell(stream: object, farewell: Chunk) -> None:
+    """Give an open stream (a body, or a request with a wrapped queue) its last chunk."""
+    try:
+        if isinstance(stream, DetachedBody):
+            if stream.state == "open":
+                stream.finish(farewell)
+        else:
+            assert isinstance(stream, _Request)
+            stream.end_queue(farewell)
+    except DetachError as exc:
+        log.warning("drain: could not send the farewell to %r: %s", stream, exc)
+
+
+def _cut(stream: object, grace: float) -> None:
+    error = Unavailable(f"the server is shutting down; the stream outlived {grace}s grace")
+    if isinstance(stream, DetachedBody):
+        stream.fail(error)
+    else:
+        assert isinstance(stream, _Request)
+        stream.cut_off = error
+        stream.end_queue()
+
+
+_HOLD: Final = "hold"  # the app is running: start_response is held back
+_PASS: Final = "pass"  # an ordinary response: everything goes straight through
+_DETACHED: Final = "detached"  # a detached response: streaming headers, our wrapper
+
+
+class _Request:
+    """The middleware's state for one request."""
+
+    def __init__(self, mw: DetachMiddleware, start_response: StartResponse) -> None:
+        # No reference to the environ: it holds our detach() method, and a
+        # cycle would keep every request's environ alive until the next
+        # garbage collection.
+        self.mw = mw
+        self.server_start_response = start_response
+        self.mode: str = _HOLD
+        self.head: tuple[str, list[tuple[str, str]], ExcInfo | None] | None = None
+        self.server_write: Callable[[bytes], object] | None = None
+        self.bodies: list[DetachedBody] = []
+        self.queue: Any = None  # a gevent queue a framework wrapped, if one was found
+        self.cut_off: Unavailable | None = None  # drain's grace ran out on that queue
+        self.refused = False
+        self.gone = False  # the watcher saw the client leave
+        self.sent_data = False
+        self.cancel_watch: Callable[[], object] | None = None
+
+    def run(self, environ: WSGIEnvironment) -> Iterable[bytes]:
+        environ[DETACH_KEY] = self.detach
+        environ[BODIES_KEY] = self.bodies
+        try:
+            result = self.mw.app(environ, self.start_response)
+        except Unavailable:
+            self.close_bodies()
+            return self.refuse()
+        except BaseException:
+            self.close_bodies()
+            raise
+        return self.respond(environ, result)
+
+    # ------------------------------------------------------------------ what the app calls
+
+    def detach(self, **overrides: Any) -> DetachedBody:
+        unknown = set(overrides) - _BODY_OVERRIDES
+        if unknown:
+            raise TypeError(
+                f"detach() got unknown options {sorted(unknown)}; "
+                f"it takes {sorted(_BODY_OVERRIDES)}"
+            )
+        body = DetachedBody(budget=self.mw.budget, **{**self.mw.defaults, **overrides})
+        try:
+            self.mw._track_body(body)
+        except Unavailable:
+            self.refused = True  # even if a framework turns the exception into its own page
+            body.close()
+            raise
+        self.bodies.append(body)
+        return body
+
+    def start_response(
+        self, status: str, headers: list[tuple[str, str]], exc_info: ExcInfo | None = None
+    ) -> Callable[[bytes], object]:
+        if self.mode == _HOLD and self.server_write is None:
+            self.head = (status, headers, exc_info)  # a later call with exc_info replaces it
+            return self.write
+        if self.mode == _DETACHED:
+            headers = self.mw._streaming(headers)
+        return self.forward(status, headers, exc_info)
+
+    def write(self, data: bytes) -> object:
+        """PEP 3333's write() callable: the head must go out first, unchanged."""
+        if self.server_write is None:
+            if self.head is None:
+                raise UsageError("write() called before start_response()")
+            self.flush_head()
+        assert self.server_write is not None
+        return self.server_write(data)
+
+    # ------------------------------------------------------------------ deciding
+
+    def respond(self, environ: WSGIEnvironment, result: Iterable[bytes]) -> Iterable[bytes]:
+        mw = self.mw
+        if self.refused:
+            _close(result)
+            self.close_bodies()
+            return self.refuse()
+        if not self.bodies:
+            found: Any = None
+            if isinstance(result, DetachedBody) or is_queue(result):
+                found = result
+            elif mw.find_wrapped:
+                found = find_inside(result)
+            if found is None:
+                self.mode = _PASS
+                self.flush_head()
+                return result
+            try:
+                if isinstance(found, DetachedBody):
+                    mw._track_body(found)  # made by the app itself: counted, closed, watched
+                    self.bodies.append(found)
+                elif found is result:
+                    body = self.detach()  # the seed's bare queue: served through a body
+                    feed(body, found)
+                    result = body
+                else:
+                    mw._admit(self)  # the request stands for the queue in the count
+                    self.queue = found
+            except Unavailable:
+                _close(result)
+                self.close_bodies()
+                return self.refuse()
+        self.mode = _DETACHED
+        self.flush_head()
+        if mw.watch_disconnects:
+            self.cancel_watch = watch(environ, self.on_disconnect)
+        return _DetachedResponse(self, result)
+
+    def flush_head(self) -> None:
+        if self.head is None:
+            return
+        status, headers, exc_info = self.head
+        self.head = None  # PEP 3333: do not keep a reference to exc_info
+        if self.mode == _DETACHED:
+            headers = self.mw._streaming(headers)
+        self.forward(status, headers, exc_info)
+
+    def forward(
+        self, status: str, headers: list[tuple[str, str]], exc_info: ExcInfo | None
+    ) -> Callable[[bytes], object]:
+        if exc_info is None:
+            self.server_write = self.server_start_response(status, headers)
+        else:
+            self.server_write = self.server_start_response(status, headers, exc_info)
+        return self.write
+
+    def refuse(self) -> list[bytes]:
+        message = b"503 Service Unavailable: too many open streams, or shutting down; retry later\n"
+        self.mode = _PASS
+        self.head = None
+        self.server_start_response(
+            "503 Service Unavailable",
+            [
+                ("Content-Type", "text/plain; charset=utf-8"),
+                ("Content-Length", str(len(message))),
+                ("Retry-After", str(self.mw.retry_after)),
+            ],
+        )
+        return [message]
+
+    # ------------------------------------------------------------------ ending
+
+    def on_disconnect(self) -> None:
+        """The watcher saw the client leave an idle stream: end it, so the server lets go."""
+        self.gone = True
+        for body in self.bodies:
+            body.close()  # open -> outcome "disconnected"; the server's close() later is a no-op
+        if self.queue is not None:
+            self.end_queue()
+
+    def end(self, ended: bool) -> None:
+        """The response is over (the server closed it): stop watching, close every body."""
+        if self.cancel_watch is not None:
+            self.cancel_watch()
+        self.close_bodies()
+        if self.queue is not None:
+            if self.cut_off is not None:
+                outcome = "failed"
+            else:
+                outcome = "finished" if ended and not self.gone else "disconnected"
+            self.mw._release(self, outcome)
+
+    def end_queue(self, farewell: Chunk | None = None) -> None:
+        """End the framework's iteration of the wrapped queue, after ``farewell`` if given.
+
+        The farewell goes in as given: the framework, not we, turns queue
+        items into bytes (Flask and Django take bytes; Bottle wants the type
+        of the first chunk).
+        """
+        if farewell is not None:
+            self.queue.put_nowait(farewell)
+        self.queue.put_nowait(StopIteration)
+
+    def close_bodies(self) -> None:
+        for body in self.bodies:
+            body.close()
+
+
+class _DetachedResponse:
+    """What the server iterates for a detached response; see the module docstring."""
+
+    __slots__ = ("_closed", "_done", "_ended", "_inner", "_iterator", "_request")
+
+    def __init__(self, request: _Request, inner: Iterable[bytes]) -> None:
+        self._request = request
+        self._inner = inner
+        self._iterator: Iterator[bytes] | None = None
+        self._done = False  # an error response was yielded in place of the body
+        self._ended = False  # the app's iterable ran to its end
+        self._closed = False
+
+    def __iter__(self) -> _DetachedResponse:
+        return self
+
+    def __next__(self) -> bytes:
+        if self._done:
+            raise StopIteration
+        request = self._request
+        try:
+            if self._iterator is None:
+                self._iterator = iter(self._inner)
+            chunk = next(self._iterator)
+            if type(chunk) is not bytes:
+                raise TypeError(
+                    f"a WSGI response body must yield bytes (PEP 3333), this one yielded "
+                    f"{type(chunk).__name__}: {chunk!r:.60}"
+                )
+        except StopIteration:
+            if request.cut_off is not None:  # never a clean-looking end for a cut stream
+                return self._failed(request, request.cut_off)
+            self._ended = True
+            raise
+        except Exception as exc:
+            return self._failed(request, exc)
+        if chunk:
+            request.sent_data = True
+        return chunk
+
+    def _failed(self, request: _Request, error: Exception) -> bytes:
+        if request.sent_data:
+            raise error  # the server aborts the connection: never a clean-looking end
+        self._done = True
+        request.sent_data = True
+        # PEP 3333 "Error Handling": replace the unsent head; a server that
+        # would otherwise send the held 200 (cheroot does) sends a 5xx.
+        return error_response(request.start_response, error)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            _close(self._inner)
+        finally:
+            self._request.end(self._ended)
+
+
+def _close(iterable: object) -> None:
+    close = getattr(iterable, "close", None)
+    if close is not None:
+        close()
