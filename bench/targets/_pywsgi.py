@@ -51,8 +51,13 @@ class Stream(Protocol):
 class Adapter(Protocol):
     """A target: how it makes a stream, and optionally a direct throughput body."""
 
-    def new_stream(self, maxsize: int | None, chunk_size: int = 0) -> Stream:
-        """A stream holding at most ``maxsize`` chunks of ``chunk_size`` (None: unbounded)."""
+    def new_stream(
+        self, maxsize: int | None, chunk_size: int = 0, environ: WSGIEnvironment | None = None
+    ) -> Stream:
+        """A stream holding at most ``maxsize`` chunks of ``chunk_size`` (None: unbounded).
+
+        ``environ`` is the request's, for bodies a middleware must know of.
+        """
         ...
 
 
@@ -98,18 +103,18 @@ class App:
             start_response("200 OK", HEADERS)
             return direct(q["n"], q["size"])  # type: ignore[no-any-return]
         if path == "/stream":
-            s = self.adapter.new_stream(producer.QUEUE_CHUNKS, q["size"])
+            s = self.adapter.new_stream(producer.QUEUE_CHUNKS, q["size"], environ)
             s.spawn(producer.produce, s.put, s.finish, q["n"], q["size"])
         elif path == "/fanout":
-            s = self.adapter.new_stream(None)
+            s = self.adapter.new_stream(None, 0, environ)
             s.put(producer.HELLO)
             self.streams.add(s)
             s.on_close(lambda: self.streams.discard(s))
         elif path == "/poll":
-            s = self.adapter.new_stream(None)
+            s = self.adapter.new_stream(None, 0, environ)
             self.polls.append(s)
         elif path == "/xthread":
-            s = self.adapter.new_stream(None)
+            s = self.adapter.new_stream(None, 0, environ)
             args = (s.put_threadsafe, s.finish_threadsafe, q["n"], q.get("sleep_ms", 0) / 1000.0)
             threading.Thread(target=producer.thread_producer, args=args, daemon=True).start()
         else:

@@ -1,13 +1,19 @@
-"""Target ``wsgi_detach``: our ``DetachedBody`` on gevent.pywsgi.
+"""Target ``wsgi_detach``: our body, served the way the package means it to be.
 
-It uses whatever of the package has landed: ``DetachMiddleware`` around the
-app and our TCP_NODELAY pywsgi handler when they exist (probed with
-``hasattr``), plain pywsgi otherwise. The server's ready line records what
-was used, so a result always says what it measured.
+It uses whatever of the package has landed, probed with ``hasattr``:
 
-``wsgi_detach_nocoalesce`` is the same body with ``coalesce=0``: one server
-write per ``put()``, like the queue targets, which isolates the hand-off
-cost from the write-merging the body does by default.
+* with ``DetachMiddleware`` and ``detach``: bodies come from
+  ``detach(environ, ...)`` inside an app wrapped in the middleware;
+* with ``DetachServer``: that server (and so ``DetachHandler``: TCP_NODELAY,
+  the socket exposed for disconnect watching) instead of plain pywsgi;
+* otherwise a bare ``DetachedBody`` on plain gevent.pywsgi.
+
+The server's ready line records what was used (kept in the JSON), so a
+result always says what it measured. The opt-in probes isolate one effect
+each: ``wsgi_detach_bare`` (the bare body on plain pywsgi, no middleware,
+no handler), ``wsgi_detach_nodelay`` (bare body, a handler that only sets
+TCP_NODELAY), ``wsgi_detach_nocoalesce`` (full stack, ``coalesce=0``: one
+server write per ``put()``, like the queue targets).
 """
 
 from __future__ import annotations
@@ -15,22 +21,17 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, NoReturn
 
+from gevent import socket
+
 import wsgi_detach
 from bench.targets import _pywsgi
 
-#: Names under which a pywsgi handler of ours may be exported; the first
-#: one found is used. The core is being written as this harness is.
-HANDLER_NAMES = ("DetachHandler", "WSGIHandler", "NoDelayHandler")
-
 
 class DetachStream:
-    """``DetachedBody`` behind the shared app's :class:`~bench.targets._pywsgi.Stream`."""
+    """A detached body behind the shared app's :class:`~bench.targets._pywsgi.Stream`."""
 
-    def __init__(self, maxsize: int | None, chunk_size: int, options: dict[str, Any]) -> None:
-        # max_buffer is in bytes; bound it to the same number of chunks the
-        # queue targets may hold, so backpressure is comparable.
-        limit = None if maxsize is None else maxsize * max(1, chunk_size)
-        self.body = wsgi_detach.DetachedBody(max_buffer=limit, **options)
+    def __init__(self, body: Any) -> None:
+        self.body = body
 
     def put(self, data: bytes) -> None:
         self.body.put(data)
@@ -53,35 +54,57 @@ class DetachStream:
 
 
 class Adapter:
-    def __init__(self, options: dict[str, Any]) -> None:
+    def __init__(self, options: dict[str, Any], middleware: bool) -> None:
         self.options = options
+        self.middleware = middleware
 
-    def new_stream(self, maxsize: int | None, chunk_size: int = 0) -> DetachStream:
-        return DetachStream(maxsize, chunk_size, self.options)
+    def new_stream(
+        self, maxsize: int | None, chunk_size: int = 0, environ: Any = None
+    ) -> DetachStream:
+        # max_buffer is in bytes; bound it to the same number of chunks the
+        # queue targets may hold, so backpressure is comparable.
+        limit = None if maxsize is None else maxsize * max(1, chunk_size)
+        if self.middleware:
+            return DetachStream(wsgi_detach.detach(environ, max_buffer=limit, **self.options))
+        return DetachStream(wsgi_detach.DetachedBody(max_buffer=limit, **self.options))
 
 
-def pieces() -> dict[str, object]:
-    """Which optional parts of wsgi_detach exist in this checkout."""
-    handler = next((n for n in HANDLER_NAMES if hasattr(wsgi_detach, n)), None)
-    return {
-        "wsgi_detach": getattr(wsgi_detach, "__version__", "?"),
-        "middleware": hasattr(wsgi_detach, "DetachMiddleware"),
-        "own_handler": handler,
-    }
+def listener() -> socket.socket:
+    """A listening gevent socket with a backlog deep enough for 5 000 connects in bursts.
+
+    It must be gevent's socket: a stdlib one would block the hub in accept().
+    """
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(4096)
+    return sock
 
 
 def serve(
     announce: Callable[[int, dict[str, object]], None],
     nodelay: bool = False,
     coalesce: int | None = None,
+    bare: bool = False,
 ) -> NoReturn:
-    info = pieces()
     options = {} if coalesce is None else {"coalesce": coalesce}
-    info["body_options"] = options
-    app: Callable[..., Any] = _pywsgi.App(Adapter(options))
-    if info["middleware"]:
+    use_mw = (
+        not bare and hasattr(wsgi_detach, "DetachMiddleware") and hasattr(wsgi_detach, "detach")
+    )
+    use_server = use_mw and hasattr(wsgi_detach, "DetachServer")
+    info: dict[str, object] = {
+        "wsgi_detach": getattr(wsgi_detach, "__version__", "?"),
+        "middleware": use_mw,
+        "body_options": options,
+    }
+    app: Any = _pywsgi.App(Adapter(options, use_mw))
+    if use_mw:
         app = wsgi_detach.DetachMiddleware(app)
-    handler: type | None = getattr(wsgi_detach, str(info["own_handler"]), None)
-    if handler is None and nodelay:
-        handler = _pywsgi.NoDelayHandler
-    _pywsgi.serve(app, announce, handler, info)
+    if use_server:
+        server = wsgi_detach.DetachServer(listener(), app, log=None)
+        server.start()
+        info.update(server="wsgi_detach.DetachServer", handler=server.handler_class.__name__)
+        announce(server.server_port, info)
+        server.serve_forever()
+        raise SystemExit(0)
+    _pywsgi.serve(app, announce, _pywsgi.NoDelayHandler if nodelay else None, info)

@@ -16,7 +16,9 @@ from bench.targets import _pywsgi
 
 
 class Adapter:
-    def new_stream(self, maxsize: int | None, chunk_size: int = 0) -> _pywsgi.Stream:
+    def new_stream(
+        self, maxsize: int | None, chunk_size: int = 0, environ: object = None
+    ) -> _pywsgi.Stream:
         raise NotImplementedError("the generator target only streams /stream")
 
     def direct_stream(self, n: int, size: int) -> Iterator[bytes]:

@@ -62,7 +62,9 @@ class QueueStream:
 
 
 class Adapter:
-    def new_stream(self, maxsize: int | None, chunk_size: int = 0) -> QueueStream:
+    def new_stream(
+        self, maxsize: int | None, chunk_size: int = 0, environ: object = None
+    ) -> QueueStream:
         return QueueStream(maxsize)
 
 
