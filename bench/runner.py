@@ -55,6 +55,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help=f"comma-separated targets (default {','.join(DEFAULT)}; all: {','.join(TARGETS)})",
     )
     p.add_argument("--repeats", type=int, default=None, help="override the profile's repeats")
+    p.add_argument(
+        "--retry-disturbed",
+        type=int,
+        default=0,
+        metavar="N",
+        help="re-take a measurement up to N times while other processes took over "
+        f"{report.DISTURBED * 100:.0f}%% of the CPU during it; the least disturbed attempt is kept",
+    )
     p.add_argument("--results-dir", type=Path, default=RESULTS)
     p.add_argument("--plot", action="store_true", help="also render bench.png")
     p.add_argument("--list", action="store_true", help="list targets and scenarios, then exit")
@@ -74,6 +82,35 @@ def rotate(items: list[str], k: int) -> list[str]:
         return items
     k %= len(items)
     return items[k:] + items[:k]
+
+
+def disturbed(cases: dict[str, dict[str, Any]]) -> float:
+    """The worst share of CPU other processes took during any case of a measurement."""
+    return max((float(m.get("foreign_cpu_share", 0.0)) for m in cases.values()), default=0.0)
+
+
+def measure(
+    scenario: str, target: str, profile: scenarios.Profile, retries: int
+) -> dict[str, dict[str, Any]]:
+    """One measurement, re-taken up to ``retries`` times while other load disturbed it.
+
+    Keeps the least disturbed attempt; a failure is returned as the case ``*``.
+    """
+    best: dict[str, dict[str, Any]] | None = None
+    for attempt in range(retries + 1):
+        try:
+            cases = scenarios.MEASURE[scenario](target, profile)
+        except Exception as exc:
+            traceback.print_exc(file=sys.stderr)
+            return {"*": {"error": f"{type(exc).__name__}: {exc}"[:2000]}}
+        for metrics in cases.values():
+            metrics["attempt"] = attempt + 1
+        if best is None or disturbed(cases) < disturbed(best):
+            best = cases
+        if disturbed(best) <= report.DISTURBED:
+            break
+    assert best is not None
+    return best
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -121,11 +158,7 @@ def main(argv: list[str] | None = None) -> int:
             players = [t for t in runnable if scenario in TARGETS[t].scenarios]
             for target in rotate(players, rep):
                 t0 = time.monotonic()
-                try:
-                    cases = scenarios.MEASURE[scenario](target, profile)
-                except Exception as exc:
-                    traceback.print_exc(file=sys.stderr)
-                    cases = {"*": {"error": f"{type(exc).__name__}: {exc}"[:2000]}}
+                cases = measure(scenario, target, profile, args.retry_disturbed)
                 for case, metrics in cases.items():
                     raw.setdefault(scenario, {}).setdefault(case, {}).setdefault(target, []).append(
                         metrics

@@ -100,6 +100,14 @@ TARGETS: dict[str, Target] = {
             (("bare", True),),
         ),
         Target(
+            "wsgi_detach_nowatch",
+            "bench.targets.detach",
+            "serve",
+            PUSH | {XTHREAD},
+            "wsgi_detach with DetachMiddleware(watch_disconnects=False)",
+            (("watch", False),),
+        ),
+        Target(
             "wsgi_detach_nodelay",
             "bench.targets.detach",
             "serve",

@@ -11,7 +11,8 @@ It uses whatever of the package has landed, probed with ``hasattr``:
 The server's ready line records what was used (kept in the JSON), so a
 result always says what it measured. The opt-in probes isolate one effect
 each: ``wsgi_detach_bare`` (the bare body on plain pywsgi, no middleware,
-no handler), ``wsgi_detach_nodelay`` (bare body, a handler that only sets
+no handler), ``wsgi_detach_nowatch`` (full stack without the disconnect
+watcher thread), ``wsgi_detach_nodelay`` (bare body, a handler that only sets
 TCP_NODELAY), ``wsgi_detach_nocoalesce`` (full stack, ``coalesce=0``: one
 server write per ``put()``, like the queue targets).
 """
@@ -86,6 +87,7 @@ def serve(
     nodelay: bool = False,
     coalesce: int | None = None,
     bare: bool = False,
+    watch: bool = True,
 ) -> NoReturn:
     options = {} if coalesce is None else {"coalesce": coalesce}
     use_mw = (
@@ -99,7 +101,8 @@ def serve(
     }
     app: Any = _pywsgi.App(Adapter(options, use_mw))
     if use_mw:
-        app = wsgi_detach.DetachMiddleware(app)
+        app = wsgi_detach.DetachMiddleware(app, watch_disconnects=watch)
+        info["watch_disconnects"] = watch
     if use_server:
         server = wsgi_detach.DetachServer(listener(), app, log=None)
         server.start()
