@@ -195,3 +195,20 @@ def keepalive_timings(port: int, path: str, count: int) -> list[float]:
                 data += more
             timings.append(time.perf_counter() - started)
     return timings
+
+
+def wait_event(port: int, key: str, name: str, timeout: float) -> float:
+    """Wall-clock time at which the server filed event ``name`` under ``key``.
+
+    Polls ``/_events`` (bounded); AssertionError if it did not happen in ``timeout``.
+    """
+    found: dict[str, float] = {}
+
+    def happened() -> bool:
+        found.update(event_times(port, key))
+        return name in found
+
+    assert wait_until(happened, timeout=timeout, interval=0.02), (
+        f"{name!r} did not happen within {timeout}s (events: {found})"
+    )
+    return found[name]

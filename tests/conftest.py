@@ -12,6 +12,7 @@ os.environ.setdefault("HYPOTHESIS_NO_PLUGINS", "1")
 
 import pytest
 
+from tests import matrix_report
 from tests.servers import ServerProcess
 
 
@@ -26,3 +27,34 @@ def served(request: pytest.FixtureRequest) -> Iterator[ServerProcess]:
         yield server
         problems = server.validation_problems()
     assert not problems, f"wsgiref.validate objected on {request.param}: {problems}"
+
+
+# The conformance matrix records every (server, case) outcome; written to
+# build/matrix.json at the end of the session for tests/matrix_report.py.
+_matrix_results: dict[str, dict[str, dict[str, object]]] = {}
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.when != "call":
+        return
+    entry = dict(report.user_properties).get("matrix")
+    if not isinstance(entry, dict):
+        return
+    outcome = report.outcome
+    if outcome == "passed" and entry.get("broken"):
+        outcome = "broken"
+    elif outcome == "passed" and entry["note"]:
+        outcome = "limited"
+    matrix_report.record(
+        _matrix_results,
+        entry["server"],
+        entry["case"],
+        outcome=outcome,
+        text=entry["text"],
+        note=entry["note"],
+    )
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    if _matrix_results:
+        matrix_report.write_results(_matrix_results)

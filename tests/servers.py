@@ -9,7 +9,23 @@ waits (bounded) for that line and stops it by its PID.
 
 Servers: ``pywsgi`` (gevent.pywsgi, unpatched), ``pywsgi-patched`` (after
 ``gevent.monkey.patch_all()``, done before anything else is imported),
-``wsgiref`` (stdlib, one thread per request).
+``pywsgi-detach`` (pywsgi with wsgi_detach's ``DetachHandler``, which
+exposes the socket to the disconnect watcher and sets ``TCP_NODELAY``),
+``wsgiref`` (stdlib, one thread per request), ``gunicorn-gevent`` and
+``gunicorn-gthread`` (one worker; the child is the arbiter, which forks the
+worker that loads the app and prints the port), ``waitress`` (with
+``channel_request_lookahead=1``, without which waitress never sets
+``waitress.client_disconnected``), ``cheroot``.
+
+Besides the app, every child serves ``/_server`` (outside the validator): its
+PID (the worker's, under gunicorn), RSS, live greenlets and threads, unclosed
+``DetachedBody`` objects, and every PEP 3333 violation ``wsgiref.validate``
+reported so far, plus hop-by-hop response headers, which the validator lets
+through. Violations are caught wherever they surface: raised from the
+app call, from iteration or ``close()``, as warnings (made errors), or from ``__del__`` (an
+iterator collected unclosed), so a server that swallows them cannot hide them.
+The validator's wrapper hides the app iterable's ``len()``; the server still
+sees it, so a lying ``len()`` breaks here as it would in production.
 """
 
 from __future__ import annotations
@@ -25,7 +41,20 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 
-SERVERS = ("pywsgi", "pywsgi-patched", "wsgiref")
+SERVERS = (
+    "pywsgi",
+    "pywsgi-patched",
+    "pywsgi-detach",
+    "gunicorn-gevent",
+    "gunicorn-gthread",
+    "waitress",
+    "wsgiref",
+    "cheroot",
+)
+
+#: How many requests a threaded server handles at once: enough for the
+#: matrix's concurrent cases and for the soak test's bursts.
+THREADS = 64
 
 
 class ServerProcess:
@@ -69,11 +98,32 @@ class ServerProcess:
         self.stop()
         raise RuntimeError(f"{self.server} serving {self.app} did not start within {timeout}s")
 
+    def info(self) -> dict[str, Any]:
+        """The child's ``/_server`` report (see the module docstring)."""
+        import json
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(f"{self.url}/_server", timeout=10) as response:
+                result: dict[str, Any] = json.load(response)
+        except OSError as exc:
+            raise RuntimeError(self.post_mortem(f"/_server failed: {exc}")) from exc
+        return result
+
+    def post_mortem(self, what: str) -> str:
+        """``what``, with the child's exit status and the end of its stderr."""
+        code = None if self.proc is None else self.proc.poll()
+        tail = "\n".join(self.stderr_text().splitlines()[-30:])
+        return f"{what}; {self.server} exit status {code}; its stderr ends:\n{tail}"
+
     def stop(self) -> None:
         """Stop the child by its PID; keep what it printed to stderr, close the files."""
         proc = self.proc
         if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
+            # gunicorn's arbiter stops gracefully on SIGTERM, waiting for open
+            # streams to end; SIGINT is its quick shutdown.
+            quick = signal.SIGINT if self.server.startswith("gunicorn-") else signal.SIGTERM
+            proc.send_signal(quick)
             try:
                 proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
@@ -99,11 +149,14 @@ class ServerProcess:
         return self._stderr.read()
 
     def validation_problems(self) -> list[str]:
-        """Lines where wsgiref.validate objected (AssertionError) or warned (WSGIWarning)."""
+        """Lines where wsgiref.validate objected (AssertionError) or warned (WSGIWarning).
+
+        Also the child's own ``WSGI VIOLATION`` lines (see ``/_server``).
+        """
         return [
             line
             for line in self.stderr_text().splitlines()
-            if "AssertionError" in line or "WSGIWarning" in line
+            if "AssertionError" in line or "WSGIWarning" in line or "WSGI VIOLATION" in line
         ]
 
     def __enter__(self) -> ServerProcess:
@@ -120,12 +173,176 @@ def _load(spec: str) -> Any:
     return getattr(importlib.import_module(module), name)
 
 
-def _serve_pywsgi(app: Any) -> None:
-    from gevent.pywsgi import WSGIServer
+_violations: list[str] = []
 
-    server = WSGIServer(("127.0.0.1", 0), app, log=None)
+
+def _violation(message: str) -> None:
+    _violations.append(message)
+    print(f"WSGI VIOLATION: {message}", file=sys.stderr, flush=True)
+
+
+def _describe(glet: Any) -> str:
+    """What a live greenlet runs, for telling a leak from the server's own."""
+    run = getattr(glet, "_run", None) or getattr(glet, "run", None)
+    name = getattr(run, "__qualname__", None) or type(glet).__name__
+    frame = glet.gr_frame
+    return f"{name} at {frame.f_code.co_name}" if frame is not None else name
+
+
+def _server_report() -> dict[str, Any]:
+    import gc
+    import threading
+
+    import psutil
+    from greenlet import greenlet
+
+    gc.collect()
+    objects = gc.get_objects()
+    live = [o for o in objects if isinstance(o, greenlet) and bool(o)]
+    try:
+        from wsgi_detach import DetachedBody
+    except ImportError:  # pragma: no cover - the package is always importable here
+        open_bodies = -1
+    else:
+        open_bodies = sum(1 for o in objects if isinstance(o, DetachedBody) and not o.closed)
+    return {
+        "pid": os.getpid(),
+        "rss": psutil.Process().memory_info().rss,
+        # A greenlet that is neither dead nor never started is parked somewhere.
+        "greenlets": len(live),
+        "greenlet_kinds": sorted(_describe(g) for g in live),
+        "threads": threading.active_count(),
+        "open_bodies": open_bodies,
+        "violations": list(_violations),
+    }
+
+
+_HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailers",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+
+
+def _hop_by_hop_checked(start_response: Any) -> Any:
+    def start_checked(status: str, headers: list[tuple[str, str]], *exc_info: Any) -> Any:
+        # wsgiref.validate lets hop-by-hop headers through; PEP 3333 does not
+        # ("Other HTTP Features"), and a server may or may not complain.
+        for name, _ in headers:
+            if name.lower() in _HOP_BY_HOP:
+                _violation(f"hop-by-hop header {name!r} in the response")
+        return start_response(status, headers, *exc_info)
+
+    return start_checked
+
+
+def _instrument(app: Any) -> Any:
+    """Wrap ``app`` in wsgiref.validate, record its complaints, serve ``/_server``."""
+    import json
+    import warnings
+    from wsgiref.validate import WSGIWarning, validator
+
+    # A validator warning becomes an exception in the server, so that it
+    # cannot pass unnoticed; it is recorded like an AssertionError.
+    warnings.simplefilter("error", WSGIWarning)
+    problems = (AssertionError, WSGIWarning)
+
+    def unraisable(info: Any) -> None:
+        if isinstance(info.exc_value, problems):
+            _violation(f"{info.exc_value!r} in {info.object!r}")
+        else:
+            sys.__unraisablehook__(info)
+
+    sys.unraisablehook = unraisable
+
+    class Checked:
+        """Passes the validator's iterator through, noting what it objects to."""
+
+        def __init__(self, inner: Any) -> None:
+            self._inner = inner
+            self._it = iter(inner)
+
+        def __iter__(self) -> Any:
+            return self
+
+        def __next__(self) -> bytes:
+            try:
+                chunk: bytes = next(self._it)
+            except problems as exc:
+                _violation(f"{exc!r} while iterating")
+                raise
+            return chunk
+
+        def close(self) -> None:
+            try:
+                self._inner.close()
+            except problems as exc:
+                _violation(f"{exc!r} in close()")
+                raise
+
+    class CheckedSized(Checked):
+        """For an app iterable with ``__len__``, which the validator's wrapper hides.
+
+        pywsgi, waitress and wsgiref derive Content-Length from ``len()``
+        (PEP 3333 "Handling the Content-Length Header"); a test harness that
+        hid it would hide exactly the bug a lying ``len()`` causes.
+        """
+
+        def __init__(self, inner: Any, original: Any) -> None:
+            super().__init__(inner)
+            self._original = original
+
+        def __len__(self) -> int:
+            return len(self._original)
+
+    def instrumented(environ: dict[str, Any], start_response: Any) -> Any:
+        if environ.get("PATH_INFO") == "/_server":
+            data = json.dumps(_server_report()).encode()
+            start_response(
+                "200 OK",
+                [("Content-Type", "application/json"), ("Content-Length", str(len(data)))],
+            )
+            return [data]
+        returned: list[Any] = []
+
+        def capture(environ: dict[str, Any], start_response: Any) -> Any:
+            result = app(environ, start_response)
+            returned.append(result)
+            return result
+
+        try:
+            result = validator(capture)(environ, _hop_by_hop_checked(start_response))
+        except problems as exc:
+            _violation(f"{exc!r} calling the app")
+            raise
+        if hasattr(returned[0], "__len__"):
+            return CheckedSized(result, returned[0])
+        return Checked(result)
+
+    return instrumented
+
+
+def _listening(port: int) -> None:
+    print(f"LISTENING {port}", flush=True)
+
+
+def _serve_pywsgi(app: Any, handler: str) -> None:
+    from gevent.pywsgi import WSGIHandler, WSGIServer
+
+    handler_class = WSGIHandler
+    if handler == "detach":
+        from wsgi_detach import DetachHandler as handler_class
+
+    server = WSGIServer(("127.0.0.1", 0), app, log=None, handler_class=handler_class)
     server.start()
-    print(f"LISTENING {server.server_port}", flush=True)
+    _listening(server.server_port)
 
     import gevent
 
@@ -148,7 +365,7 @@ def _serve_wsgiref(app: Any) -> None:
     server = make_server(
         "127.0.0.1", 0, app, server_class=ThreadingServer, handler_class=QuietHandler
     )
-    print(f"LISTENING {server.server_port}", flush=True)
+    _listening(server.server_port)
 
     def stop(*_: object) -> None:
         threading.Thread(target=server.shutdown, daemon=True).start()
@@ -157,25 +374,85 @@ def _serve_wsgiref(app: Any) -> None:
     server.serve_forever(poll_interval=0.05)
 
 
+def _serve_waitress(app: Any) -> None:
+    import waitress
+
+    server = waitress.create_server(
+        app,
+        host="127.0.0.1",
+        port=0,
+        threads=THREADS,
+        # Without lookahead waitress never reads from a busy channel, so it
+        # cannot see the client leave and never sets client_disconnected.
+        channel_request_lookahead=1,
+        connection_limit=2000,
+        backlog=2048,
+    )
+    _listening(server.effective_port)  # type: ignore[union-attr]
+    server.run()  # SIGTERM's default action ends the process
+
+
+def _serve_cheroot(app: Any) -> None:
+    from cheroot import wsgi
+
+    server = wsgi.Server(
+        ("127.0.0.1", 0), app, numthreads=THREADS, max=THREADS, request_queue_size=2048
+    )
+    server.prepare()
+    _listening(server.bind_addr[1])
+    server.serve()  # SIGTERM's default action ends the process
+
+
+def _serve_gunicorn(spec: str, worker: str) -> None:
+    from gunicorn.app.base import BaseApplication
+
+    options: dict[str, Any] = {
+        "bind": "127.0.0.1:0",
+        "workers": 1,
+        "worker_class": worker,
+        "threads": THREADS,
+        "worker_connections": 4096,
+        "backlog": 2048,
+        "graceful_timeout": 2,
+        "loglevel": "warning",
+        "accesslog": None,
+        # The worker (not the arbiter) says where it listens once it has
+        # loaded the app: a request sent after that line is served at once.
+        "post_worker_init": lambda w: _listening(w.sockets[0].getsockname()[1]),
+    }
+
+    class Application(BaseApplication):  # type: ignore[misc]
+        def load_config(self) -> None:
+            for name, value in options.items():
+                self.cfg.set(name, value)
+
+        def load(self) -> Any:
+            # In the worker, after the gevent worker monkey-patched.
+            return _instrument(_load(spec))
+
+    Application().run()
+
+
 def main(argv: list[str]) -> None:
     server, spec = argv
     if server == "pywsgi-patched":
         from gevent import monkey
 
         monkey.patch_all()
-    import warnings
-    from wsgiref.validate import WSGIWarning, validator
-
-    # A validator warning becomes an exception in the server, which logs it
-    # to stderr, where ServerProcess.validation_problems() finds it.
-    warnings.simplefilter("error", WSGIWarning)
-    app = validator(_load(spec))
-    if server in ("pywsgi", "pywsgi-patched"):
-        _serve_pywsgi(app)
+    if server.startswith("gunicorn-"):
+        _serve_gunicorn(spec, server.partition("-")[2])
+        return
+    if server not in SERVERS:
+        raise SystemExit(f"unknown server {server!r}; choose from {', '.join(SERVERS)}")
+    app = _instrument(_load(spec))
+    if server.startswith("pywsgi"):
+        _serve_pywsgi(app, server.partition("-")[2])
     elif server == "wsgiref":
         _serve_wsgiref(app)
+    elif server == "waitress":
+        _serve_waitress(app)
     else:
-        raise SystemExit(f"unknown server {server!r}; choose from {', '.join(SERVERS)}")
+        _serve_cheroot(app)
 
 
 if __name__ == "__main__":

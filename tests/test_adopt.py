@@ -14,6 +14,8 @@ from wsgiref.util import setup_testing_defaults
 import gevent.queue
 import pytest
 
+from tests.client import Stream, wait_until
+from tests.servers import ServerProcess
 from wsgi_detach import DetachedBody
 from wsgi_detach._adopt import SEARCH_LIMIT, find_inside, is_queue
 
@@ -130,3 +132,20 @@ def test_every_gevent_queue_kind_is_a_queue() -> None:
              gevent.queue.PriorityQueue, gevent.queue.Channel]
     assert all(is_queue(kind()) for kind in kinds)
     assert not is_queue([b"a list"])
+
+
+def test_an_adopted_queue_on_a_threaded_server_leaves_no_pump_behind() -> None:
+    """Regression: on waitress, every abandoned seed-queue request left its pump
+    greenlet frozen in the request thread's hub (found by the soak/matrix work)."""
+    with ServerProcess("waitress", "tests.matrix_apps:app") as server:
+        for _ in range(10):
+            with Stream(server.port, "/queue?n=1000&interval=0.05", timeout=5) as stream:
+                stream.read_head()
+                assert stream.read_chunk()
+        pumps: list[str] = []
+
+        def no_pumps_left() -> bool:
+            pumps[:] = [k for k in server.info()["greenlet_kinds"] if "_pump" in k]
+            return not pumps
+
+        assert wait_until(no_pumps_left, timeout=5), pumps

@@ -20,9 +20,9 @@ ENV = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
 class Serve:
     """``python -m wsgi_detach serve ARGS`` in a child process, on an ephemeral port."""
 
-    def __init__(self, *args: str) -> None:
+    def __init__(self, *args: str, command: str = "serve") -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "wsgi_detach", "serve", *args, "--port", "0",
+            [sys.executable, "-m", "wsgi_detach", command, *args, "--port", "0",
              "--no-access-log"],
             cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
@@ -80,7 +80,7 @@ def test_sigterm_sends_the_farewell_and_exits(serve: Serve) -> None:
         (["serve", "tests.no_such_module:app"], "serve: cannot import 'tests.no_such_module'"),
         (["serve", "tests.mw_apps:nothing"], "serve: module 'tests.mw_apps' has no attribute "
                                              "'nothing'"),
-        (["demo"], "wsgi_detach demo: the chat demo is not part of this build yet"),
+        (["demo", "--port", "x"], "usage: python -m wsgi_detach demo"),
     ],
 )
 def test_mistakes_are_explained(args: list[str], message: str) -> None:
@@ -90,3 +90,20 @@ def test_mistakes_are_explained(args: list[str], message: str) -> None:
     )
     assert done.returncode != 0
     assert done.stderr.startswith(message)
+
+
+def test_demo_serves_the_chat_behind_the_middleware() -> None:
+    demo = Serve(command="demo")
+    try:
+        page = get(demo.port, "/")
+        assert page.status == 200 and b"new EventSource(" in page.body
+        with Stream(demo.port, "/api/rooms/cli/events") as stream:
+            head = stream.read_head()
+            assert head.headers["content-type"] == "text/event-stream; charset=utf-8"
+            assert (stream.read_chunk() or b"").startswith(b": stream open\n")
+            # SIGTERM: the chat ends its streams cleanly before the drain.
+            demo.proc.send_signal(signal.SIGTERM)
+            assert stream.read_all().complete
+        assert demo.stop() == 0
+    finally:
+        demo.stop()

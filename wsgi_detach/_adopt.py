@@ -35,13 +35,14 @@ from __future__ import annotations
 import gc
 import types
 from collections import deque
-from typing import Final, Union
+from typing import Callable, Final, Union
 
 import gevent
 from gevent import GreenletExit
 from gevent.queue import Channel, SimpleQueue
 
 from ._body import DetachedBody
+from ._wakeup import get_ident, in_hub
 
 __all__ = ["SEARCH_LIMIT", "Found", "feed", "find_inside", "is_queue"]
 
@@ -95,22 +96,51 @@ def find_inside(iterable: object) -> Found | None:
     return None
 
 
-def feed(body: DetachedBody, queue: SimpleQueue | Channel) -> None:
+def feed(body: DetachedBody, queue: SimpleQueue | Channel) -> Callable[[], None]:
     """Move what producers put into ``queue`` into ``body``, until ``StopIteration``.
 
     The pump is a greenlet of the *calling* thread's hub, where the seed's
     producers live (greenlets the app spawned): a gevent queue cannot wake a
     greenlet of another thread. It finishes the body at ``StopIteration``,
     fails it on a wrong chunk type, and is killed when the body closes, so a
-    client that leaves does not leave it blocked on the queue forever. (On a
-    threaded server that kill, like the seed's producers, runs only when that
-    thread runs its hub again.)
+    client that leaves does not leave it blocked on the queue forever.
+
+    On a threaded server the request thread runs its hub only while the
+    server iterates the body: once the request ends, a greenlet left in that
+    hub would be frozen for good. So when the body is closed on the pump's
+    own thread (the server's ``close()``), the kill runs the hub right there
+    until the pump is gone. The seed's own producer greenlets on such a
+    thread are frozen all the same -- nothing can run them -- which is why
+    ``detach()`` and ``body.spawn()`` are the way to produce on threaded
+    servers.
+
+    Returns the stop function, for the caller to call from the server's
+    ``close()`` too: when something on another thread (a disconnect
+    watcher) closed the body first, the ``on_close`` kill could only be
+    scheduled in a hub that may never run again.
     """
     pump = gevent.spawn(_pump, queue, body)
-    loop = pump.parent.loop
-    # The body may be closed from another thread (a drain, a watcher): kill
-    # the pump in its own hub.
-    body.on_close(lambda: loop.run_callback_threadsafe(pump.kill, GreenletExit, False))
+    hub = pump.parent
+    pump_thread = get_ident()
+
+    def stop_pump() -> None:
+        if pump.dead:
+            return
+        if get_ident() == pump_thread and not in_hub():
+            pump.kill(GreenletExit, block=True, timeout=_KILL_TIMEOUT)
+        else:
+            # Closed from another thread (a drain, a watcher) or from a loop
+            # callback: schedule the kill in the pump's hub.
+            hub.loop.run_callback_threadsafe(pump.kill, GreenletExit, False)
+
+    body.on_close(stop_pump)
+    return stop_pump
+
+
+#: How long ``close()`` may run the request thread's hub to let a pump die.
+#: A pump blocked on the queue dies at once; the bound only guards against a
+#: producer that ignores GreenletExit.
+_KILL_TIMEOUT: Final = 1.0
 
 
 def _pump(queue: SimpleQueue | Channel, body: DetachedBody) -> None:

@@ -418,6 +418,7 @@ class _Request:
         self.head: tuple[str, list[tuple[str, str]], ExcInfo | None] | None = None
         self.server_write: Callable[[bytes], object] | None = None
         self.bodies: list[DetachedBody] = []
+        self.stop_pump: Callable[[], None] | None = None  # for an adopted bare queue
         self.queue: Any = None  # a gevent queue a framework wrapped, if one was found
         self.cut_off: Unavailable | None = None  # drain's grace ran out on that queue
         self.refused = False
@@ -500,7 +501,7 @@ class _Request:
                     self.bodies.append(found)
                 elif found is result:
                     body = self.detach()  # the seed's bare queue: served through a body
-                    feed(body, found)
+                    self.stop_pump = feed(body, found)
                     result = body
                 else:
                     mw._admit(self)  # the request stands for the queue in the count
@@ -562,6 +563,11 @@ class _Request:
         if self.cancel_watch is not None:
             self.cancel_watch()
         self.close_bodies()
+        if self.stop_pump is not None:
+            # Here, in the server's close(), we are on the request's own thread:
+            # the one place a threaded server's pump can still be stopped,
+            # even when a watcher closed the body first.
+            self.stop_pump()
         if self.queue is not None:
             if self.cut_off is not None:
                 outcome = "failed"

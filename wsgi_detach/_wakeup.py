@@ -49,6 +49,7 @@ This module imports nothing of ours.
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any, Callable, Protocol
 
@@ -65,6 +66,7 @@ except ImportError:  # pragma: no cover - older gevent
 
 __all__ = [
     "CannotBlockHere",
+    "RealThread",
     "Waiter",
     "allocate_lock",
     "get_ident",
@@ -73,6 +75,7 @@ __all__ = [
     "runner_here",
     "spawn_greenlet",
     "start_beside",
+    "start_real_thread",
 ]
 
 #: A real OS lock, even after ``gevent.monkey.patch_all()``. The body holds it
@@ -146,9 +149,10 @@ class _ThreadWaiter:
         self._lock.acquire()
 
     def wait(self, timeout: float | None) -> bool:
-        if timeout is None:
-            return bool(self._lock.acquire())
-        return bool(self._lock.acquire(True, max(timeout, 0.0)))
+        # Capped like the hub waiter (a lock cannot wait past TIMEOUT_MAX);
+        # a caller without a deadline simply waits again.
+        limit = _KEEP_ALIVE if timeout is None else min(max(timeout, 0.0), _KEEP_ALIVE)
+        return bool(self._lock.acquire(True, limit))
 
     def wake(self) -> None:
         self._lock.release()
@@ -231,7 +235,10 @@ def spawn_greenlet(fn: Callable[..., object], *args: Any, **kwargs: Any) -> geve
     gevent worker, anything monkey-patched); from a plain thread (waitress,
     wsgiref, gunicorn gthread), in the process-wide producer hub thread. The
     greenlet belongs to that hub: join or kill it from there, or watch it with
-    ``link``/``dead`` rather than ``join`` from another thread.
+    ``link``/``dead`` rather than ``join`` from another thread. All such
+    greenlets share that one thread, so a call that blocks without yielding
+    to gevent (``time.sleep`` in an unpatched process, a blocking client)
+    stalls every one of them: run blocking code with :func:`start_real_thread`.
     """
     if _run_by_a_hub():
         return gevent.spawn(fn, *args, **kwargs)
@@ -283,3 +290,47 @@ def start_beside(fn: Callable[[], object]) -> None:
 
 
 _start_thread: Callable[..., int] = get_original("_thread", "start_new_thread")
+
+
+_log = logging.getLogger("wsgi_detach")
+
+
+class RealThread:
+    """A handle on an OS thread started with the original ``start_new_thread``.
+
+    After ``gevent.monkey.patch_all()`` a ``threading.Thread`` is a greenlet,
+    so "blocking code in a thread" would block the whole hub; this is always a
+    real thread. ``join()`` blocks the calling OS thread (not cooperatively):
+    call it from a thread, or poll ``is_alive()``.
+    """
+
+    def __init__(self, fn: Callable[..., object], args: tuple[Any, ...], name: str) -> None:
+        self.name = name
+        self._running = allocate_lock()
+        self._running.acquire()
+        self.ident: int = _start_thread(self._run, (fn, args))
+
+    def _run(self, fn: Callable[..., object], args: tuple[Any, ...]) -> None:
+        try:
+            fn(*args)
+        except BaseException:
+            _log.exception("thread %s raised", self.name)
+        finally:
+            self._running.release()
+
+    def is_alive(self) -> bool:
+        return bool(self._running.locked())
+
+    def join(self, timeout: float | None = None) -> None:
+        if self._running.acquire(True, -1 if timeout is None else max(timeout, 0.0)):
+            self._running.release()
+
+    def __repr__(self) -> str:
+        return f"<RealThread {self.name} {'running' if self.is_alive() else 'done'}>"
+
+
+def start_real_thread(
+    fn: Callable[..., object], *args: Any, name: str = "wsgi_detach"
+) -> RealThread:
+    """Run ``fn(*args)`` in a new real OS thread, monkey-patched process or not."""
+    return RealThread(fn, args, name)
