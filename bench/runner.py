@@ -165,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
                     )
                 print(
                     f"  [{rep + 1}/{repeats}] {scenario:<10} {target:<18} "
-                    f"{time.monotonic() - t0:5.1f}s" + ("  ERROR" if "*" in cases else ""),
+                    f"{time.monotonic() - t0:5.1f}s  other load {disturbed(cases):4.0%}"
+                    + ("  ERROR" if "*" in cases else ""),
                     flush=True,
                 )
 
