@@ -71,7 +71,7 @@ def busy_share(seconds: float) -> float:
     """Share of the machine's CPU that was busy over the next ``seconds``."""
     before = busy_s()
     time.sleep(seconds)
-    return (busy_s() - before) / (seconds * (len(system.cores()) or 1))
+    return min(1.0, (busy_s() - before) / (seconds * (len(system.cores()) or 1)))
 
 
 class Sample:

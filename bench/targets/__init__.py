@@ -38,7 +38,7 @@ TARGETS: dict[str, Target] = {
             "bench.targets.detach",
             "serve",
             PUSH | {XTHREAD},
-            "detach() in DetachMiddleware on DetachServer (whatever of it has landed)",
+            "detach() in DetachMiddleware on DetachServer, Hub fan-out (what has landed)",
         ),
         Target(
             "seed_queue",
@@ -98,6 +98,14 @@ TARGETS: dict[str, Target] = {
             PUSH | {XTHREAD},
             "bare DetachedBody on plain pywsgi: no middleware, no handler",
             (("bare", True),),
+        ),
+        Target(
+            "wsgi_detach_nohub",
+            "bench.targets.detach",
+            "serve",
+            PUSH | {XTHREAD},
+            "wsgi_detach without the broadcast Hub: one put() per stream per message",
+            (("hub", False),),
         ),
         Target(
             "wsgi_detach_nowatch",

@@ -49,7 +49,12 @@ class Stream(Protocol):
 
 
 class Adapter(Protocol):
-    """A target: how it makes a stream, and optionally a direct throughput body."""
+    """A target: how it makes a stream.
+
+    Optional hooks, found with ``getattr``: ``direct_stream(n, size)`` (a
+    body for /stream that needs no producer), ``subscribe(stream)`` and
+    ``broadcast(msg)`` (the target's own hub delivers to held streams).
+    """
 
     def new_stream(
         self, maxsize: int | None, chunk_size: int = 0, environ: WSGIEnvironment | None = None
@@ -76,8 +81,12 @@ class App:
 
     # -- publisher side -------------------------------------------------
     def publish(self, msg: bytes) -> None:
-        for s in list(self.streams):
-            s.put(msg)
+        broadcast = getattr(self.adapter, "broadcast", None)
+        if broadcast is not None:  # the target's own hub delivers to held streams
+            broadcast(msg)
+        else:
+            for s in list(self.streams):
+                s.put(msg)
         waiting, self.polls = self.polls, []
         for s in waiting:
             s.finish(msg)
@@ -108,7 +117,10 @@ class App:
         elif path == "/fanout":
             s = self.adapter.new_stream(None, 0, environ)
             s.put(producer.HELLO)
-            self.streams.add(s)
+            self.streams.add(s)  # end() still finishes it, whoever delivers
+            subscribe = getattr(self.adapter, "subscribe", None)
+            if subscribe is not None:
+                subscribe(s)
             s.on_close(lambda: self.streams.discard(s))
         elif path == "/poll":
             s = self.adapter.new_stream(None, 0, environ)

@@ -4,6 +4,8 @@ It uses whatever of the package has landed, probed with ``hasattr``:
 
 * with ``DetachMiddleware`` and ``detach``: bodies come from
   ``detach(environ, ...)`` inside an app wrapped in the middleware;
+* with ``Hub``: held streams subscribe to our broadcast hub, and the
+  publisher calls ``hub.publish`` once per message;
 * with ``DetachServer``: that server (and so ``DetachHandler``: TCP_NODELAY,
   the socket exposed for disconnect watching) instead of plain pywsgi;
 * otherwise a bare ``DetachedBody`` on plain gevent.pywsgi.
@@ -11,7 +13,8 @@ It uses whatever of the package has landed, probed with ``hasattr``:
 The server's ready line records what was used (kept in the JSON), so a
 result always says what it measured. The opt-in probes isolate one effect
 each: ``wsgi_detach_bare`` (the bare body on plain pywsgi, no middleware,
-no handler), ``wsgi_detach_nowatch`` (full stack without the disconnect
+no handler, no hub), ``wsgi_detach_nohub`` (full stack, but the
+publisher puts into each body itself), ``wsgi_detach_nowatch`` (full stack without the disconnect
 watcher thread), ``wsgi_detach_nodelay`` (bare body, a handler that only sets
 TCP_NODELAY), ``wsgi_detach_nocoalesce`` (full stack, ``coalesce=0``: one
 server write per ``put()``, like the queue targets).
@@ -55,9 +58,21 @@ class DetachStream:
 
 
 class Adapter:
-    def __init__(self, options: dict[str, Any], middleware: bool) -> None:
+    def __init__(self, options: dict[str, Any], middleware: bool, hub: bool = False) -> None:
         self.options = options
         self.middleware = middleware
+        if hub:
+            # Held streams are delivered by our broadcast hub: one publish()
+            # per message instead of one put() per stream from our loop.
+            self.hub = wsgi_detach.Hub()
+            self.subscribe = self._subscribe
+            self.broadcast = self._broadcast
+
+    def _subscribe(self, stream: DetachStream) -> None:
+        self.hub.subscribe(stream.body, last_event_id=None, encode=_encode)
+
+    def _broadcast(self, msg: bytes) -> None:
+        self.hub.publish(msg.decode("ascii"))
 
     def new_stream(
         self, maxsize: int | None, chunk_size: int = 0, environ: Any = None
@@ -68,6 +83,13 @@ class Adapter:
         if self.middleware:
             return DetachStream(wsgi_detach.detach(environ, max_buffer=limit, **self.options))
         return DetachStream(wsgi_detach.DetachedBody(max_buffer=limit, **self.options))
+
+
+def _encode(message: Any, _last: list[Any] = [None, b""]) -> bytes:  # noqa: B006 - a cache
+    """The producer's line as published; encoded once per message, not per stream."""
+    if _last[0] is not message:
+        _last[0], _last[1] = message, message.text.encode("ascii")
+    return _last[1]  # type: ignore[no-any-return]
 
 
 def listener() -> socket.socket:
@@ -88,6 +110,7 @@ def serve(
     coalesce: int | None = None,
     bare: bool = False,
     watch: bool = True,
+    hub: bool = True,
 ) -> NoReturn:
     options = {} if coalesce is None else {"coalesce": coalesce}
     use_mw = (
@@ -99,7 +122,9 @@ def serve(
         "middleware": use_mw,
         "body_options": options,
     }
-    app: Any = _pywsgi.App(Adapter(options, use_mw))
+    use_hub = hub and use_mw and hasattr(wsgi_detach, "Hub")
+    info["hub"] = use_hub
+    app: Any = _pywsgi.App(Adapter(options, use_mw, use_hub))
     if use_mw:
         app = wsgi_detach.DetachMiddleware(app, watch_disconnects=watch)
         info["watch_disconnects"] = watch
