@@ -14,15 +14,15 @@ import sys
 import time
 
 from tests.client import Stream, event_times, events, wait_until
-from tests.servers_extra import ExtraServerProcess
+from tests.servers import ServerProcess
 
-SERVERS = ("detach-pywsgi", "gunicorn-gevent", "gunicorn-gthread", "waitress")
+SERVERS = ("detach-server", "gunicorn-gevent", "gunicorn-gthread", "waitress")
 
 
 def main() -> None:
     rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 10
     for kind in SERVERS:
-        with ExtraServerProcess(kind, "tests.mw_apps:app") as server:
+        with ServerProcess(kind, "tests.mw_apps:app") as server:
             for how in ("close", "reset"):
                 latencies = []
                 for i in range(rounds):

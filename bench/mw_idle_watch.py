@@ -82,6 +82,7 @@ def run(strategy: str, count: int) -> None:
             io.start(ready)
             keep.append(io)
     elif strategy == "greenlet":
+
         def wait(server: Any) -> None:
             while True:
                 gsocket.wait_read(server.fileno())
@@ -93,6 +94,7 @@ def run(strategy: str, count: int) -> None:
 
         keep.extend(gevent.spawn(wait, server) for server in servers)
     else:
+
         def poll() -> None:
             watched = set(servers)
             while watched:
@@ -137,9 +139,10 @@ def main() -> None:
     for strategy in STRATEGIES:
         subprocess.run(
             [sys.executable, "-m", "bench.mw_idle_watch", strategy, str(count)],
-            env=env, check=True, timeout=120,
+            env=env,
+            check=True,
+            timeout=120,
         )
-
 
 
 if __name__ == "__main__":

@@ -11,16 +11,16 @@ import statistics
 import sys
 
 from tests.client import keepalive_timings
-from tests.servers_extra import ExtraServerProcess
+from tests.servers import ServerProcess
 
 
 def main() -> None:
     count = int(sys.argv[1]) if len(sys.argv) > 1 else 200
-    for kind in ("detach-pywsgi", "detach-pywsgi-delay"):
-        with ExtraServerProcess(kind, "tests.mw_apps:app") as server:
+    for kind in ("detach-server", "detach-server-delay"):
+        with ServerProcess(kind, "tests.mw_apps:app") as server:
             keepalive_timings(server.port, "/gen", 5)  # warm up
             timings = keepalive_timings(server.port, "/gen", count)
-        label = "TCP_NODELAY on " if kind == "detach-pywsgi" else "TCP_NODELAY off"
+        label = "TCP_NODELAY on " if kind == "detach-server" else "TCP_NODELAY off"
         p90 = statistics.quantiles(timings, n=10)[-1]
         print(
             f"{label}: {count} responses in {sum(timings):.2f}s, "

@@ -19,8 +19,9 @@ calls ``drain_on_signal(0.5, b"bye")`` on the app, which must be a
 without which waitress never sets ``waitress.client_disconnected``);
 threaded wsgiref; cheroot.
 
-Besides the app, every child serves ``/_server`` (outside the validator): its
-PID (the worker's, under gunicorn), RSS, live greenlets and threads, unclosed
+Besides the app, every child (but the bare and the command kinds below)
+serves ``/_server`` (outside the validator): its PID (the worker's, under
+gunicorn), RSS, live greenlets and threads, unclosed
 ``DetachedBody`` objects, and every PEP 3333 violation ``wsgiref.validate``
 reported so far, plus hop-by-hop response headers, which the validator lets
 through. Violations are caught wherever they surface: raised from the
@@ -29,10 +30,17 @@ iterator collected unclosed), so a server that swallows them cannot hide them.
 The validator's wrapper hides the app iterable's ``len()``; the server still
 sees it, so a lying ``len()`` breaks here as it would in production.
 
-One kind is not ours: ``serve-command`` runs ``python -m wsgi_detach serve``
-itself (the CLI under test, tests/test_cli.py), so it has no validator and no
-``/_server``; ServerProcess only starts it, reads the port from its
-``wsgi_detach: serving ... on http://127.0.0.1:PORT`` line and stops it.
+Two kinds are served bare, for the byte-for-byte comparison of the write
+path (tests/wire_apps.py): ``pywsgi-plain`` and ``detach-handler`` have no
+validator and no ``/_server``, because the validator wraps the body iterable
+and so would hide it from the handler, skipping the very write paths under
+test.
+
+Two kinds are not ours: ``serve-command`` and ``demo-command`` run ``python
+-m wsgi_detach serve`` and ``... demo`` themselves (the CLI under test,
+tests/test_cli.py), so they have no validator and no ``/_server``;
+ServerProcess only starts them, reads the port from their ``wsgi_detach:
+serving ... on http://127.0.0.1:PORT`` line and stops them.
 
 Not for in-process tests, which call the app directly.
 """
@@ -64,6 +72,10 @@ SERVERS: dict[str, str] = {
     "detach-server": "wsgi_detach.make_server(app, grace=0.5): DetachHandler, TCP_NODELAY, "
     "a stop() (on SIGTERM) that drains; the app wrapped in DetachMiddleware unless it is one",
     "detach-server-delay": "detach-server without TCP_NODELAY, for the comparison",
+    "pywsgi-plain": "gevent.pywsgi as it comes, WITHOUT the validator and /_server (the "
+    "validator would hide the body iterable from the handler): tests/wire_apps.py's reference",
+    "detach-handler": "pywsgi-plain with wsgi_detach.DetachHandler, counting its sends into "
+    "tests.wire_apps.SENDS; also WITHOUT the validator and /_server",
     "gunicorn-gevent": "gunicorn, one gevent worker",
     "gunicorn-gthread": "gunicorn, one gthread worker",
     "gunicorn-gevent-drain": "gunicorn-gevent; the worker calls app.drain_on_signal(0.5, b'bye')",
@@ -73,13 +85,15 @@ SERVERS: dict[str, str] = {
     "cheroot": "cheroot's thread-pool server",
     "serve-command": "python -m wsgi_detach serve APP --port 0 --no-access-log ARGS: the CLI "
     "under test, as a user runs it (not instrumented: no validator, no /_server)",
+    "demo-command": "python -m wsgi_detach demo --port 0 --no-access-log ARGS (app: ''): the "
+    "chat demo as a user runs it, likewise not instrumented",
 }
 
 #: The environment of every child: this checkout importable, output unbuffered.
 CHILD_ENV = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
 
 #: The line a child prints once it serves: ours, or the serve command's.
-_READY = re.compile(r"^(?:LISTENING |wsgi_detach: serving \S+ on http://127\.0\.0\.1:)(\d+)\b")
+_READY = re.compile(r"^(?:LISTENING |wsgi_detach: serving .+? on http://127\.0\.0\.1:)(\d+)\b")
 
 #: How many requests a threaded server handles at once: enough for the
 #: matrix's concurrent cases and for the soak test's bursts.
@@ -91,7 +105,7 @@ class ServerProcess:
 
     Use as a context manager, or ``start()`` and ``stop()``; ``port`` and
     ``url`` say where it listens, ``proc`` is the child (to signal it).
-    ``args`` are command-line arguments for the ``serve-command`` kind.
+    ``args`` are command-line arguments for the ``*-command`` kinds.
     """
 
     #: Every ServerProcess started in this test process, in order (for the
@@ -108,8 +122,10 @@ class ServerProcess:
     ) -> None:
         if server not in SERVERS:
             raise ValueError(f"unknown server {server!r}; choose from {', '.join(SERVERS)}")
-        if args and server != "serve-command":
-            raise ValueError(f"args are for the serve-command kind, not {server!r}")
+        if args and not server.endswith("-command"):
+            raise ValueError(f"args are for the *-command kinds, not {server!r}")
+        if (server == "demo-command") != (app == ""):
+            raise ValueError("the demo-command kind, and only it, takes no app: pass ''")
         self.server = server
         self.app = app
         self._env = env or {}
@@ -124,8 +140,10 @@ class ServerProcess:
         return f"http://127.0.0.1:{self.port}"
 
     def _command(self) -> list[str]:
-        if self.server == "serve-command":
-            return [sys.executable, "-m", "wsgi_detach", "serve", self.app, *self._args,
+        if self.server.endswith("-command"):
+            command = self.server.removesuffix("-command")
+            app = [self.app] if self.app else []
+            return [sys.executable, "-m", "wsgi_detach", command, *app, *self._args,
                     "--port", "0", "--no-access-log"]
         return [sys.executable, "-m", "tests.servers", self.server, self.app]
 
@@ -157,8 +175,17 @@ class ServerProcess:
 
     def info(self) -> dict[str, Any]:
         """The child's ``/_server`` report (see the module docstring)."""
-        result: dict[str, Any] = get_json(self.port, "/_server")
+        try:
+            result: dict[str, Any] = get_json(self.port, "/_server")
+        except (OSError, AssertionError) as exc:
+            raise RuntimeError(self.post_mortem(f"/_server failed: {exc!r}")) from exc
         return result
+
+    def post_mortem(self, what: str) -> str:
+        """``what``, with the child's exit status and the end of its stderr."""
+        code = None if self.proc is None else self.proc.poll()
+        tail = "\n".join(self.stderr_text().splitlines()[-30:])
+        return f"{what}; {self.server} exit status {code}; its stderr ends:\n{tail}"
 
     def stop(self) -> None:
         """Stop the child by its PID; keep what it printed to stderr, close the files."""
@@ -419,6 +446,27 @@ def _serve_pywsgi(app: Any, kind: str) -> None:
     server.serve_forever()
 
 
+def _serve_wire(app: Any, kind: str) -> None:
+    """``pywsgi-plain`` or ``detach-handler``: no validator, no ``/_server`` (see above)."""
+    import gevent
+    from gevent.pywsgi import WSGIServer
+
+    from tests import wire_apps
+    from wsgi_detach import DetachHandler
+
+    class CountingHandler(DetachHandler):  # type: ignore[misc]
+        def _sendall(self, data: bytes) -> None:
+            wire_apps.SENDS[0] += 1
+            super()._sendall(data)
+
+    kwargs: dict[str, Any] = {"handler_class": CountingHandler} if kind == "detach-handler" else {}
+    server = WSGIServer(("127.0.0.1", 0), app, log=None, **kwargs)
+    server.start()
+    _listening(server.server_port)
+    gevent.signal_handler(signal.SIGTERM, server.stop)
+    server.serve_forever()
+
+
 def _serve_wsgiref(app: Any) -> None:
     import threading
     from socketserver import ThreadingMixIn
@@ -511,15 +559,17 @@ def _serve_gunicorn(spec: str, kind: str) -> None:
 
 def main(argv: list[str]) -> None:
     kind, spec = argv
-    if kind == "serve-command":
-        raise SystemExit("serve-command is python -m wsgi_detach serve; ServerProcess runs it")
+    if kind.endswith("-command"):
+        raise SystemExit(f"{kind} is python -m wsgi_detach itself; ServerProcess runs it")
     if kind not in SERVERS:
         raise SystemExit(f"unknown server {kind!r}; choose from {', '.join(SERVERS)}")
     if kind == "pywsgi-patched":
         from gevent import monkey
 
         monkey.patch_all()
-    if kind.startswith("gunicorn-"):
+    if kind in ("pywsgi-plain", "detach-handler"):
+        _serve_wire(_load(spec), kind)
+    elif kind.startswith("gunicorn-"):
         _serve_gunicorn(spec, kind)
     elif kind.startswith(("pywsgi", "detach-server")):
         _serve_pywsgi(_load(spec), kind)

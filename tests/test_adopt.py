@@ -149,3 +149,56 @@ def test_an_adopted_queue_on_a_threaded_server_leaves_no_pump_behind() -> None:
             return not pumps
 
         assert wait_until(no_pumps_left, timeout=5), pumps
+
+
+def test_a_private_queue_of_an_ordinary_generator_is_not_adopted() -> None:
+    """Finding 14: a generator draining a work queue filled before the app returned
+    was taken for the seed's pattern: counted in max_open (-> 503), given streaming
+    headers, and a drain would have put StopIteration into the app's own queue."""
+    from wsgi_detach import DetachMiddleware
+
+    def app(environ: dict[str, Any], start_response: Any) -> Any:
+        jobs: gevent.queue.Queue = gevent.queue.Queue()  # type: ignore[type-arg]
+        for n in (1, 2, 3):
+            jobs.put(n)
+        jobs.put(StopIteration)
+        start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "6")])
+
+        def results() -> Any:  # an ordinary, self-contained generator
+            for n in jobs:
+                yield f"{n * 11}".encode()
+
+        return results()
+
+    assert find_inside(app({}, lambda *args: None)) is None
+    middleware = DetachMiddleware(app, max_open=1)
+    heads: list[Any] = []
+    responses = []
+    for _ in range(2):  # the first still open: it must not hold a max_open slot
+        environ: dict[str, Any] = {}
+        setup_testing_defaults(environ)
+        responses.append(middleware(environ, lambda s, h, e=None: heads.append((s, h))))
+    head = ("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "6")])
+    assert heads == [head, head]  # no 503, no streaming headers
+    assert [b"".join(r) for r in responses] == [b"112233", b"112233"]  # handed back unchanged
+    assert middleware.stats().open == 0
+
+
+@pytest.mark.parametrize("framework", ["flask", "django"])
+def test_the_same_queue_behind_a_framework_is_still_adopted(framework: str) -> None:
+    """Finding 14's other side: the seed's queue in a framework's wrapper is found."""
+    queue = _queue()
+    result = FRAMEWORKS[framework](queue)
+    try:
+        assert find_inside(result) is queue
+    finally:
+        getattr(result, "close", lambda: None)()
+
+
+def test_a_body_inside_an_ordinary_generator_is_still_found() -> None:
+    body = DetachedBody()
+
+    def relay() -> Any:
+        yield from body
+
+    assert find_inside(relay()) is body

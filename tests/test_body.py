@@ -561,3 +561,111 @@ def test_two_consumers_are_refused() -> None:
         next(body)
     body.finish("x")
     assert first.get(timeout=5) == b"x"
+
+
+# ---------------------------------------------------------------- regressions from the review
+
+
+def test_a_producer_killed_by_a_base_exception_fails_with_an_ordinary_one() -> None:
+    """GreenletExit or gevent.Timeout raised inside waitress never ended the connection."""
+    from wsgi_detach import ProducerStopped
+
+    body = DetachedBody()
+    body.put("partial")
+    body.fail(gevent.GreenletExit())
+    assert next(body) == b"partial"
+    with pytest.raises(ProducerStopped, match="stopped by GreenletExit") as info:
+        next(body)
+    assert isinstance(info.value.__cause__, gevent.GreenletExit)
+
+    body = DetachedBody()
+
+    def sleeper() -> None:
+        gevent.sleep(10)
+
+    producer = gevent.spawn(body.spawn, sleeper).get(timeout=5)
+    gevent.sleep(0)
+    producer.kill(block=True, timeout=5)
+    with pytest.raises(ProducerStopped):
+        next(body)
+
+
+def test_waiting_for_a_slow_client_is_not_producer_silence() -> None:
+    """A producer blocked on max_buffer is alive; the client is the slow one."""
+    body = DetachedBody(max_buffer=8, idle_timeout=0.15, coalesce=0)
+
+    def produce() -> None:
+        for _ in range(6):
+            body.put(b"12345678")
+        body.finish()
+
+    gevent.spawn(produce)
+    got = []
+    for chunk in body:
+        got.append(chunk)
+        if len(got) % 2:
+            # The client stalls past idle_timeout with the producer blocked on
+            # the cap; then drains without pause, faster than the producer refills.
+            gevent.sleep(0.25)
+    assert got == [b"12345678"] * 6
+
+
+def test_the_deadline_holds_while_data_waits_for_a_slow_client() -> None:
+    body = DetachedBody(deadline=0.2, coalesce=0)
+    for _ in range(100):
+        body.put(b"x")
+    started = time.monotonic()
+    with pytest.raises(BodyTimeout, match="data still waiting for the client"):
+        for _ in body:
+            gevent.sleep(0.05)
+    assert time.monotonic() - started < 1
+    assert body.buffered == 0
+
+
+def test_a_blocking_put_without_timeout_outlasts_the_waiters_keep_alive(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from wsgi_detach import _wakeup
+
+    monkeypatch.setattr(_wakeup, "_KEEP_ALIVE", 0.02)
+    body = DetachedBody(max_buffer=1)
+    body.put(b"x")
+    done: list[str] = []
+
+    def blocked() -> None:
+        body.put(b"y")  # no timeout: must wait however many keep-alive periods pass
+        done.append("put")
+
+    producer = gevent.spawn(blocked)
+    gevent.sleep(0.15)
+    assert not done and not producer.dead
+    assert next(body) == b"x"
+    producer.join(timeout=5)
+    assert done == ["put"]
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("nan"), 1e12])
+def test_unbounded_timeouts_are_refused_at_construction(value: float) -> None:
+    with pytest.raises(ValueError, match="idle_timeout must be a positive number of seconds"):
+        DetachedBody(idle_timeout=value)
+
+
+def test_spawn_thread_is_a_real_thread_even_after_patch_all() -> None:
+    import subprocess
+    import sys
+
+    script = """
+from gevent import monkey; monkey.patch_all()
+import threading, time
+from gevent.monkey import get_original
+from wsgi_detach import DetachedBody
+real_ident = get_original("_thread", "get_ident")
+body = DetachedBody()
+main = real_ident()
+handle = body.spawn_thread(lambda: body.put(str(real_ident() != main)))
+print(b"".join(body).decode())
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=30, check=True
+    )
+    assert out.stdout.strip() == "True", out

@@ -57,7 +57,7 @@ def test_sigterm_sends_the_farewell_and_exits() -> None:
         (["serve", "tests.no_such_module:app"], "serve: cannot import 'tests.no_such_module'"),
         (["serve", "tests.mw_apps:nothing"], "serve: module 'tests.mw_apps' has no attribute "
                                              "'nothing'"),
-        (["demo"], "wsgi_detach demo: the chat demo is not part of this build yet"),
+        (["demo", "--port", "x"], "usage: python -m wsgi_detach demo"),
     ],
 )
 def test_mistakes_are_explained(args: list[str], message: str) -> None:
@@ -67,3 +67,18 @@ def test_mistakes_are_explained(args: list[str], message: str) -> None:
     )
     assert done.returncode != 0
     assert done.stderr.startswith(message)
+
+
+def test_demo_serves_the_chat_behind_the_middleware() -> None:
+    with ServerProcess("demo-command", "") as demo:
+        page = get(demo.port, "/")
+        assert page.status == 200 and b"new EventSource(" in page.body
+        with Stream(demo.port, "/api/rooms/cli/events") as stream:
+            head = stream.read_head()
+            assert head.headers["content-type"] == "text/event-stream; charset=utf-8"
+            assert (stream.read_chunk() or b"").startswith(b": stream open\n")
+            # SIGTERM: the chat ends its streams cleanly before the drain.
+            assert demo.proc is not None
+            demo.proc.send_signal(signal.SIGTERM)
+            assert stream.read_all().complete
+        assert demo.proc.wait(timeout=10) == 0

@@ -383,3 +383,168 @@ def test_an_ordinary_request_leaves_no_reference_cycle() -> None:
         assert alive() is None  # freed by reference counting, not left for the collector
     finally:
         gc.enable()
+
+
+# ---------------------------------------------------------------------- review regressions
+
+
+def _run_wsgiref(app: Any) -> bytes:
+    """One request through wsgiref's real handler, in-process; the raw response bytes."""
+    import io
+    from wsgiref.handlers import SimpleHandler
+
+    out, errors = io.BytesIO(), io.StringIO()
+    SimpleHandler(io.BytesIO(), out, errors, _environ(), multithread=False).run(app)
+    return out.getvalue()
+
+
+class _Inner:
+    """A framework's wrapper around a body (like Werkzeug's ClosingIterator)."""
+
+    def __init__(self, body: Any) -> None:
+        self.body = body
+        self.closed = 0
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self.body)
+
+    def close(self) -> None:
+        self.closed += 1
+
+
+def test_a_start_response_that_raises_ends_the_detached_response() -> None:
+    """Finding 1: wsgiref asserts on a hop-by-hop header when the held head is
+    flushed; the body, its max_open slot and the inner iterable leaked."""
+    made: list[_Inner] = []
+
+    def app(environ: dict[str, Any], start_response: Any) -> Any:
+        start_response("200 OK", [("Content-Type", "text/plain"), ("Connection", "keep-alive")])
+        made.append(_Inner(detach(environ)))
+        return made[-1]
+
+    middleware = DetachMiddleware(app, max_open=1)
+    assert _run_wsgiref(middleware).startswith(b"HTTP/1.0 500")
+    (inner,) = made
+    assert (inner.closed, inner.body.outcome) == (1, "failed")
+    stats = middleware.stats()
+    assert (stats.open, stats.failed) == (0, 1)
+    assert _run_wsgiref(middleware).startswith(b"HTTP/1.0 500")  # not 503: the slot is free
+
+
+def test_a_start_response_that_raises_closes_an_ordinary_response() -> None:
+    """Finding 1, the pass-through path: the server never got the iterable."""
+    body = _Closing([b"x"])
+
+    def app(environ: dict[str, Any], start_response: Any) -> Any:
+        start_response("200 OK", [("Content-Type", "text/plain"), ("Connection", "close")])
+        return body
+
+    assert _run_wsgiref(DetachMiddleware(app)).startswith(b"HTTP/1.0 500")
+    assert body.closed == 1
+
+
+def test_a_watch_that_raises_ends_the_detached_response() -> None:
+    """Finding 1: an exception from watch() leaked the body like a refused head."""
+    import os
+
+    from wsgi_detach._watchers import SOCKET_KEY
+
+    bodies: list[Any] = []
+
+    def app(environ: dict[str, Any], start_response: Any) -> Any:
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        bodies.append(detach(environ))
+        return bodies[-1]
+
+    closed_file = open(os.devnull)
+    closed_file.close()  # fileno() now raises ValueError
+    environ = _environ()
+    environ[SOCKET_KEY] = closed_file
+    middleware = DetachMiddleware(app)
+    with pytest.raises(ValueError, match=r"^I/O operation on closed file"):
+        middleware(environ, _Server().start_response)
+    assert bodies[0].outcome == "failed"
+    assert middleware.stats().open == 0
+
+
+def test_drain_on_signal_without_a_hub_drains_then_dies_by_the_signal() -> None:
+    """Finding 2: on a server without a gevent hub (waitress, wsgiref, cheroot) the
+    drain ran in a thread, whose signal.signal() raised: SIGTERM was swallowed."""
+    import subprocess
+    import sys
+    import textwrap
+
+    child = textwrap.dedent("""
+        import threading, time
+        from wsgi_detach import DetachMiddleware, detach
+
+        def app(environ, start_response):
+            start_response("200 OK", [("Content-Type", "text/plain")])
+            return detach(environ)
+
+        mw = DetachMiddleware(app)
+        response = mw({}, lambda status, headers, exc_info=None: None)  # one open stream
+
+        def serve():  # what a threaded server's worker does
+            try:
+                for chunk in response:
+                    print("sent", chunk, flush=True)
+            finally:
+                response.close()
+
+        threading.Thread(target=serve, daemon=True).start()
+        mw.drain_on_signal(5, b"bye")
+        print("ready", flush=True)
+        for _ in range(50):  # bounded: 5 s
+            time.sleep(0.1)
+        print("still alive", flush=True)
+    """)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", child], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == "ready\n"
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=8)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    # The drain said farewell, the stream ended, then the signal's default action.
+    assert (proc.returncode, out, err) == (-signal.SIGTERM, "sent b'bye'\n", "")
+
+
+def test_a_second_start_response_without_exc_info_raises() -> None:
+    """Finding 16 (PEP 3333): behind the middleware the second call silently
+    replaced the held head; without it the server raises."""
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        start_response("404 Not Found", [("Content-Type", "text/plain")])  # the app's bug
+        return [b"x"]
+
+    with pytest.raises(UsageError, match=r"^start_response\(\) called a second time without "
+                                         r"exc_info; only an error handler may replace"):
+        DetachMiddleware(app)(_environ(), _Server().start_response)
+    assert _run_wsgiref(DetachMiddleware(app)).startswith(b"HTTP/1.0 500")  # as bare wsgiref
+
+
+def test_detach_after_the_app_returned_is_refused() -> None:
+    """Finding 13: detach() inside the iterator (Flask's stream_with_context) was
+    accepted, counted in max_open and never released."""
+
+    def app(environ: dict[str, Any], start_response: Any) -> Iterator[bytes]:
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        body = detach(environ)  # lazily, at the first iteration
+        body.finish(b"hello")
+        yield from body
+
+    middleware = DetachMiddleware(app, max_open=1)
+    for _ in range(2):
+        result = middleware(_environ(), _Server().start_response)
+        with pytest.raises(UsageError, match=r"^detach\(environ\) was called after the app "
+                                             r"returned \(inside the response iterator"):
+            list(result)
+        result.close()  # type: ignore[attr-defined]
+    assert middleware.stats().open == 0

@@ -1,17 +1,30 @@
 """make_server / DetachHandler / DetachServer: TCP_NODELAY, the socket in the environ, a
-stop() that drains. Served from a child process (tests/servers.py)."""
+stop() that drains, a write path that sends pywsgi's bytes in fewer sends. Served
+from a child process (tests/servers.py)."""
 
 from __future__ import annotations
 
+import io
+import re
 import signal
+import socket
 import statistics
+import threading
 import time
+from collections.abc import Iterator
+from http.client import HTTPException
+from typing import Any
 
+import gevent
 import pytest
+from gevent.pywsgi import headers_factory
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from tests.client import Stream, events, keepalive_timings, wait_until
-from tests.servers import serve
-from wsgi_detach import DetachMiddleware, make_server
+from tests import wire_apps
+from tests.client import Stream, events, get, keepalive_timings, wait_until
+from tests.servers import ServerProcess, serve
+from wsgi_detach import DetachHandler, DetachMiddleware, make_server
 
 
 def test_tcp_nodelay_spares_each_small_response_the_delayed_ack() -> None:
@@ -52,3 +65,185 @@ def test_make_server_takes_a_ready_middleware_as_it_is() -> None:
     with pytest.raises(TypeError, match=r"^app is already a DetachMiddleware; configure it there, "
                                          r"not with \['idle_timeout'\]$"):
         make_server(middleware, port=0, idle_timeout=3)
+
+
+# ---------------------------------------------------------------------- the write path
+
+def _exchange(port: int, requests: list[str]) -> bytes:
+    """Send ``requests`` pipelined on one connection; everything until the server closes."""
+    wire = ""
+    for request in requests:
+        line, _, extra = request.partition("|")
+        wire += f"{line}\r\nHost: 127.0.0.1\r\n{extra}\r\n"
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(wire.encode("latin-1"))
+        received = b""
+        while more := sock.recv(1 << 20):
+            received += more
+    return re.sub(rb"\r\nDate: [^\r]*\r\n", b"\r\nDate: -\r\n", received)
+
+
+CLOSE = "Connection: close\r\n"
+
+#: Request sequences, each on one connection; ``line|extra headers``.
+WIRE_CASES = {
+    **{
+        path: [f"GET {path} HTTP/1.1|{CLOSE}"]
+        for path in ("/list", "/gen", "/empty", "/clen", "/write", "/file", "/nocontent",
+                     "/notmodified", "/fail_after", "/fail_first", "/liar", "/big", "/body_done",
+                     "/body_later", "/body_empty_end", "/body_fail", "/poll", "/missing")
+    },
+    **{f"http/1.0 {path}": [f"GET {path} HTTP/1.0"]
+       for path in ("/list", "/gen", "/clen", "/body_later", "/poll", "/empty")},
+    "http/1.0 keep-alive": ["GET /list HTTP/1.0|Connection: keep-alive\r\n",
+                            "GET /clen HTTP/1.0|Connection: keep-alive\r\n", "GET /poll HTTP/1.0"],
+    "pipelined": [f"GET {path} HTTP/1.1" for path in
+                  ("/list", "/gen", "/body_done", "/body_later", "/poll", "/write", "/empty",
+                   "/clen", "/nocontent", "/notmodified", "/file", "/body_empty_end")]
+    + [f"GET /poll HTTP/1.1|{CLOSE}"],
+}
+
+
+@pytest.fixture(scope="module")
+def wire_servers() -> Iterator[tuple[int, int]]:
+    # Bare, without the validator (see tests/wire_apps.py): ServerProcess, not serve().
+    with ServerProcess("pywsgi-plain", "tests.wire_apps:app") as plain, \
+            ServerProcess("detach-handler", "tests.wire_apps:app") as ours:
+        yield plain.port, ours.port
+
+
+@pytest.mark.parametrize("case", sorted(WIRE_CASES))
+def test_detach_handler_sends_what_plain_pywsgi_sends(
+    wire_servers: tuple[int, int], case: str
+) -> None:
+    plain_port, our_port = wire_servers
+    expected = _exchange(plain_port, WIRE_CASES[case])
+    assert expected.startswith(b"HTTP/1.1 ")
+    assert _exchange(our_port, WIRE_CASES[case]) == expected
+
+
+@pytest.mark.parametrize("path", ["/list", "/gen", "/body_done", "/poll", "/empty", "/clen"])
+def test_detach_handler_answers_head_with_gets_head_alone(
+    wire_servers: tuple[int, int], path: str
+) -> None:
+    """Plain pywsgi sends a body after a HEAD's head (for an endless stream,
+    forever); ours sends exactly the head a GET gets, and nothing after it."""
+    plain_port, our_port = wire_servers
+    get_head = _exchange(plain_port, [f"GET {path} HTTP/1.1|{CLOSE}"]).partition(b"\r\n\r\n")[0]
+    assert _exchange(our_port, [f"HEAD {path} HTTP/1.1|{CLOSE}"]) == get_head + b"\r\n\r\n"
+
+
+def _sends(port: int, path: str) -> int:
+    """How many sends the counting handler made for one request of ``path``."""
+    def count() -> int:
+        return int(get(port, "/_sends").body)
+
+    before = count()
+    assert get(port, path).complete
+    return count() - before - 1  # the second /_sends answer came after its own count
+
+
+@pytest.mark.parametrize(
+    ("path", "sends"),
+    [
+        ("/poll", 1),  # head + the message + the terminator: what pywsgi sends in 3
+        ("/body_done", 2),  # head + first chunk, then the last one + the terminator
+        ("/body_later", 3),  # head + one;, two;, last + terminator
+        ("/gen", 3),  # a generator cannot tell its last chunk: head + one, two, terminator
+        ("/empty", 1),  # head + terminator
+        ("/list", 2),  # head + "a", "bc" (Content-Length: no terminator)
+    ],
+)
+def test_detach_handler_merges_head_data_and_terminator(
+    wire_servers: tuple[int, int], path: str, sends: int
+) -> None:
+    assert _sends(wire_servers[1], path) == sends
+
+
+_HEADER_BYTES = st.sampled_from([b"a", b"Host", b"-", b":", b": ", b" ", b"\t", b"\r", b"\n",
+                                 b"\r\n", b"\xe9", b"From ", b"x y", b"\x7f", b"!"])
+
+
+_NAMES = ("host", "HOST", "a", "-", "!", "from", "missing", "content-length")
+
+
+def _state(message: Any) -> dict[str, Any]:
+    """What pywsgi can see of a parsed message: its email attributes (defects by type,
+    they compare by identity), the lines it builds the environ from, the answers to
+    ``get`` and ``typeheader``."""
+    return {
+        **vars(message),
+        "defects": [type(defect) for defect in message.defects],
+        "lines": list(message.headers),
+        "get": [message.get(name, "?") for name in _NAMES],
+        "typeheader": message.typeheader,
+    }
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.lists(_HEADER_BYTES, max_size=6).map(b"".join), max_size=6))
+def test_request_headers_parse_as_pywsgi_parses_them(lines: list[bytes]) -> None:
+    raw = b"".join(line + b"\r\n" for line in lines) + b"\r\nrest"
+    handler = DetachHandler.__new__(DetachHandler)  # MessageClass reads nothing of it
+    ours, theirs = io.BytesIO(raw), io.BytesIO(raw)
+    try:
+        expected = headers_factory(theirs)
+    except HTTPException as exc:
+        with pytest.raises(type(exc)):
+            handler.MessageClass(ours, 0)
+        return
+    parsed = handler.MessageClass(ours, 0)
+    assert _state(parsed) == _state(expected)
+    assert ours.read() == theirs.read()  # the request body starts where it did
+    for message in (parsed, expected):  # what pywsgi does for a chunked request body
+        del message["host"]
+        message["Content-Type"] = "late"
+    assert _state(parsed) == _state(expected)
+
+
+def test_request_headers_fast_path_is_taken_for_plain_lines() -> None:
+    parsed = DetachHandler.__new__(DetachHandler).MessageClass(
+        io.BytesIO(b"Host: a\r\nX-Long:  spaced  \r\n\r\n"), 0
+    )
+    assert parsed._headers == [("Host", "a"), ("X-Long", "spaced  ")]
+    assert parsed.get("host") == "a" and parsed.status == ""
+
+
+def test_the_access_log_is_still_written_when_one_is_configured() -> None:
+    lines = io.StringIO()
+    server = make_server(wire_apps.plain, port=0, log=lines)
+    server.start()
+    try:
+        thread = threading.Thread(target=lambda: get(server.server_port, "/list"))
+        thread.start()
+        give_up = time.monotonic() + 10
+        while thread.is_alive() and time.monotonic() < give_up:
+            gevent.sleep(0.01)  # the server runs in this thread's hub meanwhile
+        assert '"GET /list HTTP/1.1" 200 ' in lines.getvalue()
+    finally:
+        server.stop(timeout=1)
+
+
+def test_head_gets_the_head_alone_and_ends_the_stream() -> None:
+    """Finding 12: pywsgi sends a body even for HEAD; an endless detached stream
+    streamed forever after the HEAD headers, holding its producer and slot."""
+    import socket
+
+    with serve("detach-server", "tests.mw_apps:app") as server:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=3) as sock:
+            sock.sendall(b"HEAD /forever?key=head&interval=0.02 HTTP/1.1\r\nHost: x\r\n\r\n")
+            received = b""
+            while b"\r\n\r\n" not in received:
+                received += sock.recv(65536)
+            assert received.startswith(b"HTTP/1.1 200")
+            # Keep-alive: the next response follows the head, no body between.
+            sock.sendall(b"GET /plain HTTP/1.1\r\nHost: x\r\n\r\n")
+            give_up = time.monotonic() + 3
+            while not received.endswith(b"hello world") and time.monotonic() < give_up:
+                more = sock.recv(65536)
+                assert more, received
+                received += more
+        head, _, rest = received.partition(b"\r\n\r\n")
+        assert b"transfer-encoding: chunked" in head.lower()  # the same head as a GET
+        assert rest.startswith(b"HTTP/1.1 200 OK\r\n")
+        assert wait_until(lambda: "on_close" in events(server.port, "head"), timeout=2)

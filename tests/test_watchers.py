@@ -17,7 +17,7 @@ import pytest
 
 from tests.client import Stream, event_times, events, wait_until
 from tests.servers import ServerProcess, serve
-from wsgi_detach._watchers import SOCKET_KEY, watch
+from wsgi_detach._watchers import SOCKET_KEY, WATCH_DELAY, _get_monitor, watch
 
 # ---------------------------------------------------------------------- in-process
 
@@ -70,6 +70,37 @@ def test_cancel_stops_the_watch(connection: tuple[socket.socket, socket.socket])
     cancel()
     client.close()
     assert not gone.wait(0.5)
+
+
+def _epoll_watches(fd: int) -> bool:
+    """Whether the kernel has ``fd`` registered in the watcher thread's epoll."""
+    epoll_fd = _get_monitor()._epoll.fileno()
+    with open(f"/proc/self/fdinfo/{epoll_fd}") as info:
+        return any(line.startswith(f"tfd: {fd:8d} ") for line in info)
+
+
+def test_a_watch_ended_within_the_delay_never_reaches_epoll(
+    connection: tuple[socket.socket, socket.socket],
+) -> None:
+    server, _client = connection
+    _, cancel = _watch_from_a_thread({SOCKET_KEY: server})
+    assert not _epoll_watches(server.fileno())
+    cancel()
+    time.sleep(WATCH_DELAY * 2)  # past the moment it would have been registered
+    assert not _epoll_watches(server.fileno())
+    _, cancel = _watch_from_a_thread({SOCKET_KEY: server})
+    assert wait_until(lambda: _epoll_watches(server.fileno()), timeout=1.0)
+    cancel()
+    assert not _epoll_watches(server.fileno())
+
+
+def test_a_client_that_leaves_before_the_registration_is_noticed(
+    connection: tuple[socket.socket, socket.socket],
+) -> None:
+    server, client = connection
+    gone, _ = _watch_from_a_thread({SOCKET_KEY: server})
+    client.close()
+    assert gone.wait(1.0)
 
 
 def test_waitress_flag_is_polled() -> None:
@@ -160,3 +191,98 @@ def test_a_wrapped_queue_is_ended_when_its_client_leaves(served: ServerProcess) 
     # The watcher put StopIteration into the queue: the framework's iterator
     # ended and the server closed it, though the producer never ended it.
     assert wait_until(lambda: events(served.port, "wq") == ["wrapper closed"], timeout=2)
+
+
+def test_a_descriptor_epoll_refuses_is_left_unwatched(tmp_path: Any) -> None:
+    """Finding 1: the fd was stored before epoll.register, which raised out of watch()."""
+    from wsgi_detach import _watchers
+
+    with open(tmp_path / "regular", "w") as regular:  # epoll refuses regular files (EPERM)
+        fd = regular.fileno()
+        cancel = watch({SOCKET_KEY: regular}, lambda: None)
+        monitor = _watchers._monitor
+        assert monitor is not None and cancel is not None
+        # Registration happens WATCH_DELAY later in the watcher thread, which
+        # drops the refused descriptor instead of keeping a stale entry.
+        assert wait_until(
+            lambda: fd not in monitor._by_fd and all(e.fd != fd for e in list(monitor._pending)),
+            timeout=2,
+        )
+        cancel()  # harmless on a descriptor that was never registered
+
+
+@pytest.mark.parametrize("pipelined", [False, True], ids=["half-close", "pipelined+half-close"])
+def test_a_half_closed_client_sees_an_aborted_response(
+    served: ServerProcess, pipelined: bool
+) -> None:
+    """Finding 5: a client that half-closes and keeps reading was taken for gone and
+    got a clean end (terminating chunk): a truncated response that looked complete.
+    pywsgi reads a pipelined request ahead, so FIONREAD did not protect that case."""
+    if pipelined and served.server == "waitress":
+        pytest.skip("waitress reports no disconnect after a pipelined request: it serves both")
+    request = b"GET /stream?n=2&interval=5 HTTP/1.1\r\nHost: x\r\n\r\n"  # chunk 1 after 5 s
+    if pipelined:
+        request += b"GET /plain HTTP/1.1\r\nHost: x\r\n\r\n"
+    sock = _raw(served.port, request)
+    try:
+        received = _read_until(sock, b"chunk 0")
+        sock.shutdown(socket.SHUT_WR)
+        half_closed = time.monotonic()
+        received += _read_until(sock, b"never sent: read to the end")
+        took = time.monotonic() - half_closed
+    finally:
+        sock.close()
+    assert received.startswith(b"HTTP/1.1 200") and b"chunk 0" in received
+    assert took < 4  # ended before chunk 1, by the watcher
+    assert b"chunk 1" not in received
+    assert not received.endswith(b"0\r\n\r\n")  # aborted, never a clean end
+    assert received.count(b"HTTP/1.1 ") == 1  # the pipelined request is not served after it
+
+
+def test_a_slow_on_close_delays_no_other_detection() -> None:
+    """Finding 11: on a threaded server (no hub in the request thread) every body's
+    on_close ran in the one watcher thread, one after another: a 1 s callback
+    (an unsubscribe RPC, say) delayed noticing every other departure by 1 s."""
+    from wsgi_detach import DetachMiddleware, detach
+
+    started: dict[str, float] = {}
+    all_started = threading.Event()
+
+    def app(environ: dict[str, Any], start_response: Any) -> Any:
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        body = detach(environ)
+        name = environ["name"]
+
+        def slow_unsubscribe() -> None:
+            started[name] = time.monotonic()
+            if len(started) == 3:
+                all_started.set()
+            time.sleep(1.0)  # the slow cleanup itself, not a synchronisation
+
+        body.on_close(slow_unsubscribe)
+        return body
+
+    middleware = DetachMiddleware(app)
+    pairs = [socket.socketpair() for _ in range(3)]
+    responses: list[Any] = []
+
+    def serve(name: str, sock: socket.socket) -> None:  # a gthread worker's request
+        environ = {SOCKET_KEY: sock, "name": name}
+        responses.append(middleware(environ, lambda *args: None))
+
+    threads = [threading.Thread(target=serve, args=(n, p[0])) for n, p in zip("ABC", pairs)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(5)
+    try:
+        left = time.monotonic()
+        for _, client in pairs:
+            client.close()  # three clients leave at once
+        assert all_started.wait(3), started
+        assert max(started.values()) - left < 0.5, started
+    finally:
+        for response in responses:
+            response.close()
+        for server, _ in pairs:
+            server.close()

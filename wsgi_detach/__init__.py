@@ -18,6 +18,7 @@ from __future__ import annotations
 import typing as _typing
 
 from ._body import Chunk, DetachedBody
+from ._broadcast import Batch, Hub, Message, SlowSubscriber, Subscription
 from ._budget import ByteBudget
 from ._errors import (
     BodyAborted,
@@ -26,10 +27,13 @@ from ._errors import (
     BodyTimeout,
     BufferFull,
     DetachError,
+    ProducerStopped,
     Unavailable,
     UsageError,
 )
+from ._longpoll import long_poll, wait_for_messages
 from ._middleware import DetachMiddleware, DetachStats, detach
+from ._sse import EventStream, encode_comment, encode_event
 
 if _typing.TYPE_CHECKING:
     from ._server import DetachHandler, DetachServer, make_server
@@ -37,6 +41,7 @@ if _typing.TYPE_CHECKING:
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "Batch",
     "BodyAborted",
     "BodyClosed",
     "BodyEnded",
@@ -50,10 +55,20 @@ __all__ = [
     "DetachServer",
     "DetachStats",
     "DetachedBody",
+    "EventStream",
+    "Hub",
+    "Message",
+    "ProducerStopped",
+    "SlowSubscriber",
+    "Subscription",
     "Unavailable",
     "UsageError",
     "detach",
+    "encode_comment",
+    "encode_event",
+    "long_poll",
     "make_server",
+    "wait_for_messages",
 ]
 
 _LAZY = frozenset({"DetachHandler", "DetachServer", "make_server"})

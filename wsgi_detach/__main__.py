@@ -2,8 +2,8 @@
 
 ``serve`` runs any WSGI app under gevent.pywsgi behind DetachMiddleware, with
 the handler that exposes the socket (idle disconnects noticed) and sets
-TCP_NODELAY, and drains on SIGTERM/SIGINT. ``demo`` is reserved for the chat
-demo.
+TCP_NODELAY, and drains on SIGTERM/SIGINT. ``demo`` serves the chat demo
+(``wsgi_detach/_demo``) the same way.
 
 Monkey-patching comes first, before the app and before the rest of
 wsgi_detach is imported: an app module that does ``from socket import
@@ -26,7 +26,7 @@ import importlib  # noqa: E402
 import os  # noqa: E402
 import signal  # noqa: E402
 import sys  # noqa: E402
-from typing import Any, Optional  # noqa: E402
+from typing import Any, Callable, Optional  # noqa: E402
 
 import gevent  # noqa: E402
 
@@ -59,40 +59,58 @@ def _parser() -> argparse.ArgumentParser:
         "serve", help="serve a WSGI app under gevent.pywsgi with DetachMiddleware"
     )
     serve.add_argument("app", metavar="MODULE:APP", help="the WSGI app, e.g. chat:app")
-    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
-    serve.add_argument(
+    _server_options(serve, grace=10.0)
+
+    demo = commands.add_parser(
+        "demo", help="serve the demo chat (rooms; SSE or long-polling) the same way"
+    )
+    # A short grace: the chat's streams never end by themselves, so Ctrl-C
+    # would otherwise wait the whole grace before cutting them.
+    _server_options(demo, grace=1.0)
+    return parser
+
+
+def _server_options(command: argparse.ArgumentParser, *, grace: float) -> None:
+    command.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default: %(default)s)"
+    )
+    command.add_argument(
         "--port", type=int, default=8000, help="port; 0 picks one (default: %(default)s)"
     )
-    serve.add_argument(
+    command.add_argument(
         "--grace",
         type=float,
-        default=10.0,
+        default=grace,
         help="seconds open streams get to end on SIGTERM/SIGINT (default: %(default)s)",
     )
-    serve.add_argument(
+    command.add_argument(
         "--farewell",
         help="last chunk sent to every open stream on shutdown; backslash escapes "
         "are decoded, e.g. 'retry: 1000\\n\\n'",
     )
-    serve.add_argument("--idle-timeout", type=float, help="default idle_timeout of bodies")
-    serve.add_argument("--heartbeat", type=float, help="default heartbeat of bodies (seconds)")
-    serve.add_argument("--max-open", type=int, help="most detached responses open at once")
-    serve.add_argument("--max-buffered", type=int, help="most bytes buffered across all bodies")
-    serve.add_argument("--no-access-log", action="store_true", help="do not log each request")
-    serve.add_argument(
+    command.add_argument("--idle-timeout", type=float, help="default idle_timeout of bodies")
+    command.add_argument("--heartbeat", type=float, help="default heartbeat of bodies (seconds)")
+    command.add_argument("--max-open", type=int, help="most detached responses open at once")
+    command.add_argument("--max-buffered", type=int, help="most bytes buffered across all bodies")
+    command.add_argument("--no-access-log", action="store_true", help="do not log each request")
+    command.add_argument(
         "--no-nodelay",
         action="store_true",
         help="leave TCP_NODELAY off (only to measure what it costs)",
     )
 
-    commands.add_parser("demo", help="run the chat demo (not available yet)")
-    return parser
 
-
-def _serve(args: argparse.Namespace) -> int:
+def _serve(
+    args: argparse.Namespace,
+    app: Any = None,
+    label: str = "",
+    before_stop: Optional[Callable[[], object]] = None,
+) -> int:
     from wsgi_detach import make_server
 
-    app = _load(args.app)
+    if app is None:
+        app = _load(args.app)
+        label = args.app
     options = {
         name: value
         for name, value in (
@@ -115,21 +133,34 @@ def _serve(args: argparse.Namespace) -> int:
     )
     server.start()
     print(
-        f"wsgi_detach: serving {args.app} on http://{args.host}:{server.server_port} "
+        f"wsgi_detach: serving {label} on http://{args.host}:{server.server_port} "
         f"(gevent.pywsgi; SIGTERM drains for {args.grace}s)",
         flush=True,
     )
     for signum in (signal.SIGTERM, signal.SIGINT):
-        gevent.signal_handler(signum, server.stop)  # runs in a new greenlet: it may block
+        gevent.signal_handler(signum, _stopper(server, before_stop))
     server.serve_forever()
     return 0
+
+
+def _stopper(server: Any, before_stop: Optional[Callable[[], object]]) -> Callable[[], None]:
+    def stop() -> None:  # runs in a new greenlet: it may block
+        if before_stop is not None:
+            before_stop()
+        server.stop()
+
+    return stop
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "demo":
-        print("wsgi_detach demo: the chat demo is not part of this build yet", file=sys.stderr)
-        return 2
+        from wsgi_detach._demo import ChatApp
+
+        chat = ChatApp()
+        # On SIGTERM the chat ends its streams and polls cleanly first, so
+        # the drain has nothing to cut.
+        return _serve(args, chat, "the demo chat", before_stop=chat.disconnect_all)
     return _serve(args)
 
 

@@ -23,7 +23,12 @@ attribute, but all of them hold a reference to it, which
 ``gc.get_referents`` follows. The search skips functions, bound methods,
 classes, modules and module globals (a module-level queue is not this
 response's body) and gives up after :data:`SEARCH_LIMIT` objects, so an
-ordinary response pays a few microseconds. A queue found this way is
+ordinary response pays a few microseconds. A *queue* counts only when the
+path to it runs through containers, ``functools``/``itertools`` objects and
+those frameworks' own objects and generators: an app's own generator or
+object that drains a private work queue is an ordinary response, not the
+seed's pattern (a raw app returns the queue itself). A :class:`DetachedBody`
+counts wherever it is found. A queue found this way is
 iterated by the framework, not by us: the middleware can count it, add
 streaming headers and end it on a disconnect, but not enforce timeouts or
 type checks; return the queue from a raw WSGI app or use ``detach()`` for
@@ -35,14 +40,14 @@ from __future__ import annotations
 import gc
 import types
 from collections import deque
-from typing import Final, Union
+from typing import Callable, Final, Union
 
 import gevent
 from gevent import GreenletExit
 from gevent.queue import Channel, SimpleQueue
 
 from ._body import DetachedBody
-from ._wakeup import get_ident, in_hub
+from ._wakeup import get_ident, hub_poster, in_hub
 
 __all__ = ["SEARCH_LIMIT", "Found", "feed", "find_inside", "is_queue"]
 
@@ -78,25 +83,55 @@ def is_queue(obj: object) -> bool:
 
 
 def find_inside(iterable: object) -> Found | None:
-    """A :class:`DetachedBody` or gevent queue that ``iterable`` wraps, if it can be seen."""
+    """A :class:`DetachedBody` or gevent queue that ``iterable`` wraps, if it can be seen.
+
+    A body is found wherever it is (it can only be a response body). A queue
+    only through framework plumbing (see :func:`_plumbing`): a queue an
+    app's own generator or object consumes is its private business.
+    """
     seen = {id(iterable)}
-    todo = deque(gc.get_referents(iterable))
+    root_trusted = _plumbing(iterable)
+    todo = deque((child, root_trusted) for child in gc.get_referents(iterable))
     budget = SEARCH_LIMIT
     while todo and budget:
-        obj = todo.popleft()
+        obj, trusted = todo.popleft()
         if id(obj) in seen or isinstance(obj, _LEAVES):
             continue
         seen.add(id(obj))
         budget -= 1
-        if isinstance(obj, (DetachedBody, SimpleQueue, Channel)):
+        if isinstance(obj, DetachedBody):
             return obj
+        if isinstance(obj, (SimpleQueue, Channel)):
+            if trusted:
+                return obj
+            continue  # e.g. a work queue the app's own generator drains
         if isinstance(obj, dict) and "__builtins__" in obj:
             continue  # a module's globals: everything in it, nothing of this response
-        todo.extend(gc.get_referents(obj))
+        inner = trusted and _plumbing(obj)
+        todo.extend((child, inner) for child in gc.get_referents(obj))
     return None
 
 
-def feed(body: DetachedBody, queue: SimpleQueue | Channel) -> None:
+#: Modules whose objects may stand between a response and the seed's queue:
+#: containers and function tools, and the frameworks whose wrappers we know
+#: (Werkzeug's ClosingIterator and its encoding generator, Bottle's
+#: _closeiter, Django's StreamingHttpResponse and its ``map``, WebOb).
+_PLUMBING_MODULES: Final = frozenset(
+    {"builtins", "functools", "itertools", "werkzeug", "flask", "bottle", "django", "webob"}
+)
+
+
+def _plumbing(obj: object) -> bool:
+    """True if a queue seen through ``obj`` may be the response's own body."""
+    if isinstance(obj, types.GeneratorType):  # builtins by type: judge it by its code's module
+        frame = obj.gi_frame
+        module = frame.f_globals.get("__name__", "") if frame is not None else ""
+    else:
+        module = type(obj).__module__
+    return str(module).partition(".")[0] in _PLUMBING_MODULES
+
+
+def feed(body: DetachedBody, queue: SimpleQueue | Channel) -> Callable[[], None]:
     """Move what producers put into ``queue`` into ``body``, until ``StopIteration``.
 
     The pump is a greenlet of the *calling* thread's hub, where the seed's
@@ -113,9 +148,15 @@ def feed(body: DetachedBody, queue: SimpleQueue | Channel) -> None:
     thread are frozen all the same -- nothing can run them -- which is why
     ``detach()`` and ``body.spawn()`` are the way to produce on threaded
     servers.
+
+    Returns the stop function, for the caller to call from the server's
+    ``close()`` too: when something on another thread (a disconnect
+    watcher) closed the body first, the ``on_close`` kill could only be
+    scheduled in a hub that may never run again.
     """
     pump = gevent.spawn(_pump, queue, body)
-    hub = pump.parent
+    post = hub_poster()
+    assert post is not None  # gevent.spawn just made sure this thread has a hub
     pump_thread = get_ident()
 
     def stop_pump() -> None:
@@ -126,9 +167,10 @@ def feed(body: DetachedBody, queue: SimpleQueue | Channel) -> None:
         else:
             # Closed from another thread (a drain, a watcher) or from a loop
             # callback: schedule the kill in the pump's hub.
-            hub.loop.run_callback_threadsafe(pump.kill, GreenletExit, False)
+            post(pump.kill, GreenletExit, False)
 
     body.on_close(stop_pump)
+    return stop_pump
 
 
 #: How long ``close()`` may run the request thread's hub to let a pump die.

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import logging
 import sys
-import threading
 import time
 from collections import deque
 from types import TracebackType
@@ -49,8 +48,24 @@ from typing import TYPE_CHECKING, Any, Callable, Final, Union
 import gevent
 
 from ._budget import ByteBudget
-from ._errors import BodyAborted, BodyEnded, BodyTimeout, BufferFull, Unavailable, UsageError
-from ._wakeup import CannotBlockHere, Waiter, allocate_lock, make_waiter, spawn_greenlet
+from ._errors import (
+    BodyAborted,
+    BodyEnded,
+    BodyTimeout,
+    BufferFull,
+    ProducerStopped,
+    Unavailable,
+    UsageError,
+)
+from ._wakeup import (
+    CannotBlockHere,
+    RealThread,
+    Waiter,
+    allocate_lock,
+    make_waiter,
+    spawn_greenlet,
+    start_real_thread,
+)
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse
@@ -117,6 +132,9 @@ def _refuse(body: DetachedBody, op: str, what: str) -> object:
 
 
 _DEFAULT_COALESCE: Final = 64 * 1024
+#: A year: longer is "no limit", which None says; inf and values past what a
+#: lock or timer can wait for would fail later, inside the server.
+_LONGEST_TIMEOUT: Final = 365 * 24 * 3600.0
 _ERROR_HEADERS: Final = [("Content-Type", "text/plain; charset=utf-8")]
 
 
@@ -221,6 +239,8 @@ class DetachedBody:
             raise TypeError(f"budget must be a ByteBudget or None, got {budget!r}")
         self._budget = budget
 
+        # Whether the consumer has a clock to watch while it waits.
+        self._timed = idle_timeout is not None or deadline is not None or heartbeat is not None
         self._lock = allocate_lock()
         self._state: str = OPEN
         self._buffer: deque[bytes] = deque()
@@ -236,6 +256,7 @@ class DetachedBody:
         self._outcome: str | None = None
         now = time.monotonic()
         self._created = now
+        self._deadline_at = None if self._deadline is None else now + self._deadline
         self._last_put = now
         self._last_yield = now
 
@@ -398,12 +419,24 @@ class DetachedBody:
             exc = exc()
         if not isinstance(exc, BaseException):
             raise TypeError(f"fail() takes an exception, got {type(exc).__name__}")
+        if not isinstance(exc, Exception):
+            # GreenletExit, gevent.Timeout, KeyboardInterrupt... raised inside a
+            # server they are not request errors: waitress, for one, then never
+            # ends the connection. The server gets an ordinary exception.
+            stopped = ProducerStopped(
+                f"the producer was stopped by {type(exc).__name__} before it ended the body"
+            )
+            stopped.__cause__ = exc
+            exc = stopped
         with self._lock:
-            if _refuse(self, "fail", "fail()") is _NOOP:
-                log.debug("fail(%r) on a %s body ignored", exc, self._state)
-                return
-            self._end_locked(FAILED, exc)
-            consumer = self._take_consumer_locked()
+            ignored = _refuse(self, "fail", "fail()") is _NOOP
+            if not ignored:
+                self._end_locked(FAILED, exc)
+                consumer = self._take_consumer_locked()
+            state = self._state
+        if ignored:  # logged outside the lock: a handler may yield to other greenlets
+            log.debug("fail(%r) on a %s body ignored", exc, state)
+            return
         if consumer is not None:
             consumer.wake()
 
@@ -460,22 +493,16 @@ class DetachedBody:
         """
         return spawn_greenlet(self._run_tied, fn, args, kwargs)
 
-    def spawn_thread(
-        self, fn: Callable[..., object], *args: Any, **kwargs: Any
-    ) -> threading.Thread:
-        """Run ``fn(*args, **kwargs)`` in a new daemon thread tied to this body.
+    def spawn_thread(self, fn: Callable[..., object], *args: Any, **kwargs: Any) -> RealThread:
+        """Run ``fn(*args, **kwargs)`` in a new OS thread tied to this body.
 
         Like :meth:`spawn`, for blocking code that must not run in a greenlet
-        (a C library, a blocking client). The body is safe to write from it.
+        (a C library, a blocking client). Always a real thread, even after
+        ``gevent.monkey.patch_all()`` (where ``threading.Thread`` is a
+        greenlet that would block the hub). The body is safe to write from it.
+        Returns a handle with ``join(timeout)`` and ``is_alive()``.
         """
-        thread = threading.Thread(
-            target=self._run_tied,
-            args=(fn, args, kwargs),
-            name="wsgi_detach-producer",
-            daemon=True,
-        )
-        thread.start()
-        return thread
+        return start_real_thread(self._run_tied, fn, args, kwargs, name="wsgi_detach-producer")
 
     def _run_tied(self, fn: Callable[..., object], args: Any, kwargs: Any) -> object:
         with self:
@@ -492,7 +519,11 @@ class DetachedBody:
         # Fast path: data waiting and no producer blocked on the cap.
         with self._lock:
             buffer = self._buffer
-            if buffer and not self._producers:
+            if (
+                buffer
+                and not self._producers
+                and (self._deadline_at is None or time.monotonic() < self._deadline_at)
+            ):
                 chunk = buffer.popleft()
                 if buffer and len(chunk) < self._coalesce:
                     chunk = self._join_locked(chunk)
@@ -508,6 +539,16 @@ class DetachedBody:
             return chunk
         return self._emit(chunk)
 
+    def _exhausted(self) -> bool:
+        """True when the next ``next()`` raises StopIteration without waiting.
+
+        For :class:`~wsgi_detach.DetachHandler`, which then sends the
+        terminating chunk with the chunk it has in hand (one write per
+        long-poll instead of two). A hint only: the handler still calls
+        ``next()`` and trusts what it does.
+        """
+        return self._state is not OPEN and not self._buffer and self._end_error is None
+
     def _next_slow(self) -> bytes:
         while True:
             to_wake: list[Waiter] = []
@@ -515,16 +556,31 @@ class DetachedBody:
             chunk: bytes | None = None
             error: BaseException | None = None
             with self._lock:
+                if self._buffer and self._deadline_passed_locked():
+                    # A hard cap holds even while data waits for a slow client:
+                    # the unsent rest is dropped, so the end must not look clean.
+                    self._discard_locked()
+                    self._end_locked(
+                        EXPIRED,
+                        BodyTimeout(
+                            f"response timed out: deadline={self._deadline}s passed with "
+                            f"data still waiting for the client"
+                        ),
+                    )
+                    continue
                 if self._buffer:
                     chunk = self._pop_locked()
                     if self._producers:
                         to_wake, self._producers = self._producers, []
+                        # They waited for the client, not the other way round:
+                        # that is not producer silence (idle_timeout).
+                        self._last_put = time.monotonic()
                 elif self._end_error is not None:
                     error, self._end_error = self._end_error, None
                 elif self._state != OPEN:
                     raise StopIteration
                 else:
-                    wait_for = self._due_locked(time.monotonic())
+                    wait_for = self._due_locked(time.monotonic()) if self._timed else None
                     if wait_for is None or wait_for > 0:
                         if self._consumer is not None:
                             raise UsageError("two consumers iterate the same DetachedBody")
@@ -540,12 +596,15 @@ class DetachedBody:
             if error is not None:
                 return self._raise_end(error)
             assert waiter is not None
+            woken = False
             try:
-                waiter.wait(wait_for)
+                woken = waiter.wait(wait_for)
             finally:
-                with self._lock:
-                    if self._consumer is waiter:
-                        self._consumer = None
+                # Whoever woke us took us off the body already (under the lock).
+                if not woken:
+                    with self._lock:
+                        if self._consumer is waiter:
+                            self._consumer = None
 
     def close(self) -> None:
         """PEP 3333's close(): the request is over, whatever its outcome.
@@ -559,10 +618,7 @@ class DetachedBody:
                 return
             self._outcome = self._outcome_locked()
             self._state = CLOSED
-            self._buffer.clear()
-            if self._budget is not None:
-                self._budget.give(self._buffered)
-            self._buffered = 0
+            self._discard_locked()
             self._end_error = None
             waiters = self._producers
             self._producers = []
@@ -646,7 +702,7 @@ class DetachedBody:
                             self._producers.remove(waiter)
                         else:
                             woken = True  # woken as the timer fired: look again
-            if not woken:
+            if not woken and give_up is not None and time.monotonic() >= give_up:
                 raise BufferFull(
                     f"put() waited {timeout}s for room under max_buffer={cap} bytes; the client "
                     f"is not reading fast enough"
@@ -701,19 +757,29 @@ class DetachedBody:
         due: float | None = None
         if self._idle_timeout is not None:
             due = self._last_put + self._idle_timeout
-        if self._deadline is not None:
-            end = self._created + self._deadline
+        end = self._deadline_at
+        if end is not None:
             due = end if due is None else min(due, end)
         if self._heartbeat is not None and self._can_send_locked():
             beat = self._last_yield + self._heartbeat
             due = beat if due is None else min(due, beat)
         return None if due is None else due - now
 
+    def _deadline_passed_locked(self) -> bool:
+        return self._deadline_at is not None and time.monotonic() >= self._deadline_at
+
+    def _discard_locked(self) -> None:
+        """Drop what is buffered, giving its bytes back to the shared budget."""
+        self._buffer.clear()
+        if self._budget is not None:
+            self._budget.give(self._buffered)
+        self._buffered = 0
+
     def _on_due_locked(self) -> bytes | None:
         """Something is due: expire the body, or return a heartbeat chunk."""
         now = time.monotonic()
         idle = self._idle_timeout is not None and now >= self._last_put + self._idle_timeout
-        late = self._deadline is not None and now >= self._created + self._deadline
+        late = self._deadline_at is not None and now >= self._deadline_at
         if idle or late:
             what = (
                 f"deadline={self._deadline}s passed"
@@ -737,7 +803,8 @@ class DetachedBody:
             status, headers = self._head
             self._start_response(status, headers)
         self._sent_data = True
-        self._last_yield = time.monotonic()
+        if self._heartbeat is not None:
+            self._last_yield = time.monotonic()
         return chunk
 
     def _raise_end(self, error: BaseException) -> bytes:
@@ -785,8 +852,15 @@ def error_response(start_response: StartResponse, error: BaseException) -> bytes
 def _positive_or_none(name: str, value: float | None) -> float | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"{name} must be a positive number of seconds or None, got {value!r}")
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not 0 < value <= _LONGEST_TIMEOUT
+    ):
+        raise ValueError(
+            f"{name} must be a positive number of seconds up to {_LONGEST_TIMEOUT:.0f} "
+            f"(or None for no limit), got {value!r}"
+        )
     return float(value)
 
 

@@ -37,6 +37,7 @@ __all__ = [
     "BodyTimeout",
     "BufferFull",
     "DetachError",
+    "ProducerStopped",
     "Unavailable",
     "UsageError",
 ]
@@ -95,6 +96,16 @@ class BodyTimeout(DetachError, TimeoutError):
     server aborts the connection and the client sees an incomplete response
     rather than a clean (and wrong) end. Pass ``timeout_chunk`` to end cleanly
     instead.
+    """
+
+
+class ProducerStopped(DetachError):
+    """The producer was stopped by a ``BaseException`` before it ended the body.
+
+    ``GreenletExit`` (a killed greenlet), ``gevent.Timeout`` or
+    ``KeyboardInterrupt`` passed to ``fail()`` (or escaping ``with body:``)
+    become this ordinary exception, with the original as ``__cause__``, so
+    that servers treat it as the request error it is.
     """
 
 

@@ -45,6 +45,7 @@ body of the request (idempotent).
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import signal
@@ -57,7 +58,7 @@ from ._body import Chunk, DetachedBody, error_response
 from ._budget import ByteBudget
 from ._errors import DetachError, Unavailable, UsageError
 from ._wakeup import CannotBlockHere, Waiter, allocate_lock, make_waiter, start_beside
-from ._watchers import watch
+from ._watchers import exposes_socket, watch
 
 if TYPE_CHECKING:
     from types import FrameType
@@ -312,7 +313,10 @@ class DetachMiddleware:
         worker, for one, then stops accepting and waits for its connections,
         which the drain ends. Where the previous handler was the default
         (the process would die at once), the drain runs first and the signal
-        is then delivered again with the default handler.
+        is then delivered again with the default handler; a second signal
+        during the drain kills at once. This works on servers without a
+        gevent hub too (waitress, wsgiref, cheroot), where the drain runs in
+        a thread.
 
         The place for it under gunicorn is a ``post_worker_init`` hook, where
         ``worker.wsgi`` is this middleware::
@@ -323,9 +327,10 @@ class DetachMiddleware:
         previous = signal.getsignal(signum)
 
         def die_after_drain() -> None:
-            self.drain(grace, farewell)
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
+            try:
+                self.drain(grace, farewell)
+            finally:
+                os.kill(os.getpid(), signum)
 
         def handler(number: int, frame: FrameType | None) -> None:
             if callable(previous):
@@ -334,6 +339,11 @@ class DetachMiddleware:
             elif previous == signal.SIG_IGN:
                 start_beside(lambda: self.drain(grace, farewell))
             else:
+                # Reset here: a handler runs on the main thread, the one place
+                # signal.signal() works; the drain may run in another thread
+                # (servers without a gevent hub). A second signal during the
+                # drain now kills at once, as without us.
+                signal.signal(signum, signal.SIG_DFL)
                 start_beside(die_after_drain)
 
         signal.signal(signum, handler)
@@ -408,6 +418,25 @@ _DETACHED: Final = "detached"  # a detached response: streaming headers, our wra
 class _Request:
     """The middleware's state for one request."""
 
+    __slots__ = (
+        "bodies",
+        "cancel_watch",
+        "cut_by_watcher",
+        "cut_off",
+        "failed",
+        "gone",
+        "head",
+        "mode",
+        "mw",
+        "queue",
+        "refused",
+        "sent_data",
+        "server_keeps_connection",
+        "server_start_response",
+        "server_write",
+        "stop_pump",
+    )
+
     def __init__(self, mw: DetachMiddleware, start_response: StartResponse) -> None:
         # No reference to the environ: it holds our detach() method, and a
         # cycle would keep every request's environ alive until the next
@@ -418,10 +447,16 @@ class _Request:
         self.head: tuple[str, list[tuple[str, str]], ExcInfo | None] | None = None
         self.server_write: Callable[[bytes], object] | None = None
         self.bodies: list[DetachedBody] = []
+        self.stop_pump: Callable[[], None] | None = None  # for an adopted bare queue
         self.queue: Any = None  # a gevent queue a framework wrapped, if one was found
         self.cut_off: Unavailable | None = None  # drain's grace ran out on that queue
+        self.failed = False  # the server refused the head of a detached response
         self.refused = False
         self.gone = False  # the watcher saw the client leave
+        # ...and ended the response before its producer did: the server must
+        # then abort, not end cleanly (see _DetachedResponse.__next__).
+        self.cut_by_watcher = False
+        self.server_keeps_connection = False  # a socket watch: see on_disconnect
         self.sent_data = False
         self.cancel_watch: Callable[[], object] | None = None
 
@@ -441,6 +476,14 @@ class _Request:
     # ------------------------------------------------------------------ what the app calls
 
     def detach(self, **overrides: Any) -> DetachedBody:
+        if self.mode != _HOLD:
+            # Too late to count, watch or close it: the response is already
+            # decided (an ordinary one passes through untouched).
+            raise UsageError(
+                "detach(environ) was called after the app returned (inside the response "
+                "iterator, e.g. a stream_with_context generator); call it in the app or "
+                "view itself, before returning the body"
+            )
         unknown = set(overrides) - _BODY_OVERRIDES
         if unknown:
             raise TypeError(
@@ -461,6 +504,15 @@ class _Request:
         self, status: str, headers: list[tuple[str, str]], exc_info: ExcInfo | None = None
     ) -> Callable[[bytes], object]:
         if self.mode == _HOLD and self.server_write is None:
+            if self.head is not None and exc_info is None:
+                # PEP 3333 "The start_response() Callable": a fatal error, as
+                # every server treats it; silently replacing the held head
+                # would hide an app bug that breaks without the middleware.
+                raise UsageError(
+                    "start_response() called a second time without exc_info; only an "
+                    "error handler may replace the status and headers, passing "
+                    "exc_info=sys.exc_info()"
+                )
             self.head = (status, headers, exc_info)  # a later call with exc_info replaces it
             return self.write
         if self.mode == _DETACHED:
@@ -492,7 +544,14 @@ class _Request:
                 found = find_inside(result)
             if found is None:
                 self.mode = _PASS
-                self.flush_head()
+                try:
+                    self.flush_head()
+                except BaseException:
+                    # The server refused the head: it never gets ``result``,
+                    # so nobody else would close it (PEP 3333 "Specification
+                    # Details": close() must be called).
+                    _close_quietly(result)
+                    raise
                 return result
             try:
                 if isinstance(found, DetachedBody):
@@ -500,7 +559,7 @@ class _Request:
                     self.bodies.append(found)
                 elif found is result:
                     body = self.detach()  # the seed's bare queue: served through a body
-                    feed(body, found)
+                    self.stop_pump = feed(body, found)
                     result = body
                 else:
                     mw._admit(self)  # the request stands for the queue in the count
@@ -509,11 +568,26 @@ class _Request:
                 _close(result)
                 self.close_bodies()
                 return self.refuse()
+        response = _DetachedResponse(self, result)
         self.mode = _DETACHED
-        self.flush_head()
-        if mw.watch_disconnects:
-            self.cancel_watch = watch(environ, self.on_disconnect)
-        return _DetachedResponse(self, result)
+        try:
+            self.flush_head()
+            if mw.watch_disconnects:
+                self.cancel_watch = watch(environ, self.on_disconnect)
+                self.server_keeps_connection = exposes_socket(environ)
+        except BaseException as exc:
+            # The server's start_response refused the head (wsgiref asserts on
+            # a hop-by-hop header), or the watch could not start: the server
+            # never gets the response, so end it here -- fail the bodies (the
+            # producers learn, stats count a failure), close the app's
+            # iterable, free the max_open slot.
+            if isinstance(exc, Exception):
+                for body in self.bodies:
+                    body.fail(exc)
+                self.failed = True
+            _close_quietly(response)
+            raise
+        return response
 
     def flush_head(self) -> None:
         if self.head is None:
@@ -554,16 +628,24 @@ class _Request:
         self.gone = True
         for body in self.bodies:
             body.close()  # open -> outcome "disconnected"; the server's close() later is a no-op
+            if body.outcome == "disconnected":
+                self.cut_by_watcher = True
         if self.queue is not None:
             self.end_queue()
+            self.cut_by_watcher = True
 
     def end(self, ended: bool) -> None:
         """The response is over (the server closed it): stop watching, close every body."""
         if self.cancel_watch is not None:
             self.cancel_watch()
         self.close_bodies()
+        if self.stop_pump is not None:
+            # Here, in the server's close(), we are on the request's own thread:
+            # the one place a threaded server's pump can still be stopped,
+            # even when a watcher closed the body first.
+            self.stop_pump()
         if self.queue is not None:
-            if self.cut_off is not None:
+            if self.cut_off is not None or self.failed:
                 outcome = "failed"
             else:
                 outcome = "finished" if ended and not self.gone else "disconnected"
@@ -617,6 +699,18 @@ class _DetachedResponse:
         except StopIteration:
             if request.cut_off is not None:  # never a clean-looking end for a cut stream
                 return self._failed(request, request.cut_off)
+            if request.cut_by_watcher and request.server_keeps_connection:
+                # The watcher saw the read side end: the client left -- or only
+                # half-closed (shutdown(SHUT_WR)) and still reads. A clean end
+                # would show that client a truncated stream as complete. An
+                # ECONNRESET is what pywsgi and gunicorn treat as a departed
+                # client: they close the connection without the terminating
+                # chunk, log nothing, and serve no pipelined request after it.
+                raise ConnectionResetError(
+                    errno.ECONNRESET,
+                    "the client closed its side of the connection before the response "
+                    "ended; aborting the response",
+                ) from None
             self._ended = True
             raise
         except Exception as exc:
@@ -624,6 +718,15 @@ class _DetachedResponse:
         if chunk:
             request.sent_data = True
         return chunk
+
+    def _exhausted(self) -> bool:
+        """True when the next ``next()`` ends the iteration without waiting; see
+        :meth:`DetachedBody._exhausted`. Known only when the app's iterable is
+        the body itself."""
+        if self._done:
+            return True
+        inner = self._inner
+        return type(inner) is DetachedBody and self._request.cut_off is None and inner._exhausted()
 
     def _failed(self, request: _Request, error: Exception) -> bytes:
         if request.sent_data:
@@ -648,3 +751,11 @@ def _close(iterable: object) -> None:
     close = getattr(iterable, "close", None)
     if close is not None:
         close()
+
+
+def _close_quietly(iterable: object) -> None:
+    """Close ``iterable`` while another exception is on its way out: log, do not replace it."""
+    try:
+        _close(iterable)
+    except Exception:
+        log.exception("closing %r after the response failed raised too", iterable)

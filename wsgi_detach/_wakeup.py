@@ -24,8 +24,16 @@ a hub that has nothing else to do sleeps in ``epoll_wait``; a plain thread that
 calls ``Queue.put()`` changes Python objects but does not wake that system call,
 so the greenlet runs only when some unrelated event happens (never, on an idle
 pywsgi server; see PEP3333-NOTES "Waking a waiting greenlet from another OS
-thread"). The loop's own ``run_callback_threadsafe`` writes to the loop's
-wake-up descriptor, which is the documented way to wake it from another thread.
+thread"). Nor gevent's ``loop.run_callback_threadsafe``: it appends to the
+loop's callback list and then adjusts the loop's reference count and prepare
+watcher from the calling thread ("XXX: This may not be threadsafe", says its
+source). Under a burst of cross-thread wake-ups (a thousand clients leaving
+at once, each seen by the disconnect watcher's thread) that count went to -1
+and the server's hub left its loop with ``LoopExit``: the soak test caught it
+about one run in four. So every hub that is woken from other threads gets one
+:class:`_Inbox`: a thread-safe deque of callbacks plus one libev *async
+watcher*, whose ``send()`` libev guarantees to be safe from any thread; its
+callback, in the hub, runs what was posted.
 
 The rule for choosing the kind of waiter: *if this thread has a gevent hub,
 wait cooperatively in it*. That covers pywsgi and gunicorn's gevent worker, and
@@ -49,7 +57,10 @@ This module imports nothing of ours.
 
 from __future__ import annotations
 
+import logging
 import os
+import weakref
+from collections import deque
 from typing import Any, Callable, Protocol
 
 import gevent
@@ -65,15 +76,20 @@ except ImportError:  # pragma: no cover - older gevent
 
 __all__ = [
     "CannotBlockHere",
+    "RealThread",
     "Waiter",
     "allocate_lock",
     "get_ident",
+    "hub_poster",
     "in_hub",
     "make_waiter",
     "runner_here",
     "spawn_greenlet",
     "start_beside",
+    "start_real_thread",
 ]
+
+_log = logging.getLogger("wsgi_detach")
 
 #: A real OS lock, even after ``gevent.monkey.patch_all()``. The body holds it
 #: only around short, non-switching critical sections, so a real lock is both
@@ -104,15 +120,69 @@ class Waiter(Protocol):
         """Wake the waiter; callable from any greenlet or thread, at most once."""
 
 
+class _Inbox:
+    """Callbacks posted into one hub from other OS threads, through one async watcher."""
+
+    __slots__ = ("__weakref__", "_async", "_pending")
+
+    def __init__(self, hub: Any) -> None:  # in the hub's own thread
+        self._pending: deque[tuple[Callable[..., object], tuple[Any, ...]]] = deque()
+        self._async = hub.loop.async_()
+        self._async.start(self._drain)
+        # Not a reason to keep the loop running by itself: whoever waits for
+        # a post keeps a referenced timer (see _HubWaiter.wait).
+        self._async.ref = False
+
+    def post(self, fn: Callable[..., object], *args: Any) -> None:
+        """Run ``fn(*args)`` in the hub, soon; callable from any thread."""
+        self._pending.append((fn, args))  # deque.append is atomic
+        self._async.send()  # libev: safe from any thread; sends coalesce
+
+    def _drain(self) -> None:
+        pending = self._pending
+        while pending:
+            fn, args = pending.popleft()
+            try:
+                fn(*args)
+            except Exception:
+                _log.exception("callback %r posted into the hub raised", fn)
+
+
+_inboxes: weakref.WeakKeyDictionary[Any, _Inbox] = weakref.WeakKeyDictionary()
+_inboxes_lock = allocate_lock()
+
+
+def _inbox(hub: Any) -> _Inbox:
+    """The hub's inbox; create it only from the hub's own thread."""
+    inbox = _inboxes.get(hub)
+    if inbox is None:
+        with _inboxes_lock:
+            inbox = _inboxes.get(hub)
+            if inbox is None:
+                inbox = _inboxes[hub] = _Inbox(hub)
+    return inbox
+
+
+def hub_poster() -> Callable[..., None] | None:
+    """A function that runs ``fn(*args)`` in the calling thread's hub, from any thread.
+
+    ``None`` when this thread has no hub. Call it in the hub's thread (it may
+    create the inbox there); call what it returns from anywhere.
+    """
+    hub = _get_hub_if_exists()
+    return None if hub is None else _inbox(hub).post
+
+
 class _HubWaiter:
     """Waits cooperatively in this thread's gevent hub."""
 
-    __slots__ = ("_hub", "_ident", "_waiter")
+    __slots__ = ("_hub", "_ident", "_inbox", "_waiter")
 
     def __init__(self, hub: Any) -> None:
         self._hub = hub
-        self._ident = get_ident()
+        self._ident = hub.thread_ident  # the thread that runs it: this one
         self._waiter = _GeventHubWaiter(hub)
+        self._inbox = _inbox(hub)
 
     def wait(self, timeout: float | None) -> bool:
         # Always arm a (referenced) timer, even without a timeout: a wake-up
@@ -127,13 +197,13 @@ class _HubWaiter:
             timer.close()
 
     def wake(self) -> None:
-        # Waiter.switch must run in the hub: schedule it as a loop callback.
-        # From another OS thread only the threadsafe variant wakes a loop
-        # that is asleep in epoll_wait.
+        # Waiter.switch must run in the hub: a loop callback from this thread,
+        # the hub's inbox from another (see the module docstring for why not
+        # run_callback_threadsafe).
         if get_ident() == self._ident:
             self._hub.loop.run_callback(self._waiter.switch, True)
         else:
-            self._hub.loop.run_callback_threadsafe(self._waiter.switch, True)
+            self._inbox.post(self._waiter.switch, True)
 
 
 class _ThreadWaiter:
@@ -146,9 +216,10 @@ class _ThreadWaiter:
         self._lock.acquire()
 
     def wait(self, timeout: float | None) -> bool:
-        if timeout is None:
-            return bool(self._lock.acquire())
-        return bool(self._lock.acquire(True, max(timeout, 0.0)))
+        # Capped like the hub waiter (a lock cannot wait past TIMEOUT_MAX);
+        # a caller without a deadline simply waits again.
+        limit = _KEEP_ALIVE if timeout is None else min(max(timeout, 0.0), _KEEP_ALIVE)
+        return bool(self._lock.acquire(True, limit))
 
     def wake(self) -> None:
         self._lock.release()
@@ -193,6 +264,7 @@ class _ProducerHub:
     def __init__(self) -> None:
         self.pid = os.getpid()
         self.hub: Any = None
+        self.post: Callable[..., None] = _call
         ready = allocate_lock()
         ready.acquire()
         _start_thread(self._run, (ready,))
@@ -201,6 +273,7 @@ class _ProducerHub:
 
     def _run(self, ready: Any) -> None:
         self.hub = gevent.get_hub()
+        self.post = _inbox(self.hub).post
         ready.release()
         while True:  # keep a referenced timer so that the loop never exits
             gevent.sleep(3600)
@@ -214,7 +287,7 @@ class _ProducerHub:
             started.append(gevent.spawn(fn, *args, **kwargs))
             latch.release()
 
-        self.hub.loop.run_callback_threadsafe(start)
+        self.post(start)
         if not latch.acquire(True, 10.0):  # pragma: no cover - a machine in trouble
             raise RuntimeError("the wsgi_detach producer hub did not start the greenlet")
         return started[0]
@@ -231,7 +304,10 @@ def spawn_greenlet(fn: Callable[..., object], *args: Any, **kwargs: Any) -> geve
     gevent worker, anything monkey-patched); from a plain thread (waitress,
     wsgiref, gunicorn gthread), in the process-wide producer hub thread. The
     greenlet belongs to that hub: join or kill it from there, or watch it with
-    ``link``/``dead`` rather than ``join`` from another thread.
+    ``link``/``dead`` rather than ``join`` from another thread. All such
+    greenlets share that one thread, so a call that blocks without yielding
+    to gevent (``time.sleep`` in an unpatched process, a blocking client)
+    stalls every one of them: run blocking code with :func:`start_real_thread`.
     """
     if _run_by_a_hub():
         return gevent.spawn(fn, *args, **kwargs)
@@ -249,24 +325,23 @@ def runner_here() -> Callable[[Callable[[], object]], None]:
     For code that learns something on one thread (a disconnect watcher's OS
     thread) and must act where the request lives. In a thread with a gevent
     hub, ``fn`` runs in a new greenlet of that hub, so it may block
-    cooperatively and may touch greenlet-only objects; it is scheduled with
-    ``run_callback_threadsafe``, which wakes a loop asleep in ``epoll_wait``.
+    cooperatively and may touch greenlet-only objects; it is posted through
+    the hub's inbox, which wakes a loop asleep in ``epoll_wait``.
     In a thread without a hub there is nothing to go back to: ``fn`` runs at
     once in whichever thread calls the returned function.
     """
-    hub = _get_hub_if_exists()
-    if hub is None:
+    post = hub_poster()
+    if post is None:
         return _call
-    loop = hub.loop
 
     def run_in_hub(fn: Callable[[], object]) -> None:
-        loop.run_callback_threadsafe(_gevent_spawn, fn)
+        post(_gevent_spawn, fn)
 
     return run_in_hub
 
 
-def _call(fn: Callable[[], object]) -> None:
-    fn()
+def _call(fn: Callable[..., object], *args: Any) -> None:
+    fn(*args)
 
 
 def start_beside(fn: Callable[[], object]) -> None:
@@ -283,3 +358,44 @@ def start_beside(fn: Callable[[], object]) -> None:
 
 
 _start_thread: Callable[..., int] = get_original("_thread", "start_new_thread")
+
+
+class RealThread:
+    """A handle on an OS thread started with the original ``start_new_thread``.
+
+    After ``gevent.monkey.patch_all()`` a ``threading.Thread`` is a greenlet,
+    so "blocking code in a thread" would block the whole hub; this is always a
+    real thread. ``join()`` blocks the calling OS thread (not cooperatively):
+    call it from a thread, or poll ``is_alive()``.
+    """
+
+    def __init__(self, fn: Callable[..., object], args: tuple[Any, ...], name: str) -> None:
+        self.name = name
+        self._running = allocate_lock()
+        self._running.acquire()
+        self.ident: int = _start_thread(self._run, (fn, args))
+
+    def _run(self, fn: Callable[..., object], args: tuple[Any, ...]) -> None:
+        try:
+            fn(*args)
+        except BaseException:
+            _log.exception("thread %s raised", self.name)
+        finally:
+            self._running.release()
+
+    def is_alive(self) -> bool:
+        return bool(self._running.locked())
+
+    def join(self, timeout: float | None = None) -> None:
+        if self._running.acquire(True, -1 if timeout is None else max(timeout, 0.0)):
+            self._running.release()
+
+    def __repr__(self) -> str:
+        return f"<RealThread {self.name} {'running' if self.is_alive() else 'done'}>"
+
+
+def start_real_thread(
+    fn: Callable[..., object], *args: Any, name: str = "wsgi_detach"
+) -> RealThread:
+    """Run ``fn(*args)`` in a new real OS thread, monkey-patched process or not."""
+    return RealThread(fn, args, name)

@@ -30,14 +30,37 @@ new connection since ``epoll_wait`` returned) and checks ``FIONREAD``: no
 unread bytes means the read side is at EOF (what a 0-byte ``MSG_PEEK`` would
 say); unread bytes mean the client half-closed *after* sending more, which is
 not treated as a disconnect -- the socket is dropped from the watch, and the
-next failing write will tell. An idle stream therefore costs one epoll
-registration (~700 bytes with our bookkeeping) and no wake-ups at all;
-detection is as fast as the kernel delivers the FIN. ``waitress.client_disconnected`` is a
-function, not a descriptor, so those are polled every :data:`POLL_INTERVAL`.
+next failing write will tell. ``FIONREAD`` sees only what is still in the
+kernel, though: pywsgi (and gunicorn) read ahead into their own buffer, so a
+pipelined request they already read, followed by a half-close, looks like a
+departure. Either way a reported disconnect ends the response with an
+*abort* (no terminating chunk, see :func:`exposes_socket`), never a clean
+end, so a half-closed client that still reads sees a truncated response as
+truncated, and its pipelined request goes unanswered (a client must be ready
+to resend those after a closed connection). An idle stream therefore costs
+one epoll registration (~700 bytes with our bookkeeping); detection is as
+fast as the kernel delivers the FIN. The callback never runs in the watcher
+thread itself: in the request's gevent hub if it has one, else in a thread
+of its own, so a slow ``on_close`` callback delays nobody else's detection.
+
+Registration waits :data:`WATCH_DELAY` (0.1 s): most responses (a long-poll
+answered at once, an ordinary stream) end before that, and then cost no
+``epoll_ctl`` at all, only a dictionary entry. The thread wakes when the oldest
+pending socket is due and registers every one due within the next half
+delay, so under a steady stream of requests it wakes at most about 20
+times a second. With nothing pending it sleeps without a timeout, and the
+next socket to arrive wakes it (through its pipe, once) to set a deadline.
+A client that leaves in the first 0.1 s is noticed when its socket is
+registered: epoll reports a hang-up that already happened.
+
+``waitress.client_disconnected`` is a function, not a descriptor, so those
+are polled every :data:`POLL_INTERVAL`.
+
 
 Why an OS thread and not a greenlet per stream or a libev io watcher
 (measured in bench/mw_idle_watch.py, 5 000 idle streams): one thread serves
-gevent and threaded servers alike; it never wakes while streams are idle (a
+gevent and threaded servers alike; it never wakes while streams are idle and
+no new ones arrive (a
 250 ms peek loop costs 4-5 % CPU, a greenlet per stream 8.8 KiB);
 ``EPOLLRDHUP`` is not available through libev's io watchers, which fire on
 readability and must stop watching at a pipelined request. The thread never touches a server object:
@@ -61,13 +84,14 @@ import os
 import select
 import struct
 import termios
+import time
 from typing import Any, Callable, Final
 
 from gevent.monkey import get_original
 
-from ._wakeup import allocate_lock, runner_here
+from ._wakeup import allocate_lock, runner_here, start_beside
 
-__all__ = ["POLL_INTERVAL", "SOCKET_KEY", "watch"]
+__all__ = ["POLL_INTERVAL", "SOCKET_KEY", "WATCH_DELAY", "exposes_socket", "watch"]
 
 log = logging.getLogger("wsgi_detach")
 
@@ -77,6 +101,10 @@ SOCKET_KEY: Final = "wsgi_detach.socket"
 #: Seconds between two looks at ``waitress.client_disconnected``: well inside
 #: the 1 s we promise, and 4 cheap calls per second per idle stream.
 POLL_INTERVAL: Final = 0.25
+
+#: Seconds a socket waits before it is registered with epoll: a response that
+#: ends sooner never costs the two ``epoll_ctl`` calls.
+WATCH_DELAY: Final = 0.1
 
 _RDHUP: Final = getattr(select, "EPOLLRDHUP", 0x2000)
 _GONE: Final = select.POLLHUP | select.POLLERR  # == EPOLLHUP | EPOLLERR, and defined off Linux
@@ -95,7 +123,7 @@ Cancel = Callable[[], object]
 class _Watch:
     """One watched request: how to reach it back, and what to call."""
 
-    __slots__ = ("check", "fd", "on_disconnect", "run")
+    __slots__ = ("check", "due", "fd", "on_disconnect", "run")
 
     def __init__(
         self,
@@ -103,6 +131,7 @@ class _Watch:
         check: Callable[[], bool] | None,
         on_disconnect: Callable[[], object],
     ) -> None:
+        self.due = time.monotonic() + WATCH_DELAY  # when to register it with epoll
         self.fd = fd
         self.check = check
         self.on_disconnect = on_disconnect
@@ -118,6 +147,8 @@ class _Monitor:
         assert _epoll is not None
         self._epoll = _epoll()
         self._by_fd: dict[int, _Watch] = {}
+        self._pending: dict[_Watch, None] = {}  # not yet registered, oldest first
+        self._sleeping = False  # the thread waits with no deadline: a new watch must wake it
         self._polled: list[_Watch] = []
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
@@ -129,14 +160,32 @@ class _Monitor:
     def watch_socket(self, fd: int, on_disconnect: Callable[[], object]) -> Cancel:
         entry = _Watch(fd, None, on_disconnect)
         with self._lock:
-            self._by_fd[fd] = entry
-            try:
-                self._epoll.register(fd, _RDHUP)
-            except FileExistsError:
-                # A previous request on a reused descriptor was closed by the
-                # server before it was unwatched: take the slot over.
-                self._epoll.modify(fd, _RDHUP)
+            self._pending[entry] = None
+            wake, self._sleeping = self._sleeping, False
+        if wake:  # the thread waits without a timeout: give it this one's deadline
+            os.write(self._wake_w, b"x")
         return lambda: self._forget(entry)
+
+    def _register_due(self) -> None:
+        """Register with epoll the sockets due now or within half a delay (watcher thread)."""
+        limit = time.monotonic() + WATCH_DELAY / 2  # a batch per wake-up, not one each
+        with self._lock:
+            pending = self._pending
+            while pending:
+                entry = next(iter(pending))
+                if entry.due > limit:
+                    break
+                del pending[entry]
+                try:
+                    self._epoll.register(entry.fd, _RDHUP)
+                except FileExistsError:
+                    # A previous request on a reused descriptor was closed by
+                    # the server before it was unwatched: take the slot over.
+                    self._epoll.modify(entry.fd, _RDHUP)
+                except OSError as exc:  # closed before it was unwatched: nothing to watch
+                    log.debug("fd %d not watched: %s", entry.fd, exc)
+                    continue
+                self._by_fd[entry.fd] = entry
 
     def watch_poll(self, check: Callable[[], bool], on_disconnect: Callable[[], object]) -> Cancel:
         entry = _Watch(-1, check, on_disconnect)
@@ -154,6 +203,9 @@ class _Monitor:
                 if entry not in self._polled:
                     return False
                 self._polled.remove(entry)
+                return True
+            if entry in self._pending:
+                del self._pending[entry]
                 return True
             # The descriptor may have been closed and reused by a later
             # request: only the entry that owns the slot may clear it.
@@ -176,8 +228,15 @@ class _Monitor:
                 log.exception("disconnect watcher failed; it keeps running")
 
     def _once(self) -> None:
-        timeout = POLL_INTERVAL if self._polled else -1
-        for fd, _ in self._epoll.poll(timeout):
+        with self._lock:
+            due = next(iter(self._pending)).due if self._pending else None
+            self._sleeping = due is None
+        timeout = -1.0 if due is None else max(due - time.monotonic(), 0.0)
+        if self._polled:
+            timeout = POLL_INTERVAL if timeout < 0 else min(timeout, POLL_INTERVAL)
+        events = self._epoll.poll(timeout)
+        self._register_due()
+        for fd, _ in events:
             if fd == self._wake_r:
                 os.read(self._wake_r, 4096)
                 continue
@@ -199,8 +258,23 @@ class _Monitor:
                 self._report(entry)
 
     def _report(self, entry: _Watch) -> None:
-        if self._forget(entry):
+        if not self._forget(entry):
+            return
+        if entry.run is runner_here():
+            # The request's thread had no gevent hub, so the callback would run
+            # right here -- on_close callbacks and all (an unsubscribe RPC, a
+            # database write). Give it a thread of its own, so that one slow
+            # callback does not hold up noticing every other departure.
+            start_beside(lambda: _guarded(entry.on_disconnect))
+        else:  # a new greenlet in the request's hub: already beside us
             entry.run(entry.on_disconnect)
+
+
+def _guarded(fn: Callable[[], object]) -> None:
+    try:
+        fn()
+    except Exception:
+        log.exception("disconnect callback %r raised", fn)
 
 
 _LEFT: Final = "left"
@@ -233,6 +307,21 @@ def _look(fd: int) -> str:
     return _BYTES_FIRST if struct.unpack("i", buf)[0] else _LEFT
 
 
+def _socket_of(environ: dict[str, Any]) -> Any:
+    return environ.get(SOCKET_KEY) or environ.get("gunicorn.socket")
+
+
+def exposes_socket(environ: dict[str, Any]) -> bool:
+    """True when :func:`watch` watches the client socket itself (not a server's own flag).
+
+    Such a server still holds the connection open when the watch reports the
+    client gone -- the client may only have half-closed and still read -- so
+    a response must then end with an abort, not a clean end. Waitress, the
+    flag case, closes the connection itself when it notices.
+    """
+    return _socket_of(environ) is not None
+
+
 _monitor: _Monitor | None = None
 _monitor_lock = allocate_lock()
 
@@ -250,14 +339,14 @@ def watch(environ: dict[str, Any], on_disconnect: Callable[[], object]) -> Cance
 
     Call it from the greenlet or thread that serves the request:
     ``on_disconnect`` runs back there (in a new greenlet of its hub), or in
-    the watcher thread when the serving thread has no gevent hub. Returns a
+    a new thread of its own when the serving thread has no gevent hub. Returns a
     function that stops the watch; call it when the response ends, and
     always before the server may close the socket. Linux only (epoll): None
     elsewhere.
     """
     if _epoll is None:
         return None
-    sock = environ.get(SOCKET_KEY) or environ.get("gunicorn.socket")
+    sock = _socket_of(environ)
     if sock is not None:
         try:
             fd = sock.fileno()
@@ -265,7 +354,14 @@ def watch(environ: dict[str, Any], on_disconnect: Callable[[], object]) -> Cance
             return None
         if fd < 0:
             return None
-        return _get_monitor().watch_socket(fd, on_disconnect)
+        try:
+            return _get_monitor().watch_socket(fd, on_disconnect)
+        except OSError as exc:
+            # Not a pollable socket (EPERM), or the kernel's epoll limit
+            # (ENOSPC: fs.epoll.max_user_watches) is reached: unwatched, as on a
+            # server that exposes nothing; heartbeats remain the fallback.
+            log.warning("cannot watch fd %d for a disconnect (%s); unwatched", fd, exc)
+            return None
     check = environ.get("waitress.client_disconnected")
     if callable(check):
         return _get_monitor().watch_poll(check, on_disconnect)

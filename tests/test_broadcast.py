@@ -1,0 +1,478 @@
+"""Hub: fan-out, ids and history, resume and resync, slow subscribers, publishing from anywhere."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+import requests
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tests.client import Stream, wait_until
+from tests.servers import ServerProcess
+from tests.sse_reference import Parser, parse
+from wsgi_detach import DetachedBody, EventStream, Hub, SlowSubscriber, UsageError
+
+
+def drain(body: DetachedBody) -> bytes:
+    """Everything the body has buffered now, without waiting for more."""
+    out = b""
+    while body.buffered:
+        out += next(body)
+    return out
+
+
+def sse_events(stream: EventStream) -> list[tuple[str, str, str]]:
+    return [(e.type, e.data, e.last_event_id) for e in parse(drain(stream)).events]
+
+
+def test_every_subscriber_gets_every_message_in_order() -> None:
+    hub = Hub()
+    streams = [EventStream(heartbeat=None) for _ in range(3)]
+    plain = DetachedBody()
+    for body in [*streams, plain]:
+        hub.subscribe(body)
+    sent = [hub.publish(f"m{i}", event="tick" if i % 2 else None) for i in range(5)]
+    want = [("tick" if i % 2 else "message", f"m{i}", m.id) for i, m in enumerate(sent)]
+    for stream in streams:
+        assert sse_events(stream) == want
+    lines = [json.loads(line) for line in drain(plain).splitlines()]
+    assert lines == [{"id": m.id, "event": m.event, "data": m.data} for m in sent]
+    assert [m.seq for m in sent] == [1, 2, 3, 4, 5]
+    assert hub.cursor == sent[-1].id
+
+
+def test_objects_go_out_as_json_text() -> None:
+    hub = Hub()
+    stream = EventStream(heartbeat=None)
+    hub.subscribe(stream)
+    message = hub.publish({"nick": "ann", "text": "hi\nthere"})
+    assert sse_events(stream) == [("message", '{"nick":"ann","text":"hi\\nthere"}', message.id)]
+
+
+def test_resume_replays_exactly_what_was_missed_then_goes_live() -> None:
+    hub = Hub()
+    sent = [hub.publish(f"m{i}") for i in range(5)]
+    stream = EventStream({"HTTP_LAST_EVENT_ID": sent[1].id}, heartbeat=None)
+    hub.subscribe(stream)
+    live = hub.publish("live")
+    assert [e[1] for e in sse_events(stream)] == ["m2", "m3", "m4", "live"]
+    assert parse(b"").last_event_id == ""  # sanity: the parser starts empty
+    assert live.seq == 6
+
+
+def test_resume_at_the_latest_id_replays_nothing() -> None:
+    hub = Hub()
+    last = [hub.publish(f"m{i}") for i in range(3)][-1]
+    stream = EventStream(heartbeat=None, last_event_id=last.id)
+    hub.subscribe(stream)
+    assert sse_events(stream) == []
+
+
+@pytest.mark.parametrize(
+    ("last_id", "why"),
+    [
+        ("{epoch}-2", "fell out of the history"),
+        ("0a0a0a-9", "another epoch, e.g. before a server restart"),
+        ("{epoch}-99", "from the future"),
+        ("garbage", "not an id of ours"),
+    ],
+)
+def test_an_id_not_in_the_history_gets_one_resync_event(last_id: str, why: str) -> None:
+    hub = Hub(history=3)
+    for i in range(10):
+        hub.publish(f"m{i}")
+    epoch = hub.cursor.split("-")[0]
+    stream = EventStream(heartbeat=None, last_event_id=last_id.format(epoch=epoch))
+    hub.subscribe(stream)
+    after = hub.publish("after")
+    events = sse_events(stream)
+    assert events[0] == (
+        "resync",
+        json.dumps({"reason": "missed too much", "cursor": f"{epoch}-10"}, separators=(",", ":")),
+        f"{epoch}-10",
+    ), why
+    assert events[1:] == [("message", "after", after.id)]
+
+
+def test_the_oldest_message_in_history_is_still_resumable() -> None:
+    hub = Hub(history=3)
+    sent = [hub.publish(f"m{i}") for i in range(10)]
+    # m7, m8, m9 are kept: a client that saw m6 missed nothing that is gone.
+    stream = EventStream(heartbeat=None, last_event_id=sent[6].id)
+    hub.subscribe(stream)
+    assert [e[1] for e in sse_events(stream)] == ["m7", "m8", "m9"]
+
+
+def test_a_slow_event_stream_is_dropped_and_the_others_are_not_held_back() -> None:
+    hub = Hub(max_pending=1000)
+    slow, fast = EventStream(heartbeat=None), EventStream(heartbeat=None)
+    hub.subscribe(slow)
+    hub.subscribe(fast)
+    got = []
+    started = time.monotonic()
+    for i in range(100):
+        hub.publish(f"{i:03d}" + "x" * 90)
+        got += sse_events(fast)
+    elapsed = time.monotonic() - started
+    assert len(got) == 100
+    assert hub.subscribers == 1
+    assert slow.state == "finished"  # ends cleanly: EventSource reconnects and resumes
+    assert slow.buffered <= 1000
+    delivered = parse(drain(slow)).events
+    assert 5 < len(delivered) < 12  # what fit under max_pending, no more
+    assert elapsed < 1.0
+
+
+def test_a_slow_plain_body_fails_with_slow_subscriber() -> None:
+    hub = Hub(max_pending=300)
+    body = DetachedBody()
+    hub.subscribe(body)
+    for i in range(10):
+        hub.publish(f"message {i}")
+    assert hub.subscribers == 0
+    drain(body)
+    with pytest.raises(SlowSubscriber, match=r"more than max_pending=300 bytes behind; dropped"):
+        next(body)
+    body.close()
+
+
+def test_the_body_s_own_max_buffer_also_drops_it() -> None:
+    hub = Hub()
+    stream = EventStream(heartbeat=None, max_buffer=100)
+    hub.subscribe(stream)
+    hub.publish("x" * 60)
+    hub.publish("y" * 60)
+    assert hub.subscribers == 0
+    assert stream.state == "finished"
+
+
+def test_a_closed_body_is_unsubscribed() -> None:
+    hub = Hub()
+    stream = EventStream(heartbeat=None)
+    sub = hub.subscribe(stream)
+    assert sub.active
+    stream.close()
+    assert not sub.active
+    assert hub.subscribers == 0
+    hub.publish("nobody listens")  # must not raise
+
+
+def test_subscribing_an_already_closed_body_is_harmless() -> None:
+    hub = Hub()
+    stream = EventStream(heartbeat=None)
+    stream.close()
+    assert not hub.subscribe(stream).active
+
+
+def test_a_bad_publish_raises_at_the_call_and_uses_no_id() -> None:
+    hub = Hub()
+    before = hub.cursor
+    with pytest.raises(ValueError, match="event must be a single line"):
+        hub.publish("x", event="two\nlines")
+    with pytest.raises(TypeError, match="not JSON serializable"):
+        hub.publish(object())
+    assert hub.cursor == before
+    assert hub.publish("ok").seq == 1
+
+
+def test_publishers_on_many_threads_keep_one_order_for_everyone() -> None:
+    hub = Hub(history=5000, max_pending=10 << 20)
+    streams = [EventStream(heartbeat=None) for _ in range(2)]
+    for stream in streams:
+        hub.subscribe(stream)
+
+    def publish(tag: int) -> None:
+        for i in range(250):
+            hub.publish(f"{tag}:{i}")
+
+    threads = [threading.Thread(target=publish, args=(t,)) for t in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    seen = [sse_events(stream) for stream in streams]
+    assert seen[0] == seen[1]
+    seqs = [int(e[2].split("-")[1]) for e in seen[0]]
+    assert seqs == list(range(1, 1001))
+    for t in range(4):  # each thread's own messages in its own order
+        mine = [e[1] for e in seen[0] if e[1].startswith(f"{t}:")]
+        assert mine == [f"{t}:{i}" for i in range(250)]
+
+
+def test_poll_returns_now_or_calls_back_once() -> None:
+    hub = Hub()
+    first = hub.publish("a")
+    batch = hub.poll("", lambda b: None)
+    assert batch is None  # "" is "from now": nothing yet
+    calls: list[list[str]] = []
+    assert hub.poll(hub.cursor, lambda b: calls.append([m.data for m in b.messages])) is None
+    hub.publish("b")
+    hub.publish("c")
+    assert calls == [["b"]]  # once, with what was there when it fired
+    now = hub.poll(first.id, lambda b: None)
+    assert now is not None and [m.data for m in now.messages] == ["b", "c"]
+
+
+def test_cancel_poll() -> None:
+    hub = Hub()
+    calls: list[object] = []
+    callback = calls.append
+    assert hub.poll(None, callback) is None
+    assert hub.cancel_poll(callback) is True
+    assert hub.cancel_poll(callback) is False
+    hub.publish("x")
+    assert calls == []
+
+
+def test_recent() -> None:
+    hub = Hub(history=3)
+    for i in range(5):
+        hub.publish(i)
+    assert [m.data for m in hub.recent().messages] == [2, 3, 4]
+    assert [m.data for m in hub.recent(2).messages] == [3, 4]
+    assert hub.recent(2).cursor == hub.cursor
+
+
+@pytest.mark.parametrize(("option", "value"), [("history", 0), ("max_pending", -1)])
+def test_bad_options(option: str, value: int) -> None:
+    with pytest.raises(ValueError, match=f"{option} must be a positive int, got {value}"):
+        Hub(**{option: value})
+
+
+# -- on a real server ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module", params=["pywsgi", "pywsgi-patched", "wsgiref"])
+def server(request: pytest.FixtureRequest) -> Iterator[ServerProcess]:
+    with ServerProcess(request.param, "tests.pattern_apps:app") as proc:
+        yield proc
+
+
+def read_events(stream: Stream, parser: Parser, n: int) -> None:
+    while len(parser.events) < n:
+        chunk = stream.read_chunk()
+        assert chunk is not None, f"stream ended after {len(parser.events)} of {n} events"
+        parser.feed(chunk)
+
+
+@pytest.mark.parametrize("via", ["direct", "thread", "callback"])
+def test_publishing_from_anywhere_reaches_a_held_stream_at_once(
+    server: ServerProcess, via: str
+) -> None:
+    if via == "callback" and server.server == "wsgiref":
+        pytest.skip("a loop callback needs a running gevent hub; wsgiref threads have none")
+    hub = f"via-{via}"
+    with Stream(server.port, f"/hub/events?hub={hub}", timeout=5) as stream:
+        assert (stream.read_chunk() or b"").startswith(b": stream open\n")
+        parser = Parser()
+        for i in range(3):
+            started = time.monotonic()
+            requests.get(f"{server.url}/hub/publish?hub={hub}&via={via}&data=n{i}", timeout=5)
+            read_events(stream, parser, i + 1)
+            assert time.monotonic() - started < 0.5
+        assert [e.data for e in parser.events] == ["n0", "n1", "n2"]
+
+
+def test_reconnecting_with_last_event_id_resumes_without_loss(server: ServerProcess) -> None:
+    publish = f"{server.url}/hub/publish?hub=resume&data="
+    with Stream(server.port, "/hub/events?hub=resume", timeout=5) as stream:
+        parser = Parser()
+        for word in ("one", "two"):
+            requests.get(publish + word, timeout=5)
+        read_events(stream, parser, 2)
+    for word in ("three", "four"):  # published while nobody is connected
+        requests.get(publish + word, timeout=5)
+    headers = {"Last-Event-ID": parser.last_event_id}
+    with Stream(server.port, "/hub/events?hub=resume", timeout=5, headers=headers) as stream:
+        again = Parser()
+        read_events(stream, again, 2)
+        requests.get(publish + "five", timeout=5)
+        read_events(stream, again, 3)
+    assert [e.data for e in again.events] == ["three", "four", "five"]
+
+
+def test_disconnect_all_ends_streams_cleanly(server: ServerProcess) -> None:
+    with Stream(server.port, "/hub/events?hub=bye", timeout=5) as stream:
+        assert (stream.read_chunk() or b"").startswith(b": stream open\n")
+        ended = requests.get(f"{server.url}/hub/disconnect?hub=bye", timeout=5).json()
+        assert ended == {"ended": 1}
+        assert stream.read_chunk() is None
+        assert stream.response.complete or server.server == "wsgiref"
+
+
+def test_a_client_that_stops_reading_is_dropped_not_waited_for() -> None:
+    # One server is enough: the policy lives in the hub, not the server.
+    with ServerProcess("pywsgi", "tests.pattern_apps:app") as server:
+        _slow_client_scenario(server)
+
+
+def _slow_client_scenario(server: ServerProcess) -> None:
+    slow = socket.socket()
+    slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    slow.connect(("127.0.0.1", server.port))
+    slow.sendall(b"GET /hub/events?hub=slow&max_pending=262144 HTTP/1.1\r\nHost: x\r\n\r\n")
+    with slow, Stream(server.port, "/hub/events?hub=slow", timeout=10) as fast:
+        stats = f"{server.url}/hub/stats?hub=slow"
+        assert wait_until(lambda: requests.get(stats, timeout=5).json()["subscribers"] == 2)
+        # Bursts of 200 KB (under max_pending: a burst published without
+        # yielding sits in every body at once), 5 MB in all: more than
+        # max_pending plus what loopback socket buffers absorb (~2.8 MB).
+        tail = b""
+        blocks = 0  # blank-line-terminated blocks: the opening retry block, then events
+        for burst in range(1, 26):
+            requests.get(f"{server.url}/hub/publish?hub=slow&n=100&data={'z' * 2000}", timeout=10)
+            while blocks < 1 + 100 * burst:
+                chunk = fast.read_chunk()
+                assert chunk is not None, f"the fast client was dropped after {blocks} blocks"
+                blocks += (tail + chunk).count(b"\n\n")
+                tail = chunk[-1:]
+        assert blocks == 1 + 2500
+        assert requests.get(stats, timeout=5).json()["subscribers"] == 1
+
+
+# -- property: resume is exact against a simple model -------------------------------
+
+@settings(max_examples=60, deadline=None)
+@given(
+    history=st.integers(min_value=1, max_value=6),
+    script=st.lists(
+        st.one_of(
+            st.tuples(st.just("publish"), st.integers(min_value=1, max_value=4)),
+            st.tuples(st.just("join"), st.integers(min_value=-1, max_value=12)),
+        ),
+        max_size=12,
+    ),
+)
+def test_every_joiner_gets_exactly_what_the_model_says(
+    history: int, script: list[tuple[str, int]]
+) -> None:
+    """Join at any past id (or none): replay iff the id is still in the history, else resync."""
+    hub = Hub(history=history)
+    published: list[str] = []  # ids, in order
+    joined: list[tuple[EventStream, int]] = []  # (stream, index of its first expected message)
+    resynced: list[EventStream] = []
+    for op, arg in script:
+        if op == "publish":
+            published += [hub.publish(f"m{len(published)}").id for _ in range(arg)]
+            continue
+        if arg < 0 or not published:  # a first connect: from now on
+            stream, start = EventStream(heartbeat=None), len(published)
+        else:
+            seen = min(arg, len(published) - 1)  # the client saw published[seen]
+            stream = EventStream(heartbeat=None, last_event_id=published[seen])
+            start = seen + 1
+            if len(published) - start > history:  # the next one it needs fell out
+                resynced.append(stream)
+                start = len(published)
+        hub.subscribe(stream)
+        joined.append((stream, start))
+    for stream, start in joined:
+        events = parse(drain(stream)).events
+        if stream in resynced:
+            assert events[0].type == "resync"
+            events = events[1:]
+        assert [e.last_event_id for e in events] == published[start:]
+
+
+def test_behind_the_middleware_a_departed_idle_client_is_unsubscribed_at_once() -> None:
+    # make_server's handler lets the middleware watch the socket: no publish,
+    # no heartbeat needed to notice the client left.
+    with ServerProcess("detach-server", "tests.pattern_apps:app") as server:
+        stats = f"{server.url}/hub/stats?hub=watched"
+        with Stream(server.port, "/hub/events?hub=watched", timeout=5) as stream:
+            assert (stream.read_chunk() or b"").startswith(b": stream open\n")
+            assert requests.get(stats, timeout=5).json()["subscribers"] == 1
+        assert wait_until(lambda: requests.get(stats, timeout=5).json()["subscribers"] == 0,
+                          timeout=2)
+
+
+def test_a_subscriber_whose_encoder_raises_is_dropped_alone(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    hub = Hub()
+    broken, fine = DetachedBody(), EventStream(heartbeat=None)
+
+    def encode(message: object) -> bytes:
+        raise RuntimeError("broken encoder (expected by the test)")
+
+    hub.subscribe(broken, encode=encode)
+    hub.subscribe(fine)
+    message = hub.publish("still delivered")
+    assert hub.subscribers == 1
+    assert sse_events(fine) == [("message", "still delivered", message.id)]
+    assert "that subscriber is dropped" in caplog.text
+    with pytest.raises(UsageError, match=r"the subscription's encode\(\) raised"):
+        next(broken)
+    broken.close()
+
+
+@pytest.mark.parametrize("kind", ["gunicorn-gevent", "gunicorn-gthread", "waitress"])
+def test_streams_open_at_once_and_thread_publishes_arrive_on_other_servers(kind: str) -> None:
+    with ServerProcess(kind, "tests.pattern_apps:app") as server:
+        with Stream(server.port, "/hub/events?hub=other", timeout=5) as stream:
+            head = stream.read_head()
+            assert head.headers["content-type"] == "text/event-stream; charset=utf-8"
+            assert (stream.read_chunk() or b"").startswith(b": stream open\n")
+            parser = Parser()
+            started = time.monotonic()
+            requests.get(f"{server.url}/hub/publish?hub=other&via=thread&data=hi", timeout=5)
+            read_events(stream, parser, 1)
+            assert time.monotonic() - started < 0.5
+            assert parser.events[0].data == "hi"
+        # End the stream so the server stops at once (gthread waits for its threads).
+        requests.get(f"{server.url}/hub/disconnect?hub=other", timeout=5)
+
+
+def test_encoders_and_logging_run_outside_the_hub_lock() -> None:
+    """Finding 8: publish() ran the subscribers' encode() and log.exception under the
+    hub's real lock; under gevent, an encoder or a logging handler that yields let
+    another greenlet block the OS thread on that lock: the process froze. Run in a
+    child so that a regression is a timeout, not a frozen test run."""
+    import subprocess
+    import sys
+    import textwrap
+
+    child = textwrap.dedent("""
+        import logging
+        import gevent
+        from wsgi_detach import DetachedBody, Hub
+
+        class Yielding(logging.Handler):  # a socket handler under gevent
+            def emit(self, record):
+                gevent.sleep(0)
+
+        log = logging.getLogger("wsgi_detach")
+        log.addHandler(Yielding())
+        log.propagate = False
+
+        def slow_first(message):  # message 1 is still encoding when 2 is published
+            if message.seq == 1:
+                gevent.sleep(0.05)
+            return message.text.encode() + b";"
+
+        hub = Hub()
+        broken = DetachedBody()
+        hub.subscribe(broken, encode=lambda message: 1 / 0)
+        ordered = DetachedBody()
+        hub.subscribe(ordered, encode=slow_first)
+        first = gevent.spawn(hub.publish, "m1")
+        second = gevent.spawn_later(0.01, hub.publish, "m2")
+        print(len(gevent.joinall([first, second], timeout=2)), flush=True)
+        out = b""
+        while ordered.buffered:
+            out += next(ordered)
+        print(out.decode(), broken.state, hub.subscribers, flush=True)
+    """)
+    try:
+        result = subprocess.run(
+            [sys.executable, "-c", child], capture_output=True, text=True, timeout=8
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("the child froze: a yielding encoder or log handler ran under the hub lock")
+    assert (result.stdout, result.stderr) == ("2\nm1;m2; failed 1\n", "")

@@ -1,0 +1,150 @@
+"""long_poll and wait_for_messages: at once, at the next publish, or empty (200) at the timeout."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+
+import gevent
+import pytest
+import requests
+
+from tests.client import Stream, get, wait_until
+from tests.servers import ServerProcess
+from wsgi_detach import Hub, wait_for_messages
+
+
+@pytest.fixture(scope="module", params=["pywsgi", "wsgiref"])
+def server(request: pytest.FixtureRequest) -> Iterator[ServerProcess]:
+    with ServerProcess(request.param, "tests.pattern_apps:app") as proc:
+        yield proc
+
+
+def poll(server: ServerProcess, hub: str, cursor: str = "", timeout: float = 5) -> dict:  # type: ignore[type-arg]
+    response = get(server.port, f"/hub/poll?hub={hub}&cursor={cursor}&timeout={timeout}")
+    assert response.status == 200
+    assert response.headers["content-type"] == "application/json"
+    assert response.complete
+    return json.loads(response.body)  # type: ignore[no-any-return]
+
+
+def publish(server: ServerProcess, hub: str, data: str, n: int = 1) -> str:
+    url = f"{server.url}/hub/publish?hub={hub}&data={data}&n={n}"
+    return str(requests.get(url, timeout=5).json()["cursor"])
+
+
+def test_nothing_new_is_an_empty_200_at_the_timeout(server: ServerProcess) -> None:
+    cursor = publish(server, "quiet", "old")
+    started = time.monotonic()
+    answer = poll(server, "quiet", cursor, timeout=0.3)
+    elapsed = time.monotonic() - started
+    assert answer == {"messages": [], "cursor": cursor, "resync": False}
+    assert 0.25 < elapsed < 2.0
+
+
+def test_news_after_the_cursor_comes_back_at_once(server: ServerProcess) -> None:
+    cursor = publish(server, "backlog", "seen")
+    publish(server, "backlog", "new", n=3)
+    started = time.monotonic()
+    answer = poll(server, "backlog", cursor, timeout=5)
+    assert time.monotonic() - started < 1.0
+    assert [m["data"] for m in answer["messages"]] == ["new0", "new1", "new2"]
+    assert answer["cursor"] == answer["messages"][-1]["id"]
+    assert answer["resync"] is False
+
+
+def test_a_waiting_poll_is_answered_by_the_next_publish(server: ServerProcess) -> None:
+    cursor = publish(server, "live", "before")
+    with Stream(server.port, f"/hub/poll?hub=live&cursor={cursor}&timeout=5") as waiting:
+        stats = f"{server.url}/hub/stats?hub=live"
+        assert wait_until(lambda: requests.get(stats, timeout=5).json()["polls"] == 1)
+        published = time.monotonic()
+        publish(server, "live", "news")
+        response = waiting.read_all()
+    assert time.monotonic() - published < 0.5
+    answer = json.loads(response.body)
+    assert [m["data"] for m in answer["messages"]] == ["news"]
+    assert response.status == 200 and response.complete
+
+
+def test_no_cursor_means_from_now(server: ServerProcess) -> None:
+    publish(server, "fresh", "history")
+    answer = poll(server, "fresh", "", timeout=0.2)
+    assert answer["messages"] == []
+    assert answer["cursor"].endswith("-1")
+
+
+def test_a_cursor_out_of_history_gets_a_resync_at_once(server: ServerProcess) -> None:
+    first = get(server.port, "/hub/poll?hub=short&history=2&timeout=0.1")  # makes the hub
+    assert first.status == 200
+    cursor = publish(server, "short", "a")
+    publish(server, "short", "b", n=5)
+    answer = poll(server, "short", cursor, timeout=5)
+    assert answer["resync"] is True
+    assert answer["messages"] == []
+    assert answer["cursor"].endswith("-6")
+
+
+def test_disconnect_all_answers_a_waiting_poll_empty(server: ServerProcess) -> None:
+    cursor = publish(server, "closing", "x")
+    stats = f"{server.url}/hub/stats?hub=closing"
+    with Stream(server.port, f"/hub/poll?hub=closing&cursor={cursor}&timeout=5") as waiting:
+        assert wait_until(lambda: requests.get(stats, timeout=5).json()["polls"] == 1)
+        ended = requests.get(f"{server.url}/hub/disconnect?hub=closing", timeout=5).json()
+        response = waiting.read_all()
+    assert ended == {"ended": 1}
+    assert json.loads(response.body) == {"messages": [], "cursor": cursor, "resync": False}
+    assert response.status == 200 and response.complete
+
+
+def test_a_client_that_leaves_withdraws_its_poll(server: ServerProcess) -> None:
+    cursor = publish(server, "leaver", "x")
+    stats = f"{server.url}/hub/stats?hub=leaver"
+    with Stream(server.port, f"/hub/poll?hub=leaver&cursor={cursor}&timeout=0.3") as waiting:
+        assert wait_until(lambda: requests.get(stats, timeout=5).json()["polls"] == 1)
+        waiting.reset()
+    # The server notices at the timeout, when the empty answer fails to go out.
+    assert wait_until(lambda: requests.get(stats, timeout=5).json()["polls"] == 0, timeout=3)
+
+
+# -- wait_for_messages: blocking, from a greenlet or a plain thread -------------------
+
+
+def test_wait_for_messages_from_a_thread_woken_by_another_thread() -> None:
+    hub = Hub()
+    cursor = hub.cursor
+    result: list[object] = []
+    waiter = threading.Thread(target=lambda: result.append(wait_for_messages(hub, cursor, 5)))
+    waiter.start()
+    assert wait_until(lambda: hub.pending_polls == 1)
+    hub.publish("hello")
+    waiter.join(5)
+    (batch,) = result
+    assert [m.data for m in batch.messages] == ["hello"]  # type: ignore[attr-defined]
+
+
+def test_wait_for_messages_from_a_greenlet_woken_by_a_thread() -> None:
+    hub = Hub()
+    cursor = hub.cursor
+    greenlet = gevent.spawn(wait_for_messages, hub, cursor, 5)
+    gevent.sleep(0)  # let it register
+    assert hub.pending_polls == 1
+    publisher = threading.Thread(target=hub.publish, args=("from a thread",))
+    started = time.monotonic()
+    publisher.start()
+    batch = greenlet.get(timeout=5)
+    publisher.join(5)
+    assert time.monotonic() - started < 0.5
+    assert [m.data for m in batch.messages] == ["from a thread"]
+
+
+def test_wait_for_messages_times_out_empty() -> None:
+    hub = Hub()
+    hub.publish("old")
+    started = time.monotonic()
+    batch = wait_for_messages(hub, hub.cursor, 0.1)
+    assert batch.messages == [] and batch.cursor == hub.cursor and not batch.resync
+    assert 0.09 < time.monotonic() - started < 1.0
+    assert hub.pending_polls == 0

@@ -1,0 +1,189 @@
+"""The SSE encoder and EventStream: a WHATWG reference parser, sseclient-py, real servers."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+
+import pytest
+import requests
+import sseclient
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tests.client import Stream
+from tests.pattern_apps import TICKER
+from tests.servers import ServerProcess
+from tests.sse_reference import parse
+from wsgi_detach import BufferFull, EventStream, encode_comment, encode_event
+
+# -- strategies: any text for data, weighted toward what the format gives meaning
+# to (line breaks, colons, spaces, NUL, a BOM); single-line text for event; id
+# without NUL too.
+tricky = st.sampled_from(["\r", "\n", "\r\n", ":", " ", "\0", "\ufeff", "data:", "\u2028"])
+any_text = st.lists(st.one_of(tricky, st.text(max_size=5)), max_size=8).map("".join)
+single_line = any_text.map(lambda s: s.replace("\r", "").replace("\n", ""))
+an_id = single_line.map(lambda s: s.replace("\0", ""))
+events = st.lists(
+    st.fixed_dictionaries(
+        {"data": any_text},
+        optional={
+            "event": single_line,
+            "id": an_id,
+            "retry": st.integers(min_value=0, max_value=10**12),
+        },
+    ),
+    max_size=8,
+)
+
+
+def _normalised(data: str) -> str:
+    return data.replace("\r\n", "\n").replace("\r", "\n")
+
+
+@settings(deadline=None)  # timing is not the property; a loaded CI box must not flake
+@given(events, st.lists(st.integers(min_value=0, max_value=4000), max_size=6))
+def test_round_trip_through_the_whatwg_reference_parser(
+    sent: list[dict[str, object]], cuts: list[int]
+) -> None:
+    wire = encode_comment("stream open") + b"".join(encode_event(**e) for e in sent)  # type: ignore[arg-type]
+    parser = parse(wire, [c for c in cuts if c <= len(wire)])
+    assert len(parser.events) == len(sent)
+    last_id = ""
+    for got, want in zip(parser.events, sent):
+        last_id = str(want.get("id", last_id))
+        assert got.data == _normalised(str(want["data"]))
+        assert got.type == (want.get("event") or "message")
+        assert got.last_event_id == last_id
+    retries = [e["retry"] for e in sent if "retry" in e]
+    assert parser.retry == (retries[-1] if retries else None)
+    assert parser.comments == [" stream open"]
+
+
+@settings(deadline=None)
+@given(events)
+def test_round_trip_through_sseclient_py(sent: list[dict[str, object]]) -> None:
+    wire = b"".join(encode_event(**e) for e in sent)  # type: ignore[arg-type]
+    got = list(sseclient.SSEClient(io.BytesIO(wire).readlines()).events())
+    assert [e.data for e in got] == [_normalised(str(e["data"])) for e in sent]
+    assert [e.event for e in got] == [e.get("event") or "message" for e in sent]
+    assert [e.id for e in got] == [e.get("id") for e in sent]
+
+
+def test_multiline_unicode_and_fields_on_the_wire() -> None:
+    assert encode_event("a\r\nb\rc\nd", event="t\u00e9", id=7, retry=1500) == (
+        "id: 7\nevent: t\u00e9\nretry: 1500\ndata: a\ndata: b\ndata: c\ndata: d\n\n".encode()
+    )
+    assert encode_event("") == b"data: \n\n"
+    assert encode_comment("one\ntwo") == b": one\n: two\n"
+    assert encode_comment() == b":\n"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"event": "a\nb"}, ValueError, r"event must be a single line: a CR or LF in 'a\\nb'"),
+        ({"event": "a\rb"}, ValueError, r"event must be a single line"),
+        ({"id": "1\r\n2"}, ValueError, r"id must be a single line"),
+        ({"id": "a\0b"}, ValueError, r"id must not contain NUL: the client ignores such an id"),
+        ({"retry": -1}, ValueError, r"retry must be >= 0 milliseconds, got -1"),
+        ({"retry": 1.5}, TypeError, r"retry must be an int of milliseconds, got float"),
+        ({"retry": True}, TypeError, r"retry must be an int of milliseconds, got bool"),
+        ({"id": 1.0}, TypeError, r"id must be a str, got float"),
+    ],
+)
+def test_bad_fields_are_refused_at_the_call(
+    kwargs: dict[str, object], error: type[Exception], match: str
+) -> None:
+    stream = EventStream(heartbeat=None)
+    with pytest.raises(error, match=match):
+        stream.send("x", **kwargs)  # type: ignore[arg-type]
+    stream.send("still usable", id=1)
+    assert next(stream) == b": stream open\nid: 1\ndata: still usable\n\n"
+    stream.close()
+
+
+def test_data_must_be_text() -> None:
+    with pytest.raises(TypeError, match=r"data must be a str \(serialise objects first"):
+        encode_event(b"bytes")  # type: ignore[arg-type]
+
+
+def test_event_stream_fixes_encoding_and_heartbeat_chunk() -> None:
+    with pytest.raises(TypeError, match="EventStream fixes encoding; do not pass it"):
+        EventStream(encoding="latin-1")
+
+
+def test_send_nowait_raises_buffer_full() -> None:
+    stream = EventStream(max_buffer=64, heartbeat=None)
+    stream.send_nowait("x" * 40)
+    with pytest.raises(BufferFull, match="max_buffer=64 bytes reached"):
+        stream.send_nowait("y" * 40)
+    stream.close()
+
+
+def test_last_event_id_is_read_from_the_header_as_utf8() -> None:
+    # WSGI passes header bytes as latin-1 text; the browser sent UTF-8.
+    raw = "r\u00e9sum\u00e9-1".encode().decode("latin-1")
+    assert EventStream({"HTTP_LAST_EVENT_ID": raw}).last_event_id == "r\u00e9sum\u00e9-1"
+    assert EventStream({}).last_event_id is None
+    assert EventStream({}, last_event_id="q").last_event_id == "q"
+
+
+# -- on real servers -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module", params=["pywsgi", "wsgiref"])
+def server(request: pytest.FixtureRequest) -> Iterator[ServerProcess]:
+    with ServerProcess(request.param, "tests.pattern_apps:app") as proc:
+        yield proc
+
+
+def test_headers_go_out_before_the_first_event(server: ServerProcess) -> None:
+    # A stream with nothing to say: an EventSource would stay "connecting"
+    # if the headers waited for the first event.
+    with Stream(server.port, "/sse/idle", timeout=2) as stream:
+        head = stream.read_head()
+        assert head.status == 200
+        assert head.headers["content-type"] == "text/event-stream; charset=utf-8"
+        assert head.headers["cache-control"] == "no-cache"
+        assert stream.read_chunk() == b": stream open\n"
+
+
+def test_heartbeat_is_a_comment_line(server: ServerProcess) -> None:
+    with Stream(server.port, "/sse/idle?heartbeat=0.05", timeout=2) as stream:
+        chunks = [stream.read_chunk() for _ in range(3)]
+    assert chunks == [b": stream open\n", b":\n", b":\n"]
+
+
+def test_sseclient_reads_the_ticker_over_http(server: ServerProcess) -> None:
+    with requests.get(f"{server.url}/sse/ticker", stream=True, timeout=5) as response:
+        got = list(sseclient.SSEClient(response.iter_content(chunk_size=None)).events())
+    assert [(e.event, e.data, e.id) for e in got] == [
+        (e.get("event", "message"), _normalised(e["data"]), e["id"]) for e in TICKER
+    ]
+
+
+def test_reference_parser_reads_the_ticker_over_http(server: ServerProcess) -> None:
+    with Stream(server.port, "/sse/ticker", timeout=5) as stream:
+        response = stream.read_all()
+    parser = parse(response.body)
+    assert [(e.type, e.data, e.last_event_id) for e in parser.events] == [
+        (e.get("event", "message"), _normalised(e["data"]), e["id"]) for e in TICKER
+    ]
+    assert parser.retry == 50
+
+
+def test_last_event_id_header_reaches_the_stream(server: ServerProcess) -> None:
+    utf8 = "caf\u00e9-42".encode()
+    with Stream(server.port, "/sse/echo", timeout=5,
+                headers={"Last-Event-ID": utf8.decode("latin-1")}) as stream:
+        body = stream.read_all().body
+    assert parse(body).events[0].data == repr("caf\u00e9-42")
+    with Stream(server.port, "/sse/echo", timeout=5) as stream:
+        assert parse(stream.read_all().body).events[0].data == "None"
+
+
+def test_a_bad_retry_is_refused_at_construction() -> None:
+    with pytest.raises(ValueError, match="retry must be >= 0 milliseconds, got -5"):
+        EventStream(retry=-5)
+    assert next(EventStream(retry=0, heartbeat=None)) == b": stream open\nretry: 0\n\n"

@@ -1,0 +1,121 @@
+"""Long-polling: answer as soon as there is news after the client's cursor, or empty at a timeout.
+
+When to use it: clients that cannot hold a stream open (some proxies, old
+clients, scripts with a plain HTTP library), or that want one JSON answer per
+request. Each request carries the cursor of the last answer; the response
+comes at once if something is newer, else when the next message is
+published, else after ``timeout`` seconds as a normal ``200`` with an empty
+list -- "nothing happened" is not an error, and the client simply asks again.
+
+When not to: high message rates to many clients (every message costs each
+client a full request; use :class:`~wsgi_detach.EventStream` with a
+:class:`~wsgi_detach.Hub`), or a timeout longer than a proxy's idle limit
+(commonly 30--60 s; stay below it).
+
+Two forms: :func:`long_poll` returns a WSGI body and holds no thread while
+it waits (the app returns at once; the hub's publisher finishes the body);
+:func:`wait_for_messages` blocks the calling greenlet or thread, for code
+that must return a value, e.g. a framework view.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Callable, Final
+
+from ._body import DetachedBody
+from ._broadcast import Batch, Hub
+from ._errors import BodyClosed
+from ._wakeup import make_waiter
+
+if TYPE_CHECKING:
+    from _typeshed.wsgi import StartResponse
+
+__all__ = ["long_poll", "wait_for_messages"]
+
+# 25 s: under the 30 s idle limit common to proxies and load balancers.
+_DEFAULT_TIMEOUT: Final = 25.0
+_JSON_HEADERS: Final = (
+    ("Content-Type", "application/json"),
+    # A cached answer would hand the next poll stale news.
+    ("Cache-Control", "no-store"),
+)
+
+
+def render_json(batch: Batch) -> bytes:
+    """``{"messages": [{"id", "event", "data"}, ...], "cursor": ..., "resync": ...}``."""
+    return json.dumps(batch.as_dict(), separators=(",", ":")).encode("utf-8")
+
+
+def long_poll(
+    hub: Hub,
+    cursor: str | None,
+    start_response: StartResponse,
+    *,
+    timeout: float = _DEFAULT_TIMEOUT,
+    render: Callable[[Batch], bytes] = render_json,
+) -> DetachedBody:
+    """Answer with the messages after ``cursor``: now, at the next publish, or empty at ``timeout``.
+
+    Return the result from the app::
+
+        def poll(environ, start_response):
+            cursor = parse_qs(environ["QUERY_STRING"]).get("cursor", [None])[0]
+            return long_poll(hub, cursor, start_response, timeout=20)
+
+    The response is always ``200`` with ``render(batch)`` (JSON by default,
+    see :func:`render_json`); the client sends the batch's ``cursor`` with its
+    next poll. ``cursor=None`` means "from now". A cursor that fell out of the
+    history gets an immediate ``resync`` answer. A client that leaves while
+    waiting withdraws its poll from the hub (``on_close``).
+
+    The waiting costs no greenlet or thread: the body is finished by whoever
+    publishes, from whatever greenlet or thread that is.
+    """
+    if cursor is None or cursor == "":
+        cursor = hub.cursor  # pin "now" before waiting, so nothing in between is lost
+    empty = render(Batch([], cursor))
+    body = DetachedBody(start_response=start_response, idle_timeout=timeout, timeout_chunk=empty)
+    body.start("200 OK", list(_JSON_HEADERS))
+
+    def answer(batch: Batch) -> None:
+        try:
+            body.finish(render(batch))
+        except BodyClosed:
+            pass  # timed out or the client left as the news came: the next poll gets it
+
+    batch = hub.poll(cursor, answer)
+    if batch is not None:
+        body.finish(render(batch))
+    else:
+        body.on_close(lambda: hub.cancel_poll(answer))
+    return body
+
+
+def wait_for_messages(hub: Hub, cursor: str | None, timeout: float = _DEFAULT_TIMEOUT) -> Batch:
+    """Block the calling greenlet or thread until there are messages after ``cursor``.
+
+    Returns at once if there are, else when the next message is published,
+    else after ``timeout`` seconds with an empty batch (same cursor). Never
+    call it from a loop callback (the gevent hub itself), where it cannot
+    block.
+    """
+    if cursor is None or cursor == "":
+        cursor = hub.cursor
+    waiter = make_waiter()
+    box: list[Batch] = []
+
+    def wake(batch: Batch) -> None:
+        box.append(batch)
+        waiter.wake()
+
+    batch = hub.poll(cursor, wake)
+    if batch is not None:
+        return batch
+    if not waiter.wait(timeout):
+        if hub.cancel_poll(wake):
+            return Batch([], cursor)
+        # A publisher took the callback just as the time ran out: its wake-up
+        # is on the way (it runs right after the hub's lock is released).
+        waiter.wait(1.0)
+    return box[0] if box else hub.since(cursor)
