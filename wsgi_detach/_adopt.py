@@ -45,6 +45,7 @@ from typing import Callable, Final, Union
 import gevent
 from gevent import GreenletExit
 from gevent.queue import Channel, SimpleQueue
+from greenlet import getcurrent
 
 from ._body import DetachedBody
 from ._wakeup import get_ident, hub_poster, in_hub
@@ -162,12 +163,21 @@ def feed(body: DetachedBody, queue: SimpleQueue | Channel) -> Callable[[], None]
     def stop_pump() -> None:
         if pump.dead:
             return
-        if get_ident() == pump_thread and not in_hub():
+        if get_ident() != pump_thread:
+            # Closed from another thread (a drain, a watcher): schedule the
+            # kill in the pump's hub.
+            post(pump.kill, GreenletExit, False)
+        elif getcurrent().parent is None and not in_hub():
+            # The thread's main greenlet -- a threaded server's own close():
+            # run the hub here until the pump is gone, since nothing else
+            # may ever run it again.
             pump.kill(GreenletExit, block=True, timeout=_KILL_TIMEOUT)
         else:
-            # Closed from another thread (a drain, a watcher) or from a loop
-            # callback: schedule the kill in the pump's hub.
-            post(pump.kill, GreenletExit, False)
+            # A greenlet the hub runs (pywsgi's handler, a watcher's
+            # callback) or a loop callback: the hub is running, so a
+            # scheduled kill happens; blocking here could park this greenlet
+            # for good once a threaded server's request thread leaves its hub.
+            pump.kill(GreenletExit, block=False)
 
     body.on_close(stop_pump)
     return stop_pump
