@@ -30,8 +30,38 @@ def main(argv: list[str] | None = None) -> None:
     system.raise_nofile()
     system.pin(args.cpu)
     target = TARGETS[args.target]
+    if args.target.endswith("_before"):
+        before = os.environ.get("BENCH_BEFORE")
+        if not before:
+            sys.exit(f"{args.target}: set BENCH_BEFORE to a directory holding the older "
+                     f"wsgi_detach package (e.g. git archive main wsgi_detach | tar -x -C DIR)")
+        sys.path.insert(0, before)
     serve = target.load()
+    _profile_if_asked(args.target)
     serve(announce, **dict(target.options))  # type: ignore[operator]
+
+
+def _profile_if_asked(target: str) -> None:
+    """With ``BENCH_PROFILE=DIR``, cProfile the server; SIGTERM writes DIR/<target>-<pid>.prof.
+
+    cProfile slows the server several-fold: use it to see where the time goes,
+    never for the figures.
+    """
+    directory = os.environ.get("BENCH_PROFILE")
+    if not directory:
+        return
+    import cProfile
+    import signal
+
+    profile = cProfile.Profile()
+
+    def dump(_signum: int, _frame: object) -> None:
+        profile.disable()
+        profile.dump_stats(os.path.join(directory, f"{target}-{os.getpid()}.prof"))
+        os._exit(0)
+
+    signal.signal(signal.SIGTERM, dump)
+    profile.enable()
 
 
 if __name__ == "__main__":

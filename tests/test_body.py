@@ -563,6 +563,26 @@ def test_two_consumers_are_refused() -> None:
     assert first.get(timeout=5) == b"x"
 
 
+def test_a_late_wake_up_of_the_reused_consumer_waiter_is_only_a_second_look() -> None:
+    """The consumer keeps one waiter; a wake-up meant for an earlier wait (it lost
+    the race with a timer) must neither end the wait with nothing nor look like a
+    second consumer."""
+    body = DetachedBody()
+    chunks: list[bytes] = []
+    consumer = gevent.spawn(lambda: chunks.extend(body))
+    body.put(b"one")
+    gevent.sleep(0.01)
+    assert chunks == [b"one"]
+    waiter = body._consumer_waiter
+    assert waiter is not None and body._consumer is waiter  # waiting again, same waiter
+    waiter.wake()  # as a producer whose wake-up came late would
+    gevent.sleep(0.01)
+    assert consumer.dead is False and body._consumer is body._consumer_waiter is waiter
+    body.finish(b"two")
+    consumer.get(timeout=5)
+    assert chunks == [b"one", b"two"]
+
+
 # ---------------------------------------------------------------- regressions from the review
 
 

@@ -74,7 +74,8 @@ def _exchange(port: int, requests: list[str]) -> bytes:
     wire = ""
     for request in requests:
         line, _, extra = request.partition("|")
-        wire += f"{line}\r\nHost: 127.0.0.1\r\n{extra}\r\n"
+        body_follows = "\r\n\r\n" in extra  # the extra headers end the head themselves
+        wire += f"{line}\r\nHost: 127.0.0.1\r\n{extra}" + ("" if body_follows else "\r\n")
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
         sock.sendall(wire.encode("latin-1"))
         received = b""
@@ -95,6 +96,24 @@ WIRE_CASES = {
     },
     **{f"http/1.0 {path}": [f"GET {path} HTTP/1.0"]
        for path in ("/list", "/gen", "/clen", "/body_later", "/poll", "/empty")},
+    # The environ, as the lean request path builds it: odd paths and queries,
+    # repeated and spoofing headers, bodies by length and chunked, Expect.
+    "environ plain": ["GET /environ?a=1&b=%20?c HTTP/1.1|X-Y:  spaced  \r\nAccept: */*\r\n"
+                      "Cookie: a=1\r\ncookie: b=2\r\nX-Y: again\r\nX_Spoof: no\r\n"
+                      "Content-Type: text/x\r\nUpgrade: websocket\r\n" + CLOSE],
+    "environ odd path": ["GET /env%69ron/%C3%A9/..;x HTTP/1.1|" + CLOSE],
+    "environ http/1.0": ["GET /environ HTTP/1.0|Connection: Keep-Alive\r\n",
+                         "GET /environ HTTP/1.0"],
+    "environ bodies": ["POST /environ HTTP/1.1|Content-Length: 5\r\n\r\nhello",
+                       "POST /environ HTTP/1.1|Transfer-Encoding: chunked\r\n"
+                       "Content-Length: 9\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+                       "PUT /environ HTTP/1.1|Expect: 100-continue\r\nContent-Length: 2\r\n"
+                       "content-length: 7\r\n\r\nhi",
+                       "GET /environ HTTP/1.0|Connection: upgrade\r\n"],
+    "environ folded": ["GET /environ HTTP/1.1|X-A: one\r\n two\r\n" + CLOSE],
+    "bad content-length": ["GET /environ HTTP/1.1|Content-Length: -1\r\n"],
+    "head with body": ["HEAD /environ HTTP/1.1|Content-Length: 3\r\n\r\nabc"],
+    "http/0.9": ["GET /environ"],
     "http/1.0 keep-alive": ["GET /list HTTP/1.0|Connection: keep-alive\r\n",
                             "GET /clen HTTP/1.0|Connection: keep-alive\r\n", "GET /poll HTTP/1.0"],
     "pipelined": [f"GET {path} HTTP/1.1" for path in
@@ -247,3 +266,18 @@ def test_head_gets_the_head_alone_and_ends_the_stream() -> None:
         assert b"transfer-encoding: chunked" in head.lower()  # the same head as a GET
         assert rest.startswith(b"HTTP/1.1 200 OK\r\n")
         assert wait_until(lambda: "on_close" in events(server.port, "head"), timeout=2)
+
+
+def test_the_date_header_is_formatted_once_a_second_as_pywsgi_formats_it() -> None:
+    from gevent.pywsgi import format_date_time
+
+    from wsgi_detach._server import _date_now
+
+    for _ in range(3):  # a second may turn between the two readings: bounded retries
+        second = int(time.time())
+        ours = _date_now()
+        if int(time.time()) == second:
+            assert ours == format_date_time(second)
+            assert _date_now() is ours  # the same second: the cached bytes
+            return
+    pytest.fail("the second turned during each of three readings")

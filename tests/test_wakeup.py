@@ -7,7 +7,7 @@ import time
 
 import gevent
 
-from wsgi_detach._wakeup import CannotBlockHere, in_hub, make_waiter
+from wsgi_detach._wakeup import CannotBlockHere, in_hub, make_waiter, reuse_waiter
 
 
 def test_a_thread_without_a_hub_gets_a_thread_waiter_woken_from_a_greenlet() -> None:
@@ -67,3 +67,33 @@ def test_a_wake_before_the_wait_is_not_lost() -> None:
     waiter.wake()
     gevent.sleep(0)  # let the scheduled switch run before anyone waits
     assert waiter.wait(1) is True
+
+
+def test_a_reused_hub_waiter_returns_once_at_once_after_a_late_wake_up() -> None:
+    def run() -> None:
+        waiter = reuse_waiter(None)
+        assert waiter.wait(0.01) is False  # nobody woke it: the timer did
+        waiter.wake()  # late: that wait is over
+        assert reuse_waiter(waiter) is waiter
+        assert waiter.wait(5) is True  # the late wake-up, at once
+        started = time.monotonic()
+        assert waiter.wait(0.05) is False  # ...and only once
+        assert time.monotonic() - started >= 0.04
+        woken = gevent.spawn_later(0.01, waiter.wake)
+        assert waiter.wait(None) is True  # the kept keep-alive timer, re-armed
+        woken.join(timeout=1)
+
+    gevent.spawn(run).get(timeout=10)
+
+
+def test_thread_waiters_are_never_reused() -> None:
+    found: list[bool] = []
+
+    def run() -> None:
+        waiter = reuse_waiter(None)
+        found.append(reuse_waiter(waiter) is waiter)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join(timeout=10)
+    assert found == [False]

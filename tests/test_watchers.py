@@ -7,6 +7,7 @@ tests/mw_apps.py from the servers that expose the connection.
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 import time
@@ -286,3 +287,24 @@ def test_a_slow_on_close_delays_no_other_detection() -> None:
             response.close()
         for server, _ in pairs:
             server.close()
+
+
+def test_a_forked_child_gets_a_watcher_thread_of_its_own() -> None:
+    """The monitor is looked up without a lock or getpid(); a fork must still replace it."""
+    parent = _get_monitor()
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report, and leave without running pytest's teardown
+        try:
+            child = _get_monitor()
+            os.write(write_end, b"new" if child is not parent and child.pid == os.getpid()
+                     else b"old")
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    try:
+        assert os.read(read_end, 3) == b"new"
+    finally:
+        os.close(read_end)
+        os.waitpid(pid, 0)
+    assert _get_monitor() is parent

@@ -73,6 +73,15 @@ def plain(environ: dict[str, Any], start_response: Start) -> Any:
         count = str(SENDS[0]).encode()
         start_response("200 OK", [*TEXT, ("Content-Length", str(len(count)))])
         return [count]
+    if path.startswith("/environ"):  # what the server told the app, and the request body it read
+        shown = {k: v for k, v in environ.items() if type(v) in (str, bool, tuple)
+                 and k not in ("REMOTE_PORT", "SERVER_PORT")}
+        # An upgrade request gets the raw stream, which would read to the end.
+        shown["body"] = environ["wsgi.input"].read() if environ["wsgi.input_terminated"] else b""
+        shown["input"] = type(environ["wsgi.input"]).__name__
+        text = "".join(f"{k}={shown[k]!r}\n" for k in sorted(shown)).encode()
+        start_response("200 OK", [*TEXT, ("Content-Length", str(len(text)))])
+        return [text]
     if path == "/list":  # has len(): pywsgi derives Content-Length
         start_response("200 OK", TEXT)
         return [b"a", b"", b"bc"]

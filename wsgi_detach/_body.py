@@ -63,6 +63,7 @@ from ._wakeup import (
     Waiter,
     allocate_lock,
     make_waiter,
+    reuse_waiter,
     spawn_greenlet,
     start_real_thread,
 )
@@ -247,6 +248,7 @@ class DetachedBody:
         self._buffered = 0
         self._end_error: BaseException | None = None  # raised once the buffer drains
         self._consumer: Waiter | None = None
+        self._consumer_waiter: Waiter | None = None  # kept from wait to wait (reuse_waiter)
         self._producers: list[Waiter] = []
         self._callbacks: list[Callable[[], object]] | None = []
         self._head: tuple[str, list[tuple[str, str]]] | None = None  # from start()
@@ -584,7 +586,8 @@ class DetachedBody:
                     if wait_for is None or wait_for > 0:
                         if self._consumer is not None:
                             raise UsageError("two consumers iterate the same DetachedBody")
-                        waiter = self._consumer = make_waiter()
+                        waiter = reuse_waiter(self._consumer_waiter)
+                        self._consumer = self._consumer_waiter = waiter
                     else:
                         chunk = self._on_due_locked()
                         if chunk is None:
@@ -600,8 +603,10 @@ class DetachedBody:
             try:
                 woken = waiter.wait(wait_for)
             finally:
-                # Whoever woke us took us off the body already (under the lock).
-                if not woken:
+                # Whoever woke us took us off the body already (under the lock);
+                # still on it after a wake-up: a late one meant for an earlier
+                # wait of the reused waiter -- look again all the same.
+                if not woken or self._consumer is waiter:
                     with self._lock:
                         if self._consumer is waiter:
                             self._consumer = None

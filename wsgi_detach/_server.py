@@ -27,9 +27,12 @@ that is not monkey-patched if your app uses blocking libraries (the
 from __future__ import annotations
 
 import email.parser
+import functools
 import logging
 import re
 import socket
+import time
+import urllib.parse
 from collections.abc import Iterator
 from http import client as _http
 from typing import TYPE_CHECKING, Any, Callable, Final
@@ -67,6 +70,16 @@ _SIMPLE_HEADER: Final = re.compile(r"([\x21-\x39\x3b-\x7e]+):[ \t]*([^\r\n]*)\r?
 _OldMessage: Any = getattr(pywsgi, "OldMessage", None)
 #: The access log pywsgi installs for ``log=None``.
 _NoopLog: Any = getattr(pywsgi, "_NoopLog", None)
+#: pywsgi's "bad request" error (answered with its 400); ``None``: leave parsing to pywsgi.
+_InvalidClientRequest: Any = getattr(pywsgi, "_InvalidClientRequest", None)
+#: pywsgi's ``Date`` header value for a timestamp (``None``: leave it to pywsgi).
+_format_date: Any = getattr(pywsgi, "format_date_time", None)
+#: How pywsgi decodes PATH_INFO.
+_unquote_latin1: Final = functools.partial(urllib.parse.unquote, encoding="latin-1")
+#: The request versions the lean request path takes; anything else goes to pywsgi.
+_PLAIN_VERSIONS: Final = frozenset({"HTTP/1.1", "HTTP/1.0"})
+#: Header names pywsgi leaves out of the ``HTTP_*`` keys (they have their own).
+_OWN_KEYS: Final = frozenset({"CONTENT_TYPE", "CONTENT_LENGTH"})
 
 
 class DetachHandler(WSGIHandler):  # type: ignore[misc]  # gevent ships no type hints
@@ -128,16 +141,61 @@ class DetachHandler(WSGIHandler):  # type: ignore[misc]  # gevent ships no type 
             message.status = "Line too long"
             return message
         pairs: list[tuple[str, str]] = []
+        index: dict[str, str] = {}
         match = _SIMPLE_HEADER.fullmatch
         for line in lines[:-1]:
             found = match(line.decode("latin-1"))
             if found is None:
                 return _email_parser(lines)
             pairs.append((found[1], found[2]))
+            index.setdefault(found[1].lower(), found[2])  # email's get(): the first one
         message = _OldMessage()
         message._headers = pairs
         message._payload = ""
+        self._header_index = index
         return message
+
+    #: The parsed request's headers by lower-case name (the first of each, as
+    #: ``Message.get`` answers), when :meth:`MessageClass` took its fast path
+    #: and nothing changed them since; else ``None``.
+    _header_index: dict[str, str] | None = None
+
+    def read_request(self, raw_requestline: str) -> bool:
+        """pywsgi's request parsing, with header look-ups in a dict instead of the email API.
+
+        Same attributes, same errors (and so the same 400 answers); HTTP/0.9
+        and unusual request lines go to pywsgi itself.
+        """
+        self._header_index = None
+        words = raw_requestline.split()
+        if _InvalidClientRequest is None or len(words) != 3 or words[2] not in _PLAIN_VERSIONS:
+            return bool(super().read_request(raw_requestline))
+        self.requestline = raw_requestline.rstrip()
+        self.command, self.path, self.request_version = words
+        headers = self.headers = self.MessageClass(self.rfile, 0)
+        if headers.status:
+            raise _InvalidClientRequest(f"Invalid headers status: {headers.status!r}")
+        index = self._header_index
+        get: Callable[[str, Any], Any] = headers.get if index is None else index.get
+        if get("transfer-encoding", "").lower() == "chunked":
+            try:
+                del headers["content-length"]
+            except KeyError:
+                pass
+            self._header_index, get = None, headers.get  # the message changed
+        content_length = get("content-length", None)
+        if content_length is not None:
+            content_length = int(content_length)
+            if content_length < 0:
+                raise _InvalidClientRequest(f"Invalid Content-Length: {content_length!r}")
+            if content_length and self.command == "HEAD":
+                raise _InvalidClientRequest("Unexpected Content-Length")
+        self.content_length = content_length
+        if self.request_version == "HTTP/1.1":
+            self.close_connection = get("connection", "").lower() == "close"
+        else:
+            self.close_connection = get("connection", "close").lower() != "keep-alive"
+        return True
 
     def log_request(self) -> None:
         # pywsgi formats the access log line (a datetime, string formatting)
@@ -146,9 +204,67 @@ class DetachHandler(WSGIHandler):  # type: ignore[misc]  # gevent ships no type 
             super().log_request()
 
     def get_environ(self) -> dict[str, Any]:
-        environ: dict[str, Any] = super().get_environ()
-        environ[SOCKET_KEY] = self.socket
-        return environ
+        """pywsgi's environ (the same keys and values), built from the parsed headers directly."""
+        index = self._header_index
+        if index is None:
+            environ: dict[str, Any] = super().get_environ()
+            environ[SOCKET_KEY] = self.socket
+            return environ
+        env: dict[str, Any] = self.server.get_environ()
+        env["REQUEST_METHOD"] = self.command
+        env["SCRIPT_NAME"] = ""
+        path, _, query = self.path.partition("?")
+        env["PATH_INFO"] = _unquote_latin1(path)
+        env["QUERY_STRING"] = query
+        content_type = index.get("content-type")
+        if content_type is not None:
+            env["CONTENT_TYPE"] = content_type
+        length = index.get("content-length")
+        if length:
+            env["CONTENT_LENGTH"] = length
+        env["SERVER_PROTOCOL"] = self.request_version
+        client_address = self.client_address
+        if isinstance(client_address, tuple):
+            env["REMOTE_ADDR"] = str(client_address[0])
+            env["REMOTE_PORT"] = str(client_address[1])
+        for name, value in self.headers._headers:
+            if "_" in name:
+                continue  # pywsgi drops names with underscores (they could spoof others)
+            key = name.replace("-", "_").upper()
+            if key in _OWN_KEYS:
+                continue
+            key = "HTTP_" + key
+            value = value.strip()
+            if key in env:
+                env[key] += ("; " if "COOKIE" in key else ",") + value
+            else:
+                env[key] = value
+        sock = self.socket if env.get("HTTP_EXPECT") == "100-continue" else None
+        chunked = env.get("HTTP_TRANSFER_ENCODING", "").lower() == "chunked"
+        handling_reads = not (
+            index.get("connection", "").lower() == "upgrade"
+            or index.get("upgrade", "").lower() == "websocket"
+        )
+        self.wsgi_input = pywsgi.Input(
+            self.rfile, self.content_length, socket=sock, chunked_input=chunked
+        )
+        env["wsgi.input"] = self.wsgi_input if handling_reads else self.rfile
+        env["wsgi.input_terminated"] = handling_reads
+        env[SOCKET_KEY] = self.socket
+        return env
+
+    def finalize_headers(self) -> None:
+        # pywsgi formats the Date header anew for every response; it changes
+        # once a second.
+        if self.provided_date is None and _format_date is not None:
+            self.response_headers.append((b"Date", _date_now()))
+            self.provided_date = "ours"
+            try:
+                super().finalize_headers()
+            finally:
+                self.provided_date = None
+        else:
+            super().finalize_headers()
 
     # ------------------------------------------------------------------ the write path
 
@@ -159,6 +275,7 @@ class DetachHandler(WSGIHandler):  # type: ignore[misc]  # gevent ships no type 
     response_headers: list[tuple[bytes, bytes]]
     response_use_chunked: bool
     response_length: int
+    provided_date: Any
     _raw_send: Callable[[bytes], int] | None = None
 
     def write(self, data: bytes) -> None:
@@ -260,6 +377,17 @@ class DetachHandler(WSGIHandler):  # type: ignore[misc]  # gevent ships no type 
                 self.code = -self.code
             raise
         self.response_length += len(data)
+
+
+_date_cache: list[Any] = [None, b""]
+
+
+def _date_now() -> bytes:
+    """pywsgi's ``Date`` value for now, formatted once per second."""
+    second = int(time.time())
+    if _date_cache[0] != second:
+        _date_cache[0], _date_cache[1] = second, _format_date(second)
+    return _date_cache[1]  # type: ignore[no-any-return]
 
 
 _read_headers: Callable[[Any], list[bytes]] | None = getattr(_http, "_read_headers", None)

@@ -83,6 +83,7 @@ __all__ = [
     "hub_poster",
     "in_hub",
     "make_waiter",
+    "reuse_waiter",
     "runner_here",
     "spawn_greenlet",
     "start_beside",
@@ -176,25 +177,39 @@ def hub_poster() -> Callable[..., None] | None:
 class _HubWaiter:
     """Waits cooperatively in this thread's gevent hub."""
 
-    __slots__ = ("_hub", "_ident", "_inbox", "_waiter")
+    __slots__ = ("_hub", "_ident", "_inbox", "_keep_alive", "_waiter")
 
     def __init__(self, hub: Any) -> None:
         self._hub = hub
         self._ident = hub.thread_ident  # the thread that runs it: this one
         self._waiter = _GeventHubWaiter(hub)
         self._inbox = _inbox(hub)
+        self._keep_alive: Any = None  # the timer of waits without a timeout, made once
 
     def wait(self, timeout: float | None) -> bool:
         # Always arm a (referenced) timer, even without a timeout: a wake-up
         # from another thread arrives through the loop's unreferenced async
         # watcher, so a hub with nothing else to watch (no listening socket,
         # say) would otherwise decide it can never be woken and raise LoopExit.
-        timer = self._hub.loop.timer(_KEEP_ALIVE if timeout is None else max(timeout, 0.0))
+        if timeout is None:
+            # A reused waiter (reuse_waiter) keeps this one; start() re-arms it from now.
+            timer = self._keep_alive
+            if timer is None:
+                timer = self._keep_alive = self._hub.loop.timer(_KEEP_ALIVE)
+        else:
+            timer = self._hub.loop.timer(max(timeout, 0.0))
         timer.start(self._waiter.switch, False)
         try:
             return bool(self._waiter.get())
         finally:
-            timer.close()
+            # A wake-up that comes after this (one that lost the race with the
+            # timer) only stores its value: the next wait() returns at once,
+            # once -- which reuse_waiter's callers accept.
+            self._waiter.clear()
+            if timer is self._keep_alive:
+                timer.stop()
+            else:
+                timer.close()
 
     def wake(self) -> None:
         # Waiter.switch must run in the hub: a loop callback from this thread,
@@ -246,6 +261,23 @@ def make_waiter() -> Waiter:
             "would stop every greenlet in the process"
         )
     return _HubWaiter(hub)
+
+
+def reuse_waiter(previous: Waiter | None) -> Waiter:
+    """``previous`` again when it can wait in the calling greenlet's hub, else :func:`make_waiter`.
+
+    For a caller that waits over and over (a body's consumer, once per
+    chunk): it spares a waiter and a timer per wait. The price: a wake-up
+    that arrives after its wait already ended (the timeout won the race)
+    makes the *next* wait return True at once, so the caller must check
+    again after every wake-up. Thread waiters are never reused (a late
+    wake-up would release their lock twice).
+    """
+    if type(previous) is _HubWaiter:
+        hub = _get_hub_if_exists()
+        if previous._hub is hub and getcurrent() is not hub:
+            return previous
+    return make_waiter()
 
 
 def _run_by_a_hub() -> bool:

@@ -326,8 +326,20 @@ _monitor: _Monitor | None = None
 _monitor_lock = allocate_lock()
 
 
+def _forget_monitor_after_fork() -> None:
+    global _monitor, _monitor_lock
+    _monitor = None  # its thread did not survive the fork
+    _monitor_lock = allocate_lock()  # another thread may have held it at the fork
+
+
+os.register_at_fork(after_in_child=_forget_monitor_after_fork)
+
+
 def _get_monitor() -> _Monitor:
     global _monitor
+    monitor = _monitor
+    if monitor is not None:  # every watch asks: no lock, no getpid() system call
+        return monitor
     with _monitor_lock:
         if _monitor is None or _monitor.pid != os.getpid():
             _monitor = _Monitor()  # first use, or a forked child (threads do not survive fork)

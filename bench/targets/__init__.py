@@ -124,6 +124,13 @@ TARGETS: dict[str, Target] = {
             (("bare", True), ("nodelay", True)),
         ),
         Target(
+            "wsgi_detach_before",
+            "bench.targets.detach",
+            "serve",
+            PUSH | {XTHREAD},
+            "wsgi_detach imported from $BENCH_BEFORE (an export of older code): before/after",
+        ),
+        Target(
             "wsgi_detach_nocoalesce",
             "bench.targets.detach",
             "serve",

@@ -66,6 +66,10 @@ class Adapter(Protocol):
         ...
 
 
+#: The routes that take query parameters.
+_WITH_QUERY = frozenset({"/start", "/stream", "/xthread"})
+
+
 def query(environ: WSGIEnvironment) -> dict[str, int]:
     """Parse the integer query parameters every route uses."""
     return {k: int(v[0]) for k, v in parse_qs(environ.get("QUERY_STRING", "")).items()}
@@ -99,7 +103,9 @@ class App:
     # -- WSGI side ------------------------------------------------------
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         path = environ["PATH_INFO"]
-        q = query(environ)
+        # Only the routes with parameters parse the query, as the Starlette
+        # and Tornado targets do: /poll and /fanout pay no parsing.
+        q = query(environ) if path in _WITH_QUERY else {}
         if path == "/start":
             interval = q.get("interval_ms", 100) / 1000.0
             gevent.spawn(

@@ -119,6 +119,7 @@ def serve(
     use_server = use_mw and hasattr(wsgi_detach, "DetachServer")
     info: dict[str, object] = {
         "wsgi_detach": getattr(wsgi_detach, "__version__", "?"),
+        "wsgi_detach_from": wsgi_detach.__file__,
         "middleware": use_mw,
         "body_options": options,
     }
