@@ -14,6 +14,7 @@ the stamp.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable
 
@@ -110,3 +111,28 @@ def thread_producer(
             time.sleep(sleep_s)
         put(message(seq))
     finish()
+
+
+class AsyncioHub:
+    """Subscribers of the publisher on an asyncio server: an ``asyncio.Queue`` each.
+
+    ``None`` in a queue ends that response. Shared by the Tornado and
+    Starlette targets, so both peers fan out exactly alike.
+    """
+
+    def __init__(self) -> None:
+        self.streams: set[asyncio.Queue[bytes | None]] = set()
+        self.polls: list[asyncio.Queue[bytes | None]] = []
+
+    def publish(self, msg: bytes) -> None:
+        for q in self.streams:
+            q.put_nowait(msg)
+        waiting, self.polls = self.polls, []
+        for q in waiting:
+            q.put_nowait(msg)
+            q.put_nowait(None)
+
+    def end(self) -> None:
+        streams, self.streams = self.streams, set()
+        for q in streams:
+            q.put_nowait(None)

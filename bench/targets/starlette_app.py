@@ -30,26 +30,12 @@ MEDIA = "application/octet-stream"
 NO_PING = 3600
 
 
-class Hub:
-    """Subscribers of the publisher: one ``asyncio.Queue`` per response."""
+class Hub(producer.AsyncioHub):
+    """Subscribers of the publisher, plus the tasks the target keeps alive."""
 
     def __init__(self) -> None:
-        self.streams: set[asyncio.Queue[bytes | None]] = set()
-        self.polls: list[asyncio.Queue[bytes | None]] = []
+        super().__init__()
         self.tasks: set[asyncio.Task[None]] = set()
-
-    def publish(self, msg: bytes) -> None:
-        for q in self.streams:
-            q.put_nowait(msg)
-        waiting, self.polls = self.polls, []
-        for q in waiting:
-            q.put_nowait(msg)
-            q.put_nowait(None)
-
-    def end(self) -> None:
-        streams, self.streams = self.streams, set()
-        for q in streams:
-            q.put_nowait(None)
 
     def spawn(self, coro: object) -> None:
         task = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]

@@ -21,25 +21,7 @@ from bench import producer
 Queue = asyncio.Queue  # of bytes | None; None ends the stream
 
 
-class Hub:
-    """Subscribers of the publisher."""
-
-    def __init__(self) -> None:
-        self.streams: set[asyncio.Queue[bytes | None]] = set()
-        self.polls: list[asyncio.Queue[bytes | None]] = []
-
-    def publish(self, msg: bytes) -> None:
-        for q in self.streams:
-            q.put_nowait(msg)
-        waiting, self.polls = self.polls, []
-        for q in waiting:
-            q.put_nowait(msg)
-            q.put_nowait(None)
-
-    def end(self) -> None:
-        streams, self.streams = self.streams, set()
-        for q in streams:
-            q.put_nowait(None)
+Hub = producer.AsyncioHub
 
 
 class Base(tornado.web.RequestHandler):
