@@ -205,12 +205,7 @@ class DetachMiddleware:
     ) -> None:
         if not callable(app):
             raise TypeError(f"DetachMiddleware wraps a WSGI app (a callable), got {app!r}")
-        unknown = set(defaults) - _BODY_DEFAULTS
-        if unknown:
-            raise TypeError(
-                f"DetachMiddleware got unknown options {sorted(unknown)}; body defaults "
-                f"are {sorted(_BODY_DEFAULTS)}"
-            )
+        _refuse_unknown("DetachMiddleware", defaults, _BODY_DEFAULTS, "body defaults are")
         if max_open is not None and (not isinstance(max_open, int) or max_open <= 0):
             raise ValueError(f"max_open must be a positive int or None, got {max_open!r}")
         if not isinstance(retry_after, int) or retry_after < 0:
@@ -387,6 +382,17 @@ class DetachMiddleware:
         return [*headers, *extra] if extra else headers
 
 
+def _refuse_unknown(
+    who: str, given: dict[str, Any], allowed: frozenset[str], allowed_are: str
+) -> None:
+    """Raise ``TypeError`` naming the options ``who`` does not take, and those it does."""
+    unknown = set(given) - allowed
+    if unknown:
+        raise TypeError(
+            f"{who} got unknown options {sorted(unknown)}; {allowed_are} {sorted(allowed)}"
+        )
+
+
 def _say_farewell(stream: object, farewell: Chunk) -> None:
     """Give an open stream (a body, or a request with a wrapped queue) its last chunk."""
     try:
@@ -484,12 +490,7 @@ class _Request:
                 "iterator, e.g. a stream_with_context generator); call it in the app or "
                 "view itself, before returning the body"
             )
-        unknown = set(overrides) - _BODY_OVERRIDES
-        if unknown:
-            raise TypeError(
-                f"detach() got unknown options {sorted(unknown)}; "
-                f"it takes {sorted(_BODY_OVERRIDES)}"
-            )
+        _refuse_unknown("detach()", overrides, _BODY_OVERRIDES, "it takes")
         body = DetachedBody(budget=self.mw.budget, **{**self.mw.defaults, **overrides})
         try:
             self.mw._track_body(body)
