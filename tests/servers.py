@@ -22,7 +22,8 @@ threaded wsgiref; cheroot.
 Besides the app, every child (but the bare and the command kinds below)
 serves ``/_server`` (outside the validator): its PID (the worker's, under
 gunicorn), RSS, live greenlets and threads, unclosed
-``DetachedBody`` objects, and every PEP 3333 violation ``wsgiref.validate``
+``DetachedBody`` objects, how many unreachable objects a ``gc.collect()``
+freed (the reference cycles left since the last report), and every PEP 3333 violation ``wsgiref.validate``
 reported so far, plus hop-by-hop response headers, which the validator lets
 through. Violations are caught wherever they surface: raised from the
 app call, from iteration or ``close()``, as warnings (made errors), or from ``__del__`` (an
@@ -283,7 +284,9 @@ def _server_report() -> dict[str, Any]:
     import psutil
     from greenlet import greenlet
 
-    gc.collect()
+    # Unreachable objects the collector freed since the last report: what
+    # reference cycles the requests in between left behind.
+    garbage = gc.collect()
     objects = gc.get_objects()
     live = [o for o in objects if isinstance(o, greenlet) and bool(o)]
     try:
@@ -301,6 +304,7 @@ def _server_report() -> dict[str, Any]:
         "threads": threading.active_count(),
         "open_bodies": open_bodies,
         "violations": list(_violations),
+        "garbage": garbage,
     }
 
 

@@ -637,14 +637,22 @@ class _Request:
 
     def end(self, ended: bool) -> None:
         """The response is over (the server closed it): stop watching, close every body."""
-        if self.cancel_watch is not None:
-            self.cancel_watch()
+        # Dropped, not just called: the watch holds our on_disconnect, so a
+        # kept reference would be a cycle -- garbage for the collector on
+        # every request instead of freed at once (measured: ~15 us a request).
+        cancel_watch, self.cancel_watch = self.cancel_watch, None
+        if cancel_watch is not None:
+            cancel_watch()
         self.close_bodies()
-        if self.stop_pump is not None:
+        # A body that owns start_response (an EventStream) holds our
+        # start_response method: let go of them, for the same reason.
+        self.bodies = []
+        stop_pump, self.stop_pump = self.stop_pump, None
+        if stop_pump is not None:
             # Here, in the server's close(), we are on the request's own thread:
             # the one place a threaded server's pump can still be stopped,
             # even when a watcher closed the body first.
-            self.stop_pump()
+            stop_pump()
         if self.queue is not None:
             if self.cut_off is not None or self.failed:
                 outcome = "failed"
