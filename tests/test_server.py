@@ -17,7 +17,7 @@ from typing import Any
 
 import gevent
 import pytest
-from gevent.pywsgi import headers_factory
+from gevent.pywsgi import WSGIHandler, headers_factory
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -218,6 +218,66 @@ def test_request_headers_parse_as_pywsgi_parses_them(lines: list[bytes]) -> None
         del message["host"]
         message["Content-Type"] = "late"
     assert _state(parsed) == _state(expected)
+
+
+_REQUEST_LINES = st.tuples(
+    st.sampled_from([b"GET", b"HEAD", b"POST", b"", b" GET"]),
+    st.sampled_from([b" ", b"  ", b"\t", b""]),
+    st.sampled_from([b"/", b"/a?b", b"/a b", b"/\n", b"/\xe9"]),
+    st.sampled_from([b" ", b"\t"]),
+    st.sampled_from([b"HTTP/1.1", b"HTTP/1.0", b"HTTP/0.9", b"HTTP/2.0", b""]),
+    st.sampled_from([b"", b" ", b"\r", b" x"]),
+).map(b"".join)
+_LEAN_HEADERS = st.sampled_from([b"Host: a", b"Content-Length: 3", b"content-length: 0",
+                                 b"Content-Length: -1", b"Content-Length: x",
+                                 b"Connection: close", b"connection: Keep-Alive",
+                                 b"Connection: upgrade", b"Upgrade: websocket",
+                                 b"Transfer-Encoding: chunked", b"Expect: 100-continue",
+                                 b"X_Y: z", b"Cookie: a", b"A:b", b" folded"])
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    _REQUEST_LINES,
+    st.lists(st.one_of(_LEAN_HEADERS, st.lists(_HEADER_BYTES, max_size=4).map(b"".join)),
+             max_size=5),
+)
+def test_the_lean_request_path_parses_what_it_takes_as_pywsgi_does(
+    request_line: bytes, lines: list[bytes]
+) -> None:
+    """Whatever head the lean path takes, pywsgi's read_request takes too, with the same
+    result; the lean path declining is always safe (pywsgi then parses it)."""
+    raw = request_line + b"\r\n" + b"".join(line + b"\r\n" for line in lines) + b"\r\nrest"
+    end = raw.find(b"\r\n\r\n")
+    ours = DetachHandler.__new__(DetachHandler)
+    if end <= 0 or not ours._take_lean_head(raw[:end].decode("latin-1")):
+        return
+    theirs = WSGIHandler.__new__(WSGIHandler)
+    theirs.rfile = io.BytesIO(raw)
+    requestline = theirs.read_requestline()
+    assert theirs.read_request(requestline)  # raises on what pywsgi would answer with a 400
+    assert theirs.rfile.tell() == end + 4  # the head ends where the lean path says
+    for name in ("requestline", "command", "path", "request_version", "content_length",
+                 "close_connection"):
+        assert getattr(ours, name) == getattr(theirs, name), name
+    assert ours.headers._headers == theirs.headers._headers
+    for name in _NAMES:
+        assert ours._header_index.get(name.lower(), "?") == theirs.headers.get(name, "?")
+
+
+def test_the_lean_request_path_takes_the_everyday_head_and_declines_the_rest() -> None:
+    def taken(head: str) -> bool:
+        return bool(DetachHandler.__new__(DetachHandler)._take_lean_head(head))
+
+    assert taken("GET /poll?cursor=3 HTTP/1.1\r\nHost: a\r\nAccept: */*")
+    assert taken("POST /publish HTTP/1.1\r\nHost: a\r\nContent-Length: 5")
+    for declined in ("GET /a HTTP/1.1\r\nExpect: 100-continue",
+                     "POST /a HTTP/1.1\r\nTransfer-Encoding: chunked",
+                     "GET /a HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: websocket",
+                     "GET /a HTTP/1.1\r\nX-Folded: a\r\n b",
+                     "GET /a HTTP/1.1\r\nContent-Length: -1",
+                     "GET /a HTTP/2.0", "GET /a", "GET /a\tb HTTP/1.1"):
+        assert not taken(declined), declined
 
 
 def test_request_headers_fast_path_is_taken_for_plain_lines() -> None:

@@ -80,6 +80,20 @@ _unquote_latin1: Final = functools.partial(urllib.parse.unquote, encoding="latin
 _PLAIN_VERSIONS: Final = frozenset({"HTTP/1.1", "HTTP/1.0"})
 #: Header names pywsgi leaves out of the ``HTTP_*`` keys (they have their own).
 _OWN_KEYS: Final = frozenset({"CONTENT_TYPE", "CONTENT_LENGTH"})
+#: One header line of a request head the lean path takes (see ``_SIMPLE_HEADER``),
+#: split from the head at its CRLFs.
+_SIMPLE_LINE: Final = re.compile(r"([\x21-\x39\x3b-\x7e]+):[ \t]*([^\r\n]*)")
+#: The end of a request head.
+_HEAD_END: Final = b"\r\n\r\n"
+#: The lean path looks for a whole head in the first this-many buffered bytes;
+#: longer heads go to pywsgi. Below pywsgi's request-line limit (8 192) and
+#: http.client's header-line limit, so neither limit can be reached here.
+_LEAN_HEAD_MAX: Final = 8192
+#: More header lines than this go to pywsgi (http.client refuses over 100).
+_LEAN_MAX_HEADERS: Final = 100
+#: Request headers that need pywsgi's own handling: a body in chunks, a
+#: 100-continue, a protocol switch.
+_NOT_LEAN: Final = frozenset({"transfer-encoding", "expect", "upgrade"})
 
 
 class DetachHandler(WSGIHandler):  # type: ignore[misc]  # gevent ships no type hints
@@ -121,6 +135,111 @@ class DetachHandler(WSGIHandler):  # type: ignore[misc]  # gevent ships no type 
             super().handle()
         finally:
             self._raw_send = None  # pywsgi drops its socket references here too
+
+    # ------------------------------------------------------------------ the request path
+
+    def handle_one_request(self) -> Any:
+        """pywsgi's ``handle_one_request``, with a lean path for the everyday request.
+
+        When the whole head of the next request is already buffered, is at
+        most 8 KiB, has a plain HTTP/1.1 or 1.0 request line and only plain
+        ``name: value`` header lines, and asks for nothing pywsgi must handle
+        itself (``Transfer-Encoding``, ``Expect``, ``Upgrade``, an invalid
+        ``Content-Length``), it is parsed here in one pass over the bytes
+        instead of a ``readline`` per line; the request then goes through
+        pywsgi's own ``handle_one_response`` (error handling, 500s, closing
+        the result) as any other. Anything else -- and so every request pywsgi
+        would answer with a 400 or 414 -- goes to pywsgi unchanged, with
+        nothing consumed. What the app sees is the same either way
+        (tests/test_server.py compares the environs).
+        """
+        rfile = self.rfile
+        if rfile.closed or _InvalidClientRequest is None:
+            return super().handle_one_request()
+        try:
+            buffered = rfile.peek(1)  # what is buffered; one read (cooperative) if nothing is
+        except OSError:
+            return None  # as pywsgi: a reset connection is not worth a word
+        end = buffered.find(_HEAD_END, 0, _LEAN_HEAD_MAX)
+        if end <= 0 or not self._take_lean_head(buffered[:end].decode("latin-1")):
+            return super().handle_one_request()
+        rfile.read(end + 4)  # the head, now parsed: consume it
+        self.response_length = 0
+        self.environ = self.get_environ()
+        self.application = self.server.application
+        self.handle_one_response()
+        if self.close_connection or rfile.closed:
+            return None
+        return True
+
+    def _take_lean_head(self, head: str) -> bool:
+        """Parse ``head`` as pywsgi's ``read_request`` would; False (nothing set): not lean."""
+        lines = head.split("\r\n")
+        requestline = lines[0].rstrip()
+        words = requestline.split()
+        if (
+            len(words) != 3
+            or words[2] not in _PLAIN_VERSIONS
+            or "\n" in requestline  # pywsgi's readline would end the line there
+            or len(lines) > _LEAN_MAX_HEADERS + 1
+        ):
+            return False
+        pairs: list[tuple[str, str]] = []
+        index: dict[str, str] = {}
+        match = _SIMPLE_LINE.fullmatch
+        for line in lines[1:]:
+            found = match(line)
+            if found is None:
+                return False
+            name, value = found.groups()
+            pairs.append((name, value))
+            lower = name.lower()
+            if lower in _NOT_LEAN:
+                return False
+            index.setdefault(lower, value)  # email's get(): the first one
+        content_length: Any = index.get("content-length")
+        if content_length is not None:
+            try:
+                content_length = int(content_length)
+            except ValueError:
+                return False
+            if content_length < 0 or (content_length and words[0] == "HEAD"):
+                return False
+        if "connection" in index and index["connection"].lower() == "upgrade":
+            return False
+        self.requestline = requestline
+        self.command, self.path, self.request_version = words
+        self._lean_pairs = pairs
+        self._header_index = index
+        self.content_length = content_length
+        if words[2] == "HTTP/1.1":
+            self.close_connection = index.get("connection", "").lower() == "close"
+        else:
+            self.close_connection = index.get("connection", "close").lower() != "keep-alive"
+        return True
+
+    #: The request's header lines when the lean path parsed them (``headers``
+    #: is then made from them only if someone asks); else ``None``.
+    _lean_pairs: list[tuple[str, str]] | None = None
+    _headers_message: Any = None
+
+    @property
+    def headers(self) -> Any:
+        """pywsgi's parsed request headers (an ``email`` message), made on first use."""
+        message = self._headers_message
+        if message is None:
+            pairs = self._lean_pairs
+            if pairs is None or _OldMessage is None:
+                return WSGIHandler.headers  # pywsgi's empty default
+            message = self._headers_message = _OldMessage()
+            message._headers = list(pairs)
+            message._payload = ""
+        return message
+
+    @headers.setter
+    def headers(self, message: Any) -> None:
+        self._headers_message = message
+        self._lean_pairs = None
 
     def MessageClass(self, rfile: Any, *args: Any) -> Any:
         """The request headers, as pywsgi's own parser returns them, in a fraction of its time.
@@ -227,7 +346,8 @@ class DetachHandler(WSGIHandler):  # type: ignore[misc]  # gevent ships no type 
         if isinstance(client_address, tuple):
             env["REMOTE_ADDR"] = str(client_address[0])
             env["REMOTE_PORT"] = str(client_address[1])
-        for name, value in self.headers._headers:
+        pairs = self._lean_pairs
+        for name, value in self.headers._headers if pairs is None else pairs:
             if "_" in name:
                 continue  # pywsgi drops names with underscores (they could spoof others)
             key = name.replace("-", "_").upper()
