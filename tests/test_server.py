@@ -280,6 +280,37 @@ def test_the_lean_request_path_takes_the_everyday_head_and_declines_the_rest() -
         assert not taken(declined), declined
 
 
+_HEADER_TEXT = st.lists(st.sampled_from(["a", "Connection", "Date", "content-length", "close",
+                                         "7", " ", "\r", "\n", "\xe9", "\u4e2d", ":"]),
+                        max_size=3).map("".join)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.sampled_from(["200 OK", "204 No Content", "304 Not Modified", "101 Switching",
+                     "x00 Bad", "200 \r\nX: y", b"200 OK", "200 caf\xe9", "200 \u4e2d"]),
+    st.lists(st.tuples(st.one_of(_HEADER_TEXT, st.just(b"bytes")), _HEADER_TEXT), max_size=4),
+    st.sampled_from(["HTTP/1.1", "HTTP/1.0"]),
+    st.booleans(),
+)
+def test_start_response_does_what_pywsgi_does(
+    status: Any, headers: list[tuple[Any, str]], version: str, close: bool
+) -> None:
+    """Same attributes on success, the same error (type and message) on failure."""
+    def run(handler_class: type) -> Any:
+        handler = handler_class.__new__(handler_class)
+        handler.request_version, handler.close_connection = version, close
+        try:
+            handler.start_response(status, list(headers))
+        except Exception as exc:  # noqa: BLE001 - compared below
+            return type(exc), exc.args
+        names = ("status", "_orig_status", "response_headers", "code", "provided_date",
+                 "provided_content_length", "close_connection")
+        return {name: getattr(handler, name) for name in names}
+
+    assert run(DetachHandler) == run(WSGIHandler)
+
+
 def test_request_headers_fast_path_is_taken_for_plain_lines() -> None:
     parsed = DetachHandler.__new__(DetachHandler).MessageClass(
         io.BytesIO(b"Host: a\r\nX-Long:  spaced  \r\n\r\n"), 0

@@ -95,6 +95,7 @@ _BODY_OVERRIDES: Final = _BODY_DEFAULTS | {"start_response"}
 #: buffers or caches a stream would hold every chunk back. X-Accel-Buffering
 #: is nginx's per-response switch for proxy_buffering.
 _STREAMING_HEADERS: Final = (("Cache-Control", "no-cache"), ("X-Accel-Buffering", "no"))
+_STREAMING_NAMES: Final = frozenset(name.lower() for name, _ in _STREAMING_HEADERS)
 
 _OUTCOMES: Final = ("finished", "failed", "timed_out", "disconnected")
 
@@ -377,8 +378,10 @@ class DetachMiddleware:
     def _streaming(self, headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
         if not self.streaming_headers:
             return headers
-        present = {name.lower() for name, _ in headers}
-        extra = [item for item in _STREAMING_HEADERS if item[0].lower() not in present]
+        given = [name.lower() for name, _ in headers if name.lower() in _STREAMING_NAMES]
+        if not given:  # the usual case: the app set neither
+            return [*headers, *_STREAMING_HEADERS]
+        extra = [item for item in _STREAMING_HEADERS if item[0].lower() not in given]
         return [*headers, *extra] if extra else headers
 
 
@@ -490,8 +493,11 @@ class _Request:
                 "iterator, e.g. a stream_with_context generator); call it in the app or "
                 "view itself, before returning the body"
             )
-        _refuse_unknown("detach()", overrides, _BODY_OVERRIDES, "it takes")
-        body = DetachedBody(budget=self.mw.budget, **{**self.mw.defaults, **overrides})
+        options = self.mw.defaults
+        if overrides:
+            _refuse_unknown("detach()", overrides, _BODY_OVERRIDES, "it takes")
+            options = {**options, **overrides}
+        body = DetachedBody(budget=self.mw.budget, **options)
         try:
             self.mw._track_body(body)
         except Unavailable:

@@ -373,18 +373,82 @@ class DetachHandler(WSGIHandler):  # type: ignore[misc]  # gevent ships no type 
         env[SOCKET_KEY] = self.socket
         return env
 
+    def start_response(
+        self, status: str, headers: list[tuple[str, str]], exc_info: Any = None
+    ) -> Callable[[bytes], None]:
+        """pywsgi's ``start_response``, in one pass over the headers when all is well.
+
+        pywsgi walks the headers twice (checking and encoding, then looking
+        for ``Connection``, ``Date`` and ``Content-Length``). Here one pass
+        does both for plain ``str`` headers that need no error; anything pywsgi
+        would refuse or treat specially (``exc_info``, a 204/304, a
+        non-``str``, a CR or LF, a character beyond latin-1) goes to pywsgi's
+        own method, which raises exactly its own errors.
+        """
+        if exc_info is not None or type(status) is not str or "\r" in status or "\n" in status:
+            return super().start_response(status, headers, exc_info)  # type: ignore[no-any-return]
+        encoded: list[tuple[bytes, bytes]] = []
+        connection = date = length = None
+        try:
+            for name, value in headers:
+                if (
+                    type(name) is not str
+                    or type(value) is not str
+                    or "\r" in name
+                    or "\n" in name
+                    or "\r" in value
+                    or "\n" in value
+                ):
+                    return super().start_response(status, headers)  # type: ignore[no-any-return]
+                encoded.append((name.encode("latin-1"), value.encode("latin-1")))
+                lower = name.lower()
+                if lower == "connection":
+                    connection = value
+                elif lower == "date":
+                    date = value
+                elif lower == "content-length":
+                    length = value
+        except UnicodeEncodeError:
+            return super().start_response(status, headers)  # type: ignore[no-any-return]
+        code = int(status.split(" ", 1)[0])
+        if code in (204, 304):
+            return super().start_response(status, headers)  # type: ignore[no-any-return]
+        self.status = status.encode("latin-1")
+        self._orig_status = status
+        self.response_headers = encoded
+        self.code = code
+        self.provided_date = date
+        self.provided_content_length = length
+        if self.request_version == "HTTP/1.0" and connection is None:
+            encoded.append((b"Connection", b"close" if self.close_connection else b"keep-alive"))
+        elif connection == "close":
+            self.close_connection = True
+        return self.write
+
     def finalize_headers(self) -> None:
-        # pywsgi formats the Date header anew for every response; it changes
-        # once a second.
-        if self.provided_date is None and _format_date is not None:
-            self.response_headers.append((b"Date", _date_now()))
-            self.provided_date = "ours"
-            try:
-                super().finalize_headers()
-            finally:
-                self.provided_date = None
-        else:
+        """pywsgi's ``finalize_headers``, with the ``Date`` value formatted once a second.
+
+        The same headers in the same order: ``Date`` unless the app gave one,
+        then ``Content-Length`` for a body with ``len()`` or ``Transfer-Encoding:
+        chunked`` on HTTP/1.1 (PEP 3333 "Handling the Content-Length Header").
+        """
+        if _format_date is None:
             super().finalize_headers()
+            return
+        headers = self.response_headers
+        if self.provided_date is None:
+            headers.append((b"Date", _date_now()))
+        code = self.code
+        self.connection_upgraded = code == 101
+        if code in (204, 304) or self.provided_content_length is not None:
+            return
+        result = self.result
+        if hasattr(result, "__len__"):
+            total = sum(len(chunk) for chunk in result)
+            headers.append((b"Content-Length", str(total).encode("latin-1")))
+        elif code != 101 and self.request_version != "HTTP/1.0":
+            self.response_use_chunked = True
+            headers.append((b"Transfer-Encoding", b"chunked"))
 
     # ------------------------------------------------------------------ the write path
 
@@ -396,6 +460,12 @@ class DetachHandler(WSGIHandler):  # type: ignore[misc]  # gevent ships no type 
     response_use_chunked: bool
     response_length: int
     provided_date: Any
+    provided_content_length: Any
+    connection_upgraded: bool
+    close_connection: bool
+    request_version: str
+    result: Any
+    _orig_status: str
     _raw_send: Callable[[bytes], int] | None = None
 
     def write(self, data: bytes) -> None:
