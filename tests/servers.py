@@ -21,15 +21,16 @@ threaded wsgiref; cheroot.
 
 Besides the app, every child (but the bare and the command kinds below)
 serves ``/_server`` (outside the validator): its PID (the worker's, under
-gunicorn), RSS, live greenlets and threads, unclosed
-``DetachedBody`` objects, how many unreachable objects a ``gc.collect()``
-freed (the reference cycles left since the last report), and every PEP 3333 violation ``wsgiref.validate``
-reported so far, plus hop-by-hop response headers, which the validator lets
-through. Violations are caught wherever they surface: raised from the
-app call, from iteration or ``close()``, as warnings (made errors), or from ``__del__`` (an
-iterator collected unclosed), so a server that swallows them cannot hide them.
-The validator's wrapper hides the app iterable's ``len()``; the server still
-sees it, so a lying ``len()`` breaks here as it would in production.
+gunicorn), RSS, live greenlets and threads, unclosed ``DetachedBody``
+objects, how many unreachable objects a ``gc.collect()`` freed (the
+reference cycles left since the last report), and every PEP 3333 violation
+``wsgiref.validate`` reported so far, plus hop-by-hop response headers,
+which the validator lets through. Violations are caught wherever they
+surface: raised from the app call, from iteration or ``close()``, as
+warnings (made errors), or from ``__del__`` (an iterator collected
+unclosed), so a server that swallows them cannot hide them. The validator's
+wrapper hides the app iterable's ``len()``; the server still sees it, so a
+lying ``len()`` breaks here as it would in production.
 
 Two kinds are served bare, for the byte-for-byte comparison of the write
 path (tests/wire_apps.py): ``pywsgi-plain`` and ``detach-handler`` have no
