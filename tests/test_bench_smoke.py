@@ -20,19 +20,10 @@ ROOT = Path(__file__).resolve().parent.parent
 TARGETS = ["wsgi_detach", "seed_queue", "raw_limit"]
 
 
-@pytest.mark.timeout(120)
-def test_smoke_run_writes_expected_json(tmp_path: Path) -> None:
+def run_module(*args: str) -> str:
+    """``python -m ARGS`` from the repository root, inside the tests' timeout; its stdout."""
     proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bench",
-            "--smoke",
-            "--targets",
-            ",".join(TARGETS),
-            "--results-dir",
-            str(tmp_path),
-        ],
+        [sys.executable, "-m", *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -40,7 +31,15 @@ def test_smoke_run_writes_expected_json(tmp_path: Path) -> None:
         check=False,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "/seed_queue" in proc.stdout and "/raw_limit" in proc.stdout  # ratio columns
+    return proc.stdout
+
+
+@pytest.mark.timeout(120)
+def test_smoke_run_writes_expected_json(tmp_path: Path) -> None:
+    stdout = run_module(
+        "bench", "--smoke", "--targets", ",".join(TARGETS), "--results-dir", str(tmp_path)
+    )
+    assert "/seed_queue" in stdout and "/raw_limit" in stdout  # ratio columns
     latest = json.loads((tmp_path / "latest.json").read_text())
     assert len(list(tmp_path.glob("bench-*.json"))) == 1
 
@@ -72,3 +71,14 @@ def test_smoke_run_writes_expected_json(tmp_path: Path) -> None:
     for per_target in [*results["fanout"].values(), *results["xthread"].values()]:
         for target, entry in per_target.items():
             assert entry["median"]["lost"] == 0, (target, entry["runs"])
+
+
+@pytest.mark.timeout(120)
+def test_mem_idle_prints_bytes_per_stream_and_where_they_go() -> None:
+    """``python -m bench.mem_idle`` at a tiny size: its table, owners and lines."""
+    out = run_module("bench.mem_idle", "--streams", "20", "--top", "5")
+    assert "RSS KiB" in out and "server KiB" in out
+    for target in ("wsgi_detach", "seed_queue"):
+        assert f"== {target}: server side by owner" in out
+        assert f"== {target}: top 5 server-side lines" in out
+    assert "wsgi_detach/_" in out  # some of our own lines made the wsgi_detach top 5

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import weakref
 from typing import Any
 
 import gevent
@@ -221,6 +222,64 @@ def test_coalesces_waiting_chunks_up_to_the_limit_in_order() -> None:
         body.put(piece)
     body.finish()
     assert drain(body) == [b"aaaabbbb", b"cccc", b"dddddddddddd", b"e"]
+
+
+@pytest.mark.parametrize(("coalesce", "third"), [(0, [b"2", b"3"]), (10, [b"23"])])
+def test_order_holds_as_the_buffer_empties_and_fills_again(
+    coalesce: int, third: list[bytes]
+) -> None:
+    """The oldest chunk waits in a slot of its own, any more behind it in a
+    deque made only then: what comes out must not depend on which holds what."""
+    body = DetachedBody(coalesce=coalesce)
+    body.put(b"1")
+    assert next(body) == b"1"  # the slot alone
+    body.put(b"2")
+    body.put(b"3")  # behind it
+    got = [next(body) for _ in third]
+    assert got == third
+    body.put(b"4")
+    body.put(b"5")
+    body.put(b"6")
+    assert repr(body) == "<DetachedBody open, 3 chunks / 3 bytes buffered>"
+    assert next(body) == (b"4" if coalesce == 0 else b"456")
+    body.finish(b"7")  # a last chunk behind whatever still waits
+    assert drain(body) == ([b"5", b"6", b"7"] if coalesce == 0 else [b"7"])
+
+
+class _Tagged(DetachedBody):
+    """A user's subclass that declares no ``__slots__`` and so gets an instance dict."""
+
+    def __init__(self, tag: str, **options: Any) -> None:
+        self.tag = tag  # before DetachedBody.__init__ ran
+        super().__init__(**options)
+        self.seen: list[bytes] = []
+
+    def __next__(self) -> bytes:
+        chunk = super().__next__()
+        self.seen.append(chunk)
+        return chunk
+
+
+def test_a_subclass_without_slots_keeps_attributes_of_its_own() -> None:
+    body = _Tagged("t", coalesce=0)
+    body.later = "set from outside"  # type: ignore[attr-defined]
+    body.put(b"a")
+    body.finish(b"b")
+    assert drain(body) == [b"a", b"b"]
+    assert vars(body) == {"tag": "t", "seen": [b"a", b"b"], "later": "set from outside"}
+    assert body.outcome is None and body.state == "finished"
+
+
+def test_a_body_keeps_its_attributes_in_slots_and_can_be_weakly_referenced() -> None:
+    """Slots: no per-body dict (bench/mem_idle.py); weak references as before."""
+    body = DetachedBody()
+    assert not hasattr(body, "__dict__")
+    with pytest.raises(AttributeError):
+        body.anything = 1  # type: ignore[attr-defined]
+    ref = weakref.ref(body)
+    assert ref() is body
+    del body
+    assert ref() is None
 
 
 # ---------------------------------------------------------------- producers tied to the body

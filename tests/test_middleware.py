@@ -18,7 +18,8 @@ import pytest
 from tests.client import Stream, events, get, get_json, wait_until
 from tests.mw_apps import starts_in_first_iteration
 from tests.servers import ServerProcess, serve
-from wsgi_detach import DetachMiddleware, UsageError, detach
+from wsgi_detach import DetachedBody, DetachMiddleware, EventStream, UsageError, detach
+from wsgi_detach._middleware import python_next
 
 SERVERS = ["pywsgi", "wsgiref", "detach-server", "waitress"]
 
@@ -100,6 +101,33 @@ def test_write_callable_sends_the_head_first() -> None:
     assert server.calls == [("200 OK", [("Content-Type", "text/plain")], None)]
     assert server.written == [b"written "]
     assert list(result) == [b"returned"]
+
+
+def test_a_body_the_app_returns_already_closed_gives_its_slot_back() -> None:
+    """The middleware's on_close runs at once on a closed body, so the body must
+    be among the request's before that callback is registered."""
+
+    def app(environ: dict[str, Any], start_response: Any) -> Any:
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        body = DetachedBody()
+        body.close()
+        return body
+
+    middleware = DetachMiddleware(app, max_open=1, watch_disconnects=False)
+    result = middleware(_environ(), _Server().start_response)
+    assert middleware.stats().open == 0
+    assert list(result) == []
+    result.close()  # type: ignore[attr-defined]
+    stats = middleware.stats()
+    assert (stats.open, stats.disconnected) == (0, 1)
+
+
+def test_python_next_picks_the_iterators_to_call_without_next() -> None:
+    """Those whose __next__ is Python code; see python_next for why."""
+    assert python_next(DetachedBody())
+    assert python_next(EventStream())
+    assert not python_next(iter([b"x"]))
+    assert not python_next(chunk for chunk in [b"x"])
 
 
 def test_detach_without_the_middleware_says_how_to_fix_it() -> None:

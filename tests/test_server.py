@@ -302,7 +302,7 @@ def test_start_response_does_what_pywsgi_does(
         handler.request_version, handler.close_connection = version, close
         try:
             handler.start_response(status, list(headers))
-        except Exception as exc:  # noqa: BLE001 - compared below
+        except Exception as exc:
             return type(exc), exc.args
         names = ("status", "_orig_status", "response_headers", "code", "provided_date",
                  "provided_content_length", "close_connection")

@@ -121,6 +121,15 @@ def test_send_nowait_raises_buffer_full() -> None:
     stream.close()
 
 
+def test_last_event_id_is_an_attribute_you_may_set_later() -> None:
+    """EventStream adds its one attribute as a slot of its own (DetachedBody has slots)."""
+    stream = EventStream({}, last_event_id="7")
+    stream.last_event_id = "8"  # what Hub.event_stream does when the header was absent
+    assert stream.last_event_id == "8"
+    assert not hasattr(stream, "__dict__")
+    stream.close()
+
+
 def test_last_event_id_is_read_from_the_header_as_utf8() -> None:
     # WSGI passes header bytes as latin-1 text; the browser sent UTF-8.
     raw = "r\u00e9sum\u00e9-1".encode().decode("latin-1")

@@ -6,8 +6,16 @@ import threading
 import time
 
 import gevent
+from greenlet import getcurrent
 
-from wsgi_detach._wakeup import CannotBlockHere, in_hub, make_waiter, reuse_waiter
+from wsgi_detach._wakeup import (
+    CannotBlockHere,
+    in_hub,
+    make_waiter,
+    reuse_waiter,
+    runner_here,
+    start_real_thread,
+)
 
 
 def test_a_thread_without_a_hub_gets_a_thread_waiter_woken_from_a_greenlet() -> None:
@@ -97,3 +105,28 @@ def test_thread_waiters_are_never_reused() -> None:
     thread.start()
     thread.join(timeout=10)
     assert found == [False]
+
+
+def test_runner_here_runs_in_a_new_greenlet_of_the_hub_it_was_captured_in() -> None:
+    hub = gevent.get_hub()
+    run = runner_here()
+    ran: list[tuple[int, bool]] = []
+
+    def note() -> None:
+        ran.append((threading.get_ident(), getcurrent() is not hub and getcurrent().parent is hub))
+
+    start_real_thread(run, note).join(5)  # posted from a thread without a hub
+    deadline = time.monotonic() + 5
+    while not ran and time.monotonic() < deadline:
+        gevent.sleep(0.01)
+    assert ran == [(threading.get_ident(), True)]
+
+
+def test_runner_here_without_a_hub_runs_at_once_where_it_is_called() -> None:
+    ran: list[int] = []
+    captured: list[object] = []
+    thread = start_real_thread(lambda: captured.append(runner_here()))
+    thread.join(5)
+    (run,) = captured
+    run(lambda: ran.append(threading.get_ident()))  # type: ignore[operator]
+    assert ran == [threading.get_ident()]

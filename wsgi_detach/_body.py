@@ -199,6 +199,42 @@ class DetachedBody:
             (see :mod:`wsgi_detach._budget` for why). ``None``: no shared cap.
     """
 
+    # Slots, not an instance dict: one body per open response, for as long as
+    # it lasts. A subclass that declares no __slots__ of its own gets a dict
+    # as usual, so attributes of its own just work.
+    __slots__ = (
+        "__weakref__",
+        "_budget",
+        "_buffered",
+        "_callbacks",
+        "_coalesce",
+        "_consumer",
+        "_consumer_waiter",
+        "_deadline",
+        "_deadline_at",
+        "_encoding",
+        "_end_error",
+        "_first",
+        "_head",
+        "_head_sent",
+        "_heartbeat",
+        "_heartbeat_chunk",
+        "_idle_timeout",
+        "_last_put",
+        "_last_yield",
+        "_lock",
+        "_max_buffer",
+        "_more",
+        "_needs_head",
+        "_outcome",
+        "_producers",
+        "_sent_data",
+        "_start_response",
+        "_state",
+        "_timed",
+        "_timeout_chunk",
+    )
+
     def __init__(
         self,
         *,
@@ -244,12 +280,20 @@ class DetachedBody:
         self._timed = idle_timeout is not None or deadline is not None or heartbeat is not None
         self._lock = allocate_lock()
         self._state: str = OPEN
-        self._buffer: deque[bytes] = deque()
-        self._buffered = 0
+        # The buffer: the oldest chunk waiting, then the ones after it. Most
+        # bodies hold one chunk at a time (a message in, a message out), so
+        # the deque is made only when a second one waits: an empty deque
+        # costs 760 bytes (CPython allocates a block of 64 slots up front),
+        # more than the rest of an idle body together.
+        self._first: bytes | None = None  # None: nothing buffered
+        self._more: deque[bytes] | None = None  # after _first; made when first needed
+        self._buffered = 0  # bytes in _first and _more; 0 exactly when they are empty
         self._end_error: BaseException | None = None  # raised once the buffer drains
         self._consumer: Waiter | None = None
         self._consumer_waiter: Waiter | None = None  # kept from wait to wait (reuse_waiter)
-        self._producers: list[Waiter] = []
+        # Blocked on max_buffer; replaced, never changed in place, so that the
+        # usual "nobody" is a shared empty tuple rather than a list per body.
+        self._producers: tuple[Waiter, ...] = ()
         self._callbacks: list[Callable[[], object]] | None = []
         self._head: tuple[str, list[tuple[str, str]]] | None = None  # from start()
         self._head_sent = start_response is None  # the app called start_response itself
@@ -257,7 +301,6 @@ class DetachedBody:
         self._sent_data = False  # a non-empty chunk went to the server
         self._outcome: str | None = None
         now = time.monotonic()
-        self._created = now
         self._deadline_at = None if self._deadline is None else now + self._deadline
         self._last_put = now
         self._last_yield = now
@@ -293,7 +336,7 @@ class DetachedBody:
 
     def __repr__(self) -> str:
         return (
-            f"<DetachedBody {self._state}, {len(self._buffer)} chunks / "
+            f"<DetachedBody {self._state}, {self._chunks()} chunks / "
             f"{self._buffered} bytes buffered>"
         )
 
@@ -520,18 +563,19 @@ class DetachedBody:
         """The server's side: the next non-empty chunk, blocking until there is one."""
         # Fast path: data waiting and no producer blocked on the cap.
         with self._lock:
-            buffer = self._buffer
+            chunk = self._first
             if (
-                buffer
+                chunk is not None
                 and not self._producers
                 and (self._deadline_at is None or time.monotonic() < self._deadline_at)
             ):
-                chunk = buffer.popleft()
-                if buffer and len(chunk) < self._coalesce:
-                    chunk = self._join_locked(chunk)
-                self._buffered -= len(chunk)
-                if self._budget is not None:
-                    self._budget.give(len(chunk))
+                if self._more:
+                    chunk = self._pop_locked()
+                else:  # the one chunk waiting: the usual case
+                    self._first = None
+                    self._buffered -= len(chunk)
+                    if self._budget is not None:
+                        self._budget.give(len(chunk))
             else:
                 chunk = None
         if chunk is None:
@@ -549,16 +593,16 @@ class DetachedBody:
         long-poll instead of two). A hint only: the handler still calls
         ``next()`` and trusts what it does.
         """
-        return self._state is not OPEN and not self._buffer and self._end_error is None
+        return self._state is not OPEN and self._first is None and self._end_error is None
 
     def _next_slow(self) -> bytes:
         while True:
-            to_wake: list[Waiter] = []
+            to_wake: tuple[Waiter, ...] = ()
             waiter: Waiter | None = None
             chunk: bytes | None = None
             error: BaseException | None = None
             with self._lock:
-                if self._buffer and self._deadline_passed_locked():
+                if self._first is not None and self._deadline_passed_locked():
                     # A hard cap holds even while data waits for a slow client:
                     # the unsent rest is dropped, so the end must not look clean.
                     self._discard_locked()
@@ -570,10 +614,10 @@ class DetachedBody:
                         ),
                     )
                     continue
-                if self._buffer:
+                if self._first is not None:
                     chunk = self._pop_locked()
                     if self._producers:
-                        to_wake, self._producers = self._producers, []
+                        to_wake, self._producers = self._producers, ()
                         # They waited for the client, not the other way round:
                         # that is not producer silence (idle_timeout).
                         self._last_put = time.monotonic()
@@ -625,14 +669,13 @@ class DetachedBody:
             self._state = CLOSED
             self._discard_locked()
             self._end_error = None
-            waiters = self._producers
-            self._producers = []
+            waiters, self._producers = self._producers, ()
             consumer = self._take_consumer_locked()
             callbacks, self._callbacks = self._callbacks or [], None
-        if consumer is not None:
-            waiters.append(consumer)
         for waiter in waiters:
             waiter.wake()
+        if consumer is not None:
+            consumer.wake()
         for callback in callbacks:
             _run_callback(callback)
 
@@ -676,7 +719,10 @@ class DetachedBody:
                         self._last_put = time.monotonic()
                     if not data:
                         return
-                    self._buffer.append(data)
+                    if buffered:
+                        self._more_locked().append(data)
+                    else:
+                        self._first = data
                     self._buffered = buffered + len(data)
                     consumer = self._consumer
                     if consumer is None:
@@ -695,7 +741,7 @@ class DetachedBody:
                         f"(a loop callback), where blocking would stop every greenlet; use "
                         f"put_nowait() and handle BufferFull, or produce from a greenlet"
                     ) from None
-                self._producers.append(waiter)
+                self._producers = (*self._producers, waiter)
             remaining = None if give_up is None else give_up - time.monotonic()
             woken = False
             try:
@@ -704,7 +750,7 @@ class DetachedBody:
                 if not woken:
                     with self._lock:
                         if waiter in self._producers:
-                            self._producers.remove(waiter)
+                            self._producers = tuple(w for w in self._producers if w is not waiter)
                         else:
                             woken = True  # woken as the timer fired: look again
             if not woken and give_up is not None and time.monotonic() >= give_up:
@@ -722,14 +768,32 @@ class DetachedBody:
         self._state = state
         self._end_error = error
         # Producers blocked on a full buffer must hear that the body ended.
-        waiters, self._producers = self._producers, []
+        waiters, self._producers = self._producers, ()
         for waiter in waiters:
             waiter.wake()
 
+    def _chunks(self) -> int:
+        """How many chunks are buffered."""
+        return (self._first is not None) + len(self._more or ())
+
+    def _more_locked(self) -> deque[bytes]:
+        """The deque behind the first chunk, made the first time one more waits."""
+        more = self._more
+        if more is None:
+            more = self._more = deque()
+        return more
+
     def _pop_locked(self) -> bytes:
-        chunk = self._buffer.popleft()
-        if self._buffer and len(chunk) < self._coalesce:
-            chunk = self._join_locked(chunk)
+        """Take the oldest chunk (with those waiting behind it, up to ``coalesce``)."""
+        chunk = self._first
+        assert chunk is not None
+        more = self._more
+        if more:
+            if len(chunk) < self._coalesce:
+                chunk = self._join_locked(chunk)
+            self._first = more.popleft() if more else None
+        else:
+            self._first = None
         self._buffered -= len(chunk)
         if self._budget is not None:
             self._budget.give(len(chunk))
@@ -737,7 +801,8 @@ class DetachedBody:
 
     def _join_locked(self, first: bytes) -> bytes:
         """Join chunks that are already waiting onto ``first``, up to ``coalesce`` bytes."""
-        buffer = self._buffer
+        buffer = self._more
+        assert buffer is not None
         limit = self._coalesce
         parts = [first]
         size = len(first)
@@ -749,7 +814,10 @@ class DetachedBody:
 
     def _append_locked(self, data: bytes) -> None:
         """Buffer a chunk that must not be refused (a last chunk, a timeout chunk)."""
-        self._buffer.append(data)
+        if self._buffered:
+            self._more_locked().append(data)
+        else:
+            self._first = data
         self._buffered += len(data)
         if self._budget is not None:
             self._budget.force(len(data))
@@ -775,7 +843,9 @@ class DetachedBody:
 
     def _discard_locked(self) -> None:
         """Drop what is buffered, giving its bytes back to the shared budget."""
-        self._buffer.clear()
+        self._first = None
+        if self._more:
+            self._more.clear()
         if self._budget is not None:
             self._budget.give(self._buffered)
         self._buffered = 0
@@ -825,7 +895,7 @@ class DetachedBody:
             return "failed"
         if self._state == EXPIRED:
             return "timed_out"
-        if self._state == FINISHED and not self._buffer:
+        if self._state == FINISHED and self._first is None:
             return "finished"
         return "disconnected"
 

@@ -43,7 +43,7 @@ from gevent.pywsgi import WSGIHandler, WSGIServer
 from gevent.socket import socket as _GeventSocket
 
 from ._body import Chunk
-from ._middleware import DetachMiddleware
+from ._middleware import DetachMiddleware, python_next
 from ._watchers import SOCKET_KEY
 
 if TYPE_CHECKING:
@@ -129,12 +129,13 @@ class DetachHandler(WSGIHandler):  # type: ignore[misc]  # gevent ships no type 
                 pass
         # The kernel socket under gevent's, for the non-blocking first try of
         # each send; only for gevent's plain socket class (a TLS socket's
-        # ``_sock`` would bypass the encryption).
-        self._raw_send = self.socket._sock.send if type(self.socket) is _GeventSocket else None
+        # ``_sock`` would bypass the encryption). The socket, not its bound
+        # ``send``: that would be one more object per connection.
+        self._raw_socket = self.socket._sock if type(self.socket) is _GeventSocket else None
         try:
             super().handle()
         finally:
-            self._raw_send = None  # pywsgi drops its socket references here too
+            self._raw_socket = None  # pywsgi drops its socket references here too
 
     # ------------------------------------------------------------------ the request path
 
@@ -371,6 +372,9 @@ class DetachHandler(WSGIHandler):  # type: ignore[misc]  # gevent ships no type 
         env["wsgi.input"] = self.wsgi_input if handling_reads else self.rfile
         env["wsgi.input_terminated"] = handling_reads
         env[SOCKET_KEY] = self.socket
+        # Done with it: the handler (and this dict) would otherwise be kept
+        # for as long as the response lasts -- forever, for a held stream.
+        self._header_index = None
         return env
 
     def start_response(
@@ -466,7 +470,7 @@ class DetachHandler(WSGIHandler):  # type: ignore[misc]  # gevent ships no type 
     request_version: str
     result: Any
     _orig_status: str
-    _raw_send: Callable[[bytes], int] | None = None
+    _raw_socket: Any = None
 
     def write(self, data: bytes) -> None:
         """PEP 3333's ``write()`` callable, and how each chunk of the body is sent."""
@@ -479,22 +483,21 @@ class DetachHandler(WSGIHandler):  # type: ignore[misc]  # gevent ships no type 
         # pywsgi's loop, with the terminator merged into the last chunk where
         # the body can tell, without waiting, that it has no more.
         result = self.result
-        exhausted = getattr(result, "_exhausted", None)
-        if not callable(exhausted):
-            exhausted = None
+        tells_end = callable(getattr(result, "_exhausted", None))
         iterator: Iterator[bytes] = iter(result)
+        in_place = python_next(iterator)
         ended = False
-        data: Any = next(iterator, _END)
+        data: Any = _next_or_end(iterator, in_place)
         while data is not _END:
             if not data:
-                data = next(iterator, _END)
+                data = _next_or_end(iterator, in_place)
                 continue
-            if exhausted is None or not exhausted():
+            if not tells_end or not result._exhausted():
                 self._send(data, False)
-                data = next(iterator, _END)
+                data = _next_or_end(iterator, in_place)
                 continue
             try:
-                following = next(iterator, _END)  # does not wait: the body said so
+                following = _next_or_end(iterator, in_place)  # does not wait: the body said so
             except BaseException:
                 self._send(data, False)  # yielded before the error: pywsgi sends it
                 raise
@@ -551,12 +554,12 @@ class DetachHandler(WSGIHandler):  # type: ignore[misc]  # gevent ships no type 
     def _sendall(self, data: bytes) -> None:
         # pywsgi's _sendall (same error bookkeeping), trying one plain
         # non-blocking send first.
-        send = self._raw_send
+        raw = self._raw_socket
         try:
             sent = 0
-            if send is not None:
+            if raw is not None:
                 try:
-                    sent = send(data)
+                    sent = raw.send(data)
                 except BlockingIOError:
                     pass
             if sent < len(data):
@@ -567,6 +570,20 @@ class DetachHandler(WSGIHandler):  # type: ignore[misc]  # gevent ships no type 
                 self.code = -self.code
             raise
         self.response_length += len(data)
+
+
+def _next_or_end(iterator: Iterator[bytes], in_place: bool) -> Any:
+    """``next(iterator, _END)``; with ``in_place``, without nesting the interpreter loop.
+
+    See :func:`~wsgi_detach._middleware.python_next` for why: a greenlet
+    waiting in a body would keep the nested loop's C stack.
+    """
+    if not in_place:
+        return next(iterator, _END)
+    try:
+        return iterator.__next__()
+    except StopIteration:
+        return _END
 
 
 _date_cache: list[Any] = [None, b""]

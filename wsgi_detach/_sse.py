@@ -208,6 +208,8 @@ class EventStream(DetachedBody):
     #: ``flask.Response(stream, headers=list(EventStream.HEADERS))``.
     HEADERS: Final = SSE_HEADERS
 
+    __slots__ = ("last_event_id",)  # see DetachedBody.__slots__
+
     def __init__(
         self,
         environ: WSGIEnvironment | None = None,

@@ -121,21 +121,31 @@ Cancel = Callable[[], object]
 
 
 class _Watch:
-    """One watched request: how to reach it back, and what to call."""
+    """One watched request: how to reach it back, and what to call.
 
-    __slots__ = ("check", "due", "fd", "on_disconnect", "run")
+    Calling it stops the watch: it is the cancel function :func:`watch`
+    returns, so an idle stream holds no closure over it besides.
+    """
+
+    __slots__ = ("check", "due", "fd", "monitor", "on_disconnect", "run")
 
     def __init__(
         self,
+        monitor: _Monitor,
         fd: int,
         check: Callable[[], bool] | None,
         on_disconnect: Callable[[], object],
     ) -> None:
+        self.monitor = monitor
         self.due = time.monotonic() + WATCH_DELAY  # when to register it with epoll
         self.fd = fd
         self.check = check
         self.on_disconnect = on_disconnect
         self.run = runner_here()
+
+    def __call__(self) -> bool:
+        """Stop watching; True if it was still watched."""
+        return self.monitor._forget(self)
 
 
 class _Monitor:
@@ -158,13 +168,13 @@ class _Monitor:
     # ------------------------------------------------------------ registration (any thread)
 
     def watch_socket(self, fd: int, on_disconnect: Callable[[], object]) -> Cancel:
-        entry = _Watch(fd, None, on_disconnect)
+        entry = _Watch(self, fd, None, on_disconnect)
         with self._lock:
             self._pending[entry] = None
             wake, self._sleeping = self._sleeping, False
         if wake:  # the thread waits without a timeout: give it this one's deadline
             os.write(self._wake_w, b"x")
-        return lambda: self._forget(entry)
+        return entry
 
     def _register_due(self) -> None:
         """Register with epoll the sockets due now or within half a delay (watcher thread)."""
@@ -188,13 +198,13 @@ class _Monitor:
                 self._by_fd[entry.fd] = entry
 
     def watch_poll(self, check: Callable[[], bool], on_disconnect: Callable[[], object]) -> Cancel:
-        entry = _Watch(-1, check, on_disconnect)
+        entry = _Watch(self, -1, check, on_disconnect)
         with self._lock:
             self._polled.append(entry)
             first = len(self._polled) == 1
         if first:
             os.write(self._wake_w, b"x")  # switch the thread from waiting forever to polling
-        return lambda: self._forget(entry)
+        return entry
 
     def _forget(self, entry: _Watch) -> bool:
         """Stop watching ``entry``; True if it was still watched (so it is ours to report)."""
