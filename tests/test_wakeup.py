@@ -52,6 +52,31 @@ def test_a_hub_waiter_times_out_and_wakes_from_another_thread() -> None:
     assert waiter.wait(5) is True  # no LoopExit though nothing else keeps the hub busy
 
 
+def test_waits_without_timeout_share_one_keep_alive_and_never_hit_loop_exit() -> None:
+    """Many greenlets waiting with no timeout, woken from another thread, in a hub with
+    nothing else to watch: the hub's one keep-alive timer keeps the loop running while
+    any of them waits, and stops once none does."""
+    from wsgi_detach._wakeup import _inbox
+
+    hub = gevent.get_hub()
+    waiters = [make_waiter() for _ in range(20)]
+    results: list[bool] = []
+    greenlets = [gevent.spawn(lambda w=w: results.append(w.wait(None))) for w in waiters]
+    gevent.sleep(0)  # every greenlet is waiting now
+    keep_alive = _inbox(hub)._keep_alive
+    assert keep_alive.active
+
+    def wake_all() -> None:
+        for waiter in waiters:
+            time.sleep(0.001)
+            waiter.wake()
+
+    threading.Thread(target=wake_all).start()
+    gevent.joinall(greenlets, timeout=5)
+    assert results == [True] * 20
+    assert not keep_alive.active
+
+
 def test_the_hub_itself_cannot_block() -> None:
     seen: list[object] = []
 

@@ -124,15 +124,34 @@ class Waiter(Protocol):
 class _Inbox:
     """Callbacks posted into one hub from other OS threads, through one async watcher."""
 
-    __slots__ = ("__weakref__", "_async", "_pending")
+    __slots__ = ("__weakref__", "_async", "_keep_alive", "_pending", "_waiting")
 
     def __init__(self, hub: Any) -> None:  # in the hub's own thread
         self._pending: deque[tuple[Callable[..., object], tuple[Any, ...]]] = deque()
         self._async = hub.loop.async_()
         self._async.start(self._drain)
         # Not a reason to keep the loop running by itself: whoever waits for
-        # a post keeps a referenced timer (see _HubWaiter.wait).
+        # a post holds the keep-alive timer below (see _HubWaiter.wait).
         self._async.ref = False
+        # One referenced timer, running while any waiter of this hub waits
+        # without a timeout: it keeps the loop from deciding that nothing can
+        # ever wake them (LoopExit). One for the hub, not one per wait: a
+        # libev timer start and stop per delivered chunk is a heap insert and
+        # removal among every other stream's timers.
+        self._keep_alive = hub.loop.timer(_KEEP_ALIVE, _KEEP_ALIVE)
+        self._waiting = 0
+
+    def hold(self) -> None:
+        """A waiter of this hub starts waiting (in the hub's thread): keep the loop alive."""
+        self._waiting += 1
+        if self._waiting == 1:
+            self._keep_alive.start(_nothing)
+
+    def release(self) -> None:
+        """That waiter stopped waiting (in the hub's thread)."""
+        self._waiting -= 1
+        if not self._waiting:
+            self._keep_alive.stop()
 
     def post(self, fn: Callable[..., object], *args: Any) -> None:
         """Run ``fn(*args)`` in the hub, soon; callable from any thread."""
@@ -151,6 +170,10 @@ class _Inbox:
                 fn(*args)
             except Exception:
                 _log.exception("callback %r posted into the hub raised", fn)
+
+
+def _nothing() -> None:
+    """The keep-alive timer's callback: its only job is to be there."""
 
 
 _inboxes: weakref.WeakKeyDictionary[Any, _Inbox] = weakref.WeakKeyDictionary()
@@ -181,39 +204,38 @@ def hub_poster() -> Callable[..., None] | None:
 class _HubWaiter:
     """Waits cooperatively in this thread's gevent hub."""
 
-    __slots__ = ("_hub", "_ident", "_inbox", "_keep_alive", "_waiter")
+    __slots__ = ("_hub", "_ident", "_inbox", "_waiter")
 
     def __init__(self, hub: Any) -> None:
         self._hub = hub
         self._ident = hub.thread_ident  # the thread that runs it: this one
         self._waiter = _GeventHubWaiter(hub)
         self._inbox = _inbox(hub)
-        self._keep_alive: Any = None  # the timer of waits without a timeout, made once
 
     def wait(self, timeout: float | None) -> bool:
-        # Always arm a (referenced) timer, even without a timeout: a wake-up
-        # from another thread arrives through the loop's unreferenced async
-        # watcher, so a hub with nothing else to watch (no listening socket,
-        # say) would otherwise decide it can never be woken and raise LoopExit.
+        # Always keep a referenced timer running, even without a timeout: a
+        # wake-up from another thread arrives through the loop's unreferenced
+        # async watcher, so a hub with nothing else to watch (no listening
+        # socket, say) would otherwise decide it can never be woken and raise
+        # LoopExit. Without a timeout, that is the hub's shared keep-alive.
         if timeout is None:
-            # A reused waiter (reuse_waiter) keeps this one; start() re-arms it from now.
-            timer = self._keep_alive
-            if timer is None:
-                timer = self._keep_alive = self._hub.loop.timer(_KEEP_ALIVE)
-        else:
-            timer = self._hub.loop.timer(max(timeout, 0.0))
+            inbox = self._inbox
+            inbox.hold()
+            try:
+                return bool(self._waiter.get())
+            finally:
+                # A wake-up that comes after this (one that lost a race) only
+                # stores its value: the next wait() returns at once, once --
+                # which reuse_waiter's callers accept.
+                self._waiter.clear()
+                inbox.release()
+        timer = self._hub.loop.timer(max(timeout, 0.0))
         timer.start(self._waiter.switch, False)
         try:
             return bool(self._waiter.get())
         finally:
-            # A wake-up that comes after this (one that lost the race with the
-            # timer) only stores its value: the next wait() returns at once,
-            # once -- which reuse_waiter's callers accept.
             self._waiter.clear()
-            if timer is self._keep_alive:
-                timer.stop()
-            else:
-                timer.close()
+            timer.close()
 
     def wake(self) -> None:
         # Waiter.switch must run in the hub: a loop callback from this thread,
