@@ -561,9 +561,13 @@ class DetachedBody:
 
     def __next__(self) -> bytes:
         """The server's side: the next non-empty chunk, blocking until there is one."""
+        if self._first is None:
+            # Nothing waiting (a held stream between messages): the slow path
+            # looks again under the lock, so reading this without it is safe.
+            return self._next_slow()
         # Fast path: data waiting and no producer blocked on the cap.
         with self._lock:
-            chunk = self._first
+            chunk: bytes | None = self._first  # still there? another thread may have closed us
             if (
                 chunk is not None
                 and not self._producers

@@ -279,8 +279,9 @@ class Hub:
                     chunks[sub] = None
                     broken.append((sub, exc))
         finally:
-            for sub in subscribers:  # interrupted (GreenletExit): drop the rest, lose no order
-                chunks.setdefault(sub, None)
+            if len(chunks) < len(subscribers):
+                for sub in subscribers:  # interrupted (GreenletExit): drop the rest, lose no order
+                    chunks.setdefault(sub, None)
             dropped = self._deliver(seq, chunks)
         for sub, error in broken:
             log.error(
