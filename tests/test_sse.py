@@ -15,7 +15,7 @@ from tests.client import Stream
 from tests.pattern_apps import TICKER
 from tests.servers import ServerProcess
 from tests.sse_reference import parse
-from wsgi_detach import BufferFull, EventStream, encode_comment, encode_event
+from wsgi_detach import BufferFull, DetachMiddleware, EventStream, encode_comment, encode_event
 
 # -- strategies: any text for data, weighted toward what the format gives meaning
 # to (line breaks, colons, spaces, NUL, a BOM); single-line text for event; id
@@ -196,3 +196,43 @@ def test_a_bad_retry_is_refused_at_construction() -> None:
     with pytest.raises(ValueError, match="retry must be >= 0 milliseconds, got -5"):
         EventStream(retry=-5)
     assert next(EventStream(retry=0, heartbeat=None)) == b": stream open\nretry: 0\n\n"
+
+
+def _under_middleware(**options: object) -> tuple[EventStream, DetachMiddleware, object]:
+    """An EventStream an app builds itself from the environ, under DetachMiddleware(**options)."""
+    made: list[EventStream] = []
+
+    def app(environ: dict[str, object], start_response: object) -> EventStream:
+        made.append(EventStream(environ, start_response, idle_timeout=None))  # type: ignore[arg-type]
+        return made[0]
+
+    def start_response(status: str, headers: object, exc_info: object = None) -> object:
+        return lambda data: None
+
+    middleware = DetachMiddleware(app, **options)  # type: ignore[arg-type]
+    result = middleware({"REQUEST_METHOD": "GET", "PATH_INFO": "/"}, start_response)
+    return made[0], middleware, result
+
+
+def test_an_event_stream_takes_the_middlewares_budget_and_defaults() -> None:
+    stream, middleware, result = _under_middleware(
+        max_buffered=100, max_buffer=1000, deadline=30, heartbeat=99, idle_timeout=7
+    )
+    try:
+        # The shared budget counts (and caps) it like a detach() body.
+        assert middleware.stats().buffered == len(encode_comment("stream open"))
+        with pytest.raises(BufferFull, match="shared budget of 100 bytes"):
+            stream.send_nowait("x" * 200)
+        # Its defaults, but for the heartbeat an EventStream sets itself,
+        # and what the app passed (idle_timeout=None) wins.
+        assert (stream._max_buffer, stream._deadline) == (1000, 30.0)
+        assert stream._heartbeat == 15.0 and stream._idle_timeout is None
+    finally:
+        result.close()  # type: ignore[attr-defined]
+    assert middleware.stats().buffered == 0
+
+
+def test_an_event_stream_outside_the_middleware_has_no_budget() -> None:
+    stream = EventStream({"REQUEST_METHOD": "GET"})
+    assert stream._budget is None
+    stream.close()

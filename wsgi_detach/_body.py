@@ -71,7 +71,12 @@ from ._wakeup import (
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse
 
-__all__ = ["Chunk", "DetachedBody"]
+__all__ = ["BODY_OPTIONS_KEY", "Chunk", "DetachedBody"]
+
+#: Where :class:`~wsgi_detach.DetachMiddleware` puts, for bodies an app builds
+#: itself from the environ (an ``EventStream``), the body options its own
+#: ``detach()`` bodies get: its defaults and its shared ``budget``.
+BODY_OPTIONS_KEY: Final = "wsgi_detach.body_options"
 
 log = logging.getLogger("wsgi_detach")
 

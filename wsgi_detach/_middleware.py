@@ -55,7 +55,7 @@ from types import FunctionType
 from typing import TYPE_CHECKING, Any, Callable, Final
 
 from ._adopt import feed, find_inside, is_queue
-from ._body import Chunk, DetachedBody, error_response
+from ._body import BODY_OPTIONS_KEY, Chunk, DetachedBody, error_response
 from ._budget import ByteBudget
 from ._errors import DetachError, Unavailable, UsageError
 from ._wakeup import CannotBlockHere, Waiter, allocate_lock, make_waiter, start_beside
@@ -221,6 +221,9 @@ class DetachMiddleware:
         self.find_wrapped = find_wrapped
         self.defaults: dict[str, Any] = dict(defaults)
         self.budget = ByteBudget(max_buffered)
+        # For bodies the app builds itself from the environ (EventStream): the
+        # same defaults and budget as detach() gives. Made once, shared.
+        self._body_options: dict[str, Any] = {**self.defaults, "budget": self.budget}
         self._lock = allocate_lock()
         self._open: set[object] = set()
         self._totals = dict.fromkeys(_OUTCOMES, 0)
@@ -469,6 +472,7 @@ class _Request:
     def run(self, environ: WSGIEnvironment) -> Iterable[bytes]:
         environ[DETACH_KEY] = self.detach
         environ[BODIES_KEY] = self.bodies
+        environ[BODY_OPTIONS_KEY] = self.mw._body_options
         try:
             result = self.mw.app(environ, self.start_response)
         except Unavailable:

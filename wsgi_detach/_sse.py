@@ -31,7 +31,7 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING, Any, Final
 
-from ._body import DetachedBody
+from ._body import BODY_OPTIONS_KEY, DetachedBody
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIEnvironment
@@ -157,6 +157,11 @@ def read_last_event_id(environ: WSGIEnvironment) -> str | None:
         return str(raw)
 
 
+#: Body options an EventStream does not take from DetachMiddleware's defaults:
+#: SSE fixes the encoding and the heartbeat's chunk, and has its own heartbeat.
+_SSE_OWN_OPTIONS: Final = frozenset({"encoding", "heartbeat", "heartbeat_chunk"})
+
+
 class EventStream(DetachedBody):
     """A :class:`DetachedBody` that speaks ``text/event-stream``.
 
@@ -188,7 +193,12 @@ class EventStream(DetachedBody):
 
     Args:
         environ: the request's environ, read for ``Last-Event-ID``
-            (:attr:`last_event_id`); optional.
+            (:attr:`last_event_id`); optional. Under
+            :class:`DetachMiddleware` it also carries the middleware's body
+            defaults (``idle_timeout``, ``deadline``, ``max_buffer``, ...;
+            not ``heartbeat``, which an EventStream sets itself) and its
+            shared ``max_buffered`` budget, which the stream then takes, as
+            :func:`detach` bodies do; options you pass win.
         start_response: the server's ``start_response``; see above.
         retry: the client's reconnection delay in ms, sent at the start.
         heartbeat: seconds of silence after which a comment line goes out
@@ -223,6 +233,14 @@ class EventStream(DetachedBody):
         for fixed in ("encoding", "heartbeat_chunk"):
             if fixed in options:
                 raise TypeError(f"EventStream fixes {fixed}; do not pass it")
+        inherited = None if environ is None else environ.get(BODY_OPTIONS_KEY)
+        if inherited:
+            # Under DetachMiddleware: its budget and body defaults, as detach()
+            # bodies get them, but for what SSE sets itself; options given win.
+            options = {
+                **{k: v for k, v in inherited.items() if k not in _SSE_OWN_OPTIONS},
+                **options,
+            }
         opening = encode_comment("stream open")
         if retry is not None:  # checked before the body exists, so a bad value leaks nothing
             opening += f"retry: {_retry_ms(retry)}\n\n".encode("ascii")
