@@ -576,3 +576,37 @@ def test_detach_after_the_app_returned_is_refused() -> None:
             list(result)
         result.close()  # type: ignore[attr-defined]
     assert middleware.stats().open == 0
+
+
+def test_a_body_closed_elsewhere_while_its_callbacks_yield_still_frees_its_slot() -> None:
+    """The producer (or the watcher) closes the body; its app-registered on_close yields
+    (an unsubscribe over the network) before the middleware's own runs; meanwhile the
+    server's close() ends the request. The max_open slot must still come back."""
+    import gevent
+
+    from wsgi_detach import DetachedBody
+
+    def app(environ: dict[str, Any], start_response: Any) -> Any:
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        body = DetachedBody()
+        body.on_close(lambda: gevent.sleep(0))
+        body.put(b"hello\n")
+        gevent.spawn_later(0.05, body.close)
+        return body
+
+    middleware = DetachMiddleware(app, max_open=1, watch_disconnects=False)
+
+    def serve_one() -> str:
+        status: list[str] = []
+        result = middleware({"REQUEST_METHOD": "GET", "PATH_INFO": "/"},
+                            lambda s, h, e=None: status.append(s))
+        try:
+            for _ in result:
+                pass
+        finally:
+            result.close()
+        return status[0]
+
+    assert serve_one().startswith("200")
+    assert wait_until(lambda: middleware.stats().open == 0, timeout=2)
+    assert serve_one().startswith("200")  # not a 503: the slot came back

@@ -226,7 +226,7 @@ _REQUEST_LINES = st.tuples(
     st.sampled_from([b"/", b"/a?b", b"/a b", b"/\n", b"/\xe9"]),
     st.sampled_from([b" ", b"\t"]),
     st.sampled_from([b"HTTP/1.1", b"HTTP/1.0", b"HTTP/0.9", b"HTTP/2.0", b""]),
-    st.sampled_from([b"", b" ", b"\r", b" x"]),
+    st.sampled_from([b"", b" ", b"\r", b" x", b"\n", b"\r\n", b"\nX: y"]),
 ).map(b"".join)
 _LEAN_HEADERS = st.sampled_from([b"Host: a", b"Content-Length: 3", b"content-length: 0",
                                  b"Content-Length: -1", b"Content-Length: x",
@@ -271,12 +271,17 @@ def test_the_lean_request_path_takes_the_everyday_head_and_declines_the_rest() -
 
     assert taken("GET /poll?cursor=3 HTTP/1.1\r\nHost: a\r\nAccept: */*")
     assert taken("POST /publish HTTP/1.1\r\nHost: a\r\nContent-Length: 5")
+    assert taken("GET / HTTP/1.1" + "\r\nX: v" * 99)
     for declined in ("GET /a HTTP/1.1\r\nExpect: 100-continue",
                      "POST /a HTTP/1.1\r\nTransfer-Encoding: chunked",
                      "GET /a HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: websocket",
                      "GET /a HTTP/1.1\r\nX-Folded: a\r\n b",
                      "GET /a HTTP/1.1\r\nContent-Length: -1",
-                     "GET /a HTTP/2.0", "GET /a", "GET /a\tb HTTP/1.1"):
+                     "GET /a HTTP/2.0", "GET /a", "GET /a\tb HTTP/1.1",
+                     # a bare LF ends pywsgi's request line: here, before the headers
+                     "POST / HTTP/1.1\n\r\nContent-Length: 5",
+                     # http.client refuses 100 lines (it counts the blank one)
+                     "GET / HTTP/1.1" + "\r\nX: v" * 100):
         assert not taken(declined), declined
 
 
@@ -309,6 +314,16 @@ def test_start_response_does_what_pywsgi_does(
         return {name: getattr(handler, name) for name in names}
 
     assert run(DetachHandler) == run(WSGIHandler)
+
+
+def test_handler_headers_are_the_current_requests_on_a_keep_alive_connection() -> None:
+    handler = DetachHandler.__new__(DetachHandler)
+    handler.headers = handler.MessageClass(io.BytesIO(b"X-Id: one\r\nX: a\r\n b\r\n\r\n"), 0)
+    assert handler.headers.get("X-Id") == "one"  # pywsgi's path (a folded line)
+    assert handler._take_lean_head("GET / HTTP/1.1\r\nX-Id: two")
+    assert handler.headers.get("X-Id") == "two"
+    assert handler._take_lean_head("GET / HTTP/1.1\r\nX-Id: three")
+    assert handler.headers.get("X-Id") == "three"
 
 
 def test_request_headers_fast_path_is_taken_for_plain_lines() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import requests
@@ -198,26 +199,29 @@ def test_a_bad_retry_is_refused_at_construction() -> None:
     assert next(EventStream(retry=0, heartbeat=None)) == b": stream open\nretry: 0\n\n"
 
 
-def _under_middleware(**options: object) -> tuple[EventStream, DetachMiddleware, object]:
-    """An EventStream an app builds itself from the environ, under DetachMiddleware(**options)."""
-    made: list[EventStream] = []
+_MADE: list[EventStream] = []
 
-    def app(environ: dict[str, object], start_response: object) -> EventStream:
-        made.append(EventStream(environ, start_response, idle_timeout=None))  # type: ignore[arg-type]
-        return made[0]
 
+def _sse_app(environ: dict[str, object], start_response: object) -> EventStream:
+    """An app that builds its EventStream itself from the environ."""
+    _MADE.append(EventStream(environ, start_response, idle_timeout=None))  # type: ignore[arg-type]
+    return _MADE[-1]
+
+
+def _request(middleware: DetachMiddleware) -> tuple[EventStream, Any]:
+    """One request through ``middleware`` (in-process): the app's stream, the server's result."""
     def start_response(status: str, headers: object, exc_info: object = None) -> object:
         return lambda data: None
 
-    middleware = DetachMiddleware(app, **options)  # type: ignore[arg-type]
     result = middleware({"REQUEST_METHOD": "GET", "PATH_INFO": "/"}, start_response)
-    return made[0], middleware, result
+    return _MADE[-1], result
 
 
 def test_an_event_stream_takes_the_middlewares_budget_and_defaults() -> None:
-    stream, middleware, result = _under_middleware(
-        max_buffered=100, max_buffer=1000, deadline=30, heartbeat=99, idle_timeout=7
+    middleware = DetachMiddleware(
+        _sse_app, max_buffered=100, max_buffer=1000, deadline=30, heartbeat=99, idle_timeout=7
     )
+    stream, result = _request(middleware)
     try:
         # The shared budget counts (and caps) it like a detach() body.
         assert middleware.stats().buffered == len(encode_comment("stream open"))
@@ -228,7 +232,7 @@ def test_an_event_stream_takes_the_middlewares_budget_and_defaults() -> None:
         assert (stream._max_buffer, stream._deadline) == (1000, 30.0)
         assert stream._heartbeat == 15.0 and stream._idle_timeout is None
     finally:
-        result.close()  # type: ignore[attr-defined]
+        result.close()
     assert middleware.stats().buffered == 0
 
 
@@ -236,3 +240,19 @@ def test_an_event_stream_outside_the_middleware_has_no_budget() -> None:
     stream = EventStream({"REQUEST_METHOD": "GET"})
     assert stream._budget is None
     stream.close()
+
+
+def test_a_new_event_stream_is_not_refused_by_a_used_up_budget() -> None:
+    """The opening comment is forced past the shared budget, like a last chunk: a new
+    stream must not fail with BufferFull inside the app (max_open turns streams away)."""
+    middleware = DetachMiddleware(_sse_app, max_buffered=60)
+    first, result = _request(middleware)
+    try:
+        with pytest.raises(BufferFull, match="shared budget"):
+            for _ in range(10):
+                first.send_nowait("x" * 10)  # a slow client's unsent bytes use it up
+        second, second_result = _request(middleware)
+        assert second.buffered == len(encode_comment("stream open"))
+        second_result.close()
+    finally:
+        result.close()

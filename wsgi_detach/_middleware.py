@@ -667,8 +667,13 @@ class _Request:
             cancel_watch()
         self.close_bodies()
         # A body that owns start_response (an EventStream) holds our
-        # start_response method: let go of them, for the same reason.
-        self.bodies = []
+        # start_response method: let go of them, for the same reason -- after
+        # releasing their max_open slots here, since release_closed (their
+        # on_close) may still be on its way (another greenlet or thread is
+        # running their close callbacks) and will find the list empty.
+        bodies, self.bodies = self.bodies, []
+        for body in bodies:
+            self.mw._release(body, body.outcome)
         stop_pump, self.stop_pump = self.stop_pump, None
         if stop_pump is not None:
             # Here, in the server's close(), we are on the request's own thread:

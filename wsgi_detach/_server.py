@@ -89,7 +89,8 @@ _HEAD_END: Final = b"\r\n\r\n"
 #: longer heads go to pywsgi. Below pywsgi's request-line limit (8 192) and
 #: http.client's header-line limit, so neither limit can be reached here.
 _LEAN_HEAD_MAX: Final = 8192
-#: More header lines than this go to pywsgi (http.client refuses over 100).
+#: As many header lines as this, or more, go to pywsgi: http.client refuses
+#: more than 100 lines counting the blank one that ends the head.
 _LEAN_MAX_HEADERS: Final = 100
 #: Request headers that need pywsgi's own handling: a body in chunks, a
 #: 100-continue, a protocol switch.
@@ -181,8 +182,9 @@ class DetachHandler(WSGIHandler):  # type: ignore[misc]  # gevent ships no type 
         if (
             len(words) != 3
             or words[2] not in _PLAIN_VERSIONS
-            or "\n" in requestline  # pywsgi's readline would end the line there
-            or len(lines) > _LEAN_MAX_HEADERS + 1
+            # A bare LF anywhere: pywsgi's readline would end a line there.
+            or head.count("\n") != len(lines) - 1
+            or len(lines) > _LEAN_MAX_HEADERS
         ):
             return False
         pairs: list[tuple[str, str]] = []
@@ -211,6 +213,7 @@ class DetachHandler(WSGIHandler):  # type: ignore[misc]  # gevent ships no type 
         self.requestline = requestline
         self.command, self.path, self.request_version = words
         self._lean_pairs = pairs
+        self._headers_message = None  # the previous request's, if anyone asked
         self._header_index = index
         self.content_length = content_length
         if words[2] == "HTTP/1.1":

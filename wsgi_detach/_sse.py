@@ -257,7 +257,11 @@ class EventStream(DetachedBody):
         """What the client last saw (``Last-Event-ID``), or ``None`` on a first connect."""
         if start_response is not None:
             self.start("200 OK", list(SSE_HEADERS))
-        self.put_nowait(opening)
+        # Forced past a shared budget, like a last chunk: a few bytes, and
+        # refusing them would fail the request with BufferFull inside the
+        # app's constructor call (max_open is what turns streams away).
+        with self._lock:
+            self._append_locked(opening)
 
     def send(
         self,
