@@ -326,6 +326,16 @@ def test_handler_headers_are_the_current_requests_on_a_keep_alive_connection() -
     assert handler.headers.get("X-Id") == "three"
 
 
+def test_start_response_given_an_iterator_still_refuses_an_injected_header() -> None:
+    # PEP 3333 asks for a list; an iterator must not slip past pywsgi's checks
+    # by being half used up by the one-pass path.
+    for handler_class in (WSGIHandler, DetachHandler):
+        handler = handler_class.__new__(handler_class)
+        handler.request_version, handler.close_connection = "HTTP/1.1", False
+        with pytest.raises(ValueError, match="carriage return or newline"):
+            handler.start_response("200 OK", iter([("A", "b"), ("X", "y\r\nEvil: 1")]))
+
+
 def test_request_headers_fast_path_is_taken_for_plain_lines() -> None:
     parsed = DetachHandler.__new__(DetachHandler).MessageClass(
         io.BytesIO(b"Host: a\r\nX-Long:  spaced  \r\n\r\n"), 0

@@ -219,7 +219,8 @@ def _request(middleware: DetachMiddleware) -> tuple[EventStream, Any]:
 
 def test_an_event_stream_takes_the_middlewares_budget_and_defaults() -> None:
     middleware = DetachMiddleware(
-        _sse_app, max_buffered=100, max_buffer=1000, deadline=30, heartbeat=99, idle_timeout=7
+        _sse_app, max_buffered=100, max_buffer=1000, deadline=30, heartbeat=99, idle_timeout=7,
+        timeout_chunk=b"plain text",
     )
     stream, result = _request(middleware)
     try:
@@ -231,6 +232,7 @@ def test_an_event_stream_takes_the_middlewares_budget_and_defaults() -> None:
         # and what the app passed (idle_timeout=None) wins.
         assert (stream._max_buffer, stream._deadline) == (1000, 30.0)
         assert stream._heartbeat == 15.0 and stream._idle_timeout is None
+        assert stream._timeout_chunk is None  # plain text would break the event stream
     finally:
         result.close()
     assert middleware.stats().buffered == 0

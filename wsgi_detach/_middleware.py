@@ -49,9 +49,9 @@ import errno
 import logging
 import os
 import signal
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from types import FunctionType
+from types import FunctionType, MappingProxyType
 from typing import TYPE_CHECKING, Any, Callable, Final
 
 from ._adopt import feed, find_inside, is_queue
@@ -223,7 +223,9 @@ class DetachMiddleware:
         self.budget = ByteBudget(max_buffered)
         # For bodies the app builds itself from the environ (EventStream): the
         # same defaults and budget as detach() gives. Made once, shared.
-        self._body_options: dict[str, Any] = {**self.defaults, "budget": self.budget}
+        self._body_options: Mapping[str, Any] = MappingProxyType(
+            {**self.defaults, "budget": self.budget}
+        )
         self._lock = allocate_lock()
         self._open: set[object] = set()
         self._totals = dict.fromkeys(_OUTCOMES, 0)

@@ -392,7 +392,13 @@ class DetachHandler(WSGIHandler):  # type: ignore[misc]  # gevent ships no type 
         non-``str``, a CR or LF, a character beyond latin-1) goes to pywsgi's
         own method, which raises exactly its own errors.
         """
-        if exc_info is not None or type(status) is not str or "\r" in status or "\n" in status:
+        if (
+            exc_info is not None
+            or type(headers) is not list  # an iterator would be half used up by the fallback
+            or type(status) is not str
+            or "\r" in status
+            or "\n" in status
+        ):
             return super().start_response(status, headers, exc_info)  # type: ignore[no-any-return]
         encoded: list[tuple[bytes, bytes]] = []
         connection = date = length = None

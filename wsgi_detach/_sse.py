@@ -158,8 +158,9 @@ def read_last_event_id(environ: WSGIEnvironment) -> str | None:
 
 
 #: Body options an EventStream does not take from DetachMiddleware's defaults:
-#: SSE fixes the encoding and the heartbeat's chunk, and has its own heartbeat.
-_SSE_OWN_OPTIONS: Final = frozenset({"encoding", "heartbeat", "heartbeat_chunk"})
+#: SSE fixes the encoding and the heartbeat's chunk, has its own heartbeat, and
+#: a ``timeout_chunk`` meant for plain streams would be raw text in an event stream.
+_SSE_OWN_OPTIONS: Final = frozenset({"encoding", "heartbeat", "heartbeat_chunk", "timeout_chunk"})
 
 
 class EventStream(DetachedBody):
@@ -196,7 +197,8 @@ class EventStream(DetachedBody):
             (:attr:`last_event_id`); optional. Under
             :class:`DetachMiddleware` it also carries the middleware's body
             defaults (``idle_timeout``, ``deadline``, ``max_buffer``, ...;
-            not ``heartbeat``, which an EventStream sets itself) and its
+            not ``heartbeat``, which an EventStream sets itself, nor a
+            plain-text ``timeout_chunk``) and its
             shared ``max_buffered`` budget, which the stream then takes, as
             :func:`detach` bodies do; options you pass win.
         start_response: the server's ``start_response``; see above.
