@@ -281,6 +281,10 @@ def test_stats_count_outcomes(served: ServerProcess) -> None:
         result: dict[str, Any] = get_json(served.port, "/_stats")
         return result
 
+    # Streams of earlier tests on this server may still be ending (on a
+    # threaded server, after their client already had the response): their
+    # outcomes must not land between before and after.
+    assert wait_until(lambda: stats()["open"] == 0)
     before = stats()
     get(served.port, "/detached?n=1")
     get(served.port, "/fail_first")
