@@ -601,15 +601,14 @@ def test_a_body_closed_elsewhere_while_its_callbacks_yield_still_frees_its_slot(
     middleware = DetachMiddleware(app, max_open=1, watch_disconnects=False)
 
     def serve_one() -> str:
-        status: list[str] = []
-        result = middleware({"REQUEST_METHOD": "GET", "PATH_INFO": "/"},
-                            lambda s, h, e=None: status.append(s))
+        server = _Server()
+        result = middleware(_environ(), server.start_response)
         try:
             for _ in result:
                 pass
         finally:
             result.close()
-        return status[0]
+        return server.calls[0][0]
 
     assert serve_one().startswith("200")
     assert wait_until(lambda: middleware.stats().open == 0, timeout=2)

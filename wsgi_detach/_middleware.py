@@ -380,7 +380,7 @@ class DetachMiddleware:
     def _streaming(self, headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
         if not self.streaming_headers:
             return headers
-        given = [name.lower() for name, _ in headers if name.lower() in _STREAMING_NAMES]
+        given = [lower for name, _ in headers if (lower := name.lower()) in _STREAMING_NAMES]
         if not given:  # the usual case: the app set neither
             return [*headers, *_STREAMING_HEADERS]
         extra = [item for item in _STREAMING_HEADERS if item[0].lower() not in given]

@@ -66,6 +66,8 @@ _END: Final = object()
 #: nothing else: a name of the characters it accepts, no continuation, no
 #: stray line break. Anything else goes to the email parser itself.
 _SIMPLE_HEADER: Final = re.compile(r"([\x21-\x39\x3b-\x7e]+):[ \t]*([^\r\n]*)\r?\n")
+#: The same line as the lean path sees it: split from the head at its CRLFs.
+_SIMPLE_LINE: Final = re.compile(_SIMPLE_HEADER.pattern.removesuffix(r"\r?\n"))
 #: What pywsgi's own ``MessageClass`` builds (``None``: a gevent without it).
 _OldMessage: Any = getattr(pywsgi, "OldMessage", None)
 #: The access log pywsgi installs for ``log=None``.
@@ -80,9 +82,6 @@ _unquote_latin1: Final = functools.partial(urllib.parse.unquote, encoding="latin
 _PLAIN_VERSIONS: Final = frozenset({"HTTP/1.1", "HTTP/1.0"})
 #: Header names pywsgi leaves out of the ``HTTP_*`` keys (they have their own).
 _OWN_KEYS: Final = frozenset({"CONTENT_TYPE", "CONTENT_LENGTH"})
-#: One header line of a request head the lean path takes (see ``_SIMPLE_HEADER``),
-#: split from the head at its CRLFs.
-_SIMPLE_LINE: Final = re.compile(r"([\x21-\x39\x3b-\x7e]+):[ \t]*([^\r\n]*)")
 #: The end of a request head.
 _HEAD_END: Final = b"\r\n\r\n"
 #: The lean path looks for a whole head in the first this-many buffered bytes;
@@ -216,10 +215,7 @@ class DetachHandler(WSGIHandler):  # type: ignore[misc]  # gevent ships no type 
         self._headers_message = None  # the previous request's, if anyone asked
         self._header_index = index
         self.content_length = content_length
-        if words[2] == "HTTP/1.1":
-            self.close_connection = index.get("connection", "").lower() == "close"
-        else:
-            self.close_connection = index.get("connection", "close").lower() != "keep-alive"
+        self.close_connection = _closes_after(words[2], index.get)
         return True
 
     #: The request's header lines when the lean path parsed them (``headers``
@@ -314,10 +310,7 @@ class DetachHandler(WSGIHandler):  # type: ignore[misc]  # gevent ships no type 
             if content_length and self.command == "HEAD":
                 raise _InvalidClientRequest("Unexpected Content-Length")
         self.content_length = content_length
-        if self.request_version == "HTTP/1.1":
-            self.close_connection = get("connection", "").lower() == "close"
-        else:
-            self.close_connection = get("connection", "close").lower() != "keep-alive"
+        self.close_connection = _closes_after(self.request_version, get)
         return True
 
     def log_request(self) -> None:
@@ -579,6 +572,18 @@ class DetachHandler(WSGIHandler):  # type: ignore[misc]  # gevent ships no type 
                 self.code = -self.code
             raise
         self.response_length += len(data)
+
+
+def _closes_after(version: str, get: Callable[[str, str], str]) -> bool:
+    """Whether the connection ends after this request, as pywsgi decides it.
+
+    ``get`` looks up a request header by lower-case name, with a default.
+    HTTP/1.1 keeps the connection unless the client says ``close``; HTTP/1.0
+    closes it unless the client says ``keep-alive``.
+    """
+    if version == "HTTP/1.1":
+        return get("connection", "").lower() == "close"
+    return get("connection", "close").lower() != "keep-alive"
 
 
 def _next_or_end(iterator: Iterator[bytes], in_place: bool) -> Any:

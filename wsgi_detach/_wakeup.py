@@ -219,23 +219,20 @@ class _HubWaiter:
         # socket, say) would otherwise decide it can never be woken and raise
         # LoopExit. Without a timeout, that is the hub's shared keep-alive.
         if timeout is None:
-            inbox = self._inbox
-            inbox.hold()
-            try:
-                return bool(self._waiter.get())
-            finally:
-                # A wake-up that comes after this (one that lost a race) only
-                # stores its value: the next wait() returns at once, once --
-                # which reuse_waiter's callers accept.
-                self._waiter.clear()
-                inbox.release()
-        timer = self._hub.loop.timer(max(timeout, 0.0))
-        timer.start(self._waiter.switch, False)
+            self._inbox.hold()
+            done: Callable[[], object] = self._inbox.release
+        else:
+            timer = self._hub.loop.timer(max(timeout, 0.0))
+            timer.start(self._waiter.switch, False)
+            done = timer.close
         try:
             return bool(self._waiter.get())
         finally:
+            # A wake-up that comes after this (one that lost the race with the
+            # timer) only stores its value: the next wait() returns at once,
+            # once -- which reuse_waiter's callers accept.
             self._waiter.clear()
-            timer.close()
+            done()
 
     def wake(self) -> None:
         # Waiter.switch must run in the hub: a loop callback from this thread,
