@@ -1,15 +1,15 @@
-"""Render the server conformance matrix into README.md from a test run's results.
+"""Render the server conformance matrix into docs/matrix.md from a test run's results.
 
-The README's table is never typed by hand: ``tests/test_matrix.py`` records
+The matrix page's table is never typed by hand: ``tests/test_matrix.py`` records
 every (server, case) outcome with :func:`record`; at the end of the pytest
 session ``tests/conftest.py`` writes them to ``build/matrix.json``; this
 module turns that file into Markdown between the markers
-``<!-- matrix:start -->`` and ``<!-- matrix:end -->`` in README.md.
+``<!-- matrix:start -->`` and ``<!-- matrix:end -->`` in docs/matrix.md.
 
 Usage::
 
     python -m pytest tests/test_matrix.py      # run the matrix, writes build/matrix.json
-    python -m tests.matrix_report              # render it into README.md
+    python -m tests.matrix_report              # render it into docs/matrix.md
     python -m tests.matrix_report --run        # both
 """
 
@@ -27,7 +27,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "build" / "matrix.json"
-README = ROOT / "README.md"
+README = ROOT / "docs" / "matrix.md"
 START = "<!-- matrix:start -->"
 END = "<!-- matrix:end -->"
 

@@ -8,7 +8,7 @@ Each server kind is started once per module (a module-scoped parametrised
 fixture) in its own process on 127.0.0.1, and all cases run against it at the
 same time from threads, which keeps the whole matrix well under a minute. Each
 (server, case) pair is then reported as its own test, and its measured figure
-is recorded (see :mod:`tests.matrix_report`) so README.md's table comes from
+is recorded (see :mod:`tests.matrix_report`) so docs/matrix.md's table comes from
 a run, never from memory.
 
 A case returns a :class:`Cell` or raises: an ``AssertionError`` (or any other
@@ -44,7 +44,7 @@ SLACK = 0.15
 
 @dataclass
 class Cell:
-    """One (server, case) result: what the README cell shows and why."""
+    """One (server, case) result: what the matrix cell shows and why."""
 
     text: str = ""
     note: str | None = None  # a key of matrix_report.NOTES
@@ -71,7 +71,7 @@ def key() -> str:
 
 
 def seconds(value: float) -> str:
-    """A duration for a README cell: milliseconds below 0.1 s."""
+    """A duration for a matrix cell: milliseconds below 0.1 s."""
     return f"{value * 1000:.0f} ms" if round(value * 1000) < 100 else f"{value:.2f} s"
 
 
