@@ -71,7 +71,8 @@ SERVERS: dict[str, str] = {
     "pywsgi-detach": "gevent.pywsgi with wsgi_detach.DetachHandler (socket in the environ, "
     "TCP_NODELAY); the app served as it is",
     "detach-server": "wsgi_detach.make_server(app, grace=0.5): DetachHandler, TCP_NODELAY, "
-    "a stop() (on SIGTERM) that drains; the app wrapped in DetachMiddleware unless it is one",
+    "a stop() (on SIGTERM) that drains, then serve_forever() returns; the app wrapped in "
+    "DetachMiddleware unless it is one; env TEST_GRACE sets another grace",
     "detach-server-delay": "detach-server without TCP_NODELAY, for the comparison",
     "pywsgi-plain": "gevent.pywsgi as it comes, WITHOUT the validator and /_server (the "
     "validator would hide the body iterable from the handler): tests/wire_apps.py's reference",
@@ -431,8 +432,9 @@ def _serve_pywsgi(app: Any, kind: str) -> None:
     if kind.startswith("detach-server"):
         from wsgi_detach import make_server
 
+        grace = float(os.environ.get("TEST_GRACE", "0.5"))
         server = make_server(
-            app, "127.0.0.1", 0, nodelay=kind == "detach-server", grace=0.5, log=None
+            app, "127.0.0.1", 0, nodelay=kind == "detach-server", grace=grace, log=None
         )
         # The validator goes in front of the middleware (it checks what the
         # server gets), not between make_server and the app it configures.

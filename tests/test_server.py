@@ -397,3 +397,39 @@ def test_the_date_header_is_formatted_once_a_second_as_pywsgi_formats_it() -> No
             assert _date_now() is ours  # the same second: the cached bytes
             return
     pytest.fail("the second turned during each of three readings")
+
+
+# ---------------------------------------------------------------------- the grace
+
+
+def check_grace(server: ServerProcess, grace: float) -> None:
+    """SIGTERM with one stream due to end 2 s later and one due to outlive ``grace``:
+    the first ends cleanly, the second is cut at the grace, the process exits at once."""
+    assert grace > 2.5
+    ending = Stream(server.port, "/detached?n=21&interval=0.1")  # its last chunk ~2 s on
+    endless = Stream(server.port, "/detached?n=1000&interval=0.1")
+    for stream in (ending, endless):
+        stream.read_head()
+        assert stream.read_chunk() is not None
+    assert server.proc is not None
+    signalled = time.monotonic()
+    server.proc.send_signal(signal.SIGTERM)
+    done = ending.read_all()
+    ended = time.monotonic() - signalled
+    assert (done.complete, done.body.count(b";")) == (True, 21), done
+    assert 1.5 < ended < grace
+    cut = endless.read_all()
+    cut_at = time.monotonic() - signalled
+    assert cut.complete is False  # no terminating chunk: visibly incomplete
+    assert grace - 0.2 < cut_at < grace + 0.8, cut_at
+    assert server.proc.wait(timeout=10) == 0
+    assert time.monotonic() - signalled < cut_at + 0.8
+    ending.close()
+    endless.close()
+
+
+def test_make_server_serve_forever_honours_a_grace_above_one_second() -> None:
+    """Regression: stop() closed the listener, serve_forever() returned and called stop()
+    again, which skipped the drain and killed every handler after one second."""
+    with ServerProcess("detach-server", "tests.mw_apps:app", env={"TEST_GRACE": "3"}) as server:
+        check_grace(server, 3.0)

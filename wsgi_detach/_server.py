@@ -27,6 +27,7 @@ that is not monkey-patched if your app uses blocking libraries (the
 from __future__ import annotations
 
 import email.parser
+import errno
 import functools
 import logging
 import re
@@ -37,7 +38,8 @@ from collections.abc import Iterator
 from http import client as _http
 from typing import TYPE_CHECKING, Any, Callable, Final
 
-from gevent import pywsgi
+from gevent import get_hub, getcurrent, pywsgi
+from gevent.event import Event
 from gevent.pool import Pool
 from gevent.pywsgi import WSGIHandler, WSGIServer
 from gevent.socket import socket as _GeventSocket
@@ -53,8 +55,10 @@ __all__ = ["DetachHandler", "DetachServer", "make_server"]
 
 log = logging.getLogger("wsgi_detach")
 
-#: After the drain, how long pywsgi may wait for the remaining handlers (idle
-#: keep-alive connections, responses that were not detached) before killing them.
+#: After the drain, the least time the streams it has just cut get to abort
+#: (each takes milliseconds) before every handler still running is ended.
+_AFTER_CUT: Final = 0.2
+#: How long pywsgi then waits for the handlers it ends before killing them.
 _AFTER_DRAIN: Final = 1.0
 
 #: The terminating chunk of a chunked response (RFC 9112 section 7.1).
@@ -96,6 +100,13 @@ _LEAN_MAX_HEADERS: Final = 100
 _NOT_LEAN: Final = frozenset({"transfer-encoding", "expect", "upgrade"})
 
 
+class _Closing(ConnectionAbortedError):
+    """Thrown into a handler waiting for a request head when the server closes the connection."""
+
+    def __init__(self) -> None:
+        super().__init__(errno.ECONNABORTED, "the server is stopping")
+
+
 class DetachHandler(WSGIHandler):  # type: ignore[misc]  # gevent ships no type hints
     """A ``WSGIHandler`` that exposes its socket, sets ``TCP_NODELAY``, answers HEAD with
     the head alone, and writes leaner.
@@ -132,10 +143,65 @@ class DetachHandler(WSGIHandler):  # type: ignore[misc]  # gevent ships no type 
         # ``_sock`` would bypass the encryption). The socket, not its bound
         # ``send``: that would be one more object per connection.
         self._raw_socket = self.socket._sock if type(self.socket) is _GeventSocket else None
+        self._greenlet = getcurrent()
+        connections = getattr(self.server, "connections", None)
+        if connections is not None:
+            connections.add(self)
         try:
             super().handle()
         finally:
             self._raw_socket = None  # pywsgi drops its socket references here too
+            self._greenlet = None
+            if connections is not None:
+                connections.discard(self)
+
+    # ------------------------------------------------------------------ between requests
+
+    #: True while the connection waits for (the rest of) a request head: the
+    #: one time ``stop()`` may close it without cutting anything.
+    _awaiting_head = False
+    _greenlet: Any = None
+
+    def close_if_idle(self) -> None:
+        """End the connection if it is waiting for a request (the server is stopping)."""
+        # From the hub, so that the stopping greenlet keeps running; and only
+        # if still waiting when the hub gets there.
+        get_hub().loop.run_callback(self._throw, _Closing(), True)
+
+    def end_request(self) -> None:
+        """End the connection whatever it is doing: the request outlived the server's grace.
+
+        The request's greenlet gets a ``ConnectionResetError`` where it
+        waits, as if the client had left: an app reading the body sees it
+        there, and pywsgi closes the connection without an error page or a
+        traceback, as it does for a departed client.
+        """
+        error = ConnectionResetError(
+            errno.ECONNRESET, "the server is stopping and the request outlived its grace"
+        )
+        self._abandon_input()
+        get_hub().loop.run_callback(self._throw, error, False)
+
+    def _abandon_input(self) -> None:
+        """Do not read the rest of this request's body: the connection closes after it.
+
+        pywsgi reads an unread body to its end after the response (to find
+        the next request); a client that stopped sending would hold it there.
+        """
+        self.close_connection = True
+        reader = getattr(self, "wsgi_input", None)
+        if reader is not None and hasattr(reader, "_chunked_input_error"):
+            reader._chunked_input_error = True  # pywsgi's "do not discard": state unknown
+
+    def _throw(self, error: BaseException, only_if_idle: bool) -> None:
+        glet = self._greenlet
+        if glet is not None and (self._awaiting_head or not only_if_idle):
+            glet.throw(error)
+
+    def _handle_client_error(self, ex: BaseException) -> Any:
+        if isinstance(ex, _Closing):
+            return None  # we ended the wait ourselves: no 400, no log line
+        return super()._handle_client_error(ex)
 
     # ------------------------------------------------------------------ the request path
 
@@ -154,6 +220,15 @@ class DetachHandler(WSGIHandler):  # type: ignore[misc]  # gevent ships no type 
         nothing consumed. What the app sees is the same either way
         (tests/test_server.py compares the environs).
         """
+        if getattr(self.server, "stopping", False):
+            return None  # the server is stopping: no further request on this connection
+        self._awaiting_head = True
+        try:
+            return self._handle_one_request()
+        finally:
+            self._awaiting_head = False
+
+    def _handle_one_request(self) -> Any:
         rfile = self.rfile
         if rfile.closed or _InvalidClientRequest is None:
             return super().handle_one_request()
@@ -321,6 +396,7 @@ class DetachHandler(WSGIHandler):  # type: ignore[misc]  # gevent ships no type 
 
     def get_environ(self) -> dict[str, Any]:
         """pywsgi's environ (the same keys and values), built from the parsed headers directly."""
+        self._awaiting_head = False  # the head is in: from here on, the request runs
         index = self._header_index
         if index is None:
             environ: dict[str, Any] = super().get_environ()
@@ -643,23 +719,58 @@ class DetachServer(WSGIServer):  # type: ignore[misc]
         self.middleware = middleware
         self.nodelay = nodelay
         self.farewell = farewell
-        self._drained = False
+        #: Set once the first stop() has finished: a later call waits for it.
+        self._stopped: Event | None = None
+        #: The handlers of the open connections (see DetachHandler.handle).
+        self.connections: set[DetachHandler] = set()
+
+    @property
+    def stopping(self) -> bool:
+        """True from the first :meth:`stop` call on: connections end after their response."""
+        return self._stopped is not None
 
     def stop(self, timeout: float | None = None) -> None:
-        """Stop accepting, drain detached responses for ``timeout`` seconds, then stop.
+        """Stop accepting, let responses end within ``timeout`` seconds, then stop.
 
-        ``timeout`` defaults to ``stop_timeout``. Call it from a greenlet (a
-        ``gevent.signal_handler`` callback is one); ``serve_forever`` calls it
-        when it returns.
+        ``timeout`` (the grace) defaults to ``stop_timeout``. In order: the
+        listener closes; connections waiting for their next request are
+        closed at once; detached responses are drained
+        (:meth:`DetachMiddleware.drain`: the farewell, then the grace);
+        ordinary responses still running get what is left of the grace; any
+        handler still running then is killed (after at least
+        ``_AFTER_DRAIN`` seconds, time for the streams the drain cut to
+        abort). Every connection closes after its current response.
+
+        Call it from a greenlet (a ``gevent.signal_handler`` callback is
+        one). ``serve_forever`` calls it again once it returns, and a second
+        signal may too: every later call waits for the first to finish
+        instead of cutting its grace short.
         """
-        if not self._drained:  # serve_forever() calls stop() again once it returns
-            self._drained = True
+        stopped = self._stopped
+        if stopped is not None:
+            stopped.wait()
+            return
+        stopped = self._stopped = Event()
+        try:
             grace = self.stop_timeout if timeout is None else timeout
+            until = time.monotonic() + grace
             self.close()
+            for handler in list(self.connections):
+                handler.close_if_idle()
             cut = self.middleware.drain(grace, self.farewell)
             if cut:
                 log.warning("stopping: %d detached responses outlived the %ss grace", cut, grace)
-        super().stop(timeout=_AFTER_DRAIN)
+            self.pool.join(timeout=max(until - time.monotonic(), _AFTER_CUT))
+            if self.connections:
+                log.warning(
+                    "stopping: %d requests outlived the %ss grace; closing their connections",
+                    len(self.connections), grace,
+                )
+                for handler in list(self.connections):
+                    handler.end_request()
+            super().stop(timeout=_AFTER_DRAIN)
+        finally:
+            stopped.set()
 
 
 def make_server(
