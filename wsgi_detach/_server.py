@@ -552,7 +552,9 @@ class DetachHandler(WSGIHandler):  # type: ignore[misc]  # gevent ships no type 
 
     def write(self, data: bytes) -> None:
         """PEP 3333's ``write()`` callable, and how each chunk of the body is sent."""
-        self._send(data, False)
+        # pywsgi sends nothing for any empty value, and its own 400 answer
+        # passes a str body (''): never concatenate that with the head.
+        self._send(data or b"", False)
 
     def process_result(self) -> None:
         if self.command == "HEAD":
