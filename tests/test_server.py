@@ -146,15 +146,21 @@ def test_detach_handler_sends_what_plain_pywsgi_sends(
     assert _exchange(our_port, WIRE_CASES[case]) == expected
 
 
-@pytest.mark.parametrize("path", ["/list", "/gen", "/body_done", "/poll", "/empty", "/clen"])
+@pytest.mark.parametrize("path", ["/list", "/gen", "/body_done", "/poll", "/empty", "/clen",
+                                  "/write", "/fail_first", "/body_fail", "/fail_after"])
 def test_detach_handler_answers_head_with_gets_head_alone(
     wire_servers: tuple[int, int], path: str
 ) -> None:
     """Plain pywsgi sends a body after a HEAD's head (for an endless stream,
-    forever); ours sends exactly the head a GET gets, and nothing after it."""
+    forever); ours sends exactly the head a GET gets, and nothing after it, so the
+    next response on the connection follows at once. Regressions: write() chunks
+    were sent after the head; a body failing before its first chunk got 200."""
     plain_port, our_port = wire_servers
     get_head = _exchange(plain_port, [f"GET {path} HTTP/1.1|{CLOSE}"]).partition(b"\r\n\r\n")[0]
-    assert _exchange(our_port, [f"HEAD {path} HTTP/1.1|{CLOSE}"]) == get_head + b"\r\n\r\n"
+    expected = get_head + b"\r\n\r\n"
+    if b"\r\nConnection: close\r\n" not in expected:
+        expected += _exchange(plain_port, [f"GET /list HTTP/1.1|{CLOSE}"])
+    assert _exchange(our_port, [f"HEAD {path} HTTP/1.1", f"GET /list HTTP/1.1|{CLOSE}"]) == expected
 
 
 def _sends(port: int, path: str) -> int:

@@ -593,21 +593,29 @@ class DetachHandler(WSGIHandler):  # type: ignore[misc]  # gevent ships no type 
 
     def _send_head_only(self) -> None:
         # HEAD gets GET's head and no body (RFC 9110 9.3.2). pywsgi sends the
-        # body anyway -- for an endless detached stream, forever. Send the head
-        # once it is decided (a body may call start_response in its first
-        # iteration), then stop: run_application closes the result, which ends
-        # the stream and frees its producer and max_open slot.
-        if not self.status:
-            for _ in self.result:
-                if self.status:
-                    break
+        # body anyway -- for an endless detached stream, forever. GET's head
+        # goes out with the first non-empty chunk, or at the end of an empty
+        # body: iterate as far, so that an error before it becomes GET's 500
+        # (pywsgi's error path, through write(), which sends no body for
+        # HEAD), then send the head alone and stop: run_application closes
+        # the result, which ends the stream and frees its producer and
+        # max_open slot.
+        for data in self.result:
+            if data or self.headers_sent:  # a write() call already sent the head
+                break
         if self.status and not self.headers_sent:
-            self.write(b"")  # the head alone; no chunk, no terminating chunk
+            self._send(b"", False)
 
     def _send(self, data: bytes, last: bool) -> None:
         """Send ``data`` (the headers first if due; the terminator too if ``last``) in one go."""
         if data and self.code in (304, 204):
             raise self.ApplicationError(f"The {self.code} response must have no body")
+        if self.command == "HEAD":
+            # The head alone, never a body: not what a write() call passes,
+            # not pywsgi's error page.
+            if self.headers_sent:
+                return
+            data, last = b"", False
         if self.headers_sent:
             if not data and not last:
                 return  # PEP 3333 allows empty writes; they send nothing
