@@ -78,6 +78,7 @@ SERVERS: dict[str, str] = {
     "validator would hide the body iterable from the handler): tests/wire_apps.py's reference",
     "detach-handler": "pywsgi-plain with wsgi_detach.DetachHandler, counting its sends into "
     "tests.wire_apps.SENDS; also WITHOUT the validator and /_server",
+    "detach-handler-stock": "detach-handler with the speed-ups off (pywsgi's own request path)",
     "gunicorn-gevent": "gunicorn, one gevent worker",
     "gunicorn-gthread": "gunicorn, one gthread worker",
     "gunicorn-gevent-drain": "gunicorn-gevent; the worker calls app.drain_on_signal(0.5, b'bye')",
@@ -458,14 +459,14 @@ def _serve_wire(app: Any, kind: str) -> None:
     from gevent.pywsgi import WSGIServer
 
     from tests import wire_apps
-    from wsgi_detach import DetachHandler
+    from wsgi_detach._server import handler_class
 
-    class CountingHandler(DetachHandler):  # type: ignore[misc]
+    class CountingHandler(handler_class(speedups=kind == "detach-handler")):  # type: ignore[misc]
         def _sendall(self, data: bytes) -> None:
             wire_apps.SENDS[0] += 1
             super()._sendall(data)
 
-    kwargs: dict[str, Any] = {"handler_class": CountingHandler} if kind == "detach-handler" else {}
+    kwargs: dict[str, Any] = {} if kind == "pywsgi-plain" else {"handler_class": CountingHandler}
     server = WSGIServer(("127.0.0.1", 0), app, log=None, **kwargs)
     server.start()
     _listening(server.server_port)
@@ -573,7 +574,7 @@ def main(argv: list[str]) -> None:
         from gevent import monkey
 
         monkey.patch_all()
-    if kind in ("pywsgi-plain", "detach-handler"):
+    if kind in ("pywsgi-plain", "detach-handler", "detach-handler-stock"):
         _serve_wire(_load(spec), kind)
     elif kind.startswith("gunicorn-"):
         _serve_gunicorn(spec, kind)

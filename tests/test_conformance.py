@@ -44,6 +44,7 @@ SERVERS = {
     "plain": ("pywsgi-plain", "tests.wire_apps:plain"),
     "middleware": ("pywsgi-plain", "tests.wire_apps:app"),
     "handler": ("detach-handler", "tests.wire_apps:app"),
+    "handler-stock": ("detach-handler-stock", "tests.wire_apps:app"),
 }
 
 
@@ -66,5 +67,5 @@ def test_a_refused_head_raises_in_the_app_where_it_can_be_caught(
     wire = request(f"GET /refused?{what} HTTP/1.1")
     expected = exchange(ports["plain"], wire)
     assert expected.startswith(b"HTTP/1.1 500 Fallback\r\n"), expected
-    for name in ("middleware", "handler"):
+    for name in ("middleware", "handler", "handler-stock"):
         assert exchange(ports[name], wire) == expected, name
