@@ -94,6 +94,11 @@ def make_app(**options: Any) -> DetachMiddleware:
                 gevent.spawn(drain)
             return json_response(start_response, "draining", "202 Accepted")
 
+        if path == "/read":  # reads the request body, answers its length
+            length = int(environ.get("CONTENT_LENGTH") or 0)
+            data = environ["wsgi.input"].read(length)
+            return json_response(start_response, {"read": len(data)})
+
         if path == "/plain":
             body = b"hello world"
             start_response("200 OK", [("Content-Type", "text/plain"),

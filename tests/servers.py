@@ -48,6 +48,7 @@ Not for in-process tests, which call the app directly.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -72,7 +73,8 @@ SERVERS: dict[str, str] = {
     "TCP_NODELAY); the app served as it is",
     "detach-server": "wsgi_detach.make_server(app, grace=0.5): DetachHandler, TCP_NODELAY, "
     "a stop() (on SIGTERM) that drains, then serve_forever() returns; the app wrapped in "
-    "DetachMiddleware unless it is one; env TEST_GRACE sets another grace",
+    "DetachMiddleware unless it is one; env TEST_GRACE sets another grace, env "
+    "TEST_SERVER_OPTIONS more make_server options (JSON)",
     "detach-server-delay": "detach-server without TCP_NODELAY, for the comparison",
     "pywsgi-plain": "gevent.pywsgi as it comes, WITHOUT the validator and /_server (the "
     "validator would hide the body iterable from the handler): tests/wire_apps.py's reference",
@@ -338,7 +340,6 @@ def _hop_by_hop_checked(start_response: Any) -> Any:
 
 def _instrument(app: Any) -> Any:
     """Wrap ``app`` in wsgiref.validate, record its complaints, serve ``/_server``."""
-    import json
     import warnings
     from wsgiref.validate import WSGIWarning, validator
 
@@ -434,8 +435,10 @@ def _serve_pywsgi(app: Any, kind: str) -> None:
         from wsgi_detach import make_server
 
         grace = float(os.environ.get("TEST_GRACE", "0.5"))
+        options = json.loads(os.environ.get("TEST_SERVER_OPTIONS", "{}"))
         server = make_server(
-            app, "127.0.0.1", 0, nodelay=kind == "detach-server", grace=grace, log=None
+            app, "127.0.0.1", 0, nodelay=kind == "detach-server", grace=grace, log=None,
+            **options,
         )
         # The validator goes in front of the middleware (it checks what the
         # server gets), not between make_server and the app it configures.
@@ -566,6 +569,11 @@ def _serve_gunicorn(spec: str, kind: str) -> None:
 
 def main(argv: list[str]) -> None:
     kind, spec = argv
+    if "TEST_LOG_LEVEL" in os.environ:  # wsgi_detach's log lines on stderr, for the test to read
+        import logging
+
+        logging.basicConfig(level=os.environ["TEST_LOG_LEVEL"],
+                            format="%(levelname)s %(name)s: %(message)s")
     if kind.endswith("-command"):
         raise SystemExit(f"{kind} is python -m wsgi_detach itself; ServerProcess runs it")
     if kind not in SERVERS:

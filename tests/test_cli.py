@@ -120,3 +120,12 @@ def test_demo_honours_a_grace_above_one_second() -> None:
         assert 2.8 < cut_at < 4.0, cut_at
         assert demo.proc.wait(timeout=10) == 0
         assert time.monotonic() - signalled < cut_at + 0.8
+
+
+def test_serve_takes_the_http_timeouts() -> None:
+    args = ["--head-timeout", "0.5", "--body-timeout", "0.5", "--max-connections", "50"]
+    with ServerProcess("serve-command", "tests.mw_apps:app", args=args) as server, \
+            socket.create_connection(("127.0.0.1", server.port), timeout=10) as silent:
+        started = time.monotonic()
+        assert silent.recv(1) == b""
+        assert 0.4 < time.monotonic() - started < 2.0

@@ -5,6 +5,7 @@ from a child process (tests/servers.py)."""
 from __future__ import annotations
 
 import io
+import json
 import re
 import signal
 import socket
@@ -444,3 +445,105 @@ def test_make_server_serve_forever_honours_a_grace_above_one_second() -> None:
     again, which skipped the drain and killed every handler after one second."""
     with ServerProcess("detach-server", "tests.mw_apps:app", env={"TEST_GRACE": "3"}) as server:
         check_grace(server, 3.0)
+
+
+# ---------------------------------------------------------------------- HTTP timeouts
+
+_SHORT = {"head_timeout": 0.5, "body_timeout": 0.5}
+
+
+@pytest.fixture(scope="module")
+def timed_server() -> Iterator[ServerProcess]:
+    env = {"TEST_SERVER_OPTIONS": json.dumps(_SHORT), "TEST_LOG_LEVEL": "INFO"}
+    with serve("detach-server", "tests.mw_apps:app", env=env) as server:
+        yield server
+
+
+def _closed_after(sock: socket.socket, started: float, trickle: bytes = b"") -> tuple[float, bytes]:
+    """Trickle ``trickle`` a byte every 50 ms, then wait; (seconds until the server
+    closed the connection, what it sent)."""
+    received = b""
+    sock.settimeout(0.05)
+    give_up = started + 10
+    while time.monotonic() < give_up:
+        if trickle:
+            try:
+                sock.send(trickle[:1])
+            except OSError:
+                pass
+            trickle = trickle[1:]
+        try:
+            more = sock.recv(65536)
+        except socket.timeout:
+            continue
+        except ConnectionResetError:
+            more = b""
+        if not more:
+            return time.monotonic() - started, received
+        received += more
+    pytest.fail(f"the connection was not closed within 10 s; got {received!r}")
+
+
+def test_slow_silent_and_stalled_clients_are_closed_while_others_are_served(
+    timed_server: ServerProcess,
+) -> None:
+    port = timed_server.port
+    started = time.monotonic()
+    silent = [socket.create_connection(("127.0.0.1", port)) for _ in range(20)]
+    slow_head = socket.create_connection(("127.0.0.1", port))
+    slow_head.sendall(b"GET /plain HTTP/1.1\r\n")
+    slow_body = socket.create_connection(("127.0.0.1", port))
+    slow_body.sendall(b"POST /read HTTP/1.1\r\nHost: x\r\nContent-Length: 200\r\n\r\n")
+    # Meanwhile other clients are answered without delay.
+    for _ in range(5):
+        asked = time.monotonic()
+        assert get(port, "/plain").body == b"hello world"
+        assert time.monotonic() - asked < 0.2
+    head_closed, head_got = _closed_after(slow_head, started, b"X-Slow: " + b"y" * 100)
+    body_closed, body_got = _closed_after(slow_body, started, b"z" * 100)
+    silent_closed = [_closed_after(sock, started)[0] for sock in silent]
+    for sock in (*silent, slow_head, slow_body):
+        sock.close()
+    # Closed after the configured 0.5 s (a generous upper bound: the machine is shared).
+    for closed in (head_closed, body_closed, *silent_closed):
+        assert 0.45 < closed < 2.0, (head_closed, body_closed, silent_closed)
+    assert head_got == b""  # no complete head: nothing to answer
+    assert body_got.startswith(b"HTTP/1.1 408 Request Timeout\r\n"), body_got
+    assert timed_server.info()["violations"] == []
+    # Each cut client logged once at INFO, no traceback.
+    log = timed_server.stderr_text()
+    assert log.count("INFO wsgi_detach: closed the connection from") == 21, log
+    assert log.count("INFO wsgi_detach: closing the connection from") == 1, log
+    assert "Traceback" not in log
+
+
+def test_a_stream_idle_longer_than_the_timeouts_is_not_cut(timed_server: ServerProcess) -> None:
+    with Stream(timed_server.port, "/idle?key=timed-idle&alive=1.5") as stream:
+        stream.read_head()
+        assert stream.read_all().body == b"alive"  # 3x the timeouts after its head
+
+
+def test_a_keep_alive_connection_idle_past_the_head_timeout_closes_quietly(
+    timed_server: ServerProcess,
+) -> None:
+    before = timed_server.stderr_text().count("INFO")
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", timed_server.port)) as sock:
+        sock.sendall(b"GET /plain HTTP/1.1\r\nHost: x\r\n\r\n")
+        closed, got = _closed_after(sock, started)
+    assert got.endswith(b"hello world") and 0.45 < closed < 2.0
+    assert timed_server.stderr_text().count("INFO") == before  # the ordinary end: no INFO line
+
+
+def test_max_connections_keeps_further_clients_waiting_in_the_backlog() -> None:
+    options = {"max_connections": 2, "head_timeout": 0.5}
+    env = {"TEST_SERVER_OPTIONS": json.dumps(options)}
+    with serve("detach-server", "tests.mw_apps:app", env=env) as server:
+        silent = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(2)]
+        asked = time.monotonic()
+        assert get(server.port, "/plain").body == b"hello world"
+        waited = time.monotonic() - asked
+        for sock in silent:
+            sock.close()
+    # Served only once the head timeout freed a place.
+    assert 0.4 < waited < 2.0, waited

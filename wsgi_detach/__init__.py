@@ -28,6 +28,7 @@ from ._errors import (
     BufferFull,
     DetachError,
     ProducerStopped,
+    RequestTimeout,
     Unavailable,
     UsageError,
 )
@@ -59,6 +60,7 @@ __all__ = [
     "Hub",
     "Message",
     "ProducerStopped",
+    "RequestTimeout",
     "SlowSubscriber",
     "Subscription",
     "Unavailable",

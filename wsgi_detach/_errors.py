@@ -19,6 +19,8 @@ exception              raised when                                  who caused i
 ``Unavailable``        ``DetachMiddleware`` refuses a new detached    the load (or
                        response (``max_open``, draining), or ends   a shutdown)
                        one that outlived ``drain()``'s grace
+``RequestTimeout``     a read of the request body waited longer    the client
+                       than ``make_server(body_timeout=...)``       was too slow
 =====================  ===========================================  ==============
 
 ``BodyEnded`` and ``BodyAborted`` share the base :class:`BodyClosed`, so code
@@ -30,6 +32,8 @@ This module imports nothing of ours.
 
 from __future__ import annotations
 
+import errno
+
 __all__ = [
     "BodyAborted",
     "BodyClosed",
@@ -38,6 +42,7 @@ __all__ = [
     "BufferFull",
     "DetachError",
     "ProducerStopped",
+    "RequestTimeout",
     "Unavailable",
     "UsageError",
 ]
@@ -97,6 +102,20 @@ class BodyTimeout(DetachError, TimeoutError):
     rather than a clean (and wrong) end. Pass ``timeout_chunk`` to end cleanly
     instead.
     """
+
+
+class RequestTimeout(DetachError, TimeoutError):
+    """The client did not send its request in time; caused by the client.
+
+    Raised by ``make_server``'s server (``body_timeout``) out of a read of
+    ``environ["wsgi.input"]`` that waited too long for the request body. The
+    connection is closed after the response; an app that lets it propagate
+    gets a ``408 Request Timeout`` sent for it (if nothing was sent yet) and
+    one INFO line in the log, no traceback.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(errno.ETIMEDOUT, message)
 
 
 class ProducerStopped(DetachError):

@@ -31,15 +31,16 @@ import logging
 import socket
 import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Callable, Final
 
-from gevent import get_hub, getcurrent
+from gevent import get_hub, getcurrent, pywsgi
 from gevent.event import Event
 from gevent.pool import Pool
 from gevent.pywsgi import WSGIHandler, WSGIServer
 from gevent.socket import socket as _GeventSocket
 
 from ._body import Chunk
+from ._errors import RequestTimeout
 from ._middleware import DetachMiddleware, python_next
 from ._speedups import SpeedUps
 from ._watchers import SOCKET_KEY
@@ -57,16 +58,67 @@ _AFTER_CUT: Final = 0.2
 #: How long pywsgi then waits for the handlers it ends before killing them.
 _AFTER_DRAIN: Final = 1.0
 
+#: Default ``head_timeout``: the longest a connection may take to send a whole
+#: request head, and the longest it may stay idle between keep-alive
+#: requests. A client sends a head in one go (milliseconds); a long-poll
+#: client asks again at once. 20 s is under nginx's 60 s client_header_timeout
+#: and far over gunicorn's 2 s keep-alive and uvicorn's 5 s, which close idle
+#: connections that a chat's next message would reuse; docs/servers.md.
+HEAD_TIMEOUT: Final = 20.0
+#: Default ``body_timeout``: the longest one read of the request body may
+#: wait. Frameworks read uploads in pieces (64 KiB for Werkzeug and Django),
+#: so 60 s is a floor of about 1 KiB/s; nginx's client_body_timeout is 60 s.
+BODY_TIMEOUT: Final = 60.0
+#: File descriptors ``max_connections="auto"`` leaves for the app (files,
+#: a broker connection, logs) below the process's limit.
+_FD_RESERVE: Final = 64
+
 #: The terminating chunk of a chunked response (RFC 9112 section 7.1).
 _LAST_CHUNK: Final = b"0\r\n\r\n"
 #: What ``next(iterator, _END)`` returns at the end of a body.
 _END: Final = object()
 
 class _Closing(ConnectionAbortedError):
-    """Thrown into a handler waiting for a request head when the server closes the connection."""
+    """Thrown into a handler waiting for a request head when the server ends the connection."""
 
-    def __init__(self) -> None:
-        super().__init__(errno.ECONNABORTED, "the server is stopping")
+    def __init__(self, why: str) -> None:
+        super().__init__(errno.ECONNABORTED, why)
+
+
+class _TimedReader:
+    """The request body's reads, each ended by the server's ``body_timeout``.
+
+    Put under pywsgi's ``Input`` (which reads with ``read`` and ``readline``
+    only), so that plain, chunked and ``Expect: 100-continue`` bodies, and
+    pywsgi's discarding of an unread body after the response, are all timed.
+    """
+
+    __slots__ = ("_handler", "_rfile")
+
+    def __init__(self, rfile: Any, handler: StockDetachHandler) -> None:
+        self._rfile = rfile
+        self._handler = handler
+
+    def read(self, *args: Any) -> bytes:
+        return self._handler.timed_read(self._rfile.read, *args)
+
+    def readline(self, *args: Any) -> bytes:
+        return self._handler.timed_read(self._rfile.readline, *args)
+
+
+def _peer(handler: Any) -> str:
+    address = handler.client_address
+    if isinstance(address, tuple) and len(address) >= 2:
+        return f"{address[0]}:{address[1]}"
+    return str(address or "-")
+
+
+#: pywsgi's error answers' headers, for the 408 (RFC 9110 15.5.9).
+_TIMEOUT_HEADERS: Final = (
+    ("Content-Type", "text/plain"),
+    ("Connection", "close"),
+    ("Content-Length", "0"),
+)
 
 
 class StockDetachHandler(WSGIHandler):  # type: ignore[misc]  # gevent ships no type hints
@@ -99,7 +151,8 @@ class StockDetachHandler(WSGIHandler):  # type: ignore[misc]  # gevent ships no 
     """
 
     def handle(self) -> None:
-        if getattr(self.server, "nodelay", True):
+        server = self.server
+        if getattr(server, "nodelay", True):
             try:
                 self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             except OSError:  # not TCP (a Unix socket): nothing to tune
@@ -110,7 +163,12 @@ class StockDetachHandler(WSGIHandler):  # type: ignore[misc]  # gevent ships no 
         # ``send``: that would be one more object per connection.
         self._raw_socket = self.socket._sock if type(self.socket) is _GeventSocket else None
         self._greenlet = getcurrent()
-        connections = getattr(self.server, "connections", None)
+        head_timeout = getattr(server, "head_timeout", None)
+        if head_timeout:
+            # One timer per connection, started for each request head and
+            # stopped once it is in: a libev timer, no greenlet, no Timeout.
+            self._head_timer = get_hub().loop.timer(head_timeout, ref=False)
+        connections = getattr(server, "connections", None)
         if connections is not None:
             connections.add(self)
         try:
@@ -118,21 +176,33 @@ class StockDetachHandler(WSGIHandler):  # type: ignore[misc]  # gevent ships no 
         finally:
             self._raw_socket = None  # pywsgi drops its socket references here too
             self._greenlet = None
+            for timer in (self._head_timer, self._body_timer):
+                if timer is not None:
+                    timer.close()
+            self._head_timer = self._body_timer = None
             if connections is not None:
                 connections.discard(self)
 
     # ------------------------------------------------------------------ between requests
 
     #: True while the connection waits for (the rest of) a request head: the
-    #: one time ``stop()`` may close it without cutting anything.
+    #: one time ``stop()`` or ``head_timeout`` may close it without cutting
+    #: anything.
     _awaiting_head = False
     _greenlet: Any = None
+    _head_timer: Any = None
+    _body_timer: Any = None
+    #: A request was served on this connection (a head timeout is then the
+    #: ordinary end of an idle keep-alive connection, not a slow client).
+    _served = False
+    #: ``body_timeout`` fired: every later read of the body fails at once.
+    _body_timed_out = False
 
     def close_if_idle(self) -> None:
         """End the connection if it is waiting for a request (the server is stopping)."""
         # From the hub, so that the stopping greenlet keeps running; and only
         # if still waiting when the hub gets there.
-        get_hub().loop.run_callback(self._throw, _Closing(), True)
+        get_hub().loop.run_callback(self._throw, _Closing("the server is stopping"), True)
 
     def end_request(self) -> None:
         """End the connection whatever it is doing: the request outlived the server's grace.
@@ -164,9 +234,22 @@ class StockDetachHandler(WSGIHandler):  # type: ignore[misc]  # gevent ships no 
         if glet is not None and (self._awaiting_head or not only_if_idle):
             glet.throw(error)
 
+    def _head_expired(self) -> None:
+        """``head_timeout`` passed while waiting for a request head (runs in the hub)."""
+        if not self._awaiting_head or self._greenlet is None:
+            return
+        if self._served:  # nothing to report: an idle keep-alive connection ends
+            log.debug("closed idle keep-alive connection from %s", _peer(self))
+        else:
+            log.info(
+                "closed the connection from %s: no complete request head within %ss",
+                _peer(self), self.server.head_timeout,
+            )
+        self._greenlet.throw(_Closing("no complete request head in time"))
+
     def _handle_client_error(self, ex: BaseException) -> Any:
         if isinstance(ex, _Closing):
-            return None  # we ended the wait ourselves: no 400, no log line
+            return None  # we ended the wait ourselves (and said so): no 400
         return super()._handle_client_error(ex)
 
     # ------------------------------------------------------------------ the request path
@@ -174,17 +257,69 @@ class StockDetachHandler(WSGIHandler):  # type: ignore[misc]  # gevent ships no 
     def handle_one_request(self) -> Any:
         if getattr(self.server, "stopping", False):
             return None  # the server is stopping: no further request on this connection
+        timer = self._head_timer
+        if timer is not None:
+            timer.start(self._head_expired)
         self._awaiting_head = True
         try:
             return super().handle_one_request()
         finally:
             self._awaiting_head = False
+            if timer is not None:
+                timer.stop()
 
     def get_environ(self) -> dict[str, Any]:
         self._awaiting_head = False  # the head is in: from here on, the request runs
+        timer = self._head_timer
+        if timer is not None:
+            timer.stop()
+        self._served = True
         environ: dict[str, Any] = super().get_environ()
         environ[SOCKET_KEY] = self.socket
+        if getattr(self.server, "body_timeout", None):
+            reader = environ["wsgi.input"]
+            if isinstance(reader, pywsgi.Input):
+                reader.rfile = _TimedReader(reader.rfile, self)
         return environ
+
+    def timed_read(self, read: Callable[..., bytes], *args: Any) -> bytes:
+        """``read(*args)`` on the request body, ended by ``body_timeout`` (see RequestTimeout)."""
+        timeout = self.server.body_timeout
+        if self._body_timed_out:
+            raise RequestTimeout(f"the request body did not arrive within {timeout}s")
+        timer = self._body_timer
+        if timer is None:
+            timer = self._body_timer = get_hub().loop.timer(timeout, ref=False)
+        timer.start(self._body_expired, getcurrent())
+        try:
+            return read(*args)
+        finally:
+            timer.stop()
+
+    def _body_expired(self, reader: Any) -> None:
+        """``body_timeout`` passed in a read of the request body (runs in the hub)."""
+        timeout = self.server.body_timeout
+        log.info(
+            "closing the connection from %s: a read of the request body waited %ss",
+            _peer(self), timeout,
+        )
+        self._body_timed_out = True
+        self._abandon_input()
+        reader.throw(RequestTimeout(f"the request body did not arrive within {timeout}s"))
+
+    def handle_error(self, t: Any, v: Any, tb: Any) -> None:
+        if not isinstance(v, RequestTimeout):
+            super().handle_error(t, v, tb)
+            return
+        # The client's doing, and logged where it happened: no traceback.
+        # RFC 9110 15.5.9: 408, then the connection closes.
+        self.close_connection = True
+        if not self.response_length and not self.headers_sent:
+            try:
+                self.start_response("408 Request Timeout", list(_TIMEOUT_HEADERS))
+                self.write(b"")
+            except OSError:
+                pass
 
     # ------------------------------------------------------------------ the write path
 
@@ -363,13 +498,32 @@ class DetachServer(WSGIServer):  # type: ignore[misc]
         *,
         nodelay: bool = True,
         farewell: Chunk | None = None,
+        head_timeout: float | None = HEAD_TIMEOUT,
+        body_timeout: float | None = BODY_TIMEOUT,
+        max_connections: int | str | None = "auto",
         **kwargs: Any,
     ) -> None:
-        kwargs.setdefault("spawn", Pool())  # a pool, so that stop() can end the handlers
+        for name, value in (("head_timeout", head_timeout), ("body_timeout", body_timeout)):
+            if value is not None and not (isinstance(value, (int, float)) and value > 0):
+                raise ValueError(f"{name} must be a number of seconds > 0 or None, got {value!r}")
+        if max_connections == "auto":
+            max_connections = _auto_max_connections()
+        elif max_connections is not None and (
+            not isinstance(max_connections, int) or max_connections <= 0
+        ):
+            raise ValueError(
+                f"max_connections must be a positive int, 'auto' or None, got {max_connections!r}"
+            )
+        # A pool, so that stop() can end the handlers; a full pool stops
+        # accepting (new connections wait in the listen backlog).
+        kwargs.setdefault("spawn", Pool(max_connections))
         super().__init__(listener, middleware, **kwargs)
         self.middleware = middleware
         self.nodelay = nodelay
         self.farewell = farewell
+        self.head_timeout = head_timeout
+        self.body_timeout = body_timeout
+        self.max_connections = max_connections
         #: Set once the first stop() has finished: a later call waits for it.
         self._stopped: Event | None = None
         #: The handlers of the open connections (see DetachHandler.handle).
@@ -424,6 +578,18 @@ class DetachServer(WSGIServer):  # type: ignore[misc]
             stopped.set()
 
 
+def _auto_max_connections() -> int | None:
+    """The soft limit on open files, less a reserve; ``None`` where there is no limit."""
+    try:
+        import resource
+    except ImportError:  # not on this platform: no cap
+        return None
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return None
+    return max(soft - _FD_RESERVE, soft // 2, 1)
+
+
 def make_server(
     app: WSGIApplication,
     host: str = "127.0.0.1",
@@ -434,6 +600,9 @@ def make_server(
     farewell: Chunk | None = None,
     log: Any = "default",
     speedups: bool = True,
+    head_timeout: float | None = HEAD_TIMEOUT,
+    body_timeout: float | None = BODY_TIMEOUT,
+    max_connections: int | str | None = "auto",
     **middleware_options: Any,
 ) -> DetachServer:
     """A gevent.pywsgi server for ``app`` behind :class:`DetachMiddleware`; not yet started.
@@ -448,6 +617,15 @@ def make_server(
         grace: seconds ``stop()`` lets detached responses end.
         farewell: the last chunk ``stop()`` sends every open detached body.
         log: pywsgi's access log (``"default"``: stderr; ``None``: off).
+        head_timeout: seconds a connection may take to send a whole request
+            head, or stay idle between requests; then it is closed (an INFO
+            log line unless it had served a request). ``None``: no limit.
+        body_timeout: seconds one read of ``environ["wsgi.input"]`` may wait;
+            then it raises :class:`RequestTimeout` and the connection closes
+            after a 408. ``None``: no limit.
+        max_connections: most connections open at once; more wait in the
+            listen backlog. ``"auto"``: the open-files limit less 64 (none
+            where there is no limit); ``None``: no cap.
         speedups: parse requests with :mod:`wsgi_detach._speedups` (``False``:
             pywsgi's own request path; the same bytes, slower -- to bisect a
             difference on the wire).
@@ -473,6 +651,9 @@ def make_server(
         farewell=farewell,
         log=log,
         handler_class=handler_class(speedups=speedups),
+        head_timeout=head_timeout,
+        body_timeout=body_timeout,
+        max_connections=max_connections,
     )
     server.stop_timeout = grace
     return server
