@@ -166,6 +166,13 @@ def make_app(**options: Any) -> DetachMiddleware:
             spawn(body, fail_mid)
             return body
 
+        if path == "/fail_big":  # more than the socket buffers hold, then a failure
+            start_response("200 OK", [("Content-Type", "text/plain")])
+            body = detach(environ)
+            body.put(b"x" * 4_000_000)
+            body.fail(RuntimeError("producer broke after a big chunk (expected by the test)"))
+            return body
+
         if path.startswith("/queue"):
             # The seed's trick, unchanged: a gevent queue ended by StopIteration.
             start_response("200 OK", [("Content-Type", "text/plain")])

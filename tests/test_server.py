@@ -547,3 +547,50 @@ def test_max_connections_keeps_further_clients_waiting_in_the_backlog() -> None:
             sock.close()
     # Served only once the head timeout freed a place.
     assert 0.4 < waited < 2.0, waited
+
+
+# ---------------------------------------------------------------------- aborting
+
+
+def _read_to_the_end(sock: socket.socket) -> tuple[bytes, str]:
+    """Everything until the connection ends; and how it ended: "eof" or "reset"."""
+    received = b""
+    while True:
+        try:
+            more = sock.recv(65536)
+        except ConnectionResetError:
+            return received, "reset"
+        if not more:
+            return received, "eof"
+        received += more
+
+
+@pytest.mark.parametrize(("path", "version", "ending"), [
+    ("/fail_mid", "HTTP/1.0", "reset"),  # close-delimited and aborted: a reset tells the client
+    ("/detached?n=2", "HTTP/1.0", "eof"),  # close-delimited and complete: the ordinary FIN
+    ("/fail_mid", "HTTP/1.1", "eof"),  # chunked: the missing terminator tells
+])
+def test_an_aborted_close_delimited_response_ends_with_a_reset(
+    path: str, version: str, ending: str
+) -> None:
+    """Regression: an HTTP/1.0 stream aborted by fail() ended in a plain FIN, byte for
+    byte like a complete one. What was put before the failure still arrives."""
+    with serve("detach-server", "tests.mw_apps:app") as server, \
+            socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(f"GET {path} {version}\r\nHost: x\r\n\r\n".encode())
+        received, how = _read_to_the_end(sock)
+    assert received.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert b"partial;" in received or b"chunk 1;" in received
+    assert how == ending
+
+
+def test_the_reset_waits_until_what_was_put_has_left() -> None:
+    """A reset discards unsent bytes; fail() promises what was put is delivered."""
+    with serve("detach-server", "tests.mw_apps:app") as server, \
+            socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        sock.sendall(b"GET /fail_big HTTP/1.0\r\nHost: x\r\n\r\n")
+        time.sleep(0.3)  # a slow reader: the server's send queue is full meanwhile
+        received, how = _read_to_the_end(sock)
+    body = received.partition(b"\r\n\r\n")[2]
+    assert (len(body), body.count(b"x"), how) == (4_000_000, 4_000_000, "reset")

@@ -29,11 +29,13 @@ from __future__ import annotations
 import errno
 import logging
 import socket
+import struct
 import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, Callable, Final
 
 from gevent import get_hub, getcurrent, pywsgi
+from gevent import sleep as gevent_sleep
 from gevent.event import Event
 from gevent.pool import Pool
 from gevent.pywsgi import WSGIHandler, WSGIServer
@@ -44,6 +46,12 @@ from ._errors import RequestTimeout
 from ._middleware import DetachMiddleware, python_next
 from ._speedups import SpeedUps
 from ._watchers import SOCKET_KEY
+
+try:
+    import fcntl
+    import termios
+except ImportError:  # not a POSIX system: no send-queue look-up, the reset goes at once
+    fcntl = termios = None  # type: ignore[assignment]
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import WSGIApplication
@@ -72,6 +80,16 @@ BODY_TIMEOUT: Final = 60.0
 #: File descriptors ``max_connections="auto"`` leaves for the app (files,
 #: a broker connection, logs) below the process's limit.
 _FD_RESERVE: Final = 64
+
+#: The longest an aborted close-delimited response waits for its sent bytes
+#: to be acknowledged before the reset (which would discard them), and how
+#: often it looks.
+_FLUSH_BEFORE_RESET: Final = 2.0
+_FLUSH_POLL: Final = 0.005
+#: SO_LINGER on, 0 seconds: close() sends a reset.
+_LINGER_ZERO: Final = struct.pack("ii", 1, 0)
+#: The ioctl for a TCP socket's send queue (Linux: SIOCOUTQ == TIOCOUTQ).
+_OUTQ: Final = getattr(termios, "TIOCOUTQ", None) if termios is not None else None
 
 #: The terminating chunk of a chunked response (RFC 9112 section 7.1).
 _LAST_CHUNK: Final = b"0\r\n\r\n"
@@ -104,6 +122,14 @@ class _TimedReader:
 
     def readline(self, *args: Any) -> bytes:
         return self._handler.timed_read(self._rfile.readline, *args)
+
+
+def _unsent(sock: Any) -> int:
+    """Bytes in ``sock``'s send queue not yet acknowledged (0 where the kernel cannot say)."""
+    if _OUTQ is None:
+        return 0
+    queued = fcntl.ioctl(sock.fileno(), _OUTQ, b"\0\0\0\0")
+    return int(struct.unpack("i", queued)[0])
 
 
 def _peer(handler: Any) -> str:
@@ -310,6 +336,8 @@ class StockDetachHandler(WSGIHandler):  # type: ignore[misc]  # gevent ships no 
     def handle_error(self, t: Any, v: Any, tb: Any) -> None:
         if not isinstance(v, RequestTimeout):
             super().handle_error(t, v, tb)
+            if self._delimited_by_close():
+                self._reset_when_flushed()
             return
         # The client's doing, and logged where it happened: no traceback.
         # RFC 9110 15.5.9: 408, then the connection closes.
@@ -320,6 +348,49 @@ class StockDetachHandler(WSGIHandler):  # type: ignore[misc]  # gevent ships no 
                 self.write(b"")
             except OSError:
                 pass
+
+    # ------------------------------------------------------------------ aborting
+
+    def _delimited_by_close(self) -> bool:
+        """Whether the response under way is ended by closing the connection (and has begun).
+
+        HTTP/1.0, or a response without chunking or a length: the client
+        takes the connection's end for the body's end (RFC 9112 6.3), so an
+        aborted one would look complete.
+        """
+        return bool(
+            self.headers_sent
+            and self.code is not None
+            and self.code > 0  # negative: pywsgi's mark of a failed send, the client is gone
+            and self.code not in (204, 304)
+            and self.command != "HEAD"
+            and not self.response_use_chunked
+            and not self.connection_upgraded
+            and not any(name.lower() == b"content-length" for name, _ in self.response_headers)
+        )
+
+    def _reset_when_flushed(self) -> None:
+        """End the connection with a reset (RST), not a FIN, once what was sent has left.
+
+        An aborted close-delimited response must not look complete (PEP 3333
+        "Error Handling": the client should be able to tell). A reset tells
+        it; but a reset also discards what is still in the socket's send
+        queue, and ``fail()`` promises that what was put is delivered: so
+        first wait (bounded, cooperatively) until the kernel holds no unsent
+        or unacknowledged byte (``SIOCOUTQ``), then set ``SO_LINGER`` to 0,
+        which makes pywsgi's close send the reset.
+        """
+        sock = self.socket
+        if sock is None:
+            return
+        self.close_connection = True
+        try:
+            give_up = time.monotonic() + _FLUSH_BEFORE_RESET
+            while _unsent(sock) and time.monotonic() < give_up:
+                gevent_sleep(_FLUSH_POLL)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ZERO)
+        except OSError:  # already gone (or not a socket that lingers): nothing to tell
+            pass
 
     # ------------------------------------------------------------------ the write path
 
