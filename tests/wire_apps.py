@@ -150,6 +150,10 @@ def plain(environ: dict[str, Any], start_response: Start) -> Any:
         body = detach(environ)
         gevent.spawn(_later, body, [], b"message")
         return body
+    if path == "/twice":  # a second start_response without exc_info (PEP 3333: an error)
+        start_response("200 OK", TEXT)
+        start_response("201 Created", TEXT)
+        return [b"twice"]
     if path == "/refused":  # a head the server refuses, caught by the app: its fallback answer
         what = environ["QUERY_STRING"]
         status, headers = REFUSED[what]
