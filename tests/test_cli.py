@@ -95,9 +95,12 @@ def test_serve_honours_a_grace_above_one_second() -> None:
 
 
 def _post_head(port: int, length: int) -> socket.socket:
+    """A POST whose app is reading its body: the server said ``100 Continue``."""
     sock = socket.create_connection(("127.0.0.1", port), timeout=10)
     sock.sendall(f"POST /api/rooms/grace/messages HTTP/1.1\r\nHost: x\r\nContent-Type: "
-                 f"application/json\r\nContent-Length: {length}\r\n\r\n".encode())
+                 f"application/json\r\nExpect: 100-continue\r\n"
+                 f"Content-Length: {length}\r\n\r\n".encode())
+    assert sock.recv(65536) == b"HTTP/1.1 100 Continue\r\n\r\n"
     return sock
 
 
@@ -108,7 +111,6 @@ def test_demo_honours_a_grace_above_one_second() -> None:
             _post_head(demo.port, len(body)) as late, _post_head(demo.port, 100) as never:
         late.sendall(body[:5])
         never.sendall(body[:5])
-        time.sleep(0.2)  # both heads read and both apps waiting for their body (not observable)
         assert demo.proc is not None
         signalled = time.monotonic()
         demo.proc.send_signal(signal.SIGTERM)

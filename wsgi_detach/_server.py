@@ -2,7 +2,9 @@
 
 Use it to serve any WSGI app under gevent.pywsgi with :class:`DetachMiddleware`
 in front, which is what ``python -m wsgi_detach serve module:app`` does. It
-differs from a plain ``gevent.pywsgi.WSGIServer`` in three ways:
+differs from a plain ``gevent.pywsgi.WSGIServer`` in these ways (each
+deliberate difference on the wire is listed, with its reason, in
+docs/servers.md and pinned by tests/test_conformance.py):
 
 * the handler puts the client socket in ``environ["wsgi_detach.socket"]``, so
   the middleware notices a client that leaves an idle stream within
@@ -11,11 +13,18 @@ differs from a plain ``gevent.pywsgi.WSGIServer`` in three ways:
   chunked response's final ``0\\r\\n\\r\\n`` separately, and without
   ``TCP_NODELAY`` that small write waits for the client's delayed ACK
   (~40 ms on Linux) -- each small response, each long-poll, pays it;
+* HEAD gets the head a GET gets and no body; an aborted close-delimited
+  response ends with a reset, not a FIN that would make it look complete;
+* ``head_timeout``, ``body_timeout`` and ``max_connections`` bound what a
+  slow or silent client can hold (plain pywsgi waits for ever); the timers
+  run only while a request head or body is awaited, never while a response
+  is sent or a detached stream waits for its producer;
 * ``stop()`` drains the middleware first (:meth:`DetachMiddleware.drain`), so
   open streams get a farewell or a grace period instead of being killed.
 
 :class:`DetachHandler` also replaces pywsgi's write path (same bytes on the
-wire, fewer system calls; see "The write path" in its docstring).
+wire, fewer system calls; see "The write path" in its docstring) and, in
+:mod:`wsgi_detach._speedups`, its request path (one switch turns that off).
 
 When not to use it: under gunicorn (``-k gevent`` already exposes
 ``gunicorn.socket``; wrap the app in ``DetachMiddleware`` and call ``drain``
