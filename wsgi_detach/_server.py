@@ -86,6 +86,8 @@ HEAD_TIMEOUT: Final = 20.0
 #: wait. Frameworks read uploads in pieces (64 KiB for Werkzeug and Django),
 #: so 60 s is a floor of about 1 KiB/s; nginx's client_body_timeout is 60 s.
 BODY_TIMEOUT: Final = 60.0
+#: A cap no server reaches (for ``max_connections=None``).
+_NO_CAP: Final = float("inf")
 #: File descriptors ``max_connections="auto"`` leaves for the app (files,
 #: a broker connection, logs) below the process's limit.
 _FD_RESERVE: Final = 64
@@ -131,6 +133,29 @@ class _TimedReader:
 
     def readline(self, *args: Any) -> bytes:
         return self._handler.timed_read(self._rfile.readline, *args)
+
+
+def _make_room(connections: set[StockDetachHandler]) -> None:
+    """A newcomer took the place beyond ``max_connections``: close the connection that has
+    waited longest for a request head, if any.
+
+    Without it, with every place taken, new clients wait in the backlog,
+    possibly for ``head_timeout``. A connection waiting for a head is idle
+    (between keep-alive requests) or slow: closing it lets the newcomer in
+    now, so silent or slow clients cannot lock others out by filling the
+    places (nginx closes idle keep-alive connections when it runs out the
+    same way). Connections with a request running (a response being sent, a
+    stream waiting for its producer) are never chosen; when none waits, the
+    newcomer keeps the extra place and gevent stops accepting until one frees.
+    """
+    waiting = [handler for handler in connections if handler._awaiting_head]
+    if not waiting:
+        return
+    oldest = min(waiting, key=lambda handler: handler._waiting_since)
+    level = logging.DEBUG if oldest._served else logging.INFO
+    log.log(level, "closed the connection from %s to make room: the server is at "
+            "max_connections and it had sent no complete request head", _peer(oldest))
+    get_hub().loop.run_callback(oldest._throw, _Closing("the server is full"), True)
 
 
 def _unsent(sock: Any) -> int:
@@ -206,6 +231,8 @@ class StockDetachHandler(WSGIHandler):  # type: ignore[misc]  # gevent ships no 
         connections = getattr(server, "connections", None)
         if connections is not None:
             connections.add(self)
+            if len(connections) > (getattr(server, "max_connections", None) or _NO_CAP):
+                _make_room(connections)
         try:
             super().handle()
         finally:
@@ -230,6 +257,8 @@ class StockDetachHandler(WSGIHandler):  # type: ignore[misc]  # gevent ships no 
     #: A request was served on this connection (a head timeout is then the
     #: ordinary end of an idle keep-alive connection, not a slow client).
     _served = False
+    #: When the connection began to wait for the current request head.
+    _waiting_since = 0.0
     #: ``body_timeout`` fired: every later read of the body fails at once.
     _body_timed_out = False
 
@@ -296,6 +325,7 @@ class StockDetachHandler(WSGIHandler):  # type: ignore[misc]  # gevent ships no 
         if timer is not None:
             timer.start(self._head_expired)
         self._awaiting_head = True
+        self._waiting_since = time.monotonic()
         try:
             return super().handle_one_request()
         finally:
@@ -595,8 +625,10 @@ class DetachServer(WSGIServer):  # type: ignore[misc]
                 f"max_connections must be a positive int, 'auto' or None, got {max_connections!r}"
             )
         # A pool, so that stop() can end the handlers; a full pool stops
-        # accepting (new connections wait in the listen backlog).
-        kwargs.setdefault("spawn", Pool(max_connections))
+        # accepting (new connections wait in the listen backlog). One place
+        # more than the cap: a newcomer is let in to see whether an idle
+        # connection can make room for it (see _make_room).
+        kwargs.setdefault("spawn", Pool(None if max_connections is None else max_connections + 1))
         super().__init__(listener, middleware, **kwargs)
         self.middleware = middleware
         self.nodelay = nodelay
@@ -703,9 +735,11 @@ def make_server(
         body_timeout: seconds one read of ``environ["wsgi.input"]`` may wait;
             then it raises :class:`RequestTimeout` and the connection closes
             after a 408. ``None``: no limit.
-        max_connections: most connections open at once; more wait in the
-            listen backlog. ``"auto"``: the open-files limit less 64 (none
-            where there is no limit); ``None``: no cap.
+        max_connections: most connections open at once; a newcomer beyond it
+            closes the connection that has waited longest for a request head,
+            or (none waiting) waits in the listen backlog. ``"auto"``: the
+            open-files limit less 64 (none where there is no limit);
+            ``None``: no cap.
         speedups: parse requests with :mod:`wsgi_detach._speedups` (``False``:
             pywsgi's own request path; the same bytes, slower -- to bisect a
             difference on the wire).
