@@ -26,12 +26,17 @@ import re
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import h11
 import pytest
+from gevent.pywsgi import WSGIHandler
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests import wire_apps
 from tests.servers import ServerProcess
+from wsgi_detach import DetachHandler, DetachMiddleware
 
 SERVERS = {
     "plain": ("pywsgi-plain", "tests.wire_apps:plain"),
@@ -286,3 +291,62 @@ def test_every_difference_is_exercised_and_documented(ports: dict[str, int]) -> 
     servers_md = (Path(__file__).resolve().parent.parent / "docs" / "servers.md").read_text()
     for name in DIFFERENCES:
         assert f"<!-- difference: {name} -->" in servers_md, name
+
+
+# ---------------------------------------------------------------------- start_response, in process
+
+_HEADS = {"ok": ("200 OK", [("X-A", "1")]), "other": ("201 Created", [("X-B", "2")]),
+          **wire_apps.REFUSED}
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(sorted(_HEADS)), st.booleans()), min_size=1,
+                max_size=4),
+       st.sampled_from([WSGIHandler, DetachHandler]))
+def test_the_app_sees_what_the_server_raises_from_start_response(
+    calls: list[tuple[str, bool]], handler_class: type
+) -> None:
+    """Each start_response call of an app raises behind DetachMiddleware what the server's
+    raises without it, and the head that reaches the server is the same; except a second
+    call without exc_info, which the middleware refuses (the "twice" difference)."""
+    def run(wrap: bool) -> tuple[list[Any], Any]:
+        handler = handler_class.__new__(handler_class)
+        handler.request_version, handler.close_connection = "HTTP/1.1", False
+        seen: list[Any] = []
+
+        def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+            for name, with_exc_info in calls:
+                status, headers = _HEADS[name]
+                try:
+                    start_response(status, list(headers), (None, None, None) if with_exc_info
+                                   else None)
+                except Exception as exc:
+                    seen.append((type(exc).__name__, exc.args))
+                else:
+                    seen.append(None)
+            return [b"x"]
+
+        served = DetachMiddleware(app) if wrap else app
+        try:
+            served({}, handler.start_response)
+        except Exception as exc:  # the held head refused when passed on: never expected
+            seen.append(("when passed on", type(exc).__name__))
+        final = tuple(getattr(handler, name, None) for name in ("status", "response_headers"))
+        return seen, final
+
+    direct, direct_final = run(wrap=False)
+    wrapped, wrapped_final = run(wrap=True)
+    accepted_before = False
+    for index, (_, with_exc_info) in enumerate(calls):
+        if accepted_before and not with_exc_info:
+            assert wrapped[index][0] == "UsageError"  # the "twice" difference
+            return  # pywsgi took that head; the middleware kept the earlier one
+        assert wrapped[index] == direct[index], (calls, index)
+        accepted_before = accepted_before or direct[index] is None
+    assert len(wrapped) == len(direct)
+    if direct[-1] is None:
+        # The app's last call was accepted (an app answers a refused head with a call that
+        # is): the server gets that head. After a refused last call pywsgi may keep part
+        # of the refused head (it sets a 204/304 status before refusing its length);
+        # the middleware keeps the last accepted head.
+        assert wrapped_final == direct_final

@@ -429,7 +429,7 @@ _DETACHED: Final = "detached"  # a detached response: streaming headers, our wra
 
 # Where the app's start_response call is (PEP 3333 "The start_response()
 # Callable"); one state per request, changed only by _Request's
-# start_response, write, flush_head and refuse:
+# start_response, forward and refuse:
 #
 #   state   meaning                           app calls start_response     app calls write()
 #   unset   not called yet                    hold it (mode hold), else    UsageError
