@@ -594,3 +594,20 @@ def test_the_reset_waits_until_what_was_put_has_left() -> None:
         received, how = _read_to_the_end(sock)
     body = received.partition(b"\r\n\r\n")[2]
     assert (len(body), body.count(b"x"), how) == (4_000_000, 4_000_000, "reset")
+
+
+def test_the_http_limits_are_on_by_default() -> None:
+    """The defaults docs/servers.md gives and explains."""
+    import resource
+
+    server = make_server(wire_apps.plain, port=0)
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    expected_cap = None if soft == resource.RLIM_INFINITY else max(soft - 64, soft // 2, 1)
+    assert (server.head_timeout, server.body_timeout, server.max_connections) == (
+        20.0, 60.0, expected_cap)
+    with pytest.raises(ValueError, match=r"^head_timeout must be a number of seconds > 0 or "
+                                         r"None, got 0$"):
+        make_server(wire_apps.plain, port=0, head_timeout=0)
+    with pytest.raises(ValueError, match=r"^max_connections must be a positive int, 'auto' or "
+                                         r"None, got -1$"):
+        make_server(wire_apps.plain, port=0, max_connections=-1)

@@ -429,17 +429,24 @@ _DETACHED: Final = "detached"  # a detached response: streaming headers, our wra
 
 # Where the app's start_response call is (PEP 3333 "The start_response()
 # Callable"); one state per request, changed only by _Request's
-# start_response, forward and refuse:
+# start_response, flush_head, forward and refuse:
 #
-#   state   meaning                           app calls start_response     app calls write()
-#   unset   not called yet                    hold it (mode hold), else    UsageError
-#                                             pass it on -> sent
-#   held    kept back, already checked        with exc_info: replace it;   pass the head on
-#           (see _check_now)                  without: UsageError          -> sent, then write
-#   sent    the server has it                 pass it on: the server       the server's write
-#                                             decides (PEP 3333 rules)
+#   state    meaning                        app calls start_response        app calls write()
+#   unset    not called yet                 mode hold: hold it (-> checked  UsageError
+#                                           or held); else pass it on
+#                                           (-> sent)
+#   held     kept back; the server has      with exc_info: replace it;      pass the head on
+#            not seen it                    without: UsageError             (-> sent), write
+#   checked  kept back; the server checked  as held                         -> sent (the server
+#            it and holds it (_check_now)                                   has it), write
+#   sent     the server has it              pass it on: the server decides  the server's write
+#
+# Passing a checked head on is free for an ordinary response (the server
+# holds it already); a detached one is passed on again with its streaming
+# headers.
 _UNSET: Final = "unset"
 _HELD: Final = "held"
+_CHECKED: Final = "checked"
 _SENT: Final = "sent"
 
 
@@ -553,7 +560,7 @@ class _Request:
             if self.mode == _DETACHED:
                 headers = self.mw._streaming(headers)
             return self.forward(status, headers, exc_info)
-        if started == _HELD and exc_info is None:
+        if started != _UNSET and exc_info is None:
             # PEP 3333 "The start_response() Callable": a fatal error, as
             # every server but pywsgi treats it; silently replacing the held
             # head would hide an app bug that breaks elsewhere.
@@ -566,9 +573,20 @@ class _Request:
             headers = list(headers)
         if _check_now(self.server_start_response):
             # The server's own checks, where the app can catch what they raise.
-            self.server_start_response(status, headers, exc_info)
+            try:
+                self.server_write = self.server_start_response(status, headers, exc_info)
+            except BaseException:
+                if started == _CHECKED:
+                    # What the server holds now is unknown (pywsgi sets a
+                    # 204/304 status before refusing its length): the kept
+                    # head is passed on again.
+                    self.started = _HELD
+                raise
+            started = _CHECKED
+        else:
+            started = _HELD
         self.head = (status, headers, exc_info)  # a later call with exc_info replaces it
-        self.started = _HELD
+        self.started = started
         return self.write
 
     def write(self, data: bytes) -> object:
@@ -641,13 +659,17 @@ class _Request:
         return response
 
     def flush_head(self) -> None:
-        if self.started != _HELD:
+        started = self.started
+        if started == _UNSET or started == _SENT:
             return
         assert self.head is not None
         status, headers, exc_info = self.head
         self.head = None  # PEP 3333: do not keep a reference to exc_info
         if self.mode == _DETACHED:
             headers = self.mw._streaming(headers)
+        elif started == _CHECKED:
+            self.started = _SENT  # the server holds this very head already
+            return
         self.forward(status, headers, exc_info)
 
     def forward(
