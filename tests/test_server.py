@@ -282,6 +282,7 @@ def test_slow_silent_and_stalled_clients_are_closed_while_others_are_served(
     timed_server: ServerProcess,
 ) -> None:
     port = timed_server.port
+    before = timed_server.stderr_text()
     started = time.monotonic()
     silent = [socket.create_connection(("127.0.0.1", port)) for _ in range(20)]
     slow_head = socket.create_connection(("127.0.0.1", port))
@@ -305,10 +306,25 @@ def test_slow_silent_and_stalled_clients_are_closed_while_others_are_served(
     assert body_got.startswith(b"HTTP/1.1 408 Request Timeout\r\n"), body_got
     assert timed_server.info()["violations"] == []
     # Each cut client logged once at INFO, no traceback.
-    log = timed_server.stderr_text()
+    log = timed_server.stderr_text().removeprefix(before)
     assert log.count("INFO wsgi_detach: closed the connection from") == 21, log
     assert log.count("INFO wsgi_detach: closing the connection from") == 1, log
     assert "Traceback" not in log
+
+
+@pytest.mark.parametrize("framing", [
+    "Transfer-Encoding: chunked\r\n\r\n5\r\nab",
+    "Expect: 100-continue\r\nContent-Length: 9\r\n\r\nab",
+])
+def test_a_stalled_chunked_or_continued_body_gets_a_408(
+    timed_server: ServerProcess, framing: str
+) -> None:
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", timed_server.port)) as sock:
+        sock.sendall(f"POST /read HTTP/1.1\r\nHost: x\r\n{framing}".encode())
+        closed, got = _closed_after(sock, started)
+    assert 0.45 < closed < 2.0, closed
+    assert b"HTTP/1.1 408 Request Timeout\r\n" in got, got
 
 
 def test_a_stream_idle_longer_than_the_timeouts_is_not_cut(timed_server: ServerProcess) -> None:
