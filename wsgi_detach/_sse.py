@@ -33,7 +33,6 @@ import re
 from typing import TYPE_CHECKING, Any, Final
 
 from ._body import (
-    BODY_OPTIONS_KEY,
     DEFAULT_OPTIONS,
     REGISTER_KEY,
     BodyOptions,
@@ -283,9 +282,9 @@ class EventStream(DetachedBody):
         for fixed in ("encoding", "heartbeat_chunk"):
             if fixed in options:
                 raise TypeError(f"EventStream fixes {fixed}; do not pass it")
-        base = DEFAULT_OPTIONS if environ is None else environ.get(BODY_OPTIONS_KEY)
-        if not isinstance(base, BodyOptions):
-            base = DEFAULT_OPTIONS  # outside DetachMiddleware
+        # Under DetachMiddleware: its registrar, with its options and budget.
+        registrar = None if environ is None else environ.get(REGISTER_KEY)
+        base = DEFAULT_OPTIONS if registrar is None else registrar.options
         if heartbeat is None or type(heartbeat) in (int, float):
             merged = _sse_options(base, heartbeat).merge(options, "EventStream")
         else:  # a bad value, which merge names: not a cache key
@@ -294,10 +293,9 @@ class EventStream(DetachedBody):
         if retry is not None:  # checked before the body exists, so a bad value leaks nothing
             opening += f"retry: {_retry_ms(retry)}\n\n".encode("ascii")
         super().__init__(start_response=start_response, options=merged)
-        if environ is not None:
-            # Under DetachMiddleware: registered before any byte is charged to
-            # its budget; closed (and the error passed on) when it is refused.
-            register(self, environ.get(REGISTER_KEY))
+        # Registered before any byte is charged to the budget; closed (and the
+        # error passed on) when it is refused.
+        register(self, registrar)
         if last_event_id is None and environ is not None:
             last_event_id = read_last_event_id(environ)
         self.last_event_id: str | None = last_event_id
