@@ -615,3 +615,34 @@ def test_a_comment_over_max_pending_drops_that_subscriber_like_a_message() -> No
     assert hub.comment("x" * 200) == 0
     assert hub.subscribers == 0
     assert stream.state == "finished"
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    client_id=st.one_of(
+        st.text(max_size=40),
+        st.text(alphabet="0123456789-abcdef\u00b2\u0663 +", max_size=30),
+        st.integers(min_value=-5, max_value=40).map(str),
+    ),
+    published=st.integers(min_value=0, max_value=12),
+    use_epoch=st.booleans(),
+)
+def test_any_client_id_resolves_to_a_position_in_the_history_or_a_reason(
+    client_id: str, published: int, use_epoch: bool
+) -> None:
+    """Whatever a client sends, resolve() answers; it never raises (no 500)."""
+    hub = Hub(history=5)
+    sent = [hub.publish(f"m{i}", id=f"app-{i}" if i % 3 == 0 else None) for i in range(published)]
+    if use_epoch:
+        client_id = hub.cursor.rsplit("-", 1)[0] + "-" + client_id
+    batch = hub.since(client_id)
+    if batch.resync:
+        assert batch.reason in ("unknown id", "from another epoch", "older than the history")
+        assert batch.messages == []
+    else:
+        kept = [m.id for m in sent[-5:]]
+        got = [m.id for m in batch.messages]
+        assert got == kept[len(kept) - len(got) :]  # a suffix of the history, in order
+        known = {m.id: i for i, m in enumerate(sent)}
+        if client_id in known:
+            assert got == [m.id for m in sent[known[client_id] + 1 :]]
