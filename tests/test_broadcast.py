@@ -646,3 +646,12 @@ def test_any_client_id_resolves_to_a_position_in_the_history_or_a_reason(
         known = {m.id: i for i, m in enumerate(sent)}
         if client_id in known:
             assert got == [m.id for m in sent[known[client_id] + 1 :]]
+
+
+def test_a_cursor_may_be_an_int_id_as_published() -> None:
+    hub = Hub()
+    hub.publish("a", id=7)
+    hub.publish("b", id=8)
+    assert [m.data for m in hub.since(7).messages] == ["b"]
+    with pytest.raises(TypeError, match="a cursor must be a str \\(an id\\), got float"):
+        hub.since(7.0)  # type: ignore[arg-type]

@@ -14,10 +14,14 @@ bytes; a graceful :meth:`~DetachMiddleware.drain` for shutdown; and
 :meth:`~DetachMiddleware.stats`.
 
 Inside the app, ask for a body with :func:`detach` (the one line per
-framework is in README.md, "DetachMiddleware"): the body carries the
-middleware's defaults and is registered in the environ, so the middleware
-finds it even inside a framework's own iterator, and closes it exactly once
-when the response ends.
+framework is in docs/middleware.md): the body carries the middleware's
+:class:`~wsgi_detach.BodyOptions` and is registered with the request as it is
+made, so the middleware finds it even inside a framework's own iterator, and
+closes it exactly once when the response ends. Every body made from the
+environ goes the same way (``EventStream(environ)``, ``Hub.event_stream``,
+``long_poll(..., environ=environ)``): ``environ["wsgi_detach.detach"]`` is the
+request's registrar (:class:`~wsgi_detach._body.Registrar`), the one
+registration path.
 
 When not to use it: for an app that never detaches a response it costs a
 function call and a short look at the returned iterable per request, and

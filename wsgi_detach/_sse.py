@@ -242,12 +242,15 @@ class EventStream(DetachedBody):
     Args:
         environ: the request's environ, read for ``Last-Event-ID``
             (:attr:`last_event_id`); optional. Under
-            :class:`DetachMiddleware` it also carries the middleware's body
-            defaults (``idle_timeout``, ``deadline``, ``max_buffer``, ...;
-            not ``heartbeat``, which an EventStream sets itself, nor a
-            plain-text ``timeout_chunk``) and its
-            shared ``max_buffered`` budget, which the stream then takes, as
-            :func:`detach` bodies do; options you pass win.
+            :class:`DetachMiddleware` the stream is registered with the
+            request as it is made, like a :func:`detach` body (counted by
+            ``stats()`` and ``max_open``, watched, drained, and closed with
+            the request even if the app returns a wrapper around it or
+            raises afterwards), and takes the middleware's
+            :class:`BodyOptions` (``idle_timeout``, ``deadline``,
+            ``max_buffer``, its ``max_buffered`` budget, ...; not
+            ``heartbeat``, which an EventStream sets itself, nor a
+            plain-text ``timeout_chunk``); options you pass win.
         start_response: the server's ``start_response``; see above.
         retry: the client's reconnection delay in ms, sent at the start.
         heartbeat: seconds of silence after which a comment line goes out
@@ -261,6 +264,9 @@ class EventStream(DetachedBody):
     Raises:
         TypeError: ``encoding`` or ``heartbeat_chunk`` was given; SSE fixes
             both (UTF-8, a comment line).
+        Unavailable: under :class:`DetachMiddleware`, ``max_open`` streams
+            are open or the server is draining; let it propagate, the
+            middleware answers 503. The stream is closed first.
     """
 
     #: The headers to send when your framework starts the response, e.g.
