@@ -469,6 +469,12 @@ def _serve_wire(app: Any, kind: str) -> None:
             wire_apps.SENDS[0] += 1
             super()._sendall(data)
 
+        def _send_for(self, body: Any) -> None:  # the direct path's sends
+            before = self.response_length
+            super()._send_for(body)
+            if self.response_length != before:
+                wire_apps.SENDS[0] += 1
+
     kwargs: dict[str, Any] = {} if kind == "pywsgi-plain" else {"handler_class": CountingHandler}
     server = WSGIServer(("127.0.0.1", 0), app, log=None, **kwargs)
     server.start()

@@ -148,10 +148,11 @@ ORDINARY = ["/list", "/gen", "/write", "/empty", "/clen", "/file", "/nocontent",
             "/notmodified", "/fail_first", "/fail_after", "/liar", "/big", "/missing",
             "/twice", *(f"/refused?{what}" for what in sorted(wire_apps.REFUSED))]
 #: Detached responses, which need the middleware: compared among our three.
-DETACHED = ["/poll", "/body_done", "/body_later", "/body_empty_end", "/body_fail"]
+DETACHED = ["/poll", "/body_done", "/body_later", "/body_empty_end", "/body_fail",
+            "/body_direct", "/body_direct_fail", "/body_thread"]
 
 #: Responses cut off on purpose: h11 must see them as incomplete.
-ABORTED = {"/fail_after", "/liar", "/body_fail"}
+ABORTED = {"/fail_after", "/liar", "/body_fail", "/body_direct_fail"}
 
 
 def _shapes(path: str) -> dict[str, list[Req]]:

@@ -11,15 +11,19 @@ import re
 import signal
 import socket
 import statistics
+import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 
+import gevent
 import pytest
+from gevent import socket as gsocket
 
 from tests import wire_apps
 from tests.client import Stream, events, get, keepalive_timings, wait_until
 from tests.servers import ServerProcess, serve
-from wsgi_detach import DetachMiddleware, make_server
+from wsgi_detach import DetachedBody, DetachMiddleware, make_server
 
 
 def test_tcp_nodelay_spares_each_small_response_the_delayed_ack() -> None:
@@ -426,3 +430,84 @@ def test_the_http_limits_are_on_by_default() -> None:
     with pytest.raises(ValueError, match=r"^max_connections must be a positive int, 'auto' or "
                                          r"None, got -1$"):
         make_server(wire_apps.plain, port=0, max_connections=-1)
+
+
+class _CountingBody(DetachedBody):
+    """A body that counts the handler's ``next()`` calls on it."""
+
+    __slots__ = ("nexts",)
+
+    def __next__(self) -> bytes:
+        self.nexts += 1
+        return super().__next__()
+
+
+def _read_until(sock: gsocket.socket, marker: bytes, buf: bytes = b"") -> bytes:
+    with gevent.Timeout(5):
+        while marker not in buf:
+            data = sock.recv(65536)
+            assert data, f"connection closed before {marker!r}"
+            buf += data
+    return buf
+
+
+@contextmanager
+def _held_stream(heartbeat: float | None = None) -> Iterator[tuple[gsocket.socket, _CountingBody]]:
+    """A make_server server in this process, and a client holding its stream, its first
+    chunk read; yields the client socket and the stream's body."""
+    bodies: list[_CountingBody] = []
+
+    def app(environ: dict[str, object], start_response: object) -> _CountingBody:
+        start_response("200 OK", [("Content-Type", "text/plain")])  # type: ignore[operator]
+        body = _CountingBody(heartbeat=heartbeat)
+        body.nexts = 0
+        body.put(b"first;")
+        bodies.append(body)
+        return body
+
+    server = make_server(app, port=0, log=None)
+    server.start()
+    sock = gsocket.create_connection(("127.0.0.1", server.server_port))
+    try:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        _read_until(sock, b"first;\r\n")
+        yield sock, bodies[0]
+    finally:
+        if bodies:
+            bodies[0].finish()
+        sock.close()
+        server.stop(timeout=1)
+
+
+@pytest.mark.parametrize("heartbeat", [None, 30.0])
+def test_chunks_into_a_held_stream_are_sent_without_waking_its_handler(
+    heartbeat: float | None,
+) -> None:
+    """The direct path: once a held stream's first chunk is out, a chunk put from the
+    server's thread is sent from the hub, and the handler's greenlet stays parked
+    (no next() per chunk); the bytes are the same."""
+    with _held_stream(heartbeat) as (sock, body):
+        buf = b""
+        for i in range(20):
+            body.put(b"m%d;" % i)
+            buf = _read_until(sock, b"m%d;\r\n" % i, buf)
+        body.finish(b"end")
+        buf = _read_until(sock, b"0\r\n\r\n", buf)
+        expected = b"".join(b"%x\r\n%s\r\n" % (len(c), c) for c in
+                            [*(b"m%d;" % i for i in range(20)), b"end"]) + b"0\r\n\r\n"
+        assert buf == expected
+        # The wait after first;, and the end: not one per chunk.
+        assert body.nexts <= 4, body.nexts
+
+
+def test_a_chunk_put_from_another_thread_wakes_the_handler() -> None:
+    """Only the connection's own thread may send for the handler: a chunk put from a
+    plain OS thread is buffered and the handler sends it, as before."""
+    with _held_stream() as (sock, body):
+        buf = b""
+        for i in range(3):
+            thread = threading.Thread(target=body.put, args=(b"t%d;" % i,))
+            thread.start()
+            buf = _read_until(sock, b"t%d;\r\n" % i, buf)
+            thread.join(5)
+        assert body.nexts >= 4, body.nexts  # one next() per chunk: the handler sent each

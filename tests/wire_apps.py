@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import io
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from typing import Any, Callable
 
@@ -66,6 +68,34 @@ def _later(body: DetachedBody, chunks: list[bytes], last: bytes | None) -> None:
         body.put(chunk)
     gevent.sleep(0.01)
     body.finish(last)
+
+
+#: Larger than any socket send buffer on loopback: a send of it is always partial.
+_HUGE = 16 * 1024 * 1024
+
+
+def _direct(body: DetachedBody, fail: bool) -> None:
+    """Chunks into a held stream whose first chunk is out: DetachHandler's direct path."""
+    for chunk in (b"a;", b"b;"):
+        gevent.sleep(0.01)
+        body.put(chunk)
+    gevent.sleep(0.01)
+    body.put(b"z" * _HUGE)  # partly sent at best: the handler sends the rest...
+    body.put(b"after;")  # ...before these, which wait behind it and are coalesced
+    body.put(b"more;")
+    if fail:
+        body.fail(RuntimeError("deliberate failure after direct sends"))
+    else:
+        body.finish(b"last")
+
+
+def _from_thread(body: DetachedBody) -> None:
+    """Chunks put from a plain OS thread: never the direct path."""
+    for chunk in (b"a;", b"b;"):
+        time.sleep(0.01)
+        body.put(chunk)
+    time.sleep(0.01)
+    body.finish(b"last")
 
 
 def plain(environ: dict[str, Any], start_response: Start) -> Any:
@@ -138,6 +168,18 @@ def plain(environ: dict[str, Any], start_response: Start) -> Any:
         start_response("200 OK", TEXT)
         body = DetachedBody()
         gevent.spawn(_later, body, [b"only"], None)
+        return body
+    if path in ("/body_direct", "/body_direct_fail"):  # held, first chunk out, then more
+        start_response("200 OK", TEXT)
+        body = DetachedBody()
+        body.put(b"first;")
+        gevent.spawn(_direct, body, path.endswith("fail"))
+        return body
+    if path == "/body_thread":
+        start_response("200 OK", TEXT)
+        body = DetachedBody()
+        body.put(b"first;")
+        threading.Thread(target=_from_thread, args=(body,), daemon=True).start()
         return body
     if path == "/body_fail":
         start_response("200 OK", TEXT)

@@ -110,6 +110,27 @@ class Registrar(Protocol):
     def __call__(self, body: DetachedBody) -> None: ...
 
 
+class Sink(Protocol):
+    """How a server's consumer sends for itself while it is parked on an empty body.
+
+    A consumer iterating a body (our pywsgi handler) may set the body's
+    ``_sink`` once the response's head and a first chunk are out. Then a
+    ``put()`` that finds the consumer parked does not wake it: it calls
+    :meth:`schedule`, and when the consumer's greenlet would have run, the
+    sink runs instead -- in the hub, without a switch -- takes the chunk
+    with :meth:`DetachedBody._sink_take` (coalesced exactly as ``next()``
+    would) and sends it. Ends, failures, timeouts and heartbeats still wake
+    the consumer, which stays registered as parked meanwhile; so does a
+    chunk the sink could not send whole (:meth:`DetachedBody._sink_behind`).
+    """
+
+    def schedule(self, body: DetachedBody) -> bool:
+        """Arrange to take and send ``body``'s buffered chunks soon; False if not from this caller.
+
+        Called under the body's lock: it must only schedule, never send.
+        """
+
+
 log = logging.getLogger("wsgi_detach")
 
 #: What ``put()`` accepts. ``StopIteration`` (the class) is the seed's
@@ -255,6 +276,7 @@ class DetachedBody:
         "_encoding",
         "_end_error",
         "_first",
+        "_flush_due",
         "_head",
         "_head_sent",
         "_heartbeat",
@@ -269,6 +291,8 @@ class DetachedBody:
         "_outcome",
         "_producers",
         "_sent_data",
+        "_sink",
+        "_sink_scheduled",
         "_start_response",
         "_state",
         "_timed",
@@ -363,6 +387,10 @@ class DetachedBody:
         self._head_sent = start_response is None  # the app called start_response itself
         self._needs_head = start_response is not None  # owned, and start() not called yet
         self._sent_data = False  # a non-empty chunk went to the server
+        # The server's direct path while its consumer is parked (see Sink).
+        self._sink: Sink | None = None
+        self._sink_scheduled = False  # the sink will send what is buffered
+        self._flush_due = False  # the sink left part of a chunk: the consumer must come back
         self._outcome: str | None = None
         now = time.monotonic()
         self._deadline_at = None if self._deadline is None else now + self._deadline
@@ -625,9 +653,10 @@ class DetachedBody:
 
     def __next__(self) -> bytes:
         """The server's side: the next non-empty chunk, blocking until there is one."""
-        if self._first is None:
-            # Nothing waiting (a held stream between messages): the slow path
-            # looks again under the lock, so reading this without it is safe.
+        if self._first is None or self._flush_due:
+            # Nothing waiting (a held stream between messages), or the rest of
+            # a chunk the sink began must go first: the slow path looks again
+            # under the lock, so reading these without it is safe.
             return self._next_slow()
         # Fast path: data waiting and no producer blocked on the cap.
         with self._lock:
@@ -661,7 +690,12 @@ class DetachedBody:
         long-poll instead of two). A hint only: the handler still calls
         ``next()`` and trusts what it does.
         """
-        return self._state is not OPEN and self._first is None and self._end_error is None
+        return (
+            self._state is not OPEN
+            and self._first is None
+            and self._end_error is None
+            and not self._flush_due
+        )
 
     def _next_slow(self) -> bytes:
         while True:
@@ -670,6 +704,12 @@ class DetachedBody:
             chunk: bytes | None = None
             error: BaseException | None = None
             with self._lock:
+                if self._flush_due:
+                    # The sink sent part of a chunk: the server sends the rest
+                    # before anything else (see Sink). The empty chunk brings
+                    # it back to do so.
+                    self._flush_due = False
+                    return b""
                 if self._first is not None and self._deadline_passed_locked():
                     # A hard cap holds even while data waits for a slow client:
                     # the unsent rest is dropped, so the end must not look clean.
@@ -735,6 +775,7 @@ class DetachedBody:
                 return
             self._outcome = self._outcome_locked()
             self._state = CLOSED
+            self._sink = None
             self._discard_locked()
             self._end_error = None
             waiters, self._producers = self._producers, ()
@@ -784,7 +825,12 @@ class DetachedBody:
                         self._first = data
                     self._buffered = buffered + len(data)
                     consumer = self._consumer
-                    if consumer is None:
+                    if consumer is None or self._sink_scheduled:
+                        return
+                    sink = self._sink
+                    if sink is not None and sink.schedule(self):
+                        # The consumer sleeps on; the sink sends for it (see Sink).
+                        self._sink_scheduled = True
                         return
                     self._consumer = None
                     break
@@ -818,6 +864,42 @@ class DetachedBody:
                     f"is not reading fast enough"
                 )
         consumer.wake()
+
+    def _sink_take(self) -> bytes | None:
+        """For the sink, when its turn comes: what the parked consumer would send now, or None.
+
+        ``None`` when the consumer is not parked any more (woken by an end, a
+        timer, another thread: it sends the buffer itself) or when anything
+        but plain data waits (a producer blocked on the cap, a passed
+        deadline): then the consumer is woken to deal with it as usual. The
+        chunk is taken exactly as the consumer's ``next()`` would take it --
+        coalesced with what waits behind it, its bytes given back to the
+        budget, the heartbeat clock reset.
+        """
+        consumer = None
+        with self._lock:
+            self._sink_scheduled = False
+            if self._consumer is None or self._first is None:
+                return None
+            if self._producers or self._deadline_passed_locked():
+                consumer = self._take_consumer_locked()
+                chunk = None
+            else:
+                chunk = self._pop_locked()
+                self._sent_data = True
+                if self._heartbeat is not None:
+                    self._last_yield = time.monotonic()
+        if consumer is not None:
+            consumer.wake()
+        return chunk
+
+    def _sink_behind(self) -> None:
+        """The sink could not send all it took: wake the consumer to send the rest first."""
+        with self._lock:
+            self._flush_due = True
+            consumer = self._take_consumer_locked()
+        if consumer is not None:
+            consumer.wake()
 
     def _take_consumer_locked(self) -> Waiter | None:
         consumer, self._consumer = self._consumer, None

@@ -841,6 +841,17 @@ class _DetachedResponse:
         inner = self._inner
         return type(inner) is DetachedBody and self._request.cut_off is None and inner._exhausted()
 
+    def _direct_body(self) -> DetachedBody | None:
+        """The app's body, which a server may let send for it (see ``Sink``); else None.
+
+        The server arms it only after a chunk went through ``__next__``, so
+        the response is decided and ``sent_data`` set by then.
+        """
+        inner = self._inner
+        if isinstance(inner, DetachedBody) and self._request.cut_off is None:
+            return inner
+        return None
+
     def _failed(self, request: _Request, error: Exception) -> bytes:
         if request.sent_data:
             raise error  # the server aborts the connection: never a clean-looking end

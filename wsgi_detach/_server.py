@@ -50,10 +50,11 @@ from gevent.pool import Pool
 from gevent.pywsgi import WSGIHandler, WSGIServer
 from gevent.socket import socket as _GeventSocket
 
-from ._body import Chunk
+from ._body import Chunk, DetachedBody
 from ._errors import RequestTimeout
 from ._middleware import DetachMiddleware, python_next
 from ._speedups import SpeedUps
+from ._wakeup import get_ident
 from ._watchers import SOCKET_KEY
 
 try:
@@ -208,6 +209,18 @@ class StockDetachHandler(WSGIHandler):  # type: ignore[misc]  # gevent ships no 
       connection without it.
 
     Nothing is held back: each chunk is sent before the next is asked for.
+
+    The direct path: once the head and a first chunk of a chunked response
+    are out, a :class:`DetachedBody` (the app's, or the one inside
+    ``DetachMiddleware``'s response) gets this handler as its
+    :class:`~wsgi_detach._body.Sink`. A ``put()`` that finds the handler
+    parked on the empty body then frames and sends the chunk itself, with
+    one non-blocking ``send``, instead of waking the handler's greenlet to do
+    the same -- a held stream's cost per message is then about the system
+    call. Only from the connection's own OS thread; anything else (another
+    thread, a full or failed socket, a chunk behind others, the end of the
+    body) takes the path above. When the kernel takes part of a chunk, the
+    handler keeps the rest and sends it before anything else.
     """
 
     def handle(self) -> None:
@@ -223,6 +236,7 @@ class StockDetachHandler(WSGIHandler):  # type: ignore[misc]  # gevent ships no 
         # ``send``: that would be one more object per connection.
         self._raw_socket = self.socket._sock if type(self.socket) is _GeventSocket else None
         self._greenlet = getcurrent()
+        self._ident = get_ident()  # the OS thread whose hub runs this connection
         head_timeout = getattr(server, "head_timeout", None)
         if head_timeout:
             # One timer per connection, started for each request head and
@@ -448,6 +462,10 @@ class StockDetachHandler(WSGIHandler):  # type: ignore[misc]  # gevent ships no 
     result: Any
     _orig_status: str
     _raw_socket: Any = None
+    #: The OS thread of the connection's hub: direct sends only from there.
+    _ident = 0
+    #: The rest of a chunk the direct path could not send: it goes out first.
+    _pending_out = b""
 
     def write(self, data: bytes) -> None:
         """PEP 3333's ``write()`` callable, and how each chunk of the body is sent."""
@@ -463,32 +481,78 @@ class StockDetachHandler(WSGIHandler):  # type: ignore[misc]  # gevent ships no 
         # the body can tell, without waiting, that it has no more.
         result = self.result
         tells_end = callable(getattr(result, "_exhausted", None))
+        # The body that may send for us while we wait on it (see "The direct
+        # path"); armed once the head and a chunk are out.
+        direct = _direct_body(result) if self._raw_socket is not None else None
         iterator: Iterator[bytes] = iter(result)
         in_place = python_next(iterator)
         ended = False
-        data: Any = _next_or_end(iterator, in_place)
-        while data is not _END:
-            if not data:
-                data = _next_or_end(iterator, in_place)
-                continue
-            if not tells_end or not result._exhausted():
-                self._send(data, False)
-                data = _next_or_end(iterator, in_place)
-                continue
-            try:
-                following = _next_or_end(iterator, in_place)  # does not wait: the body said so
-            except BaseException:
-                self._send(data, False)  # yielded before the error: pywsgi sends it
-                raise
-            ended = following is _END
-            self._send(data, ended)
-            data = following
+        try:
+            data: Any = _next_or_end(iterator, in_place)
+            while data is not _END:
+                if not data:
+                    if self._pending_out:  # the body came back for the rest of a direct send
+                        self._sendall(b"")
+                    data = _next_or_end(iterator, in_place)
+                    continue
+                if not tells_end or not result._exhausted():
+                    self._send(data, False)
+                    if direct is not None and direct._sink is not self:
+                        direct = self._arm(direct)
+                    data = _next_or_end(iterator, in_place)
+                    continue
+                try:
+                    following = _next_or_end(iterator, in_place)  # does not wait: the body said so
+                except BaseException:
+                    self._send(data, False)  # yielded before the error: pywsgi sends it
+                    raise
+                ended = following is _END
+                self._send(data, ended)
+                data = following
+        finally:
+            if direct is not None and direct._sink is self:
+                direct._sink = None  # and no cycle body -> handler -> result -> body
         if not ended:
             if self.status and not self.headers_sent:
                 # An empty body: the headers (and the terminator) still go out.
                 self._send(b"", True)
             elif self.response_use_chunked:
                 self._sendall(_LAST_CHUNK)
+
+    def _arm(self, body: DetachedBody) -> DetachedBody | None:
+        """Let ``body`` send for us from now on, if this response allows it; the body or None."""
+        if not (self.headers_sent and self.response_use_chunked and self.command != "HEAD"):
+            return None
+        body._sink = self
+        return body
+
+    def schedule(self, body: DetachedBody) -> bool:
+        """:meth:`Sink.schedule <wsgi_detach._body.Sink.schedule>`: send for ``body`` from
+        this connection's hub, if called in its thread."""
+        if get_ident() != self._ident or self._pending_out:
+            return False
+        get_hub().loop.run_callback(self._send_for, body)
+        return True
+
+    def _send_for(self, body: DetachedBody) -> None:
+        """In the hub, where the parked handler would have run: send what ``body`` holds."""
+        if body._sink is not self:
+            return  # the response ended meanwhile
+        data = body._sink_take()
+        if data is None:
+            return  # the handler was woken and sends it itself
+        out = b"%x\r\n%s\r\n" % (len(data), data)
+        raw = None if self._pending_out else self._raw_socket
+        sent = 0
+        if raw is not None:
+            try:
+                sent = raw.send(out)
+            except OSError:  # full, or the client left: the handler's own send decides
+                pass
+        self.response_length += sent
+        if sent < len(out):
+            self._pending_out += out[sent:] if sent else out
+            body._sink_behind()
 
     def _send_head_only(self) -> None:
         # HEAD gets GET's head and no body (RFC 9110 9.3.2). pywsgi sends the
@@ -541,6 +605,10 @@ class StockDetachHandler(WSGIHandler):  # type: ignore[misc]  # gevent ships no 
     def _sendall(self, data: bytes) -> None:
         # pywsgi's _sendall (same error bookkeeping), trying one plain
         # non-blocking send first.
+        pending = self._pending_out
+        if pending:  # the rest of a direct send goes first
+            self._pending_out = b""
+            data = pending + data
         raw = self._raw_socket
         try:
             sent = 0
@@ -557,6 +625,14 @@ class StockDetachHandler(WSGIHandler):  # type: ignore[misc]  # gevent ships no 
                 self.code = -self.code
             raise
         self.response_length += len(data)
+
+
+def _direct_body(result: object) -> DetachedBody | None:
+    """The body a response iterates, when it is one whose chunks may be sent directly."""
+    if isinstance(result, DetachedBody):
+        return result
+    inner = getattr(result, "_direct_body", None)
+    return None if inner is None else inner()
 
 
 def _next_or_end(iterator: Iterator[bytes], in_place: bool) -> Any:
