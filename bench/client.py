@@ -197,8 +197,18 @@ def idle(port: int, c: int, timeout: float) -> dict[str, Any]:
     return result
 
 
+#: A message in a JSON long-poll answer: its newline is escaped there.
+JSON_MESSAGE = re.compile(rb"(\d+) (\d+)\\n")
+
+
 def longpoll(
-    port: int, pollers: int, window_s: float, warmup_s: float, interval_ms: int, timeout: float
+    port: int,
+    pollers: int,
+    window_s: float,
+    warmup_s: float,
+    interval_ms: int,
+    timeout: float,
+    path: str = "/poll",
 ) -> dict[str, Any]:
     socks = [connect(port) for _ in range(pollers)]
     emit({"event": "ready", "connected": len(socks)})
@@ -212,7 +222,8 @@ def longpoll(
     latencies: list[int] = []
     errors: list[str] = []
 
-    request = wire.request("/poll")
+    request = wire.request(path)
+    message = JSON_MESSAGE if path == "/lpoll" else MESSAGE
 
     def poller(sock: socket.socket) -> None:
         # Lean on purpose (20 k polls/s on one core): one request at a time
@@ -233,7 +244,7 @@ def longpoll(
                 total.append(1)
                 if w0 <= now < w1:
                     done.append(1)
-                    found = MESSAGE.search(buf, buf.find(b"\r\n\r\n"))
+                    found = message.search(buf, buf.find(b"\r\n\r\n"))
                     if found is not None:
                         latencies.append(now_ns - int(found.group(2)))
         except Exception as exc:

@@ -113,6 +113,20 @@ def thread_producer(
     finish()
 
 
+def poll_answer(msg: bytes) -> dict[str, object]:
+    """A long-poll answer carrying ``msg``, shaped like ``wsgi_detach.long_poll``'s JSON.
+
+    For the peers of the burst scenario, which answer with this as their
+    framework's JSON response: the same fields, about the same size.
+    """
+    seq = msg.split(b" ", 1)[0].decode("ascii")
+    return {
+        "messages": [{"id": seq, "event": None, "data": msg.decode("ascii")}],
+        "cursor": seq,
+        "resync": False,
+    }
+
+
 class AsyncioHub:
     """Subscribers of the publisher on an asyncio server: an ``asyncio.Queue`` each.
 

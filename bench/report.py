@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import stats
-from bench.targets import FANOUT, IDLE, LONGPOLL, THROUGHPUT, XTHREAD
+from bench.targets import BURST, FANOUT, IDLE, LONGPOLL, THROUGHPUT, XTHREAD
 
 REFERENCES = ("seed_queue", "raw_limit")
 
@@ -50,6 +50,13 @@ COLUMNS: dict[str, list[tuple[str, str, str]]] = {
         ("server_us_per_poll", "srv us/poll", "{:.0f}"),
         ("errors", "errors", "{:.0f}"),
     ],
+    BURST: [
+        ("polls_per_s", "polls/s", "{:,.0f}"),
+        ("p50_ms", "p50 ms", "{:.1f}"),
+        ("p99_ms", "p99 ms", "{:.1f}"),
+        ("server_us_per_poll", "srv us/poll", "{:.0f}"),
+        ("errors", "errors", "{:.0f}"),
+    ],
     XTHREAD: [
         ("chunks_per_s", "chunks/s", "{:,.0f}"),
         ("p50_ms", "p50 ms", "{:.2f}"),
@@ -68,6 +75,7 @@ def headline(scenario: str, case: str) -> tuple[str, bool]:
         FANOUT: ("p99_ms", False),
         IDLE: ("kib_per_stream", False),
         LONGPOLL: ("polls_per_s", True),
+        BURST: ("polls_per_s", True),
         XTHREAD: ("chunks_per_s", True),
     }[scenario]
 

@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bench import harness
-from bench.targets import FANOUT, IDLE, LONGPOLL, THROUGHPUT, XTHREAD
+from bench.targets import BURST, FANOUT, IDLE, LONGPOLL, THROUGHPUT, XTHREAD
 
-ORDER = (THROUGHPUT, FANOUT, IDLE, LONGPOLL, XTHREAD)
+ORDER = (THROUGHPUT, FANOUT, IDLE, LONGPOLL, BURST, XTHREAD)
 
 
 @dataclass(frozen=True)
@@ -137,9 +137,10 @@ def idle(target: str, p: Profile) -> dict[str, dict[str, Any]]:
     return out
 
 
-def longpoll(target: str, p: Profile) -> dict[str, dict[str, Any]]:
+def longpoll(target: str, p: Profile, path: str = "/poll") -> dict[str, dict[str, Any]]:
     job = {
         "kind": "longpoll",
+        "path": path,
         "pollers": p.longpoll_pollers,
         "window_s": p.longpoll_window_s,
         "warmup_s": p.longpoll_warmup_s,
@@ -158,6 +159,17 @@ def longpoll(target: str, p: Profile) -> dict[str, dict[str, Any]]:
                 **disturbance(s),
             }
         }
+
+
+def burst(target: str, p: Profile) -> dict[str, dict[str, Any]]:
+    """Long-polling through each target's hub, answered as JSON (``/lpoll``).
+
+    Every publish answers every pending poll at once: for ``wsgi_detach`` the
+    docs' way (``long_poll(hub, ...)`` behind ``DetachMiddleware`` on
+    ``DetachServer``, ``hub.publish`` per message), for the peers their
+    framework's JSON response to an awaited message.
+    """
+    return longpoll(target, p, "/lpoll")
 
 
 def xthread(target: str, p: Profile) -> dict[str, dict[str, Any]]:
@@ -183,5 +195,6 @@ MEASURE: dict[str, Callable[[str, Profile], dict[str, dict[str, Any]]]] = {
     FANOUT: fanout,
     IDLE: idle,
     LONGPOLL: longpoll,
+    BURST: burst,
     XTHREAD: xthread,
 }

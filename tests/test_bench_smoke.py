@@ -51,18 +51,23 @@ def test_smoke_run_writes_expected_json(tmp_path: Path) -> None:
     assert meta["targets"] == TARGETS, meta.get("skipped")
 
     results = latest["results"]
-    assert set(results) == {"throughput", "fanout", "idle", "longpoll", "xthread"}
+    assert set(results) == {"throughput", "fanout", "idle", "longpoll", "burst", "xthread"}
     expected_metrics = {
         "throughput": {"chunks_per_s", "mb_per_s", "cpu_s_per_mb"},
         "fanout": {"p50_ms", "p99_ms", "max_ms", "lost"},
         "idle": {"kib_per_stream"},
         "longpoll": {"polls_per_s"},
+        "burst": {"polls_per_s", "p99_ms"},
         "xthread": {"chunks_per_s", "p50_ms", "p99_ms", "lost"},
     }
     for scenario, cases in results.items():
         assert cases and "*" not in cases, (scenario, cases.get("*"))
         for case, per_target in cases.items():
-            players = {"wsgi_detach", "seed_queue"} if scenario == "xthread" else set(TARGETS)
+            players = {
+                "xthread": {"wsgi_detach", "seed_queue"},
+                # Only targets with a hub answer JSON long-polls.
+                "burst": set(TARGETS) - {"seed_queue"},
+            }.get(scenario, set(TARGETS))
             assert set(per_target) == players, (scenario, case)
             for target, entry in per_target.items():
                 assert "failed_runs" not in entry, (scenario, case, target, entry["runs"])

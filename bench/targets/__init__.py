@@ -12,7 +12,10 @@ import importlib
 from dataclasses import dataclass
 
 THROUGHPUT, FANOUT, IDLE, LONGPOLL, XTHREAD = "throughput", "fanout", "idle", "longpoll", "xthread"
+BURST = "burst"
 PUSH = frozenset({THROUGHPUT, FANOUT, IDLE, LONGPOLL})
+#: The targets with a hub that answers JSON long-polls (the burst scenario).
+HUBS = PUSH | {BURST}
 
 
 @dataclass(frozen=True)
@@ -37,7 +40,7 @@ TARGETS: dict[str, Target] = {
             "wsgi_detach",
             "bench.targets.detach",
             "serve",
-            PUSH | {XTHREAD},
+            HUBS | {XTHREAD},
             "detach() in DetachMiddleware on DetachServer, Hub fan-out (what has landed)",
         ),
         Target(
@@ -58,14 +61,14 @@ TARGETS: dict[str, Target] = {
             "tornado",
             "bench.targets.tornado_app",
             "serve",
-            PUSH,
+            HUBS,
             "Tornado RequestHandler.write + await flush()",
         ),
         Target(
             "starlette",
             "bench.targets.starlette_app",
             "serve",
-            PUSH,
+            HUBS,
             "uvicorn (uvloop+httptools) + StreamingResponse from asyncio.Queue",
         ),
         Target(
@@ -79,7 +82,7 @@ TARGETS: dict[str, Target] = {
             "raw_limit",
             "bench.targets.raw_limit",
             "serve",
-            PUSH,
+            HUBS,
             "gevent StreamServer writing chunked HTTP by hand: the stack's limit",
         ),
         # Opt-in probes (not in DEFAULT): each isolates one effect.
@@ -103,7 +106,7 @@ TARGETS: dict[str, Target] = {
             "wsgi_detach_nohub",
             "bench.targets.detach",
             "serve",
-            PUSH | {XTHREAD},
+            HUBS | {XTHREAD},
             "wsgi_detach without the broadcast Hub: one put() per stream per message",
             (("hub", False),),
         ),
@@ -111,7 +114,7 @@ TARGETS: dict[str, Target] = {
             "wsgi_detach_nowatch",
             "bench.targets.detach",
             "serve",
-            PUSH | {XTHREAD},
+            HUBS | {XTHREAD},
             "wsgi_detach with DetachMiddleware(watch_disconnects=False)",
             (("watch", False),),
         ),
@@ -127,7 +130,7 @@ TARGETS: dict[str, Target] = {
             "wsgi_detach_before",
             "bench.targets.detach",
             "serve",
-            PUSH | {XTHREAD},
+            HUBS | {XTHREAD},
             "wsgi_detach imported from $BENCH_BEFORE (an export of older code): before/after",
         ),
         Target(

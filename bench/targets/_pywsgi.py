@@ -10,6 +10,8 @@ Routes (the same on every target, see ``bench/README.md``)::
     /stream?n=&size=        throughput: n chunks of size bytes, then end
     /fanout                 held stream: hello, then every broadcast message
     /poll                   long-poll: held until the next message, then end
+    /lpoll                  the same through the target's hub, answered as JSON
+                            (burst; only targets with a ``long_poll`` hook)
     /start?n=&interval_ms=  start the publisher (n messages)
     /xthread?n=&sleep_ms=   a plain OS thread produces n stamped messages
 
@@ -53,7 +55,10 @@ class Adapter(Protocol):
 
     Optional hooks, found with ``getattr``: ``direct_stream(n, size)`` (a
     body for /stream that needs no producer), ``subscribe(stream)`` and
-    ``broadcast(msg)`` (the target's own hub delivers to held streams).
+    ``broadcast(msg)`` (the target's own hub delivers to held streams and
+    answers its long-polls), ``publish_polls(msg)`` (without ``broadcast``:
+    the hub that answers long-polls only), ``long_poll(environ,
+    start_response)`` (a JSON long-poll through that hub).
     """
 
     def new_stream(
@@ -91,6 +96,9 @@ class App:
         else:
             for s in list(self.streams):
                 s.put(msg)
+            publish_polls = getattr(self.adapter, "publish_polls", None)
+            if publish_polls is not None:
+                publish_polls(msg)
         waiting, self.polls = self.polls, []
         for s in waiting:
             s.finish(msg)
@@ -128,6 +136,12 @@ class App:
             if subscribe is not None:
                 subscribe(s)
             s.on_close(lambda: self.streams.discard(s))
+        elif path == "/lpoll":
+            long_poll = getattr(self.adapter, "long_poll", None)
+            if long_poll is None:
+                start_response("404 Not Found", [("Content-Length", "0")])
+                return []
+            return long_poll(environ, start_response)  # type: ignore[no-any-return]
         elif path == "/poll":
             s = self.adapter.new_stream(None, 0, environ)
             self.polls.append(s)

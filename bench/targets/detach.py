@@ -61,18 +61,28 @@ class Adapter:
     def __init__(self, options: dict[str, Any], middleware: bool, hub: bool = False) -> None:
         self.options = options
         self.middleware = middleware
-        if hub:
+        has_hub = middleware and hasattr(wsgi_detach, "Hub")
+        if has_hub:
+            # Long-polls through the hub, as the docs show them (burst).
+            self.hub = wsgi_detach.Hub()
+            if hasattr(wsgi_detach, "long_poll"):
+                self.long_poll = self._long_poll
+        if hub and has_hub:
             # Held streams are delivered by our broadcast hub: one publish()
             # per message instead of one put() per stream from our loop.
-            self.hub = wsgi_detach.Hub()
             self.subscribe = self._subscribe
             self.broadcast = self._broadcast
+        elif has_hub:
+            self.publish_polls = self._broadcast
 
     def _subscribe(self, stream: DetachStream) -> None:
         self.hub.subscribe(stream.body, last_event_id=None, encode=_encode)
 
     def _broadcast(self, msg: bytes) -> None:
         self.hub.publish(msg.decode("ascii"))
+
+    def _long_poll(self, environ: Any, start_response: Any) -> Any:
+        return wsgi_detach.long_poll(self.hub, None, start_response, environ=environ)
 
     def new_stream(
         self, maxsize: int | None, chunk_size: int = 0, environ: Any = None
@@ -125,7 +135,7 @@ def serve(
     }
     use_hub = hub and use_mw and hasattr(wsgi_detach, "Hub")
     info["hub"] = use_hub
-    app: Any = _pywsgi.App(Adapter(options, use_mw, use_hub))
+    app: Any = _pywsgi.App(Adapter(options, use_mw, hub))
     if use_mw:
         app = wsgi_detach.DetachMiddleware(app, watch_disconnects=watch)
         info["watch_disconnects"] = watch

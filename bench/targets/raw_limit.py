@@ -9,6 +9,7 @@ meant for streaming should.
 
 from __future__ import annotations
 
+import json
 import socket
 from collections.abc import Callable
 from typing import NoReturn
@@ -25,6 +26,10 @@ HEAD = (
     b"Cache-Control: no-cache\r\nTransfer-Encoding: chunked\r\n\r\n"
 )
 OK = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 3\r\n\r\nok\n"
+JSON_HEAD = (
+    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nCache-Control: no-store\r\n"
+    b"Content-Length: %d\r\n\r\n"
+)
 NOT_FOUND = b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n"
 LAST = b"0\r\n\r\n"
 MAX_HEAD = 16384
@@ -57,6 +62,7 @@ class Raw:
     def __init__(self) -> None:
         self.streams: list[Subscriber] = []
         self.polls: list[Subscriber] = []
+        self.json_polls: list[Subscriber] = []
 
     def publish(self, msg: bytes) -> None:
         data = frame(msg)
@@ -67,6 +73,13 @@ class Raw:
         for sub in waiting:
             sub.send(whole)
             sub.done.set()
+        waiting, self.json_polls = self.json_polls, []
+        if waiting:
+            body = json.dumps(producer.poll_answer(msg), separators=(",", ":")).encode()
+            answer = JSON_HEAD % len(body) + body
+            for sub in waiting:
+                sub.send(answer)
+                sub.done.set()
 
     def end(self) -> None:
         streams, self.streams = self.streams, []
@@ -101,11 +114,13 @@ class Raw:
             for _ in range(q["n"]):
                 sock.sendall(data)
             sock.sendall(LAST)
-        elif url.path in ("/fanout", "/poll"):
+        elif url.path in ("/fanout", "/poll", "/lpoll"):
             sub = Subscriber(sock)
             if url.path == "/fanout":
                 sock.sendall(HEAD + frame(producer.HELLO))
                 self.streams.append(sub)
+            elif url.path == "/lpoll":
+                self.json_polls.append(sub)
             else:
                 self.polls.append(sub)
             sub.done.wait()

@@ -19,7 +19,7 @@ import uvicorn
 from sse_starlette.sse import EventSourceResponse
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import PlainTextResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from bench import producer
@@ -93,6 +93,14 @@ def make_app(sse: bool) -> Starlette:
         hub.polls.append(q)
         return Response(await q.get(), media_type=MEDIA)
 
+    async def json_poll(request: Request) -> Response:
+        # The same, answered with the message as JSON (the burst scenario).
+        q: asyncio.Queue[bytes | None] = asyncio.Queue()
+        hub.polls.append(q)
+        msg = await q.get()
+        assert msg is not None
+        return JSONResponse(producer.poll_answer(msg))
+
     async def start(request: Request) -> Response:
         interval = arg(request, "interval_ms", 100) / 1000.0
         hub.spawn(producer.publish_loop_async(hub.publish, hub.end, arg(request, "n"), interval))
@@ -100,7 +108,7 @@ def make_app(sse: bool) -> Starlette:
 
     routes = [Route("/fanout", fanout), Route("/start", start)]
     if not sse:
-        routes += [Route("/stream", stream), Route("/poll", poll)]
+        routes += [Route("/stream", stream), Route("/poll", poll), Route("/lpoll", json_poll)]
     return Starlette(routes=routes)
 
 

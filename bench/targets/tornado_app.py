@@ -74,6 +74,16 @@ class PollHandler(Base):
         self.finish(await q.get())
 
 
+class JsonPollHandler(Base):
+    async def get(self) -> None:
+        # The same, answered with the message as JSON (the burst scenario).
+        q: asyncio.Queue[bytes | None] = asyncio.Queue()
+        self.hub.polls.append(q)
+        msg = await q.get()
+        assert msg is not None
+        self.finish(producer.poll_answer(msg))
+
+
 class StartHandler(Base):
     def get(self) -> None:
         interval = self.int_arg("interval_ms", 100) / 1000.0
@@ -98,6 +108,7 @@ async def main(announce: Callable[[int, dict[str, object]], None]) -> None:
             ("/stream", StreamHandler),
             ("/fanout", FanoutHandler),
             ("/poll", PollHandler),
+            ("/lpoll", JsonPollHandler),
             ("/start", StartHandler),
         )
     ]
