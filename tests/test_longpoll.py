@@ -6,6 +6,7 @@ import json
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import gevent
 import pytest
@@ -187,3 +188,29 @@ def test_wait_for_messages_times_out_empty() -> None:
     assert 0.09 < time.monotonic() - started < 1.0
     assert hub.pending_polls == 0
 
+
+
+def test_the_polls_one_publish_answers_share_one_rendering() -> None:
+    """Polls waiting with the same cursor get the same batch and one render() call
+    between them, for the answer and for the empty answer prepared for a timeout."""
+    from wsgi_detach import long_poll
+    from wsgi_detach._longpoll import render_json
+
+    hub = Hub()
+    rendered = []
+
+    def render(batch: Any) -> bytes:
+        rendered.append(batch)
+        return render_json(batch)
+
+    heads: list[str] = []
+    bodies = [long_poll(hub, None, lambda s, h, e=None: heads.append(s), render=render)
+              for _ in range(5)]
+    assert len(rendered) == 1  # the empty answer, for the timeout
+    hub.publish("news")
+    assert len(rendered) == 2
+    answers = {b"".join(body) for body in bodies}
+    (answer,) = answers
+    assert json.loads(answer)["messages"][0]["data"] == "news"
+    for body in bodies:
+        body.close()

@@ -176,6 +176,34 @@ def test_a_body_made_by_detach_carries_the_defaults() -> None:
     ]
 
 
+def test_detach_merges_the_same_overrides_once_and_still_checks_each_kind() -> None:
+    """The options derived for an app's overrides are kept: two requests passing the same
+    get the same options object; a value equal to a kept one but of a refused type
+    (True == 1) is still refused."""
+    made = []
+
+    def app(environ: dict[str, Any], start_response: Any) -> Any:
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        body = detach(environ, **environ["test.overrides"])
+        made.append(body)
+        body.finish()
+        return body
+
+    middleware = DetachMiddleware(app)
+    options = []
+    for _ in range(2):
+        result = middleware({**_environ(), "test.overrides": {"idle_timeout": 1}},
+                            _Server().start_response)
+        result.close()  # type: ignore[attr-defined]
+        options.append(middleware._derived({"idle_timeout": 1}))
+    assert options[0] is options[1] and options[0].idle_timeout == 1.0
+    assert made[0]._idle_timeout == made[1]._idle_timeout == 1.0
+    with pytest.raises(ValueError, match="idle_timeout must be a positive number"):
+        middleware._derived({"idle_timeout": True})
+    unhashable = middleware._derived({"heartbeat_chunk": b":\n", "timeout_chunk": bytearray(b"x")})
+    assert unhashable.timeout_chunk == b"x"
+
+
 def test_drain_refuses_to_block_the_hub() -> None:
     import gevent
 

@@ -588,8 +588,15 @@ class Hub:
             )
         for sub, why in dropped:
             _drop(sub.body, why, self._max_pending)
+        # Pending polls mostly share a cursor (they waited for this very
+        # message): one batch per cursor, the same object for each of them,
+        # which long_poll then renders once.
+        batches: dict[str, Batch] = {}
         for callback, cursor in polls.items():
-            _run(callback, self.since(cursor))
+            batch = batches.get(cursor)
+            if batch is None:
+                batch = batches[cursor] = self.since(cursor)
+            _run(callback, batch)
 
     def subscribe(
         self,
@@ -676,7 +683,9 @@ class Hub:
         returned at once and ``callback`` is not registered. Otherwise
         ``callback`` is called once, with the batch, by the next
         :meth:`publish`, in the publisher's greenlet or thread: keep it short
-        and non-blocking. :meth:`cancel_poll` withdraws it. This is the
+        and non-blocking. Callbacks that waited with the same cursor get the
+        same :class:`Batch` object: treat it as read-only. :meth:`cancel_poll`
+        withdraws it. This is the
         primitive under :func:`~wsgi_detach.long_poll`.
         """
         with self._lock:

@@ -47,6 +47,32 @@ def render_json(batch: Batch) -> bytes:
     return json.dumps(batch.as_dict(), separators=(",", ":")).encode("utf-8")
 
 
+#: The last rendering of each kind, ``(render, key, bytes)``: the polls a publish
+#: answers share one batch, and the polls waiting meanwhile one empty answer,
+#: so each is rendered once rather than once per poll. A race between
+#: threads only costs a rendering.
+_last_answer: list[tuple[object, object, bytes]] = [(None, None, b"")]
+_last_empty: list[tuple[object, object, bytes]] = [(None, None, b"")]
+
+
+def _render(render: Callable[[Batch], bytes], batch: Batch) -> bytes:
+    """``render(batch)``, once for the same batch object."""
+    last_render, last_batch, data = _last_answer[0]
+    if last_batch is not batch or last_render is not render:
+        data = render(batch)
+        _last_answer[0] = (render, batch, data)
+    return data
+
+
+def _render_empty(render: Callable[[Batch], bytes], cursor: str) -> bytes:
+    """``render(Batch([], cursor))``, once for the same cursor."""
+    last_render, last_cursor, data = _last_empty[0]
+    if last_cursor != cursor or last_render is not render:
+        data = render(Batch([], cursor))
+        _last_empty[0] = (render, cursor, data)
+    return data
+
+
 def long_poll(
     hub: Hub,
     cursor: str | None,
@@ -71,7 +97,8 @@ def long_poll(
     waiting withdraws its poll from the hub (``on_close``).
 
     The waiting costs no greenlet or thread: the body is finished by whoever
-    publishes, from whatever greenlet or thread that is.
+    publishes, from whatever greenlet or thread that is. ``render`` is called
+    once per batch, not per poll: the polls one publish answers share it.
 
     Pass ``environ`` under :class:`~wsgi_detach.DetachMiddleware` and the body
     is registered as it is made, like a ``detach()`` body (counted,
@@ -83,7 +110,7 @@ def long_poll(
     """
     if cursor is None or cursor == "":
         cursor = hub.cursor  # pin "now" before waiting, so nothing in between is lost
-    empty = render(Batch([], cursor))
+    empty = _render_empty(render, cursor)
     registrar = None if environ is None else environ.get(REGISTER_KEY)
     body = DetachedBody(
         start_response=start_response,
@@ -96,7 +123,7 @@ def long_poll(
 
     def answer(batch: Batch) -> None:
         try:
-            body.finish(render(batch))
+            body.finish(_render(render, batch))
         except BodyClosed:
             pass  # timed out or the client left as the news came: the next poll gets it
 

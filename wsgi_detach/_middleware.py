@@ -98,6 +98,8 @@ _STREAMING_HEADERS: Final = (("Cache-Control", "no-cache"), ("X-Accel-Buffering"
 _STREAMING_NAMES: Final = frozenset(name.lower() for name, _ in _STREAMING_HEADERS)
 
 _OUTCOMES: Final = ("finished", "failed", "timed_out", "disconnected")
+#: How many kinds of ``detach()`` overrides the middleware keeps merged options for.
+_DERIVED_MAX: Final = 64
 
 
 @dataclass(frozen=True)
@@ -235,6 +237,7 @@ class DetachMiddleware:
         self._refused = 0
         self._draining = False
         self._drain_waiters: list[Waiter] = []
+        self._derived_options: dict[Any, BodyOptions] = {}  # see _derived
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         if DETACH_KEY in environ:  # an outer DetachMiddleware already looks after this request
@@ -380,6 +383,28 @@ class DetachMiddleware:
         for waiter in waiters:
             waiter.wake()
 
+    def _derived(self, overrides: dict[str, Any]) -> BodyOptions:
+        """The middleware's options with ``overrides`` (``detach()``'s), checked once per kind.
+
+        An app passes the same overrides on every request (``detach(environ,
+        idle_timeout=30)``): merging and checking them again each time cost
+        more than the rest of building a body. Kept per distinct overrides,
+        up to ``_DERIVED_MAX`` kinds; values that cannot be a key are merged
+        every time.
+        """
+        try:
+            # The type too: 1 == 1.0 == True, but a bool is refused.
+            key: Any = tuple(sorted((name, type(v), v) for name, v in overrides.items()))
+            options = self._derived_options.get(key)
+        except TypeError:  # an unhashable value
+            key, options = None, None
+        if options is None:
+            _refuse_budget("detach()", overrides)
+            options = self.options.merge(overrides, "detach()")
+            if key is not None and len(self._derived_options) < _DERIVED_MAX:
+                self._derived_options[key] = options
+        return options
+
     def _streaming(self, headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
         if not self.streaming_headers:
             return headers
@@ -517,8 +542,7 @@ class _Request:
         start_response = None
         if overrides:
             start_response = overrides.pop("start_response", None)
-            _refuse_budget("detach()", overrides)
-            options = options.merge(overrides, "detach()")
+            options = self.mw._derived(overrides)
         body = DetachedBody(options=options, start_response=start_response)
         register(body, self)
         return body
