@@ -237,6 +237,7 @@ class StockDetachHandler(WSGIHandler):  # type: ignore[misc]  # gevent ships no 
         self._raw_socket = self.socket._sock if type(self.socket) is _GeventSocket else None
         self._greenlet = getcurrent()
         self._ident = get_ident()  # the OS thread whose hub runs this connection
+        self._outbox = _outbox()
         head_timeout = getattr(server, "head_timeout", None)
         if head_timeout:
             # One timer per connection, started for each request head and
@@ -464,6 +465,7 @@ class StockDetachHandler(WSGIHandler):  # type: ignore[misc]  # gevent ships no 
     _raw_socket: Any = None
     #: The OS thread of the connection's hub: direct sends only from there.
     _ident = 0
+    _outbox: _Outbox
     #: The rest of a chunk the direct path could not send: it goes out first.
     _pending_out = b""
 
@@ -531,7 +533,7 @@ class StockDetachHandler(WSGIHandler):  # type: ignore[misc]  # gevent ships no 
         this connection's hub, if called in its thread."""
         if get_ident() != self._ident or self._pending_out:
             return False
-        get_hub().loop.run_callback(self._send_for, body)
+        self._outbox.add(body)
         return True
 
     def _send_for(self, body: DetachedBody) -> None:
@@ -625,6 +627,52 @@ class StockDetachHandler(WSGIHandler):  # type: ignore[misc]  # gevent ships no 
                 self.code = -self.code
             raise
         self.response_length += len(data)
+
+
+class _Outbox:
+    """The bodies whose handlers' direct sends are due, for one thread's hub.
+
+    One loop callback sends for all of them, where each handler would have
+    been switched to: a fan-out to thousands of streams schedules one
+    callback, not one (and its arguments) per stream, which would also
+    feed the garbage collector's young generation on every message.
+    """
+
+    __slots__ = ("_bodies", "_loop")
+
+    def __init__(self) -> None:
+        self._loop = get_hub().loop
+        self._bodies: list[DetachedBody] = []
+
+    def add(self, body: DetachedBody) -> None:
+        """Send for ``body`` soon (in the hub's own thread only)."""
+        if not self._bodies:
+            self._loop.run_callback(self._send)
+        self._bodies.append(body)
+
+    def _send(self) -> None:
+        bodies, self._bodies = self._bodies, []
+        for body in bodies:
+            sink = body._sink
+            if isinstance(sink, StockDetachHandler):
+                try:
+                    sink._send_for(body)
+                except Exception:  # never lose the others: that handler's own send will fail
+                    log.exception("sending a chunk for a held stream failed")
+                    body._sink_behind()
+
+
+#: Each thread's outbox, made by its first connection (``get_ident()`` -> outbox).
+_outboxes: dict[int, _Outbox] = {}
+
+
+def _outbox() -> _Outbox:
+    """The calling thread's outbox; its hub must be this thread's."""
+    ident = get_ident()
+    outbox = _outboxes.get(ident)
+    if outbox is None or outbox._loop is not get_hub().loop:  # a new hub on a reused id
+        outbox = _outboxes[ident] = _Outbox()
+    return outbox
 
 
 def _direct_body(result: object) -> DetachedBody | None:
