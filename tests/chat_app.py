@@ -35,6 +35,11 @@ def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
     if path.startswith("/_test/"):
         room = query["room"]
         hub = chat.room(room)
+        if hub is None:  # nobody posted there yet
+            body = json.dumps({"subscribers": 0, "polls": 0, "last_event_ids": []}).encode()
+            start_response("200 OK", [("Content-Type", "application/json"),
+                                      ("Content-Length", str(len(body)))])
+            return [body]
         if path == "/_test/drop":
             with _lock:
                 streams, _streams[room] = _streams.get(room, []), []

@@ -48,10 +48,10 @@ def serve(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> None:
     server.serve_forever()
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m wsgi_detach._demo", description="Serve the demo chat."
-    )
+def main(argv: list[str] | None = None, prog: str | None = None) -> None:
+    """Parse ``--host``/``--port`` and serve; ``prog`` names the command in ``--help``
+    (by default the script's own file name)."""
+    parser = argparse.ArgumentParser(prog=prog, description="Serve the demo chat.")
     parser.add_argument("--host", default=DEFAULT_HOST, help=f"default {DEFAULT_HOST}")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"default {DEFAULT_PORT}")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
