@@ -13,9 +13,9 @@ import pytest
 import requests
 
 from tests.client import Stream
-from wsgi_detach._demo import ChatApp
 from tests.servers import ServerProcess
 from tests.sse_reference import Parser
+from wsgi_detach._demo import ChatApp
 
 
 @pytest.fixture(scope="module")
