@@ -317,7 +317,8 @@ def test_the_whole_history_shows_and_the_resync_notice_stays(
     for n in range(HISTORY):
         make_room(server, room, f"old {n}")
     page = Page(browser, f"{server.url}/?room={room}&nick=ann&mode=sse", new_window=False)
-    shown = "return [...document.querySelectorAll('#messages li[data-id]')].map(li => li.lastChild.textContent)"
+    shown = ("return [...document.querySelectorAll('#messages li[data-id]')]"
+             ".map(li => li.lastChild.textContent)")
     try:
         assert wait_until(lambda: page.js("return window.chatState.live"), timeout=5)
         assert page.js(shown) == [f"old {n}" for n in range(HISTORY)]
@@ -329,7 +330,8 @@ def test_the_whole_history_shows_and_the_resync_notice_stays(
             make_room(server, room, f"new {n}")
         assert state(server, room)["subscribers"] == 0  # all of it fell in the gap
 
-        notices = "return [...document.querySelectorAll('#messages li.notice')].map(li => li.textContent)"
+        notices = ("return [...document.querySelectorAll('#messages li.notice')]"
+                   ".map(li => li.textContent)")
         assert wait_until(
             lambda: page.js(notices) == ["Missed too much while away; reloaded."], timeout=5)
         assert page.js(shown) == [f"new {n}" for n in range(5, HISTORY + 5)]

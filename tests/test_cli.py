@@ -73,7 +73,7 @@ def test_demo_serves_the_chat_behind_the_middleware() -> None:
     with ServerProcess("demo-command", "") as demo:
         page = get(demo.port, "/")
         assert page.status == 200 and b"new EventSource(" in page.body
-        with Stream(demo.port, "/api/rooms/cli/events") as stream:
+        with Stream(demo.port, "/api/rooms/lobby/events") as stream:
             head = stream.read_head()
             assert head.headers["content-type"] == "text/event-stream; charset=utf-8"
             assert (stream.read_chunk() or b"").startswith(b": stream open\n")
@@ -82,3 +82,50 @@ def test_demo_serves_the_chat_behind_the_middleware() -> None:
             demo.proc.send_signal(signal.SIGTERM)
             assert stream.read_all().complete
         assert demo.proc.wait(timeout=10) == 0
+
+
+def _run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "wsgi_detach", *args],
+        cwd=ROOT, env=CHILD_ENV, capture_output=True, text=True, timeout=30,
+    )
+
+
+def test_version() -> None:
+    from wsgi_detach import __version__
+
+    done = _run("--version")
+    assert (done.returncode, done.stdout) == (0, f"wsgi_detach {__version__}\n")
+
+
+@pytest.mark.parametrize("command", ["serve", "demo"])
+def test_a_busy_port_is_one_line_not_a_traceback(command: str) -> None:
+    with ServerProcess("demo-command", "") as busy:
+        app = ["tests.mw_apps:app"] if command == "serve" else []
+        done = _run(command, *app, "--port", str(busy.port))
+    assert done.returncode == 1
+    assert done.stderr == (
+        f"{command}: cannot listen on 127.0.0.1:{busy.port}: Address already in use: "
+        f"('127.0.0.1', {busy.port})\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--port", "70000"], "cannot listen on 127.0.0.1:70000: bind(): port must be 0-65535.\n"),
+        (["--host", "host.invalid"], "cannot listen on host.invalid:8000: "),
+    ],
+)
+def test_other_start_up_failures_are_one_line(args: list[str], message: str) -> None:
+    done = _run("demo", *args)
+    assert done.returncode == 1
+    assert done.stderr.startswith(f"demo: {message}") and done.stderr.count("\n") == 1
+
+
+def test_ctrl_c_stops_the_demo_quietly() -> None:
+    with ServerProcess("demo-command", "") as demo:
+        assert demo.proc is not None
+        demo.proc.send_signal(signal.SIGINT)
+        assert demo.proc.wait(timeout=10) == 0
+        assert demo.stderr_text() == ""

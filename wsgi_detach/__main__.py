@@ -52,7 +52,10 @@ def _load(spec: str) -> Any:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from wsgi_detach import __version__
+
     parser = argparse.ArgumentParser(prog="python -m wsgi_detach")
+    parser.add_argument("--version", action="version", version=f"wsgi_detach {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser(
@@ -131,14 +134,21 @@ def _serve(
         log=None if args.no_access_log else "default",
         **options,
     )
-    server.start()
+    try:
+        server.start()
+    except (OSError, OverflowError) as exc:  # a busy port, an unknown host, a port > 65535
+        raise SystemExit(
+            f"{args.command}: cannot listen on {args.host}:{args.port}: "
+            f"{getattr(exc, 'strerror', None) or exc}"
+        ) from None
+    # Handlers first: whoever reads the line below may signal at once.
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        gevent.signal_handler(signum, _stopper(server, before_stop))
     print(
         f"wsgi_detach: serving {label} on http://{args.host}:{server.server_port} "
         f"(gevent.pywsgi; SIGTERM drains for {args.grace}s)",
         flush=True,
     )
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        gevent.signal_handler(signum, _stopper(server, before_stop))
     server.serve_forever()
     return 0
 
@@ -165,4 +175,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # Ctrl-C before the server's own handler is in place
+        sys.exit(130)

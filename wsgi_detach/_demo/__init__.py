@@ -33,18 +33,21 @@ def serve(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> None:
 
     chat = ChatApp()
     server = make_server(chat, host, port, grace=1.0, log=None)
-    server.start()
-    print(
-        f"wsgi_detach demo chat on http://{host}:{server.server_port}/  (Ctrl-C to stop)",
-        flush=True,
-    )
+    try:
+        server.start()
+    except (OSError, OverflowError) as exc:  # a busy port, an unknown host, a port > 65535
+        sys.exit(f"cannot listen on {host}:{port}: {getattr(exc, 'strerror', None) or exc}")
 
     def stop() -> None:  # in a new greenlet: the drain may block
         chat.disconnect_all()  # streams end cleanly, polls get an empty answer
         server.stop()
 
     for signum in (signal.SIGTERM, signal.SIGINT):
-        gevent.signal_handler(signum, stop)
+        gevent.signal_handler(signum, stop)  # before the line: a reader may signal at once
+    print(
+        f"wsgi_detach demo chat on http://{host}:{server.server_port}/  (Ctrl-C to stop)",
+        flush=True,
+    )
     server.serve_forever()
 
 
