@@ -59,7 +59,7 @@ def app(environ: dict[str, Any], start_response: Any) -> Any:
     body = DetachedBody(idle_timeout=30)
     worker = SomeAsyncWorker()
     worker.on_data(lambda chunk: body.put(chunk))
-    worker.on_finish(lambda: body.put(StopIteration))  # the seed's end marker still works
+    worker.on_finish(lambda: body.put(StopIteration))  # the queue pattern's end marker still works
     body.on_close(worker.stop)  # the client left: stop the worker, no orphaned producer
     worker.start()
     return body

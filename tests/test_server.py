@@ -360,7 +360,7 @@ def test_the_access_log_is_still_written_when_one_is_configured() -> None:
 
 
 def test_head_gets_the_head_alone_and_ends_the_stream() -> None:
-    """Finding 12: pywsgi sends a body even for HEAD; an endless detached stream
+    """pywsgi sends a body even for HEAD; an endless detached stream
     streamed forever after the HEAD headers, holding its producer and slot."""
     import socket
 
