@@ -11,6 +11,8 @@ from typing import Any
 
 import pytest
 import requests
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests.client import Stream
 from tests.servers import ServerProcess
@@ -182,3 +184,46 @@ def test_idle_rooms_are_evicted_and_the_lobby_stays() -> None:
     assert _post(app, "second", "hi") == "201 Created"
     assert app.room("first") is None  # nobody watched it for room_idle seconds
     assert app.room("lobby") is not None and app.rooms == 2
+
+
+@given(
+    method=st.sampled_from(["GET", "POST", "PUT", "HEAD", "DELETE", "OPTIONS"]),
+    room=st.sampled_from(["lobby", "r", "BAD", "a" * 33, "x\n", "ü", ""]),
+    action=st.sampled_from(["history", "messages", "events", "poll", "", "poll/", "x"]),
+    query=st.one_of(st.text(max_size=40), st.sampled_from(
+        ["timeout=nan", "timeout=inf", "timeout=-1e999", "cursor=abc-%C2%B2", "after=a%0Ab",
+         "cursor=" + "9" * 200, "after=%00"])),
+    body=st.one_of(st.binary(max_size=200), st.just(DEEP), st.recursive(
+        st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+        lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
+            st.sampled_from(["nick", "text", "x"]), inner, max_size=3),
+        max_leaves=8,
+    ).map(lambda v: json.dumps(v).encode())),
+    headers=st.dictionaries(
+        st.sampled_from(["CONTENT_TYPE", "HTTP_ORIGIN", "HTTP_HOST", "HTTP_SEC_FETCH_SITE",
+                         "CONTENT_LENGTH"]),
+        st.text(max_size=30), max_size=4),
+)
+@settings(max_examples=300, deadline=None)
+def test_no_request_gets_a_5xx(
+    method: str, room: str, action: str, query: str, body: bytes, headers: dict[str, str]
+) -> None:
+    app = _FUZZED
+    environ: dict[str, Any] = {
+        "REQUEST_METHOD": method, "PATH_INFO": f"/api/rooms/{room}/{action}",
+        "QUERY_STRING": query, "CONTENT_TYPE": "application/json",
+        "CONTENT_LENGTH": str(len(body)), "wsgi.input": io.BytesIO(body), **headers,
+    }
+    statuses: list[str] = []
+    result = app(environ, lambda status, headers, exc_info=None: statuses.append(status))
+    try:
+        assert statuses, "no status"
+        assert int(statuses[0][:3]) < 500, (statuses, environ)
+    finally:
+        close = getattr(result, "close", None)
+        if close is not None:
+            close()
+
+
+#: One app for every example: rooms made by earlier examples make later ones reach further.
+_FUZZED = ChatApp()
