@@ -107,8 +107,8 @@ class _Room:
 
     __slots__ = ("bytes", "hub", "sizes", "used")
 
-    def __init__(self, history: int) -> None:
-        self.hub = Hub(history=history)
+    def __init__(self, hub: Hub, history: int) -> None:
+        self.hub = hub
         self.sizes: deque[int] = deque(maxlen=history)
         self.bytes = _ROOM_OVERHEAD
         self.used = time.monotonic()
@@ -148,7 +148,7 @@ class ChatApp:
         self._bytes = 0
         self._lock = threading.Lock()
         self._page = resources.files(__package__).joinpath("chat.html").read_bytes()
-        self._rooms[_LOBBY] = _Room(history)
+        self._rooms[_LOBBY] = _Room(self._new_hub(_LOBBY), history)
         self._bytes = _ROOM_OVERHEAD
 
     @property
@@ -170,6 +170,10 @@ class ChatApp:
             room.used = time.monotonic()
             self._rooms.move_to_end(name)
             return room.hub
+
+    def _new_hub(self, name: str) -> Hub:
+        """The hub of a new room: the one place that decides where rooms live."""
+        return Hub(history=self._history)
 
     def disconnect_all(self) -> int:
         """End every room's streams and polls cleanly (before a shutdown); returns how many."""
@@ -236,7 +240,7 @@ class ChatApp:
             new = _ROOM_OVERHEAD if room is None else 0
             self._make_room_for(cost - freed + new, keep=name, new=room is None)
             if room is None:
-                room = self._rooms[name] = _Room(self._history)
+                room = self._rooms[name] = _Room(self._new_hub(name), self._history)
                 self._bytes += _ROOM_OVERHEAD
             room.used = now
             self._rooms.move_to_end(name)
