@@ -8,6 +8,7 @@ import sys
 from collections.abc import Iterator
 
 import pytest
+import requests
 
 from tests.client import Stream, events, get, get_json, wait_until
 from tests.servers import CHILD_ENV, ROOT, ServerProcess
@@ -129,3 +130,15 @@ def test_ctrl_c_stops_the_demo_quietly() -> None:
         demo.proc.send_signal(signal.SIGINT)
         assert demo.proc.wait(timeout=10) == 0
         assert demo.stderr_text() == ""
+
+
+def test_the_demo_on_loopback_answers_only_to_loopback_names() -> None:
+    # A page whose own name was made to resolve to 127.0.0.1 (DNS rebinding)
+    # would otherwise be the chat's "same origin".
+    with ServerProcess("demo-command", "") as demo:
+        for host, status in [("127.0.0.1", 200), ("localhost", 200), ("[::1]", 200),
+                             ("rebound.example", 421)]:
+            headers = {"Host": f"{host}:{demo.port}"}
+            response = requests.get(f"{demo.url}/api/rooms/lobby/history", headers=headers,
+                                    timeout=5)
+            assert response.status_code == status, host

@@ -165,9 +165,9 @@ def _stopper(server: Any, before_stop: Optional[Callable[[], object]]) -> Callab
 def main(argv: Optional[list[str]] = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "demo":
-        from wsgi_detach._demo import ChatApp
+        from wsgi_detach._demo import ChatApp, loopback_hosts
 
-        chat = ChatApp()
+        chat = ChatApp(hosts=loopback_hosts(args.host))
         # On SIGTERM the chat ends its streams and polls cleanly first, so
         # the drain has nothing to cut.
         return _serve(args, chat, "the demo chat", before_stop=chat.disconnect_all)

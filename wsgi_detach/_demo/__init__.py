@@ -11,12 +11,24 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .chat import ChatApp
+from .chat import LOOPBACK_HOSTS, ChatApp
 
-__all__ = ["ChatApp", "main", "serve"]
+__all__ = ["ChatApp", "loopback_hosts", "main", "serve"]
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
+
+
+def loopback_hosts(host: str) -> tuple[str, ...] | None:
+    """The host names to accept when bound to ``host``: the loopback names if it is a
+    loopback address (see :class:`ChatApp`'s ``hosts``), else any."""
+    import ipaddress
+
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    return LOOPBACK_HOSTS if loopback else None
 
 
 def serve(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> None:
@@ -31,7 +43,7 @@ def serve(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> None:
 
     from wsgi_detach import make_server
 
-    chat = ChatApp()
+    chat = ChatApp(hosts=loopback_hosts(host))
     server = make_server(chat, host, port, grace=1.0, log=None)
     try:
         server.start()

@@ -128,6 +128,11 @@ class ChatApp:
         max_bytes: what all rooms and their kept messages may cost, in bytes
             (see the module docs).
         room_idle: seconds a room nobody streams or polls is kept.
+        hosts: the host names the chat answers to (the ``Host`` header, port
+            aside); ``None``: any. Served on a loopback address, the demo
+            commands pass the loopback names, so that a web page whose own
+            name was made to point at 127.0.0.1 (DNS rebinding) cannot use
+            the chat as its same origin.
     """
 
     def __init__(
@@ -138,7 +143,9 @@ class ChatApp:
         max_rooms: int = 1000,
         max_bytes: int = 32 << 20,
         room_idle: float = 900.0,
+        hosts: Iterable[str] | None = None,
     ) -> None:
+        self._hosts = None if hosts is None else frozenset(h.lower() for h in hosts)
         self._history = history
         self._retry_ms = retry_ms
         self._max_rooms = max_rooms
@@ -190,6 +197,8 @@ class ChatApp:
     def _route(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "") or "/"
         method = environ["REQUEST_METHOD"]
+        if self._hosts is not None and _host_name(environ) not in self._hosts:
+            raise _HTTPError("421 Misdirected Request", "this chat does not answer to that host")
         if path == "/":
             _allow(method, "GET")
             headers = [
@@ -306,6 +315,18 @@ def _check_same_origin(environ: WSGIEnvironment) -> None:
     content_type = environ.get("CONTENT_TYPE", "").split(";")[0].strip().lower()
     if content_type != "application/json":
         raise _HTTPError("415 Unsupported Media Type", "send Content-Type: application/json")
+
+
+def _host_name(environ: WSGIEnvironment) -> str:
+    """The ``Host`` header's name, without the port (an IPv6 literal keeps its brackets)."""
+    host = str(environ.get("HTTP_HOST") or environ.get("SERVER_NAME", ""))
+    if host.startswith("["):
+        return host[: host.find("]") + 1].lower()
+    return host.rsplit(":", 1)[0].lower()
+
+
+#: The names a loopback-bound chat answers to.
+LOOPBACK_HOSTS: Final = ("127.0.0.1", "localhost", "[::1]")
 
 
 def _read_message(environ: WSGIEnvironment) -> dict[str, Any]:
