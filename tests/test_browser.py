@@ -222,11 +222,11 @@ def test_seven_tabs_share_one_stream_and_can_still_send(
     ]
     try:
         for page in pages:
-            assert wait_until(lambda p=page: p.js("return window.chatState.live"), timeout=5)
-        assert wait_until(lambda: state(server, room)["subscribers"] == 1, timeout=5)
+            assert wait_until(lambda p=page: p.js("return window.chatState.live"), timeout=10)
+        assert wait_until(lambda: state(server, room)["subscribers"] == 1, timeout=10)
         submit(pages[6], "from the seventh tab")
         for page in pages:
-            page.wait_for("from the seventh tab", timeout=5)
+            page.wait_for("from the seventh tab", timeout=10)
         assert pages[6].js("return document.getElementById('text').value") == ""
 
         # The leading tab closes: another takes over from the last id it saw.
@@ -237,10 +237,10 @@ def test_seven_tabs_share_one_stream_and_can_still_send(
             lambda: sum(bool(p.js("return window.chatState.leader")) for p in pages) == 1,
             timeout=5,
         )
-        assert wait_until(lambda: state(server, room)["subscribers"] == 1, timeout=5)
+        assert wait_until(lambda: state(server, room)["subscribers"] == 1, timeout=10)
         make_room(server, room, "after the leader left")
         for page in pages:
-            page.wait_for("after the leader left", timeout=5)
+            page.wait_for("after the leader left", timeout=10)
             assert [m["text"] for m in page.log()].count("after the leader left") == 1
     finally:
         for page in reversed(pages):
@@ -251,7 +251,7 @@ def test_a_refused_send_keeps_the_text_and_says_why(browser: Any, server: Server
     make_room(server, "refused")
     page = Page(browser, f"{server.url}/?room=refused&nick=ann&mode=sse", new_window=False)
     try:
-        assert wait_until(lambda: page.js("return window.chatState.live"), timeout=5)
+        assert wait_until(lambda: page.js("return window.chatState.live"), timeout=10)
         long_text = "x" * 100_000  # a paste: not cut short, not sent
         submit(page, long_text)
         assert error_line(page) == (
@@ -282,7 +282,7 @@ def test_a_server_that_went_away_is_reported_and_the_text_kept(browser: Any) -> 
     with ServerProcess("detach-server", "tests.chat_app:app") as gone:
         make_room(gone, "gone")
         page = Page(browser, f"{gone.url}/?room=gone&nick=ann&mode=sse", new_window=False)
-        assert wait_until(lambda: page.js("return window.chatState.live"), timeout=5)
+        assert wait_until(lambda: page.js("return window.chatState.live"), timeout=10)
     try:
         submit(page, "anyone there?")
         assert wait_until(lambda: error_line(page) != "", timeout=12)
@@ -292,7 +292,7 @@ def test_a_server_that_went_away_is_reported_and_the_text_kept(browser: Any) -> 
         assert page.js("return document.getElementById('text').value") == "anyone there?"
         assert wait_until(
             lambda: "the server is not answering" in page.js(
-                "return document.getElementById('status').textContent"), timeout=5)
+                "return document.getElementById('status').textContent"), timeout=10)
     finally:
         page.close()
 
@@ -320,11 +320,11 @@ def test_the_whole_history_shows_and_the_resync_notice_stays(
     shown = ("return [...document.querySelectorAll('#messages li[data-id]')]"
              ".map(li => li.lastChild.textContent)")
     try:
-        assert wait_until(lambda: page.js("return window.chatState.live"), timeout=5)
+        assert wait_until(lambda: page.js("return window.chatState.live"), timeout=10)
         assert page.js(shown) == [f"old {n}" for n in range(HISTORY)]
 
         # Away for longer than the history: more messages than it keeps.
-        dropped = requests.get(f"{server.url}/_test/drop?room={room}&how=finish", timeout=5)
+        dropped = requests.get(f"{server.url}/_test/drop?room={room}&how=finish", timeout=10)
         assert dropped.json() == {"dropped": 1}
         for n in range(HISTORY + 5):
             make_room(server, room, f"new {n}")
@@ -333,7 +333,7 @@ def test_the_whole_history_shows_and_the_resync_notice_stays(
         notices = ("return [...document.querySelectorAll('#messages li.notice')]"
                    ".map(li => li.textContent)")
         assert wait_until(
-            lambda: page.js(notices) == ["Missed too much while away; reloaded."], timeout=5)
+            lambda: page.js(notices) == ["Missed too much while away; reloaded."], timeout=10)
         assert page.js(shown) == [f"new {n}" for n in range(5, HISTORY + 5)]
     finally:
         page.close()
