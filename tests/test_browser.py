@@ -337,3 +337,34 @@ def test_the_whole_history_shows_and_the_resync_notice_stays(
         assert page.js(shown) == [f"new {n}" for n in range(5, HISTORY + 5)]
     finally:
         page.close()
+
+
+def test_a_send_past_the_connection_limit_says_why_and_keeps_the_text(
+    browser: Any, server: ServerProcess
+) -> None:
+    # Six rooms, six streams: every connection a browser opens to one site.
+    # (Tabs of one room share a stream; tabs of different rooms cannot.)
+    rooms = [f"limit{n}" for n in range(6)]
+    for room in rooms:
+        make_room(server, room)
+    pages = [Page(browser, f"{server.url}/?room={room}&nick=ann&mode=sse", new_window=n > 0)
+             for n, room in enumerate(rooms)]
+    text = "return document.getElementById('text').value"
+    try:
+        for page in pages:
+            assert wait_until(lambda p=page: p.js("return window.chatState.live"), timeout=10)
+        submit(pages[0], "is anyone there?")
+        assert wait_until(lambda: error_line(pages[0]) != "", timeout=15)
+        assert error_line(pages[0]) == (
+            "Not sent, your text is kept: no answer within 10 s (is the server down? a browser "
+            "opens at most six connections to one site: close other tabs of this chat)."
+        )
+        assert pages[0].js(text) == "is anyone there?"
+        pages[5].close()  # a connection frees: the same text goes through
+        pages.pop()
+        submit(pages[0], "is anyone there?")
+        pages[0].wait_for("is anyone there?", timeout=10)
+        assert pages[0].js(text) == ""
+    finally:
+        for page in reversed(pages):
+            page.close()
