@@ -88,8 +88,9 @@ def _server_options(command: argparse.ArgumentParser, *, grace: float) -> None:
     )
     command.add_argument(
         "--farewell",
-        help="last chunk sent to every open stream on shutdown; backslash escapes "
-        "are decoded, e.g. 'retry: 1000\\n\\n'",
+        help="last chunk sent as is to every open stream on shutdown, so only for apps "
+        "whose streams share one format; backslash escapes are decoded, e.g. "
+        "'retry: 1000\\n\\n' when every stream is server-sent events",
     )
     command.add_argument("--idle-timeout", type=float, help="default idle_timeout of bodies")
     command.add_argument("--heartbeat", type=float, help="default heartbeat of bodies (seconds)")
