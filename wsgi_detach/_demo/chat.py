@@ -21,8 +21,10 @@ HTTP API (``<room>``: 1--32 of ``a-z 0-9 - _``):
 =======================================  =========================================
 
 Each message is published as event ``chat`` with data
-``{"nick", "text", "ts"}``; a client whose cursor fell out of the room's
-history gets a ``resync`` and reloads the history. Errors are JSON
+``{"nick", "text", "ts"}`` and the app's own id (microseconds since the
+epoch, made unique per room: what a database row id would be), which the
+browser keeps as ``lastEventId`` and resumes from; a client whose id fell
+out of the room's history gets a ``resync`` and reloads the history. Errors are JSON
 ``{"error": ...}`` with a 4xx status.
 
 Safe to leave running where others can reach it
@@ -153,6 +155,7 @@ class ChatApp:
         self._room_idle = room_idle
         self._rooms: OrderedDict[str, _Room] = OrderedDict()  # least recently used first
         self._bytes = 0
+        self._last_ids: dict[str, int] = {}
         self._lock = threading.Lock()
         self._page = resources.files(__package__).joinpath("chat.html").read_bytes()
         self._rooms[_LOBBY] = _Room(self._new_hub(_LOBBY), history)
@@ -181,6 +184,18 @@ class ChatApp:
     def _new_hub(self, name: str) -> Hub:
         """The hub of a new room: the one place that decides where rooms live."""
         return Hub(history=self._history)
+
+    def _new_id(self, room: str) -> str:
+        """The app's own id of a new message: microseconds since the epoch, unique per room.
+
+        Increasing across restarts (unlike a counter in memory), so a browser's
+        ``Last-Event-ID`` from before a restart is never taken for a new message.
+        """
+        with self._lock:
+            last = self._last_ids[room] = max(
+                time.time_ns() // 1000, self._last_ids.get(room, 0) + 1
+            )
+        return str(last)
 
     def disconnect_all(self) -> int:
         """End every room's streams and polls cleanly (before a shutdown); returns how many."""
@@ -235,7 +250,9 @@ class ChatApp:
                 last_event_id=_cursor(query, "after"),
                 retry=self._retry_ms,
             )
-        return long_poll(hub, _cursor(query, "cursor"), start_response, timeout=_timeout(query))
+        return long_poll(
+            hub, _cursor(query, "cursor"), start_response, timeout=_timeout(query), environ=environ
+        )
 
     def _post(self, name: str, data: dict[str, Any]) -> str:
         cost = _cost(data)
@@ -259,7 +276,7 @@ class ChatApp:
             hub = room.hub
         # Outside our lock: publish answers long-polls in this thread, and a
         # real lock must not be held across anything that may yield.
-        message = hub.publish(data, event="chat")
+        message = hub.publish(data, event="chat", id=self._new_id(name))
         return message.id
 
     def _evict_idle(self, now: float) -> None:
@@ -284,6 +301,7 @@ class ChatApp:
 
     def _evict(self, name: str) -> None:
         room = self._rooms.pop(name)
+        self._last_ids.pop(name, None)
         self._bytes -= room.bytes
         room.hub.disconnect_all()  # nobody is watching; a poll racing in gets an empty answer
 
