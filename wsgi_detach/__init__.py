@@ -19,12 +19,14 @@ import typing as _typing
 
 from ._body import Chunk, DetachedBody
 from ._broadcast import Batch, Hub, Message, SlowSubscriber, Subscription
+from ._broker import ChannelHub, RedisBroker
 from ._budget import ByteBudget
 from ._errors import (
     BodyAborted,
     BodyClosed,
     BodyEnded,
     BodyTimeout,
+    BrokerUnavailable,
     BufferFull,
     DetachError,
     ProducerStopped,
@@ -46,8 +48,10 @@ __all__ = [
     "BodyClosed",
     "BodyEnded",
     "BodyTimeout",
+    "BrokerUnavailable",
     "BufferFull",
     "ByteBudget",
+    "ChannelHub",
     "Chunk",
     "DetachError",
     "DetachHandler",
@@ -59,6 +63,7 @@ __all__ = [
     "Hub",
     "Message",
     "ProducerStopped",
+    "RedisBroker",
     "SlowSubscriber",
     "Subscription",
     "Unavailable",
