@@ -43,10 +43,11 @@ def _json(start_response: Callable[..., Any], obj: object) -> list[bytes]:
     return [body]
 
 
-def _publish(hub: Hub, via: str, items: list[tuple[str, str | None]]) -> None:
+def _publish(hub: Hub, via: str, items: list[tuple[str, str | None]],
+             **fields: Any) -> None:
     def run() -> None:
         for data, event in items:
-            hub.publish(data, event=event)
+            hub.publish(data, event=event, **fields)
 
     if via == "thread":
         thread = threading.Thread(target=run)
@@ -107,12 +108,31 @@ def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
         hub.subscribe(body, last_event_id=query.get("after"))
         return body
 
+    if path == "/hub/publish" and environ["REQUEST_METHOD"] == "POST":
+        # {"data", "event", "id", "retry"} as JSON: any value, refused ones answered 400.
+        hub = hub_for(query)
+        size = int(environ.get("CONTENT_LENGTH") or 0)
+        fields = json.loads(environ["wsgi.input"].read(size))
+        try:
+            message = hub.publish(fields.pop("data"), **fields)
+        except (TypeError, ValueError) as exc:
+            body = str(exc).encode()
+            start_response("400 Bad Request", [("Content-Type", "text/plain"),
+                                               ("Content-Length", str(len(body)))])
+            return [body]
+        return _json(start_response, {"id": message.id, "cursor": hub.cursor})
+
     if path == "/hub/publish":
         hub = hub_for(query)
         n = int(query.get("n", "1"))
         data = query.get("data", "m")
         items = [(data if n == 1 else f"{data}{i}", query.get("event")) for i in range(n)]
-        _publish(hub, query.get("via", "direct"), items)
+        fields: dict[str, Any] = {}
+        if "id" in query:
+            fields["id"] = query["id"]
+        if "retry" in query:
+            fields["retry"] = int(query["retry"])
+        _publish(hub, query.get("via", "direct"), items, **fields)
         return _json(start_response, {"cursor": hub.cursor})
 
     if path == "/hub/poll":

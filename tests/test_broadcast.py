@@ -74,16 +74,31 @@ def test_resume_at_the_latest_id_replays_nothing() -> None:
     assert sse_events(stream) == []
 
 
-@pytest.mark.parametrize(
-    ("last_id", "why"),
-    [
-        ("{epoch}-2", "fell out of the history"),
-        ("0a0a0a-9", "another epoch, e.g. before a server restart"),
-        ("{epoch}-99", "from the future"),
-        ("garbage", "not an id of ours"),
-    ],
-)
-def test_an_id_not_in_the_history_gets_one_resync_event(last_id: str, why: str) -> None:
+#: Client-chosen ids that cannot be resumed from, and the reason the resync gives.
+BAD_IDS = [
+    ("{epoch}-2", "older than the history"),
+    ("0a0a0a-9", "from another epoch"),
+    ("{epoch}-99", "unknown id"),  # ahead of the hub
+    ("garbage", "unknown id"),
+    ("{epoch}-\u00b2", "unknown id"),  # str.isdigit() says yes, int() says no
+    ("{epoch}-\u0663", "unknown id"),  # Arabic-Indic 3: int() would take it as 3
+    ("{epoch}-" + "9" * 5000, "unknown id"),  # past int()'s digit limit
+    ("{epoch}-", "unknown id"),
+    ("{epoch}-08", "unknown id"),  # not canonical: never an id we sent
+    ("{epoch}--8", "unknown id"),
+    ("{epoch}-+8", "unknown id"),
+    ("{epoch}- 8", "unknown id"),
+    ("-8", "unknown id"),
+    ("{epoch}-8" + "x" * 300, "unknown id"),
+    ("\x00", "unknown id"),
+    ("\ufffd\ufffd", "unknown id"),
+]
+
+
+@pytest.mark.parametrize(("last_id", "reason"), BAD_IDS)
+def test_an_id_that_cannot_be_resumed_gets_one_resync_event_with_its_reason(
+    last_id: str, reason: str
+) -> None:
     hub = Hub(history=3)
     for i in range(10):
         hub.publish(f"m{i}")
@@ -94,10 +109,12 @@ def test_an_id_not_in_the_history_gets_one_resync_event(last_id: str, why: str) 
     events = sse_events(stream)
     assert events[0] == (
         "resync",
-        json.dumps({"reason": "missed too much", "cursor": f"{epoch}-10"}, separators=(",", ":")),
+        json.dumps({"reason": reason, "cursor": f"{epoch}-10"}, separators=(",", ":")),
         f"{epoch}-10",
-    ), why
+    )
     assert events[1:] == [("message", "after", after.id)]
+    batch = hub.since(last_id.format(epoch=epoch))
+    assert (batch.messages, batch.resync, batch.reason) == ([], True, reason)
 
 
 def test_the_oldest_message_in_history_is_still_resumable() -> None:
@@ -476,3 +493,125 @@ def test_encoders_and_logging_run_outside_the_hub_lock() -> None:
     except subprocess.TimeoutExpired:
         pytest.fail("the child froze: a yielding encoder or log handler ran under the hub lock")
     assert (result.stdout, result.stderr) == ("2\nm1;m2; failed 1\n", "")
+
+
+# ---------------------------------------------------------------- the publishing vocabulary
+
+
+def test_an_explicit_id_goes_out_verbatim_and_resumes_exactly_after_itself() -> None:
+    hub = Hub()
+    sent = [hub.publish(f"row {n}", id=f"row-{n}") for n in (17, 18, 19)]
+    assert [m.id for m in sent] == ["row-17", "row-18", "row-19"]
+    assert hub.cursor == "row-19"
+    stream = EventStream(heartbeat=None, last_event_id="row-17")
+    hub.subscribe(stream)
+    live = hub.publish("live", id=4242)
+    assert live.id == "4242"
+    assert sse_events(stream) == [
+        ("message", "row 18", "row-18"),
+        ("message", "row 19", "row-19"),
+        ("message", "live", "4242"),
+    ]
+    assert [m.data for m in hub.since("4242").messages] == []
+    assert [m.data for m in hub.since("row-18").messages] == ["row 19", "live"]
+
+
+def test_explicit_and_assigned_ids_mix_in_one_order() -> None:
+    hub = Hub()
+    a = hub.publish("a")
+    b = hub.publish("b", id="b-1")
+    c = hub.publish("c")
+    assert [a.seq, b.seq, c.seq] == [1, 2, 3]
+    assert [m.data for m in hub.since(a.id).messages] == ["b", "c"]
+    assert [m.data for m in hub.since("b-1").messages] == ["c"]
+
+
+def test_an_explicit_id_that_fell_out_of_the_history_gets_a_resync() -> None:
+    hub = Hub(history=2)
+    hub.publish("x", id="x")
+    hub.publish("y", id="y")
+    hub.publish("z", id="z")
+    assert hub.since("x").reason == "unknown id"
+    assert [m.data for m in hub.since("y").messages] == ["z"]
+    hub.publish("x again", id="x")  # forgotten once it fell out: usable again
+
+
+def test_retry_goes_out_with_its_event() -> None:
+    hub = Hub()
+    stream = EventStream(heartbeat=None)
+    hub.subscribe(stream)
+    hub.publish("slow down", retry=7000, id="r1")
+    parser = parse(drain(stream))
+    assert parser.retry == 7000
+    assert [(e.data, e.last_event_id) for e in parser.events] == [("slow down", "r1")]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"event": "a\nb"}, ValueError, r"event must be a single line"),
+        ({"event": "a\rb"}, ValueError, r"event must be a single line"),
+        ({"event": 3}, TypeError, r"event must be a str, got int"),
+        ({"id": "a\nb"}, ValueError, r"id must be a single line"),
+        ({"id": "a\r"}, ValueError, r"id must be a single line"),
+        ({"id": "a\0b"}, ValueError, r"id must not contain NUL"),
+        ({"id": ""}, ValueError, r"id must not be empty"),
+        ({"id": "x" * 257}, ValueError, r"id must be at most 256 characters"),
+        ({"id": True}, TypeError, r"id must be a str or int, got bool"),
+        ({"id": 1.5}, TypeError, r"id must be a str or int, got float"),
+        ({"id": "dup"}, ValueError, r"id 'dup' was already published and is still in the history"),
+        ({"id": "{epoch}-77"}, ValueError, r"has the form of the ids this hub assigns itself"),
+        ({"retry": -1}, ValueError, r"retry must be >= 0 milliseconds, got -1"),
+        ({"retry": True}, TypeError, r"retry must be an int of milliseconds, got bool"),
+        ({"retry": 1.0}, TypeError, r"retry must be an int of milliseconds, got float"),
+        ({"retry": "10"}, TypeError, r"retry must be an int of milliseconds, got str"),
+    ],
+)
+def test_a_bad_field_is_refused_before_anything_is_numbered_kept_or_sent(
+    kwargs: dict[str, object], error: type[Exception], match: str
+) -> None:
+    hub = Hub()
+    epoch = hub.cursor.split("-")[0]
+    hub.publish("first", id="dup")
+    stream = EventStream(heartbeat=None)
+    hub.subscribe(stream)
+    plain = DetachedBody()
+    hub.subscribe(plain)
+    polled: list[object] = []
+    assert hub.poll(hub.cursor, polled.append) is None
+    if kwargs.get("id") == "{epoch}-77":
+        kwargs = {"id": f"{epoch}-77"}
+    with pytest.raises(error, match=match):
+        hub.publish("x", **kwargs)  # type: ignore[arg-type]
+    assert hub.cursor == "dup"
+    assert [m.data for m in hub.recent().messages] == ["first"]
+    assert stream.buffered == len(b": stream open\n")
+    assert plain.buffered == 0
+    assert polled == [] and hub.pending_polls == 1
+    assert hub.publish("ok").seq == 2
+
+
+def test_comment_reaches_every_event_stream_and_is_never_an_event() -> None:
+    hub = Hub()
+    streams = [EventStream(heartbeat=None) for _ in range(2)]
+    plain = DetachedBody()
+    for body in [*streams, plain]:
+        hub.subscribe(body)
+    assert hub.comment("line one\r\nevent: injected\rdata: no") == 2
+    for stream in streams:
+        parser = parse(drain(stream))
+        assert parser.events == []
+        assert parser.comments[-3:] == [" line one", " event: injected", " data: no"]
+    assert plain.buffered == 0
+    assert hub.recent().messages == []
+    with pytest.raises(TypeError, match="a comment must be a str, got bytes"):
+        hub.comment(b"x")  # type: ignore[arg-type]
+
+
+def test_a_comment_over_max_pending_drops_that_subscriber_like_a_message() -> None:
+    hub = Hub(max_pending=100)
+    stream = EventStream(heartbeat=None)
+    hub.subscribe(stream)
+    assert hub.comment("x" * 200) == 0
+    assert hub.subscribers == 0
+    assert stream.state == "finished"

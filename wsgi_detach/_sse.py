@@ -60,9 +60,10 @@ _LINE_BREAK: Final = re.compile(r"\r\n|\r|\n")
 HEARTBEAT: Final = b":\n"
 
 
-def _single_line(name: str, value: object) -> str:
-    if isinstance(value, bool) or not isinstance(value, (str, int)):
-        raise TypeError(f"{name} must be a str, got {type(value).__name__}")
+def _single_line(name: str, value: object, types: tuple[type, ...] = (str,)) -> str:
+    if isinstance(value, bool) or not isinstance(value, types):
+        expected = " or ".join(t.__name__ for t in types)
+        raise TypeError(f"{name} must be a {expected}, got {type(value).__name__}")
     text = str(value)
     if "\r" in text or "\n" in text:
         raise ValueError(
@@ -70,6 +71,33 @@ def _single_line(name: str, value: object) -> str:
             f"early and inject the rest as another field"
         )
     return text
+
+
+def check_fields(
+    event: object = None, id: object = None, retry: object = None
+) -> tuple[str | None, str | None, int | None]:
+    """Validate an event's ``event``, ``id`` and ``retry`` fields; return them as sent.
+
+    The one place the rules live, shared by :func:`encode_event`,
+    :meth:`EventStream.send` and :meth:`~wsgi_detach.Hub.publish`, which call
+    it before anything is queued, numbered or stored.
+
+    Raises:
+        TypeError: ``event`` is not a str, ``id`` not a str or int, ``retry``
+            not an int (a bool, a float or a str are refused: the parser
+            ignores a ``retry`` that is not all digits).
+        ValueError: ``event`` or ``id`` contains CR or LF, ``id`` a NUL, or
+            ``retry`` is negative.
+    """
+    event_text = None if event is None else _single_line("event", event)
+    id_text = None
+    if id is not None:
+        id_text = _single_line("id", id, (str, int))
+        if "\0" in id_text:
+            raise ValueError(
+                f"id must not contain NUL: the client ignores such an id ({id_text!r})"
+            )
+    return event_text, id_text, None if retry is None else _retry_ms(retry)
 
 
 def encode_event(
@@ -104,16 +132,14 @@ def encode_event(
             f"data must be a str (serialise objects first, e.g. json.dumps), "
             f"got {type(data).__name__}"
         )
+    event, id, retry = check_fields(event, id, retry)
     lines = []
     if id is not None:
-        text = _single_line("id", id)
-        if "\0" in text:
-            raise ValueError(f"id must not contain NUL: the client ignores such an id ({text!r})")
-        lines.append(f"id: {text}")
+        lines.append(f"id: {id}")
     if event is not None:
-        lines.append(f"event: {_single_line('event', event)}")
+        lines.append(f"event: {event}")
     if retry is not None:
-        lines.append(f"retry: {_retry_ms(retry)}")
+        lines.append(f"retry: {retry}")
     lines.extend(f"data: {line}" for line in _LINE_BREAK.split(data))
     lines.append("\n")
     return "\n".join(lines).encode("utf-8")
