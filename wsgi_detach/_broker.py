@@ -64,17 +64,23 @@ from typing import TYPE_CHECKING, Any, Callable, Final
 from ._body import DetachedBody
 from ._broadcast import (
     _FROM_STREAM,
+    BACKLOG,
+    MAX_ID_LENGTH,
+    OTHER_EPOCH,
+    TOO_OLD,
+    UNKNOWN_ID,
     Batch,
     Hub,
     Message,
     Subscription,
+    _check_given_id,
     _drop,
     _ndjson,
     _resync_chunk,
     _run,
 )
 from ._errors import BodyClosed, BrokerUnavailable, BufferFull
-from ._sse import EventStream, encode_event
+from ._sse import EventStream, check_fields
 from ._wakeup import allocate_lock, spawn_greenlet, start_real_thread
 
 if TYPE_CHECKING:
@@ -87,12 +93,6 @@ log = logging.getLogger("wsgi_detach")
 #: The URL schemes redis-py understands and we accept.
 SCHEMES: Final = ("redis://", "rediss://", "unix://")
 
-#: Resync reasons (the ``reason`` of a resync notice).
-UNKNOWN_ID: Final = "unknown id"
-OTHER_EPOCH: Final = "from another epoch"
-TOO_OLD: Final = "older than the history"
-
-_MAX_ID_LENGTH: Final = 256
 _HEX: Final = frozenset("0123456789abcdef")
 
 #: How often the receiver looks for channels to (un)subscribe when no
@@ -179,28 +179,41 @@ class ChannelHub(Hub):
 
     # ------------------------------------------------------------------ writing
 
-    def publish(self, data: Any, *, event: str | None = None, id: str | None = None) -> Message:
+    def publish(
+        self,
+        data: Any,
+        *,
+        event: str | None = None,
+        id: str | int | None = None,
+        retry: int | None = None,
+    ) -> Message:
         """Publish ``data`` on the channel through Redis; every process's subscribers get it.
 
         One atomic step in Redis numbers the message, appends it to the
-        channel's stream and notifies the channel. Blocks for that round
-        trip. ``id``: an id of your own instead of ``<epoch>-<seq>``; it
-        must not be one still in the history.
+        channel's stream and notifies the channel; it blocks the caller for
+        that round trip, and is never retried (a retry after a timeout could
+        publish twice). The arguments are :meth:`Hub.publish`'s, checked
+        before anything is sent.
 
         Raises:
             BrokerUnavailable: Redis did not answer within the broker's bound
                 (``maybe_applied`` says whether it may have published).
-            TypeError: ``data`` is neither a str nor JSON-serialisable.
-            ValueError: ``event`` or ``id`` contains a line break, or ``id``
-                is in use.
+            TypeError, ValueError: as :meth:`Hub.publish`; an ``id`` still in
+                the channel's history is refused by Redis, atomically.
         """
+        event, given_id, retry = check_fields(event, id, retry)
+        if given_id is not None:
+            _check_given_id(given_id)
         is_json = not isinstance(data, str)
         text = json.dumps(data, separators=(",", ":")) if is_json else data
-        encode_event(text, event=event, id=id)  # checks the fields now, in the caller
         record = self._broker._link().publish(
-            self.channel, text, is_json=is_json, event=event, id=id, retry=None
+            self.channel, text, is_json=is_json, event=event, id=given_id, retry=retry
         )
         return _message(record, data)
+
+    def comment(self, text: str = "") -> int:
+        """Send an SSE comment to this process's subscribed streams (not through Redis)."""
+        return super().comment(text)
 
     def subscribe(
         self,
@@ -275,7 +288,7 @@ class ChannelHub(Hub):
         """The seq after which ``cursor`` resumes, a resync reason, or _NOT_YET."""
         if not cursor:
             return self._r_seq
-        if len(cursor) > _MAX_ID_LENGTH:
+        if len(cursor) > MAX_ID_LENGTH:
             return UNKNOWN_ID
         seq = self._given.get(cursor)
         if seq is None:
@@ -298,7 +311,7 @@ class ChannelHub(Hub):
 
     def _batch_locked(self, found: int | str) -> Batch:
         if isinstance(found, str):
-            return Batch([], self._cursor(), True)
+            return Batch([], self._cursor(), True, found)
         oldest = self._replica[0].seq if self._replica else self._r_seq + 1
         return Batch(
             list(itertools.islice(self._replica, max(found - oldest + 1, 0), None)), self._cursor()
@@ -315,7 +328,7 @@ class ChannelHub(Hub):
         body = sub.body
         batch = self._batch_locked(found)
         if batch.resync:
-            catch_up = _resync_chunk(batch, pending.is_sse, found)
+            catch_up = _resync_chunk(batch._replace(reason=found), pending.is_sse)
         else:
             catch_up = b"".join(sub.encode(m) for m in batch.messages)
         try:
@@ -323,8 +336,8 @@ class ChannelHub(Hub):
                 try:
                     body.put_nowait(catch_up)
                 except BufferFull:
-                    resync = Batch([], batch.cursor, True)
-                    body.put_nowait(_resync_chunk(resync, pending.is_sse, "backlog too large"))
+                    resync = Batch([], batch.cursor, True, BACKLOG)
+                    body.put_nowait(_resync_chunk(resync, pending.is_sse))
         except (BodyClosed, BufferFull):
             return True  # nobody to deliver to
         self._subscribers[sub] = None
@@ -340,18 +353,18 @@ class ChannelHub(Hub):
         seq = self._remote_seq(cursor)
         if isinstance(seq, str):
             head = link.read(self.channel, None, 1)
-            return Batch([], f"{head.epoch}-{head.seq}", True)
+            return Batch([], f"{head.epoch}-{head.seq}", True, seq)
         head = link.read(self.channel, seq, self._size)
         now = f"{head.epoch}-{head.seq}"
         first = head.records[0].seq if head.records else head.seq + 1
         if first != seq + 1:
-            return Batch([], now, True)  # trimmed
+            return Batch([], now, True, TOO_OLD)  # trimmed
         return Batch([_message(r) for r in head.records], now)
 
     def _remote_seq(self, cursor: str) -> int | str:
         """Where ``cursor`` resumes according to Redis (a seq), or why it cannot (a reason)."""
         link = self._broker._link()
-        if len(cursor) > _MAX_ID_LENGTH:
+        if len(cursor) > MAX_ID_LENGTH:
             return UNKNOWN_ID
         epoch, dash, digits = cursor.rpartition("-")
         if dash and _is_seq(digits) and len(epoch) == 6 and _HEX.issuperset(epoch):
@@ -411,7 +424,7 @@ class ChannelHub(Hub):
 
     def _resync_locked(self, sub: Subscription, is_sse: bool, reason: str) -> None:
         try:
-            sub.body.put_nowait(_resync_chunk(Batch([], self._cursor(), True), is_sse, reason))
+            sub.body.put_nowait(_resync_chunk(Batch([], self._cursor(), True, reason), is_sse))
         except (BodyClosed, BufferFull):
             self._subscribers.pop(sub, None)
             return
@@ -454,7 +467,7 @@ class ChannelHub(Hub):
                     self._resync_locked(sub, is_sse, resync_reason)
             subscribers = [(sub, self._after.get(sub, 0)) for sub in self._subscribers]
         if fresh:
-            self._fan_out(fresh, subscribers)
+            self._deliver_many(fresh, subscribers)
 
     def _keep_locked(self, message: Message) -> None:
         if len(self._replica) == self._replica.maxlen:
@@ -464,7 +477,7 @@ class ChannelHub(Hub):
         if not message.id.startswith(self._r_epoch + "-"):
             self._given[message.id] = message.seq
 
-    def _fan_out(
+    def _deliver_many(
         self, messages: list[Message], subscribers: list[tuple[Subscription, int]]
     ) -> None:
         """Encode outside the lock, then queue in order for the subscribers taken with them."""
@@ -523,11 +536,14 @@ def _is_seq(digits: str) -> bool:
 def _message(record: Record, data: Any = _NOT_YET) -> Message:
     if data is _NOT_YET:
         data = json.loads(record.text) if record.is_json else record.text
-    message = Message(
-        record.seq, record.id or f"{record.epoch}-{record.seq}", data, record.event or None
+    return Message(
+        record.seq,
+        record.id or f"{record.epoch}-{record.seq}",
+        data,
+        record.event or None,
+        record.retry,
+        record.text,
     )
-    message.text = record.text
-    return message
 
 
 class RedisBroker:
