@@ -230,6 +230,16 @@ class ChannelHub(Hub):
         if encode is None:
             encode = Message.sse if is_sse else _ndjson
         sub = Subscription(self, body, encode)
+        with self._lock:
+            synced = self._synced
+        if not synced and not last_event_id:
+            # "From now" must mean now, not when the receiver catches up:
+            # pin the channel's position (one round trip). With Redis down,
+            # "now" is when it is back.
+            try:
+                last_event_id = self.cursor
+            except BrokerUnavailable:
+                pass
         pending = _Pending(last_event_id, is_sse)
         with self._lock:
             if not (self._synced and self._settle_locked(sub, pending)):
@@ -241,6 +251,16 @@ class ChannelHub(Hub):
     def poll(self, cursor: str | None, callback: Callable[[Batch], object]) -> Batch | None:
         if not cursor:
             cursor = self.cursor
+        with self._lock:
+            synced = self._synced
+        if not synced:  # not followed here (yet): ask Redis, once
+            try:
+                batch = self._since_remote(cursor)
+            except BrokerUnavailable:
+                pass  # answered when the receiver is back
+            else:
+                if batch.messages or batch.resync:
+                    return batch
         with self._lock:
             if self._synced:
                 found = self._resolve_locked(cursor)

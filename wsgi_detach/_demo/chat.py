@@ -32,7 +32,7 @@ from importlib import resources
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import parse_qs
 
-from wsgi_detach import Hub, long_poll
+from wsgi_detach import Hub, RedisBroker, long_poll
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -56,10 +56,17 @@ class ChatApp:
     Args:
         history: messages kept per room, for late joiners and resuming clients.
         retry_ms: the reconnection delay sent to EventSource clients.
+        redis_url: share the rooms with every process that uses the same
+            Redis (``gunicorn -w 4``): each room is a channel of a
+            :class:`~wsgi_detach.RedisBroker`. ``None``: rooms live in this
+            process only.
     """
 
-    def __init__(self, *, history: int = 200, retry_ms: int = _RETRY_MS) -> None:
+    def __init__(
+        self, *, history: int = 200, retry_ms: int = _RETRY_MS, redis_url: str | None = None
+    ) -> None:
         self._history = history
+        self._broker = None if redis_url is None else RedisBroker(redis_url, history=history)
         self._retry_ms = retry_ms
         self._rooms: dict[str, Hub] = {}
         self._lock = threading.Lock()
@@ -72,7 +79,10 @@ class ChatApp:
             if hub is None:
                 if len(self._rooms) >= _MAX_ROOMS:
                     raise _HTTPError("503 Service Unavailable", "too many rooms")
-                hub = self._rooms[name] = Hub(history=self._history)
+                if self._broker is not None:
+                    hub = self._rooms[name] = self._broker.hub(name)
+                else:
+                    hub = self._rooms[name] = Hub(history=self._history)
             return hub
 
     def disconnect_all(self) -> int:

@@ -1,0 +1,292 @@
+"""RedisBroker and ChannelHub against a real redis-server (tests/redis_server.py).
+
+Two brokers in one test process stand for two serving processes: each has
+its own receiving connection, replica and publishing pool, as a process
+would. The multi-process tests are in tests/test_scale_out.py.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from tests.redis_server import RedisServer
+from wsgi_detach import BrokerUnavailable, DetachedBody, EventStream, RedisBroker
+from wsgi_detach._broker import ChannelHub
+
+# Short timeouts, so that the fault tests take seconds (the bounds they check
+# are computed from these).
+FAST = {
+    "connect_timeout": 0.5,
+    "socket_timeout": 0.5,
+    "probe_interval": 0.5,
+    "probe_timeout": 0.5,
+    "backoff_max": 0.5,
+}
+#: publish() raises within connect_timeout + 3 * socket_timeout (the docs' bound).
+PUBLISH_BOUND = FAST["connect_timeout"] + 3 * FAST["socket_timeout"]
+
+
+@pytest.fixture
+def brokers(redis_server: RedisServer) -> Iterator[tuple[RedisBroker, RedisBroker]]:
+    a = RedisBroker(redis_server.url, history=500, **FAST)
+    b = RedisBroker(redis_server.url, history=500, **FAST)
+    yield a, b
+    a.close()
+    b.close()
+
+
+class Reader:
+    """A subscribed plain body read in a thread; ``lines`` are its NDJSON messages."""
+
+    def __init__(self, hub: ChannelHub, last_event_id: str | None = None) -> None:
+        self.body = DetachedBody(idle_timeout=30)
+        self.lines: list[dict[str, object]] = []
+        self.error: BaseException | None = None
+        self._buf = b""
+        self.sub = hub.subscribe(self.body, last_event_id=last_event_id)
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        try:
+            for chunk in self.body:
+                self._buf += bytes(chunk)
+                *complete, self._buf = self._buf.split(b"\n")
+                self.lines.extend(json.loads(line) for line in complete)
+        except BaseException as exc:
+            self.error = exc
+
+    def wait(self, n: int, timeout: float = 10.0) -> list[dict[str, object]]:
+        give_up = time.monotonic() + timeout
+        while len(self.lines) < n and time.monotonic() < give_up and self.error is None:
+            time.sleep(0.01)
+        assert len(self.lines) >= n, f"got {len(self.lines)} of {n}: {self.lines[-3:]}"
+        return self.lines
+
+    def ids(self) -> list[object]:
+        return [line["id"] for line in self.lines if line["event"] != "resync"]
+
+    def close(self) -> None:
+        self.body.close()
+
+
+def wait_for(predicate, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
+    give_up = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < give_up, "condition not met in time"
+        time.sleep(0.01)
+
+
+def test_a_message_reaches_the_other_process_with_the_same_id(brokers) -> None:  # type: ignore[no-untyped-def]
+    a, b = brokers
+    reader = Reader(b.hub("room"))
+    wait_for(lambda: b.stats()["connected"])
+    sent = a.hub("room").publish({"text": "hi"}, event="chat")
+    (line,) = reader.wait(1)
+    assert line == {"id": sent.id, "event": "chat", "data": {"text": "hi"}}
+    assert sent.id.endswith("-1")
+    assert a.stats()["receiving"] is False  # a publisher holds no receiving connection
+
+
+def test_resume_on_another_process_gets_exactly_what_was_missed(brokers) -> None:  # type: ignore[no-untyped-def]
+    a, b = brokers
+    first = Reader(a.hub("room"))
+    sent = [a.hub("room").publish(f"m{i}") for i in range(5)]
+    first.wait(5)
+    first.close()  # the client leaves after m1...
+    resumed = Reader(b.hub("room"), last_event_id=sent[1].id)  # ...and comes back on B
+    later = b.hub("room").publish("m5")
+    resumed.wait(4)
+    assert resumed.ids() == [m.id for m in sent[2:]] + [later.id]
+    time.sleep(0.2)  # nothing doubled arrives after
+    assert len(resumed.lines) == 4
+
+
+def test_an_id_of_the_application_resumes_on_another_process(brokers) -> None:  # type: ignore[no-untyped-def]
+    a, b = brokers
+    hub = a.hub("orders")
+    hub.publish("one", id="order-1")
+    hub.publish("two", id="order-2")
+    batch = b.hub("orders").since("order-1")
+    assert [m.id for m in batch.messages] == ["order-2"] and not batch.resync
+    with pytest.raises(ValueError, match="already published"):
+        b.hub("orders").publish("again", id="order-2")
+
+
+def test_two_publishers_one_order_nothing_lost_or_doubled(brokers) -> None:  # type: ignore[no-untyped-def]
+    a, b = brokers
+    readers = [Reader(a.hub("race")), Reader(b.hub("race"))]
+    wait_for(lambda: a.stats()["connected"] and b.stats()["connected"])
+
+    def hammer(broker: RedisBroker, tag: str) -> None:
+        for i in range(150):
+            broker.hub("race").publish(f"{tag}{i}")
+
+    threads = [threading.Thread(target=hammer, args=(x, tag)) for x, tag in ((a, "a"), (b, "b"))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    orders = [[line["data"] for line in r.wait(300)] for r in readers]
+    assert orders[0] == orders[1]
+    assert sorted(orders[0]) == sorted([f"a{i}" for i in range(150)] + [f"b{i}" for i in range(150)])
+    assert [f for f in orders[0] if f[0] == "a"] == [f"a{i}" for i in range(150)]
+
+
+def test_long_poll_cursor_from_one_process_works_on_the_other(brokers) -> None:  # type: ignore[no-untyped-def]
+    a, b = brokers
+    sent = [a.hub("poll").publish(i) for i in range(3)]
+    got: list[object] = []
+    batch = b.hub("poll").poll(sent[0].id, got.append)
+    assert batch is not None and [m.data for m in batch.messages] == [1, 2]
+    assert b.hub("poll").poll(batch.cursor, got.append) is None  # waits
+    a.hub("poll").publish("next")
+    wait_for(lambda: got)
+    assert [m.data for m in got[0].messages] == ["next"]  # type: ignore[attr-defined]
+
+
+def test_pubsub_connection_killed_during_a_burst(redis_server: RedisServer, brokers) -> None:  # type: ignore[no-untyped-def]
+    a, b = brokers
+    readers = [Reader(b.hub("burst")) for _ in range(3)]
+    wait_for(lambda: b.stats()["connected"])
+    sent = []
+    for i in range(300):
+        sent.append(a.hub("burst").publish(i).id)
+        if i == 100:
+            assert redis_server.command("CLIENT", "KILL", "TYPE", "pubsub") >= 1
+    for reader in readers:
+        reader.wait(300)
+        assert reader.ids() == sent  # every message once, in order
+    assert b.stats()["reconnects"] >= 1
+
+
+def test_redis_stopped_then_restarted_with_its_data(redis_server_aof: RedisServer, caplog) -> None:  # type: ignore[no-untyped-def]
+    caplog.set_level(logging.INFO, "wsgi_detach")
+    a = RedisBroker(redis_server_aof.url, **FAST)
+    b = RedisBroker(redis_server_aof.url, **FAST)
+    try:
+        stream = EventStream(heartbeat=0.2)
+        b.hub("r").subscribe(stream)
+        reader = Reader(b.hub("r"))
+        before = [a.hub("r").publish(i).id for i in range(3)]
+        reader.wait(3)
+        redis_server_aof.stop()
+        started = time.monotonic()
+        with pytest.raises(BrokerUnavailable):
+            a.hub("r").publish("lost")
+        assert time.monotonic() - started < PUBLISH_BOUND + 0.5
+        wait_for(lambda: not b.stats()["connected"], 5)
+        assert stream.state == "open" and reader.body.state == "open"
+        redis_server_aof.restart(keep_data=True)
+        after = [a.hub("r").publish(i).id for i in range(3, 6)]
+        reader.wait(6)
+        assert reader.ids() == before + after
+        assert after[0].split("-")[0] == before[0].split("-")[0]  # same epoch: data kept
+        lost = [r.getMessage() for r in caplog.records if "lost" in r.getMessage()]
+        assert len(lost) == 1, lost  # logged once per outage
+    finally:
+        a.close()
+        b.close()
+
+
+def test_redis_restarted_empty_gives_a_resync(redis_server: RedisServer) -> None:
+    a = RedisBroker(redis_server.url, **FAST)
+    b = RedisBroker(redis_server.url, **FAST)
+    try:
+        reader = Reader(b.hub("r"))
+        old = [a.hub("r").publish(i).id for i in range(3)]
+        reader.wait(3)
+        redis_server.restart(keep_data=False)
+        wait_for(lambda: b.stats()["connected"] and b.stats()["reconnects"] >= 1)
+        new = a.hub("r").publish("after")
+        assert new.id.split("-")[0] != old[0].split("-")[0]  # a new epoch
+        lines = reader.wait(5)
+        assert lines[3]["event"] == "resync"
+        assert lines[3]["data"]["reason"] == "from another epoch"  # type: ignore[index]
+        assert lines[4]["id"] == new.id
+        # An id from before the loss is never taken for one of the new epoch.
+        batch = a.hub("r").since(old[0])
+        assert batch.resync and batch.messages == []
+    finally:
+        a.close()
+        b.close()
+
+
+def test_frozen_redis_publish_fails_in_bound_then_delivery_resumes(redis_server: RedisServer) -> None:
+    a = RedisBroker(redis_server.url, **FAST)
+    b = RedisBroker(redis_server.url, **FAST)
+    try:
+        reader = Reader(b.hub("f"))
+        first = a.hub("f").publish("before").id
+        reader.wait(1)
+        redis_server.freeze()
+        try:
+            started = time.monotonic()
+            with pytest.raises(BrokerUnavailable):
+                a.hub("f").publish("frozen")
+            assert time.monotonic() - started < PUBLISH_BOUND + 0.5
+            time.sleep(FAST["probe_interval"] + FAST["probe_timeout"] + 0.5)
+            assert not b.stats()["connected"]
+        finally:
+            redis_server.thaw()
+        thawed = time.monotonic()
+        # After SIGCONT: at most backoff_max + connect_timeout to reconnect.
+        wait_for(lambda: b.stats()["connected"], 10)
+        assert time.monotonic() - thawed < FAST["backoff_max"] + FAST["connect_timeout"] + 1.0
+        later = a.hub("f").publish("after").id
+        wait_for(lambda: later in reader.ids())
+        # "frozen" timed out after it was sent: Redis may have run it (it did,
+        # once thawed); whatever it holds arrives once, in order.
+        ids = reader.ids()
+        assert ids[0] == first and ids[-1] == later and len(ids) == len(set(ids))
+    finally:
+        a.close()
+        b.close()
+
+
+def test_one_receiving_connection_for_200_streams_over_5_channels(redis_server: RedisServer) -> None:
+    broker = RedisBroker(redis_server.url, **FAST)
+    publisher = RedisBroker(redis_server.url, **FAST)
+    try:
+        bodies = [DetachedBody() for _ in range(200)]
+        for i, body in enumerate(bodies):
+            broker.hub(f"c{i % 5}").subscribe(body)
+        wait_for(lambda: broker.stats()["channels"] == 5)
+        for i in range(5):
+            publisher.hub(f"c{i}").publish("x")
+        wait_for(lambda: all(body.buffered for body in bodies))
+        receiving = [c for c in redis_server.clients() if "P" in c["flags"]]
+        assert len(receiving) == 1, receiving
+        assert receiving[0]["sub"] == "6"  # 5 channels and the probe
+        for body in bodies:
+            body.close()
+        wait_for(lambda: broker.stats()["channels"] == 0)  # unsubscribed after the last
+    finally:
+        broker.close()
+        publisher.close()
+
+
+def test_publish_to_a_redis_that_is_not_there(redis_server: RedisServer) -> None:
+    url = redis_server.url
+    redis_server.stop()
+    broker = RedisBroker(url, **FAST)
+    started = time.monotonic()
+    with pytest.raises(BrokerUnavailable, match="unreachable") as caught:
+        broker.hub("x").publish("hello")
+    assert time.monotonic() - started < PUBLISH_BOUND
+    assert caught.value.maybe_applied is False
+
+
+def test_configuration_errors_name_the_parameter() -> None:
+    with pytest.raises(ValueError, match="url must start with one of redis://"):
+        RedisBroker("http://localhost")
+    with pytest.raises(ValueError, match="socket_timeout must be a positive number"):
+        RedisBroker("redis://localhost", socket_timeout=0)
+    with pytest.raises(ValueError, match="channel must be a one-line str"):
+        RedisBroker("redis://localhost").hub("a\nb")
