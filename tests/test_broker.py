@@ -135,7 +135,8 @@ def test_two_publishers_one_order_nothing_lost_or_doubled(brokers) -> None:  # t
         thread.join(30)
     orders = [[line["data"] for line in r.wait(300)] for r in readers]
     assert orders[0] == orders[1]
-    assert sorted(orders[0]) == sorted([f"a{i}" for i in range(150)] + [f"b{i}" for i in range(150)])
+    expected = [f"a{i}" for i in range(150)] + [f"b{i}" for i in range(150)]
+    assert sorted(orders[0]) == sorted(expected)  # type: ignore[type-var]
     assert [f for f in orders[0] if f[0] == "a"] == [f"a{i}" for i in range(150)]
 
 
@@ -218,7 +219,9 @@ def test_redis_restarted_empty_gives_a_resync(redis_server: RedisServer) -> None
         b.close()
 
 
-def test_frozen_redis_publish_fails_in_bound_then_delivery_resumes(redis_server: RedisServer) -> None:
+def test_frozen_redis_publish_fails_in_bound_then_delivery_resumes(
+    redis_server: RedisServer,
+) -> None:
     a = RedisBroker(redis_server.url, **FAST)
     b = RedisBroker(redis_server.url, **FAST)
     try:
@@ -250,7 +253,9 @@ def test_frozen_redis_publish_fails_in_bound_then_delivery_resumes(redis_server:
         b.close()
 
 
-def test_one_receiving_connection_for_200_streams_over_5_channels(redis_server: RedisServer) -> None:
+def test_one_receiving_connection_for_200_streams_over_5_channels(
+    redis_server: RedisServer,
+) -> None:
     broker = RedisBroker(redis_server.url, **FAST)
     publisher = RedisBroker(redis_server.url, **FAST)
     try:

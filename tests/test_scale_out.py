@@ -1,0 +1,170 @@
+"""The chat in Redis mode across real processes: two ``python -m wsgi_detach demo`` processes
+on two ports, and ``gunicorn -w 2`` with gevent and with gthread workers.
+
+Every process has its own memory; only Redis (a real redis-server started by
+the test) joins them. SSE streams and long-polls are opened on each process.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+import requests
+
+from tests.client import Stream
+from tests.redis_server import RedisServer
+from tests.servers import CHILD_ENV, ROOT, ServerProcess
+from tests.sse_reference import Event, Parser
+
+
+@pytest.fixture(scope="module")
+def redis_url() -> Iterator[str]:
+    with RedisServer() as server:
+        yield server.url
+
+
+@pytest.fixture(
+    scope="module", params=["two-demo-processes", "gunicorn-gevent", "gunicorn-gthread"]
+)
+def chat(request: pytest.FixtureRequest, redis_url: str) -> Iterator[list[int]]:
+    """Ports of the processes serving the chat (the same port twice under gunicorn -w 2)."""
+    env = {"REDIS_URL": redis_url}
+    if request.param == "two-demo-processes":
+        with ServerProcess("demo-command", "", env=env) as a, ServerProcess(
+            "demo-command", "", env=env
+        ) as b:
+            yield [a.port, b.port]
+        return
+    env["WSGI_DETACH_TEST_WORKERS"] = "2"
+    with ServerProcess(request.param, "tests.redis_chat_app:app", env=env) as server:
+        # Both workers serving: new connections land on either.
+        pids: set[int] = set()
+        give_up = time.monotonic() + 20
+        while len(pids) < 2 and time.monotonic() < give_up:
+            pids.add(server.info()["pid"])
+        assert len(pids) == 2, "the second gunicorn worker did not start"
+        yield [server.port, server.port]
+
+
+class SSE:
+    """One EventSource-like client: a stream and the reference parser."""
+
+    def __init__(self, port: int, room: str, last_event_id: str | None = None) -> None:
+        headers = {"Accept": "text/event-stream"}
+        if last_event_id is not None:
+            headers["Last-Event-ID"] = last_event_id
+        self.stream = Stream(port, f"/api/rooms/{room}/events", timeout=15, headers=headers)
+        self.parser = Parser()
+        assert self.stream.read_head().status == 200
+
+    def wait(self, n: int) -> list[Event]:
+        give_up = time.monotonic() + 15
+        while len(self.parser.events) < n:
+            assert time.monotonic() < give_up, f"got {len(self.parser.events)} of {n} events"
+            chunk = self.stream.read_chunk()
+            assert chunk is not None, "the stream ended"
+            self.parser.feed(chunk)
+        return self.parser.events
+
+    def close(self) -> None:
+        self.stream.close()
+
+
+def post(port: int, room: str, text: str) -> str:
+    answer = requests.post(
+        f"http://127.0.0.1:{port}/api/rooms/{room}/messages",
+        json={"nick": "t", "text": text},
+        timeout=10,
+    )
+    assert answer.status_code == 201, answer.text
+    return str(answer.json()["id"])
+
+
+def test_a_post_reaches_every_process_with_one_id(chat: list[int]) -> None:
+    room = f"one-{time.monotonic_ns()}"
+    streams = [SSE(port, room) for port in chat for _ in range(2)]
+    cursor = requests.get(f"http://127.0.0.1:{chat[1]}/api/rooms/{room}/history", timeout=10)
+    polls: list[dict[str, object]] = []
+
+    def poll(port: int) -> None:
+        url = f"http://127.0.0.1:{port}/api/rooms/{room}/poll"
+        polls.append(requests.get(url, params={"cursor": cursor.json()["cursor"], "timeout": 15},
+                                  timeout=20).json())
+
+    pollers = [threading.Thread(target=poll, args=(port,)) for port in chat]
+    for thread in pollers:
+        thread.start()
+    time.sleep(0.3)  # the polls are waiting (an early answer is also correct)
+    sent = post(chat[0], room, "hello")
+    for sse in streams:
+        (event,) = sse.wait(1)
+        assert event.last_event_id == sent and json.loads(event.data)["text"] == "hello"
+    for thread in pollers:
+        thread.join(20)
+    assert [[m["id"] for m in p["messages"]] for p in polls] == [[sent], [sent]]  # type: ignore[union-attr]
+    history = requests.get(f"http://127.0.0.1:{chat[1]}/api/rooms/{room}/history", timeout=10)
+    assert [m["id"] for m in history.json()["messages"]] == [sent]
+    for sse in streams:
+        sse.close()
+
+
+def test_two_publishers_on_two_processes_one_order(chat: list[int]) -> None:
+    room = f"race-{time.monotonic_ns()}"
+    streams = [SSE(port, room) for port in chat]
+    ids: dict[str, list[str]] = {"a": [], "b": []}
+
+    def hammer(port: int, tag: str) -> None:
+        for i in range(40):
+            ids[tag].append(post(port, room, f"{tag}{i}"))
+
+    threads = [threading.Thread(target=hammer, args=(p, t)) for p, t in zip(chat, "ab")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    seen = [[e.last_event_id for e in sse.wait(80)] for sse in streams]
+    assert seen[0] == seen[1]
+    assert sorted(seen[0]) == sorted(ids["a"] + ids["b"])
+    assert len(set(seen[0])) == 80
+    for sse in streams:
+        sse.close()
+
+
+def test_reconnecting_to_the_other_process_resumes_exactly(chat: list[int]) -> None:
+    room = f"resume-{time.monotonic_ns()}"
+    first = SSE(chat[0], room)
+    before = [post(chat[0], room, f"m{i}") for i in range(3)]
+    assert [e.last_event_id for e in first.wait(3)] == before
+    first.close()
+    missed = [post(chat[1], room, f"m{i}") for i in range(3, 6)]
+    again = SSE(chat[1], room, last_event_id=before[-1])
+    assert [e.last_event_id for e in again.wait(3)] == missed
+    live = post(chat[0], room, "live")
+    assert [e.last_event_id for e in again.wait(4)] == [*missed, live]
+    again.close()
+
+
+def test_a_plain_python_process_publishes_to_every_process(chat: list[int], redis_url: str) -> None:
+    room = f"script-{time.monotonic_ns()}"
+    streams = [SSE(port, room) for port in chat]
+    script = (
+        "import sys; from wsgi_detach import RedisBroker\n"
+        "m = RedisBroker(sys.argv[1]).hub(sys.argv[2]).publish("
+        "{'nick': 'cron', 'text': 'nightly', 'ts': 0}, event='chat')\n"
+        "print(m.id)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, redis_url, room],
+        cwd=ROOT, env=CHILD_ENV, capture_output=True, text=True, timeout=30, check=True,
+    )
+    sent = done.stdout.strip()
+    for sse in streams:
+        (event,) = sse.wait(1)
+        assert event.last_event_id == sent and event.type == "chat"
+        sse.close()
