@@ -8,6 +8,7 @@ the test) joins them. SSE streams and long-polls are opened on each process.
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import threading
@@ -168,3 +169,39 @@ def test_a_plain_python_process_publishes_to_every_process(chat: list[int], redi
         (event,) = sse.wait(1)
         assert event.last_event_id == sent and event.type == "chat"
         sse.close()
+
+
+def test_the_documented_gunicorn_command(redis_url: str) -> None:
+    """docs/scale-out.md's command (4 gevent workers, the chat in Redis mode), as written there."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    spec = f'wsgi_detach._demo.chat:ChatApp(redis_url="{redis_url}")'
+    docs = (ROOT / "docs" / "scale-out.md").read_text()
+    assert "gunicorn -k gevent -w 4 -b 127.0.0.1:8000 'wsgi_detach._demo.chat:ChatApp(" in docs
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gunicorn", "-k", "gevent", "-w", "4", "-b", f"127.0.0.1:{port}",
+         spec],
+        cwd=ROOT, env=CHILD_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        give_up = time.monotonic() + 30
+        while True:
+            try:
+                requests.get(f"http://127.0.0.1:{port}/api/rooms/doc/history", timeout=2)
+                break
+            except requests.ConnectionError:
+                assert proc.poll() is None and time.monotonic() < give_up, "gunicorn did not start"
+                time.sleep(0.1)
+        streams = [SSE(port, "doc") for _ in range(8)]  # spread over the workers
+        sent = post(port, "doc", "hello")
+        for sse in streams:
+            assert [e.last_event_id for e in sse.wait(1)] == [sent]
+            sse.close()
+    finally:
+        proc.send_signal(signal.SIGINT)  # gunicorn's quick shutdown (SIGTERM waits for streams)
+        proc.wait(timeout=20)
+        assert proc.stderr is not None
+        proc.stderr.close()
