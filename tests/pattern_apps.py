@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from typing import Any, Callable
 from urllib.parse import parse_qs
 
@@ -19,9 +20,24 @@ import gevent
 
 from tests import apps
 from wsgi_detach import DetachedBody, EventStream, Hub, long_poll
+from wsgi_detach._sse import read_last_event_id
 
 _hubs: dict[str, Hub] = {}
 _hubs_lock = threading.Lock()
+_connects: dict[str, list[tuple[str | None, float]]] = {}
+
+#: The browser tests' page: one EventSource, every event and state change logged.
+PAGE = """<!doctype html><meta charset="utf-8"><title>events</title><script>
+window.got = []; window.opens = []; window.errors = [];
+const source = new EventSource("/hub/events?hub=HUB");
+const keep = (e) => window.got.push(
+  {type: e.type, data: e.data, lastEventId: e.lastEventId, at: Date.now()});
+source.onmessage = keep;
+source.addEventListener("resync", keep);
+source.addEventListener("named", keep);
+source.onopen = () => window.opens.push(Date.now());
+source.onerror = () => window.errors.push(Date.now());
+</script>"""
 
 
 def hub_for(query: dict[str, str]) -> Hub:
@@ -98,8 +114,29 @@ def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
 
     if path == "/hub/events":
         hub = hub_for(query)
-        return hub.event_stream(environ, start_response, last_event_id=query.get("after"),
-                                retry=int(query.get("retry", "3000")))
+        stream = hub.event_stream(environ, start_response, last_event_id=query.get("after"),
+                                  retry=int(query.get("retry", "3000")))
+        with _hubs_lock:
+            _connects.setdefault(query.get("hub", "default"), []).append(
+                (read_last_event_id(environ), time.time()))
+        return stream
+
+    if path == "/hub/connects":
+        # Every /hub/events request of the hub: its Last-Event-ID header and when it came.
+        with _hubs_lock:
+            seen = list(_connects.get(query.get("hub", "default"), []))
+        return _json(start_response, seen)
+
+    if path == "/hub/comment":
+        hub = hub_for(query)
+        return _json(start_response, {"reached": hub.comment(query.get("text", ""))})
+
+    if path == "/page/events":
+        # An EventSource page for the browser tests: window.got collects every event.
+        body = PAGE.replace("HUB", query.get("hub", "default")).encode()
+        start_response("200 OK", [("Content-Type", "text/html; charset=utf-8"),
+                                  ("Content-Length", str(len(body)))])
+        return [body]
 
     if path == "/hub/ndjson":
         hub = hub_for(query)

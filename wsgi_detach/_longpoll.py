@@ -23,13 +23,13 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Callable, Final
 
-from ._body import DetachedBody
+from ._body import BODY_OPTIONS_KEY, REGISTER_KEY, BodyOptions, DetachedBody, register
 from ._broadcast import Batch, Hub
 from ._errors import BodyClosed
 from ._wakeup import make_waiter
 
 if TYPE_CHECKING:
-    from _typeshed.wsgi import StartResponse
+    from _typeshed.wsgi import StartResponse, WSGIEnvironment
 
 __all__ = ["long_poll", "wait_for_messages"]
 
@@ -54,6 +54,7 @@ def long_poll(
     *,
     timeout: float = _DEFAULT_TIMEOUT,
     render: Callable[[Batch], bytes] = render_json,
+    environ: WSGIEnvironment | None = None,
 ) -> DetachedBody:
     """Answer with the messages after ``cursor``: now, at the next publish, or empty at ``timeout``.
 
@@ -71,11 +72,27 @@ def long_poll(
 
     The waiting costs no greenlet or thread: the body is finished by whoever
     publishes, from whatever greenlet or thread that is.
+
+    Pass ``environ`` under :class:`~wsgi_detach.DetachMiddleware` and the body
+    is registered as it is made, like a ``detach()`` body (counted,
+    ``max_open``, drained, closed with the request even if the app does not
+    return it), and its bytes count against the middleware's
+    ``max_buffered``. It takes none of the middleware's other body defaults:
+    a heartbeat or a plain ``timeout_chunk`` would corrupt the JSON. Without
+    ``environ`` the middleware registers it when the app returns it.
     """
     if cursor is None or cursor == "":
         cursor = hub.cursor  # pin "now" before waiting, so nothing in between is lost
     empty = render(Batch([], cursor))
-    body = DetachedBody(start_response=start_response, idle_timeout=timeout, timeout_chunk=empty)
+    options = None if environ is None else environ.get(BODY_OPTIONS_KEY)
+    body = DetachedBody(
+        start_response=start_response,
+        idle_timeout=timeout,
+        timeout_chunk=empty,
+        budget=options.budget if isinstance(options, BodyOptions) else None,
+    )
+    if environ is not None:
+        register(body, environ.get(REGISTER_KEY))
     body.start("200 OK", list(_JSON_HEADERS))
 
     def answer(batch: Batch) -> None:

@@ -28,10 +28,18 @@ Encoding rules, from the WHATWG HTML standard, section "Server-sent events",
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import TYPE_CHECKING, Any, Final
 
-from ._body import BODY_OPTIONS_KEY, DetachedBody
+from ._body import (
+    BODY_OPTIONS_KEY,
+    DEFAULT_OPTIONS,
+    REGISTER_KEY,
+    BodyOptions,
+    DetachedBody,
+    register,
+)
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIEnvironment
@@ -183,10 +191,24 @@ def read_last_event_id(environ: WSGIEnvironment) -> str | None:
         return str(raw)
 
 
-#: Body options an EventStream does not take from DetachMiddleware's defaults:
-#: SSE fixes the encoding and the heartbeat's chunk, has its own heartbeat, and
-#: a ``timeout_chunk`` meant for plain streams would be raw text in an event stream.
-_SSE_OWN_OPTIONS: Final = frozenset({"encoding", "heartbeat", "heartbeat_chunk", "timeout_chunk"})
+@functools.lru_cache(maxsize=64)
+def _sse_options(base: BodyOptions, heartbeat: float | None) -> BodyOptions:
+    """``base`` (the middleware's options, or the defaults) as an event stream needs them.
+
+    SSE fixes the encoding and the heartbeat's chunk, has its own heartbeat,
+    and a ``timeout_chunk`` meant for plain streams would be raw text in an
+    event stream. Cached: ``base`` is one object per middleware (compared by
+    identity), so a stream opened with no options of its own makes none.
+    """
+    return base.merge(
+        {
+            "encoding": "utf-8",
+            "heartbeat_chunk": HEARTBEAT,
+            "timeout_chunk": None,
+            "heartbeat": heartbeat,
+        },
+        "EventStream",
+    )
 
 
 class EventStream(DetachedBody):
@@ -261,24 +283,21 @@ class EventStream(DetachedBody):
         for fixed in ("encoding", "heartbeat_chunk"):
             if fixed in options:
                 raise TypeError(f"EventStream fixes {fixed}; do not pass it")
-        inherited = None if environ is None else environ.get(BODY_OPTIONS_KEY)
-        if inherited:
-            # Under DetachMiddleware: its budget and body defaults, as detach()
-            # bodies get them, but for what SSE sets itself; options given win.
-            options = {
-                **{k: v for k, v in inherited.items() if k not in _SSE_OWN_OPTIONS},
-                **options,
-            }
+        base = DEFAULT_OPTIONS if environ is None else environ.get(BODY_OPTIONS_KEY)
+        if not isinstance(base, BodyOptions):
+            base = DEFAULT_OPTIONS  # outside DetachMiddleware
+        if heartbeat is None or type(heartbeat) in (int, float):
+            merged = _sse_options(base, heartbeat).merge(options, "EventStream")
+        else:  # a bad value, which merge names: not a cache key
+            merged = _sse_options(base, None).merge({**options, "heartbeat": heartbeat})
         opening = encode_comment("stream open")
         if retry is not None:  # checked before the body exists, so a bad value leaks nothing
             opening += f"retry: {_retry_ms(retry)}\n\n".encode("ascii")
-        super().__init__(
-            start_response=start_response,
-            heartbeat=heartbeat,
-            heartbeat_chunk=HEARTBEAT,
-            encoding="utf-8",
-            **options,
-        )
+        super().__init__(start_response=start_response, options=merged)
+        if environ is not None:
+            # Under DetachMiddleware: registered before any byte is charged to
+            # its budget; closed (and the error passed on) when it is refused.
+            register(self, environ.get(REGISTER_KEY))
         if last_event_id is None and environ is not None:
             last_event_id = read_last_event_id(environ)
         self.last_event_id: str | None = last_event_id
