@@ -184,7 +184,7 @@ def test_the_documented_gunicorn_command(redis_url: str) -> None:
     proc = subprocess.Popen(
         [sys.executable, "-m", "gunicorn", "-k", "gevent", "-w", "4", "-b", f"127.0.0.1:{port}",
          spec],
-        cwd=ROOT, env=CHILD_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        cwd=ROOT, env=CHILD_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     try:
         give_up = time.monotonic() + 30
@@ -202,6 +202,8 @@ def test_the_documented_gunicorn_command(redis_url: str) -> None:
             sse.close()
     finally:
         proc.send_signal(signal.SIGINT)  # gunicorn's quick shutdown (SIGTERM waits for streams)
-        proc.wait(timeout=20)
-        assert proc.stderr is not None
-        proc.stderr.close()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:  # a worker still booting can miss it: not the point here
+            proc.kill()
+            proc.wait(timeout=10)
