@@ -25,9 +25,14 @@ from tests.sse_reference import Event, Parser
 
 
 @pytest.fixture(scope="module")
-def redis_url() -> Iterator[str]:
+def redis() -> Iterator[RedisServer]:
     with RedisServer() as server:
-        yield server.url
+        yield server
+
+
+@pytest.fixture(scope="module")
+def redis_url(redis: RedisServer) -> str:
+    return redis.url
 
 
 @pytest.fixture(
@@ -168,6 +173,46 @@ def test_a_plain_python_process_publishes_to_every_process(chat: list[int], redi
     for sse in streams:
         (event,) = sse.wait(1)
         assert event.last_event_id == sent and event.type == "chat"
+        sse.close()
+
+
+def test_pubsub_connections_killed_during_a_burst(chat: list[int], redis: RedisServer) -> None:
+    """Every process's receiving connection dropped by Redis mid-burst: nothing lost or doubled."""
+    room = f"kill-{time.monotonic_ns()}"
+    streams = [SSE(port, room) for port in chat for _ in range(2)]
+    sent = []
+    for i in range(60):
+        sent.append(post(chat[i % 2], room, f"m{i}"))
+        if i == 20:
+            assert redis.command("CLIENT", "KILL", "TYPE", "pubsub") >= 1
+    for sse in streams:
+        assert [e.last_event_id for e in sse.wait(60)] == sent
+        sse.close()
+
+
+def test_redis_down_answers_503_and_streams_stay_open(chat: list[int], redis: RedisServer) -> None:
+    room = f"down-{time.monotonic_ns()}"
+    streams = [SSE(port, room) for port in chat]
+    first = post(chat[0], room, "before")
+    for sse in streams:
+        sse.wait(1)
+    redis.freeze()
+    try:
+        answer = requests.post(
+            f"http://127.0.0.1:{chat[1]}/api/rooms/{room}/messages",
+            json={"nick": "t", "text": "frozen"},
+            timeout=10,
+        )
+        assert answer.status_code == 503
+        assert answer.json()["error"].startswith("chat unavailable:")
+    finally:
+        redis.thaw()
+    later = post(chat[0], room, "after")
+    for sse in streams:
+        ids = [e.last_event_id for e in sse.wait(2)]
+        while later not in ids:  # "frozen" may have been published once thawed
+            ids = [e.last_event_id for e in sse.wait(len(ids) + 1)]
+        assert ids[0] == first and ids[-1] == later and len(set(ids)) == len(ids)
         sse.close()
 
 

@@ -606,6 +606,9 @@ class RedisBroker:
         probe_timeout: seconds a probe may take before the receiving
             connection is declared dead and replaced.
         backoff_max: the cap of the receiver's reconnection backoff, in seconds.
+        linger: seconds a process keeps following a channel after its last
+            local subscriber left. 10 s: long-poll clients leave between
+            polls, and following a channel again costs a read of its stream.
         max_pending: see :class:`~wsgi_detach.Hub`.
     """
 
@@ -622,6 +625,7 @@ class RedisBroker:
         probe_interval: float = 5.0,
         probe_timeout: float = 2.0,
         backoff_max: float = 2.0,
+        linger: float = 10.0,
         max_pending: int = 1 << 20,
     ) -> None:
         if url is None:
@@ -639,6 +643,7 @@ class RedisBroker:
             ("probe_interval", probe_interval),
             ("probe_timeout", probe_timeout),
             ("backoff_max", backoff_max),
+            ("linger", linger),
         ):
             if not isinstance(seconds, (int, float)) or not seconds > 0:
                 raise ValueError(f"{name} must be a positive number of seconds, got {seconds!r}")
@@ -665,6 +670,7 @@ class RedisBroker:
         self.probe_interval = float(probe_interval)
         self.probe_timeout = float(probe_timeout)
         self.backoff_max = float(backoff_max)
+        self.linger = float(linger)
         self._lock = allocate_lock()
         self._hubs: dict[str, ChannelHub] = {}
         self._pid = 0
@@ -763,6 +769,7 @@ class _Receiver:
         self.lag_ms: float | None = None
         self._probed_at: float | None = None
         self._followed: set[str] = set()
+        self._idle_since: dict[str, float] = {}  # followed channels without local users
         self._sleep: Callable[[float], object] = time.sleep
         self._probe = f"{broker.prefix}:probe:{os.getpid()}:{secrets.token_hex(4)}"
 
@@ -810,6 +817,7 @@ class _Receiver:
             self.connected = False
             self.last_error = error
             self._followed.clear()
+            self._idle_since.clear()
             # Capped, jittered: many workers must not reconnect in lock-step.
             self._sleep(delay * (0.5 + random.random() / 2))
             delay = min(delay * 2, self._broker.backoff_max)
@@ -869,11 +877,16 @@ class _Receiver:
         for name in wanted.keys() - followed:
             conn.send("SUBSCRIBE", link.notify_channel(name))
             followed.add(name)
+        now = time.monotonic()
+        idle = self._idle_since
         for name in followed - wanted.keys():
-            hub = self._broker.hub(name)
-            if hub._unsync_if_idle():
+            since = idle.setdefault(name, now)
+            if now - since >= self._broker.linger and self._broker.hub(name)._unsync_if_idle():
                 conn.send("UNSUBSCRIBE", link.notify_channel(name))
                 followed.discard(name)
+                del idle[name]
+        for name in wanted.keys() & idle.keys():
+            del idle[name]
 
     def _refill(self, link: Link, notify_channel: str) -> None:
         """Subscribed (again): read what the replica lacks from the stream, then settle."""

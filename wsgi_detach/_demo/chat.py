@@ -34,7 +34,7 @@ from importlib import resources
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import parse_qs
 
-from wsgi_detach import Hub, RedisBroker, long_poll
+from wsgi_detach import BrokerUnavailable, Hub, RedisBroker, long_poll
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -49,7 +49,8 @@ _MAX_TEXT: Final = 2000
 _MAX_POST: Final = 16 * 1024
 _MAX_ROOMS: Final = 1000  # rooms live in memory; refuse to grow without bound
 _POLL_TIMEOUT: Final = 20.0  # under the common 30 s proxy idle limit
-_RETRY_MS: Final = 1000  # how soon a dropped EventSource comes back
+_RETRY_MS: Final = 1000
+_UNAVAILABLE: Final = "503 Service Unavailable"  # how soon a dropped EventSource comes back
 
 
 class ChatApp:
@@ -111,6 +112,8 @@ class ChatApp:
             return self._route(environ, start_response)
         except _HTTPError as error:
             return _json(start_response, {"error": error.message}, error.status)
+        except BrokerUnavailable as error:  # Redis mode: down or frozen; not the client's fault
+            return _json(start_response, {"error": f"chat unavailable: {error}"}, _UNAVAILABLE)
 
     def _route(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "") or "/"
