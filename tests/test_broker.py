@@ -303,3 +303,23 @@ def test_configuration_errors_name_the_parameter() -> None:
         RedisBroker("redis://localhost", socket_timeout=0)
     with pytest.raises(ValueError, match="channel must be a one-line str"):
         RedisBroker("redis://localhost").hub("a\nb")
+
+
+def test_clients_resuming_at_once_cost_one_read_of_the_channel(redis_server: RedisServer) -> None:
+    publisher = RedisBroker(redis_server.url, **FAST)
+    fresh = RedisBroker(redis_server.url, **FAST)  # a process that does not follow "busy" yet
+    try:
+        sent = [publisher.hub("busy").publish(i) for i in range(20)]
+        redis_server.command("CONFIG", "RESETSTAT")
+        readers = [Reader(fresh.hub("busy"), last_event_id=sent[i % 10].id) for i in range(50)]
+        for i, reader in enumerate(readers):
+            assert reader.wait(19 - i % 10)
+            assert reader.ids() == [m.id for m in sent[i % 10 + 1 :]]
+        stats = redis_server.command("INFO", "commandstats")
+        scripts = sum(
+            int(stats[key]["calls"]) for key in ("cmdstat_evalsha", "cmdstat_eval") if key in stats
+        )
+        assert scripts == 1, stats  # the channel's one read, for 50 resuming clients
+    finally:
+        publisher.close()
+        fresh.close()

@@ -216,6 +216,23 @@ def test_redis_down_answers_503_and_streams_stay_open(chat: list[int], redis: Re
         sse.close()
 
 
+def test_one_receiving_connection_per_process(
+    chat: list[int], redis: RedisServer, request: pytest.FixtureRequest
+) -> None:
+    """CLIENT LIST: two serving processes, 200 streams over 5 rooms -> two receiving connections."""
+    # gthread holds a thread per open stream (64 per worker here): fewer there.
+    count = 60 if "gthread" in request.node.callspec.id else 200
+    streams = [SSE(chat[i % 2], f"many{i % 5}") for i in range(count)]
+    sent = [post(chat[0], f"many{i}", "x") for i in range(5)]
+    for i, sse in enumerate(streams):
+        assert [e.last_event_id for e in sse.wait(1)] == [sent[i % 5]]
+    receiving = [c for c in redis.clients() if "P" in c["flags"]]
+    assert len(receiving) == 2, receiving
+    assert sorted(int(c["sub"]) for c in receiving) == [6, 6]  # 5 rooms and the probe each
+    for sse in streams:
+        sse.close()
+
+
 def test_the_documented_gunicorn_command(redis_url: str) -> None:
     """docs/scale-out.md's command (4 gevent workers, the chat in Redis mode), as written there."""
     import socket
