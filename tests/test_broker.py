@@ -323,3 +323,16 @@ def test_clients_resuming_at_once_cost_one_read_of_the_channel(redis_server: Red
     finally:
         publisher.close()
         fresh.close()
+
+
+def test_publish_many_is_pipelined_and_in_order(brokers) -> None:  # type: ignore[no-untyped-def]
+    a, b = brokers
+    reader = Reader(b.hub("batch"))
+    wait_for(lambda: b.stats()["connected"])
+    one = a.hub("batch").publish("first")
+    batch = a.hub("batch").publish_many([{"n": i} for i in range(100)], event="n")
+    assert [m.seq for m in batch] == list(range(one.seq + 1, one.seq + 101))
+    lines = reader.wait(101)
+    assert [line["id"] for line in lines] == [one.id] + [m.id for m in batch]
+    assert lines[-1] == {"id": batch[-1].id, "event": "n", "data": {"n": 99}}
+    assert a.hub("batch").publish_many([]) == []

@@ -228,12 +228,21 @@ class Link:
     # ------------------------------------------------------------------ commands
 
     def _run(self, what: str, *args: Any) -> Any:
-        """One command on a pooled connection; never retried.
+        """One command on a pooled connection; never retried. See :meth:`_run_many`."""
+        (reply,) = self._run_many(what, [args])
+        if isinstance(reply, ResponseError):
+            raise reply
+        return reply
+
+    def _run_many(self, what: str, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """Commands sent together on one pooled connection (pipelined); their replies.
+
+        An error reply is returned as its ``ResponseError``, in its place.
 
         Raises:
             BrokerUnavailable: no connection within the timeouts, or the
-                connection failed while the command was under way (then
-                ``maybe_applied`` is True: Redis may have run it).
+                connection failed while the commands were under way (then
+                ``maybe_applied`` is True: Redis may have run some of them).
         """
         try:
             conn = self._pool.get_connection()  # type: ignore[no-untyped-call]
@@ -241,17 +250,22 @@ class Link:
             raise BrokerUnavailable(f"{what}: Redis at {self._where()} unreachable: {exc}") from exc
         sent = False
         try:
-            conn.send_command(*args)
+            conn.send_packed_command(conn.pack_commands(commands))
             sent = True
-            return conn.read_response()
+            replies: list[Any] = []
+            for _ in commands:
+                try:
+                    replies.append(conn.read_response())
+                except ResponseError as exc:
+                    replies.append(exc)
+            return replies
         except _NETWORK_ERRORS as exc:
             conn.disconnect()
             raise BrokerUnavailable(
                 f"{what}: Redis at {self._where()} failed: {exc}", maybe_applied=sent
             ) from exc
         except BaseException:
-            if not sent:
-                conn.disconnect()  # a half-sent command must not be followed by another
+            conn.disconnect()  # a half-sent or half-read exchange must not be reused
             raise
         finally:
             self._pool.release(conn)  # type: ignore[no-untyped-call]
@@ -313,6 +327,45 @@ class Link:
                 f"({epoch}-<n>); pick another, or let the channel number the message"
             )
         return Record(epoch, int(reply[2]), id or "", event or "", is_json, retry, text)
+
+    def publish_many(
+        self, channel: str, items: list[tuple[str, bool]], *, event: str | None
+    ) -> list[Record]:
+        """Publish ``(text, is_json)`` items in order, pipelined: one round trip for all.
+
+        Each is its own run of the publish script (numbered, appended and
+        notified atomically), sent back to back on one connection.
+        """
+        keys = self._keys(channel)
+
+        def commands(sha: str) -> list[tuple[Any, ...]]:
+            return [
+                ("EVALSHA", sha, len(keys), *keys, self.notify_channel(channel), self._maxlen,
+                 self._ttl, secrets.token_hex(3), "", event or "", "1" if is_json else "0", "",
+                 text)
+                for text, is_json in items
+            ]
+
+        sha = self._load(_PUBLISH)
+        replies = self._run_many("publish", commands(sha))
+        if any(isinstance(reply, NoScriptError) for reply in replies):
+            # Redis restarted between the load and the batch: none of it ran
+            # (a restart ends the connection first), so the batch is sent again.
+            self._sha.pop(_PUBLISH, None)
+            replies = self._run_many("publish", commands(self._load(_PUBLISH)))
+        records = []
+        for reply, (text, is_json) in zip(replies, items):
+            if isinstance(reply, ResponseError):
+                raise reply
+            epoch, seq = _text(reply[1]), int(reply[2])
+            records.append(Record(epoch, seq, "", event or "", is_json, None, text))
+        return records
+
+    def _load(self, source: str) -> str:
+        sha = self._sha.get(source)
+        if sha is None:
+            sha = self._sha[source] = _text(self._run("load", "SCRIPT", "LOAD", source))
+        return sha
 
     def read(self, channel: str, after: int | None, count: int) -> Head:
         """The channel's epoch and last seq, and up to ``count`` records after seq ``after``.
