@@ -336,3 +336,36 @@ def test_publish_many_is_pipelined_and_in_order(brokers) -> None:  # type: ignor
     assert [line["id"] for line in lines] == [one.id] + [m.id for m in batch]
     assert lines[-1] == {"id": batch[-1].id, "event": "n", "data": {"n": 99}}
     assert a.hub("batch").publish_many([]) == []
+
+
+def test_an_id_of_another_epoch_gets_its_resync_at_once_on_a_quiet_channel(
+    brokers, caplog  # type: ignore[no-untyped-def]
+) -> None:
+    a, b = brokers
+    hub = b.hub("quiet")
+    follower = Reader(hub)  # the channel is followed and in sync here
+    sent = a.hub("quiet").publish("only")
+    follower.wait(1)
+    stale = "abcdef-" + sent.id.split("-")[1]  # an id from before a data loss
+    late = Reader(hub, last_event_id=stale)
+    (line,) = late.wait(1, timeout=5)  # no message needs to come for it
+    assert line["event"] == "resync" and line["data"] == {  # type: ignore[comparison-overlap]
+        "reason": "from another epoch",
+        "cursor": sent.id,
+    }
+    batch = hub.poll(stale, lambda batch: None)  # a long-poll likewise, at once
+    assert batch is not None and batch.resync and batch.reason == "from another epoch"
+    assert hub.recent(0).messages == [] and [m.id for m in hub.recent().messages] == [sent.id]
+
+
+def test_a_malformed_notification_is_logged_and_read_from_the_stream(
+    redis_server: RedisServer, brokers, caplog  # type: ignore[no-untyped-def]
+) -> None:
+    a, b = brokers
+    reader = Reader(b.hub("odd"))
+    wait_for(lambda: b.stats()["connected"])
+    redis_server.command("PUBLISH", "wsgi_detach:{odd}", "not one of ours")
+    sent = a.hub("odd").publish("fine")
+    assert reader.wait(1) == [{"id": sent.id, "event": None, "data": "fine"}]
+    assert any("malformed notification" in r.getMessage() for r in caplog.records)
+    assert b.stats()["reconnects"] == 0

@@ -164,7 +164,8 @@ class ChannelHub(Hub):
         with self._lock:
             if self._synced:
                 items = list(self._replica)
-                return Batch(items[max(len(items) - n, 0) :] if n else items, self._cursor())
+                picked = items if n is None else items[max(len(items) - n, 0) :]
+                return Batch(picked, self._cursor())
         count = self._size if n is None else min(n, self._size)
         head = self._broker._link().read(self.channel, None, max(count, 1))
         records = head.records[-count:] if count else []
@@ -267,8 +268,11 @@ class ChannelHub(Hub):
                 pass
         pending = _Pending(last_event_id, is_sse)
         with self._lock:
-            if not (self._synced and self._settle_locked(sub, pending)):
+            settled = self._synced and self._settle_locked(sub, pending)
+            if not settled:
                 self._pending[sub] = pending
+        if not settled:
+            self._broker._settle_soon(self)  # the receiver asks Redis where it resumes
         self._broker._follow()
         body.on_close(sub.cancel)
         return sub
@@ -277,22 +281,24 @@ class ChannelHub(Hub):
         if not cursor:
             cursor = self.cursor
         with self._lock:
-            synced = self._synced
-        if not synced:  # not followed here (yet): ask Redis, once
-            try:
-                batch = self._since_remote(cursor)
-            except BrokerUnavailable:
-                pass  # answered when the receiver is back
-            else:
-                if batch.messages or batch.resync:
-                    return batch
-        with self._lock:
             if self._synced:
                 found = self._resolve_locked(cursor)
                 if found is not _NOT_YET:
                     batch = self._batch_locked(found)
                     if batch.messages or batch.resync:
                         return batch
+                    self._polls[callback] = cursor
+                    return None
+        # Not followed here (yet), or a cursor this replica cannot place (of
+        # another epoch, or ahead of it): Redis says, in one round trip.
+        try:
+            batch = self._since_remote(cursor)
+        except BrokerUnavailable:
+            pass  # answered once the receiver is back
+        else:
+            if batch.messages or batch.resync:
+                return batch
+        with self._lock:
             self._polls[callback] = cursor
         self._broker._follow()
         return None
@@ -698,6 +704,7 @@ class RedisBroker:
         self.linger = float(linger)
         self._lock = allocate_lock()
         self._hubs: dict[str, ChannelHub] = {}
+        self._unsettled: set[str] = set()  # channels with pending subscribers to place
         self._pid = 0
         self._link_: Link | None = None
         self._receiver: _Receiver | None = None
@@ -769,6 +776,16 @@ class RedisBroker:
             if self._receiver is None or self._receiver.pid != os.getpid():
                 self._receiver = _Receiver(self)
                 self._receiver.start()
+
+    def _settle_soon(self, hub: ChannelHub) -> None:
+        """Have the receiver settle ``hub``'s pending subscribers at its next turn."""
+        with self._lock:
+            self._unsettled.add(hub.channel)
+
+    def _take_unsettled(self) -> list[ChannelHub]:
+        with self._lock:
+            names, self._unsettled = self._unsettled, set()
+            return [self._hubs[name] for name in names]
 
     def _channels(self) -> list[ChannelHub]:
         with self._lock:
@@ -863,6 +880,8 @@ class _Receiver:
             next_probe = time.monotonic() + broker.probe_interval
             while self._running:
                 self._resubscribe(conn, link, followed)
+                for hub in broker._take_unsettled():
+                    self._settle(hub)
                 push = conn.read(_TICK)
                 if push is not None:
                     kind, name, payload = push
@@ -936,7 +955,12 @@ class _Receiver:
         if name is None:
             return
         hub = self._broker.hub(name)
-        record = parse_notification(payload)
+        try:
+            record = parse_notification(payload)
+        except ValueError:  # not from our publish script: read the stream instead
+            log.warning("ignored a malformed notification on %s: %.80r", notify_channel, payload)
+            self._refill(link, notify_channel)
+            return
         with hub._lock:
             synced, epoch, seq = hub._synced, hub._r_epoch, hub._r_seq
         if not synced:
