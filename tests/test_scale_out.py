@@ -26,7 +26,7 @@ from tests.sse_reference import Event, Parser
 
 @pytest.fixture(scope="module")
 def redis() -> Iterator[RedisServer]:
-    with RedisServer() as server:
+    with RedisServer(appendonly=True) as server:
         yield server
 
 
@@ -235,6 +235,49 @@ def test_one_receiving_connection_per_process(
     assert numsub[1::2] == [2] * 5, numsub
     for sse in streams:
         sse.close()
+
+
+def test_redis_restarted_with_then_without_its_data(chat: list[int], redis: RedisServer) -> None:
+    room = f"restart-{time.monotonic_ns()}"
+    streams = [SSE(port, room) for port in chat]
+    before = [post(chat[0], room, "one"), post(chat[1], room, "two")]
+    for sse in streams:
+        assert [e.last_event_id for e in sse.wait(2)] == before
+    redis.restart(keep_data=True)
+    after = _post_when_back(chat[1], room, "three")
+    for sse in streams:  # the same streams, still open, go on in order
+        assert [e.last_event_id for e in sse.wait(3)] == [*before, after]
+    again = SSE(chat[0], room, last_event_id=before[0])  # resume across the restart
+    assert [e.last_event_id for e in again.wait(2)] == [before[1], after]
+    again.close()
+    redis.restart(keep_data=False)
+    fresh = _post_when_back(chat[0], room, "four")
+    assert fresh.split("-")[0] != after.split("-")[0]  # a new epoch
+    for sse in streams:
+        events = sse.wait(4)[3:]
+        assert events[0].type == "resync"
+        if json.loads(events[0].data)["cursor"] != fresh:
+            assert [e.last_event_id for e in sse.wait(5)[4:]] == [fresh]
+        sse.close()
+    stale = SSE(chat[1], room, last_event_id=after)  # an id from before the loss
+    (notice,) = stale.wait(1)
+    assert notice.type == "resync" and json.loads(notice.data)["reason"] == "from another epoch"
+    stale.close()
+
+
+def _post_when_back(port: int, room: str, text: str) -> str:
+    """Post once Redis answers again (503 until then): the id."""
+    give_up = time.monotonic() + 15
+    while True:
+        answer = requests.post(
+            f"http://127.0.0.1:{port}/api/rooms/{room}/messages",
+            json={"nick": "t", "text": text},
+            timeout=10,
+        )
+        if answer.status_code == 201:
+            return str(answer.json()["id"])
+        assert answer.status_code == 503 and time.monotonic() < give_up, answer.text
+        time.sleep(0.1)
 
 
 def test_the_documented_gunicorn_command(redis_url: str) -> None:
