@@ -369,3 +369,26 @@ def test_a_malformed_notification_is_logged_and_read_from_the_stream(
     assert reader.wait(1) == [{"id": sent.id, "event": None, "data": "fine"}]
     assert any("malformed notification" in r.getMessage() for r in caplog.records)
     assert b.stats()["reconnects"] == 0
+
+
+def test_a_broker_made_before_a_fork_connects_anew_in_the_child(redis_server: RedisServer) -> None:
+    """gunicorn --preload: the broker is made in the master, used in the workers."""
+    import os
+
+    broker = RedisBroker(redis_server.url, **FAST)
+    try:
+        assert broker.hub("fork").publish("parent").seq == 1  # the parent's pool is open
+        pid = os.fork()
+        if pid == 0:  # the child: its own connections, never the parent's socket
+            code = 1
+            try:
+                reader = Reader(broker.hub("fork"))
+                sent = broker.hub("fork").publish("child")
+                code = 0 if sent.seq == 2 and reader.wait(1)[0]["id"] == sent.id else 3
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert broker.hub("fork").publish("parent again").seq == 3
+    finally:
+        broker.close()
