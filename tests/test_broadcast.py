@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from tests.client import Stream, wait_until
 from tests.servers import ServerProcess
 from tests.sse_reference import Parser, parse
-from wsgi_detach import DetachedBody, EventStream, Hub, SlowSubscriber, UsageError
+from wsgi_detach import DetachedBody, EventStream, Hub, Message, SlowSubscriber, UsageError
 
 
 def drain(body: DetachedBody) -> bytes:
@@ -615,3 +615,99 @@ def test_a_comment_over_max_pending_drops_that_subscriber_like_a_message() -> No
     assert hub.comment("x" * 200) == 0
     assert hub.subscribers == 0
     assert stream.state == "finished"
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    client_id=st.one_of(
+        st.text(max_size=40),
+        st.text(alphabet="0123456789-abcdef\u00b2\u0663 +", max_size=30),
+        st.integers(min_value=-5, max_value=40).map(str),
+    ),
+    published=st.integers(min_value=0, max_value=12),
+    use_epoch=st.booleans(),
+)
+def test_any_client_id_resolves_to_a_position_in_the_history_or_a_reason(
+    client_id: str, published: int, use_epoch: bool
+) -> None:
+    """Whatever a client sends, resolve() answers; it never raises (no 500)."""
+    hub = Hub(history=5)
+    sent = [hub.publish(f"m{i}", id=f"app-{i}" if i % 3 == 0 else None) for i in range(published)]
+    if use_epoch:
+        client_id = hub.cursor.rsplit("-", 1)[0] + "-" + client_id
+    batch = hub.since(client_id)
+    if batch.resync:
+        assert batch.reason in ("unknown id", "from another epoch", "older than the history")
+        assert batch.messages == []
+    else:
+        kept = [m.id for m in sent[-5:]]
+        got = [m.id for m in batch.messages]
+        assert got == kept[len(kept) - len(got) :]  # a suffix of the history, in order
+        known = {m.id: i for i, m in enumerate(sent)}
+        if client_id in known:
+            assert got == [m.id for m in sent[known[client_id] + 1 :]]
+
+
+def test_a_cursor_may_be_an_int_id_as_published() -> None:
+    hub = Hub()
+    hub.publish("a", id=7)
+    hub.publish("b", id=8)
+    assert [m.data for m in hub.since(7).messages] == ["b"]
+    with pytest.raises(TypeError, match="a cursor must be a str \\(an id\\), got float"):
+        hub.since(7.0)  # type: ignore[arg-type]
+
+
+class _Log:
+    """A MessageStore written from the protocol alone: keeps every message, ids are ``n<seq>``."""
+
+    def __init__(self) -> None:
+        self.items: list[Message] = []
+        self.ids: dict[str, int] = {}
+
+    @property
+    def cursor(self) -> str:
+        return self.items[-1].id if self.items else "n0"
+
+    @property
+    def last_seq(self) -> int:
+        return len(self.items)
+
+    def append(
+        self, data: object, text: str, *, event: str | None, id: str | None, retry: int | None
+    ) -> Message:
+        seq = len(self.items) + 1
+        id = f"n{seq}" if id is None else id
+        if id in self.ids:
+            raise ValueError(f"id {id!r} was already published")
+        message = Message(seq, id, data, event, retry, text)
+        self.items.append(message)
+        self.ids[id] = seq
+        return message
+
+    def resolve(self, client_id: str) -> int | str:
+        return self.ids.get(client_id, "unknown id") if client_id != "n0" else 0
+
+    def read_since(self, seq: int) -> list[Message]:
+        return self.items[seq:]
+
+    def recent(self, n: int | None) -> list[Message]:
+        return self.items if n is None else self.items[max(len(self.items) - n, 0) :]
+
+
+def test_a_store_of_its_own_sits_behind_the_same_hub_api() -> None:
+    store = _Log()
+    hub = Hub(store=store)
+    first = hub.publish("a")
+    hub.publish({"b": 1}, id="mine", event="e")
+    stream = EventStream(heartbeat=None, last_event_id=first.id)
+    hub.subscribe(stream)
+    live = hub.publish("c", retry=10)
+    assert [(e.data, e.last_event_id) for e in parse(drain(stream)).events] == [
+        ('{"b":1}', "mine"),
+        ("c", live.id),
+    ]
+    assert [m.id for m in hub.since("mine").messages] == [live.id]
+    assert hub.since("elsewhere").reason == "unknown id"
+    with pytest.raises(ValueError, match="already published"):
+        hub.publish("again", id="mine")
+    assert hub.cursor == live.id == "n3" and len(store.items) == 3

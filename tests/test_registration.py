@@ -140,7 +140,7 @@ def test_the_middleware_hands_out_one_options_value() -> None:
     def app(environ: dict[str, Any], start_response: Any) -> Any:
         start_response("200 OK", [("Content-Type", "text/plain")])
         body = detach(environ)
-        seen.append(environ["wsgi_detach.body_options"])
+        seen.append(environ["wsgi_detach.detach"].options)
         body.finish(b"x")
         return body
 

@@ -46,7 +46,7 @@ from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Callable, Final, Union
+from typing import TYPE_CHECKING, Any, Callable, Final, Protocol, Union
 
 import gevent
 
@@ -75,25 +75,40 @@ if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse
 
 __all__ = [
-    "BODY_OPTIONS_KEY",
     "REGISTER_KEY",
     "BodyOptions",
     "Chunk",
     "DetachedBody",
+    "Registrar",
     "register",
 ]
 
-#: Where :class:`~wsgi_detach.DetachMiddleware` puts its :class:`BodyOptions`
-#: (its defaults and its shared ``budget``), for bodies an app builds itself
-#: from the environ (an ``EventStream``): they get what ``detach()`` gives.
-BODY_OPTIONS_KEY: Final = "wsgi_detach.body_options"
-#: Where :class:`~wsgi_detach.DetachMiddleware` puts ``register(body)``, which
-#: every body built from the environ calls at once: the middleware then counts
-#: it (``max_open``, ``stats()``), watches it, drains it and closes it with the
-#: request, whatever the app does with it afterwards. Raises
-#: :class:`~wsgi_detach.Unavailable` when full or draining; the body must then
-#: close itself.
-REGISTER_KEY: Final = "wsgi_detach.register"
+#: Where :class:`~wsgi_detach.DetachMiddleware` puts its :class:`Registrar` for
+#: the request: every body made from the environ registers through it as it
+#: is made, and takes the middleware's options from it.
+REGISTER_KEY: Final = "wsgi_detach.detach"
+
+
+class Registrar(Protocol):
+    """What ``environ[REGISTER_KEY]`` holds under :class:`~wsgi_detach.DetachMiddleware`.
+
+    ``options``: the middleware's :class:`BodyOptions` (its defaults and its
+    shared ``budget``), for bodies an app builds itself from the environ (an
+    ``EventStream``), so that they get what ``detach()`` gives.
+
+    Calling it with a new body registers the body with the request: the
+    middleware then counts it (``max_open``, ``stats()``), watches it, drains
+    it and closes it with the request, whatever the app does with it
+    afterwards. It raises :class:`~wsgi_detach.Unavailable` when full or
+    draining (and :class:`~wsgi_detach.UsageError` once the app returned);
+    :func:`register` then closes the body.
+    """
+
+    @property
+    def options(self) -> BodyOptions: ...
+
+    def __call__(self, body: DetachedBody) -> None: ...
+
 
 log = logging.getLogger("wsgi_detach")
 
@@ -983,7 +998,7 @@ def _positive_or_none(name: str, value: float | None) -> float | None:
     return float(value)
 
 
-def register(body: DetachedBody, hook: Callable[[DetachedBody], object] | None) -> None:
+def register(body: DetachedBody, hook: Registrar | None) -> None:
     """Hand a new ``body`` to its request's middleware (``environ[REGISTER_KEY]``), if any.
 
     The one registration path: every body made from an environ goes through

@@ -461,7 +461,7 @@ class Hub:
         with self._lock:
             return Batch(self._store.recent(n), self._store.cursor)
 
-    def since(self, cursor: str | None) -> Batch:
+    def since(self, cursor: str | int | None) -> Batch:
         """The messages after ``cursor``, without waiting.
 
         ``None`` or ``""`` means "from now": no messages, the current cursor.
@@ -656,7 +656,10 @@ class Hub:
 
         Resumes from the ``Last-Event-ID`` header, or from ``last_event_id``
         when the header is absent (the first connect, when the page passes
-        its cursor in the URL). ``options`` go to :class:`EventStream`.
+        its cursor in the URL); an id that cannot be resumed from gets a
+        resync, never an error. ``options`` go to :class:`EventStream`.
+        Should subscribing raise, the stream is closed before the error goes
+        on, so nothing it was charged stays behind.
         """
         stream = EventStream(environ, start_response, **options)
         try:
@@ -722,9 +725,15 @@ class Hub:
         with self._lock:
             self._subscribers.pop(sub, None)
 
-    def _since_locked(self, cursor: str | None) -> Batch:
+    def _since_locked(self, cursor: str | int | None) -> Batch:
         store = self._store
         now = store.cursor
+        if not isinstance(cursor, str):
+            if cursor is None:
+                return Batch([], now)
+            if isinstance(cursor, bool) or not isinstance(cursor, int):
+                raise TypeError(f"a cursor must be a str (an id), got {type(cursor).__name__}")
+            cursor = str(cursor)  # an id the application published as an int
         if not cursor:
             return Batch([], now)
         position = store.resolve(cursor)

@@ -171,7 +171,11 @@ class ChannelHub(Hub):
         records = head.records[-count:] if count else []
         return Batch([_message(r) for r in records], f"{head.epoch}-{head.seq}")
 
-    def since(self, cursor: str | None) -> Batch:
+    def since(self, cursor: str | int | None) -> Batch:
+        if cursor is not None and not isinstance(cursor, str):
+            if isinstance(cursor, bool) or not isinstance(cursor, int):
+                raise TypeError(f"a cursor must be a str (an id), got {type(cursor).__name__}")
+            cursor = str(cursor)  # an id the application published as an int
         with self._lock:
             if self._synced:
                 found = self._resolve_locked(cursor)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Callable, Final
 
-from ._body import BODY_OPTIONS_KEY, REGISTER_KEY, BodyOptions, DetachedBody, register
+from ._body import REGISTER_KEY, DetachedBody, register
 from ._broadcast import Batch, Hub
 from ._errors import BodyClosed
 from ._wakeup import make_waiter
@@ -84,15 +84,14 @@ def long_poll(
     if cursor is None or cursor == "":
         cursor = hub.cursor  # pin "now" before waiting, so nothing in between is lost
     empty = render(Batch([], cursor))
-    options = None if environ is None else environ.get(BODY_OPTIONS_KEY)
+    registrar = None if environ is None else environ.get(REGISTER_KEY)
     body = DetachedBody(
         start_response=start_response,
         idle_timeout=timeout,
         timeout_chunk=empty,
-        budget=options.budget if isinstance(options, BodyOptions) else None,
+        budget=None if registrar is None else registrar.options.budget,
     )
-    if environ is not None:
-        register(body, environ.get(REGISTER_KEY))
+    register(body, registrar)
     body.start("200 OK", list(_JSON_HEADERS))
 
     def answer(batch: Batch) -> None:

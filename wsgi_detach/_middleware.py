@@ -14,10 +14,14 @@ bytes; a graceful :meth:`~DetachMiddleware.drain` for shutdown; and
 :meth:`~DetachMiddleware.stats`.
 
 Inside the app, ask for a body with :func:`detach` (the one line per
-framework is in README.md, "DetachMiddleware"): the body carries the
-middleware's defaults and is registered in the environ, so the middleware
-finds it even inside a framework's own iterator, and closes it exactly once
-when the response ends.
+framework is in docs/middleware.md): the body carries the middleware's
+:class:`~wsgi_detach.BodyOptions` and is registered with the request as it is
+made, so the middleware finds it even inside a framework's own iterator, and
+closes it exactly once when the response ends. Every body made from the
+environ goes the same way (``EventStream(environ)``, ``Hub.event_stream``,
+``long_poll(..., environ=environ)``): ``environ["wsgi_detach.detach"]`` is the
+request's registrar (:class:`~wsgi_detach._body.Registrar`), the one
+registration path.
 
 When not to use it: for an app that never detaches a response it costs a
 function call and a short look at the returned iterable per request, and
@@ -56,7 +60,6 @@ from typing import TYPE_CHECKING, Any, Callable, Final
 
 from ._adopt import feed, find_inside, is_queue
 from ._body import (
-    BODY_OPTIONS_KEY,
     DEFAULT_OPTIONS,
     REGISTER_KEY,
     BodyOptions,
@@ -80,8 +83,9 @@ __all__ = ["BODIES_KEY", "DETACH_KEY", "DetachMiddleware", "DetachStats", "detac
 
 log = logging.getLogger("wsgi_detach")
 
-#: The environ key of the factory :func:`detach` calls.
-DETACH_KEY: Final = "wsgi_detach.detach"
+#: The environ key of the request's registrar (see ``Registrar``), which
+#: :func:`detach` asks for a body.
+DETACH_KEY: Final = REGISTER_KEY
 #: The environ key of the list of bodies created for this request.
 BODIES_KEY: Final = "wsgi_detach.bodies"
 
@@ -141,13 +145,13 @@ def detach(environ: WSGIEnvironment, **overrides: Any) -> DetachedBody:
         TypeError: an unknown option.
     """
     try:
-        factory = environ[DETACH_KEY]
+        registrar = environ[DETACH_KEY]
     except KeyError:
         raise UsageError(
             "detach(environ) needs the app wrapped in DetachMiddleware: "
             "app = DetachMiddleware(app); or create a DetachedBody() yourself"
         ) from None
-    body: DetachedBody = factory(**overrides)
+    body: DetachedBody = registrar.detach(**overrides)
     return body
 
 
@@ -466,10 +470,10 @@ class _Request:
         self.cancel_watch: Callable[[], object] | None = None
 
     def run(self, environ: WSGIEnvironment) -> Iterable[bytes]:
-        environ[DETACH_KEY] = self.detach
+        # One object for what the app's bodies need from the middleware (see
+        # Registrar): no bound method, no extra key per request.
+        environ[DETACH_KEY] = self
         environ[BODIES_KEY] = self.bodies
-        environ[BODY_OPTIONS_KEY] = self.mw.options
-        environ[REGISTER_KEY] = self  # __call__: one registration path, no object per request
         try:
             result = self.mw.app(environ, self.start_response)
         except Unavailable:
@@ -492,6 +496,11 @@ class _Request:
         body = DetachedBody(options=options, start_response=start_response)
         register(body, self)
         return body
+
+    @property
+    def options(self) -> BodyOptions:
+        """The middleware's options, for bodies made from the environ (Registrar)."""
+        return self.mw.options
 
     def __call__(self, body: DetachedBody) -> None:
         """Register a body built for this request (``environ[REGISTER_KEY]``); see track().

@@ -33,7 +33,6 @@ import re
 from typing import TYPE_CHECKING, Any, Final
 
 from ._body import (
-    BODY_OPTIONS_KEY,
     DEFAULT_OPTIONS,
     REGISTER_KEY,
     BodyOptions,
@@ -243,12 +242,15 @@ class EventStream(DetachedBody):
     Args:
         environ: the request's environ, read for ``Last-Event-ID``
             (:attr:`last_event_id`); optional. Under
-            :class:`DetachMiddleware` it also carries the middleware's body
-            defaults (``idle_timeout``, ``deadline``, ``max_buffer``, ...;
-            not ``heartbeat``, which an EventStream sets itself, nor a
-            plain-text ``timeout_chunk``) and its
-            shared ``max_buffered`` budget, which the stream then takes, as
-            :func:`detach` bodies do; options you pass win.
+            :class:`DetachMiddleware` the stream is registered with the
+            request as it is made, like a :func:`detach` body (counted by
+            ``stats()`` and ``max_open``, watched, drained, and closed with
+            the request even if the app returns a wrapper around it or
+            raises afterwards), and takes the middleware's
+            :class:`BodyOptions` (``idle_timeout``, ``deadline``,
+            ``max_buffer``, its ``max_buffered`` budget, ...; not
+            ``heartbeat``, which an EventStream sets itself, nor a
+            plain-text ``timeout_chunk``); options you pass win.
         start_response: the server's ``start_response``; see above.
         retry: the client's reconnection delay in ms, sent at the start.
         heartbeat: seconds of silence after which a comment line goes out
@@ -262,6 +264,9 @@ class EventStream(DetachedBody):
     Raises:
         TypeError: ``encoding`` or ``heartbeat_chunk`` was given; SSE fixes
             both (UTF-8, a comment line).
+        Unavailable: under :class:`DetachMiddleware`, ``max_open`` streams
+            are open or the server is draining; let it propagate, the
+            middleware answers 503. The stream is closed first.
     """
 
     #: The headers to send when your framework starts the response, e.g.
@@ -283,9 +288,9 @@ class EventStream(DetachedBody):
         for fixed in ("encoding", "heartbeat_chunk"):
             if fixed in options:
                 raise TypeError(f"EventStream fixes {fixed}; do not pass it")
-        base = DEFAULT_OPTIONS if environ is None else environ.get(BODY_OPTIONS_KEY)
-        if not isinstance(base, BodyOptions):
-            base = DEFAULT_OPTIONS  # outside DetachMiddleware
+        # Under DetachMiddleware: its registrar, with its options and budget.
+        registrar = None if environ is None else environ.get(REGISTER_KEY)
+        base = DEFAULT_OPTIONS if registrar is None else registrar.options
         if heartbeat is None or type(heartbeat) in (int, float):
             merged = _sse_options(base, heartbeat).merge(options, "EventStream")
         else:  # a bad value, which merge names: not a cache key
@@ -294,10 +299,9 @@ class EventStream(DetachedBody):
         if retry is not None:  # checked before the body exists, so a bad value leaks nothing
             opening += f"retry: {_retry_ms(retry)}\n\n".encode("ascii")
         super().__init__(start_response=start_response, options=merged)
-        if environ is not None:
-            # Under DetachMiddleware: registered before any byte is charged to
-            # its budget; closed (and the error passed on) when it is refused.
-            register(self, environ.get(REGISTER_KEY))
+        # Registered before any byte is charged to the budget; closed (and the
+        # error passed on) when it is refused.
+        register(self, registrar)
         if last_event_id is None and environ is not None:
             last_event_id = read_last_event_id(environ)
         self.last_event_id: str | None = last_event_id
