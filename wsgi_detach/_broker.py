@@ -99,6 +99,8 @@ _HEX: Final = frozenset("0123456789abcdef")
 #: How often the receiver looks for channels to (un)subscribe when no
 #: message arrives: the wait of a channel's first subscriber in a process.
 _TICK: Final = 0.05
+#: How often the receiver looks for channels that lost their last local user.
+_SCAN: Final = 1.0
 
 _NOT_YET: Final[Any] = object()  # a resolve that needs the replica (or Redis) to catch up
 
@@ -709,6 +711,7 @@ class RedisBroker:
         self._lock = allocate_lock()
         self._hubs: dict[str, ChannelHub] = {}
         self._unsettled: set[str] = set()  # channels with pending subscribers to place
+        self._dirty = False  # a channel may want following: the receiver looks now
         self._pid = 0
         self._link_: Link | None = None
         self._receiver: _Receiver | None = None
@@ -771,8 +774,9 @@ class RedisBroker:
         return link
 
     def _follow(self) -> None:
-        """Make sure this process's receiver runs (it picks up the channels to follow)."""
+        """Make sure this process's receiver runs, and looks for channels to follow at once."""
         self._link()
+        self._dirty = True
         receiver = self._receiver
         if receiver is not None and receiver.pid == os.getpid():
             return
@@ -816,6 +820,7 @@ class _Receiver:
         self._probed_at: float | None = None
         self._followed: set[str] = set()
         self._idle_since: dict[str, float] = {}  # followed channels without local users
+        self._next_scan = 0.0
         self._sleep: Callable[[float], object] = time.sleep
         self._probe = f"{broker.prefix}:probe:{os.getpid()}:{secrets.token_hex(4)}"
 
@@ -879,6 +884,7 @@ class _Receiver:
             conn.send("SUBSCRIBE", self._probe)
             followed = self._followed
             followed.clear()
+            self._next_scan = 0.0
             probe_token: str | None = None
             probe_sent = 0.0
             next_probe = time.monotonic() + broker.probe_interval
@@ -920,12 +926,21 @@ class _Receiver:
             conn.close()
 
     def _resubscribe(self, conn: Subscriber, link: Link, followed: set[str]) -> None:
-        """SUBSCRIBE the channels with local users, UNSUBSCRIBE those without."""
+        """SUBSCRIBE the channels with local users, UNSUBSCRIBE those without.
+
+        A full look at every channel when a hub asked (a new local user) and
+        once a second otherwise (for those whose last user left), not at every
+        tick: a process may know thousands of channels.
+        """
+        now = time.monotonic()
+        if not self._broker._dirty and now < self._next_scan:
+            return
+        self._broker._dirty = False
+        self._next_scan = now + _SCAN
         wanted = {hub.channel: hub for hub in self._broker._channels() if hub._local_users()}
         for name in wanted.keys() - followed:
             conn.send("SUBSCRIBE", link.notify_channel(name))
             followed.add(name)
-        now = time.monotonic()
         idle = self._idle_since
         for name in followed - wanted.keys():
             since = idle.setdefault(name, now)
