@@ -316,3 +316,16 @@ def test_the_documented_gunicorn_command(redis_url: str) -> None:
         except subprocess.TimeoutExpired:  # a worker still booting can miss it: not the point here
             proc.kill()
             proc.wait(timeout=10)
+
+
+def test_the_demo_refuses_a_url_that_is_not_redis() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "wsgi_detach", "demo", "--redis", "http://127.0.0.1:6379",
+         "--port", "0"],
+        cwd=ROOT, env=CHILD_ENV, capture_output=True, text=True, timeout=30, check=False,
+    )
+    assert done.returncode == 1
+    assert done.stderr.strip() == (
+        "demo: url must start with one of redis://, rediss://, unix://, "
+        "got 'http://127.0.0.1:6379'"
+    )

@@ -164,7 +164,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.command == "demo":
         from wsgi_detach._demo import ChatApp
 
-        chat = ChatApp(redis_url=args.redis)
+        try:
+            chat = ChatApp(redis_url=args.redis)
+        except (ValueError, ImportError) as exc:  # a bad --redis URL, or no redis-py
+            raise SystemExit(f"demo: {exc}") from None
         # On SIGTERM the chat ends its streams and polls cleanly first, so
         # the drain has nothing to cut.
         return _serve(args, chat, "the demo chat", before_stop=chat.disconnect_all)

@@ -108,12 +108,13 @@ _NOT_YET: Final[Any] = object()  # a resolve that needs the replica (or Redis) t
 class _Pending:
     """A subscriber registered before its catch-up could be computed."""
 
-    __slots__ = ("cursor", "is_sse", "seq")
+    __slots__ = ("cursor", "epoch", "is_sse", "seq")
 
     def __init__(self, cursor: str | None, is_sse: bool) -> None:
         self.cursor = cursor
         self.is_sse = is_sse
         self.seq: int | None = None  # resolved by Redis, waiting for the replica to reach it
+        self.epoch = ""  # the epoch in which Redis resolved it
 
 
 class ChannelHub(Hub):
@@ -377,7 +378,11 @@ class ChannelHub(Hub):
     def _settle_locked(self, sub: Subscription, pending: _Pending) -> bool:
         """Queue ``sub``'s catch-up and register it, if its cursor resolves now."""
         if pending.seq is not None:
-            found = self._check_seq_locked(pending.seq)
+            found = (
+                self._check_seq_locked(pending.seq)
+                if pending.epoch == self._r_epoch
+                else OTHER_EPOCH  # Redis lost the channel since it placed the cursor
+            )
         else:
             found = self._resolve_locked(pending.cursor)
         if found is _NOT_YET:
@@ -407,31 +412,37 @@ class ChannelHub(Hub):
         if not cursor:
             head = link.read(self.channel, None, 1)
             return Batch([], f"{head.epoch}-{head.seq}")
-        seq = self._remote_seq(cursor)
-        if isinstance(seq, str):
+        found = self._remote_seq(cursor)
+        if isinstance(found, str):
             head = link.read(self.channel, None, 1)
-            return Batch([], f"{head.epoch}-{head.seq}", True, seq)
+            return Batch([], f"{head.epoch}-{head.seq}", True, found)
+        epoch, seq = found
         head = link.read(self.channel, seq, self._size)
         now = f"{head.epoch}-{head.seq}"
+        if head.epoch != epoch:  # Redis lost the channel in between
+            return Batch([], now, True, OTHER_EPOCH)
         first = head.records[0].seq if head.records else head.seq + 1
         if first != seq + 1:
             return Batch([], now, True, TOO_OLD)  # trimmed
         return Batch([_message(r) for r in head.records], now)
 
-    def _remote_seq(self, cursor: str) -> int | str:
-        """Where ``cursor`` resumes according to Redis (a seq), or why it cannot (a reason)."""
+    def _remote_seq(self, cursor: str) -> tuple[str, int] | str:
+        """Where ``cursor`` resumes according to Redis: (epoch, seq), or why it cannot."""
         link = self._broker._link()
         if len(cursor) > MAX_ID_LENGTH:
             return UNKNOWN_ID
+        head = link.read(self.channel, None, 1)
         epoch, dash, digits = cursor.rpartition("-")
         if dash and _is_seq(digits) and len(epoch) == 6 and _HEX.issuperset(epoch):
-            head = link.read(self.channel, None, 1)
             if epoch != head.epoch:
                 return OTHER_EPOCH
             seq = int(digits)
-            return seq if seq <= head.seq else UNKNOWN_ID
+            return (epoch, seq) if seq <= head.seq else UNKNOWN_ID
+        # The ids hash is emptied with every new epoch: an id found there
+        # belongs to this epoch or a later one (then the check at settling,
+        # against the replica's epoch, turns it into a resync).
         found = link.seq_of(self.channel, cursor)
-        return UNKNOWN_ID if found is None else found
+        return UNKNOWN_ID if found is None else (head.epoch, found)
 
     # -- called by the receiver only (its greenlet or thread), never under a lock
 
@@ -473,8 +484,8 @@ class ChannelHub(Hub):
             with self._lock:
                 if sub not in self._pending:
                     continue
-                if isinstance(found, int):
-                    pending.seq = found
+                if not isinstance(found, str):
+                    pending.epoch, pending.seq = found
                     continue
                 del self._pending[sub]
                 self._resync_locked(sub, pending.is_sse, found)
