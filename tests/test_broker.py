@@ -392,3 +392,45 @@ def test_a_broker_made_before_a_fork_connects_anew_in_the_child(redis_server: Re
         assert broker.hub("fork").publish("parent again").seq == 3
     finally:
         broker.close()
+
+
+def test_clients_resuming_while_messages_flow_get_each_once_in_order(brokers) -> None:  # type: ignore[no-untyped-def]
+    """Catch-up and live delivery race on the receiving side: no gap, no double, one order."""
+    import random
+
+    a, b = brokers
+    follower = Reader(b.hub("flow"))  # B follows the channel before the flow starts
+    sent: list[str] = []
+    done = threading.Event()
+
+    def publish() -> None:
+        for i in range(400):
+            sent.append(a.hub("flow").publish(i).id)
+        done.set()
+
+    thread = threading.Thread(target=publish)
+    thread.start()
+    rng = random.Random(7)
+    joined: list[tuple[int | None, Reader]] = []
+    while not done.is_set() and len(joined) < 40:
+        time.sleep(rng.uniform(0, 0.02))
+        if sent and rng.random() < 0.8:
+            k = rng.randrange(len(sent))
+            joined.append((k, Reader(b.hub("flow"), last_event_id=sent[k])))
+        else:
+            joined.append((None, Reader(b.hub("flow"))))
+    thread.join(60)
+    assert len(sent) == 400 and len(joined) >= 5
+    assert [line["id"] for line in follower.wait(400)] == sent
+    for k, reader in joined:
+        if k is None:  # from now: a contiguous tail (empty if it came after the last)
+            give_up = time.monotonic() + 5
+            while time.monotonic() < give_up and not (
+                reader.lines and reader.lines[-1]["id"] == sent[-1]
+            ):
+                time.sleep(0.01)
+            ids = reader.ids()
+            assert ids == sent[len(sent) - len(ids) :]
+        else:
+            reader.wait(400 - k - 1)
+            assert reader.ids() == sent[k + 1 :]
