@@ -25,6 +25,7 @@ from wsgi_detach._sse import read_last_event_id
 _hubs: dict[str, Hub] = {}
 _hubs_lock = threading.Lock()
 _connects: dict[str, list[tuple[str | None, float]]] = {}
+_drops: dict[str, list[float]] = {}
 
 #: The browser tests' page: one EventSource, every event and state change logged.
 PAGE = """<!doctype html><meta charset="utf-8"><title>events</title><script>
@@ -122,10 +123,12 @@ def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
         return stream
 
     if path == "/hub/connects":
-        # Every /hub/events request of the hub: its Last-Event-ID header and when it came.
+        # Every /hub/events request of the hub (its Last-Event-ID header and when it
+        # came) and when each /hub/disconnect began, on the server's clock.
+        name = query.get("hub", "default")
         with _hubs_lock:
-            seen = list(_connects.get(query.get("hub", "default"), []))
-        return _json(start_response, seen)
+            seen = {"connects": _connects.get(name, []), "drops": _drops.get(name, [])}
+            return _json(start_response, seen)
 
     if path == "/hub/comment":
         hub = hub_for(query)
@@ -183,6 +186,8 @@ def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
                                       "polls": hub.pending_polls})
 
     if path == "/hub/disconnect":
+        with _hubs_lock:
+            _drops.setdefault(query.get("hub", "default"), []).append(time.time())
         return _json(start_response, {"ended": hub_for(query).disconnect_all()})
 
     return apps.app(environ, start_response)

@@ -186,3 +186,4 @@ def test_wait_for_messages_times_out_empty() -> None:
     assert batch.messages == [] and batch.cursor == hub.cursor and not batch.resync
     assert 0.09 < time.monotonic() - started < 1.0
     assert hub.pending_polls == 0
+

@@ -217,9 +217,9 @@ def test_an_event_stream_built_directly_is_counted_watched_and_drained(
         assert stats["finished"] == 1 and stats["disconnected"] == 1
 
 
-@pytest.fixture(scope="module")
-def capped() -> Iterator[ServerProcess]:
-    with serve("detach-server", "tests.hub_apps:app") as server:
+@pytest.fixture(scope="module", params=["detach-server", "gunicorn-gthread"])
+def capped(request: pytest.FixtureRequest) -> Iterator[ServerProcess]:
+    with serve(request.param, "tests.hub_apps:app") as server:
         yield server
 
 

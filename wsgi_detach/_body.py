@@ -1078,7 +1078,14 @@ class BodyOptions:
     :meth:`merge` -- the one place options are combined -- and a body built
     from it (``DetachedBody(options=...)``) copies its fields without
     checking them again. Each field is documented on :class:`DetachedBody`;
-    docs/body.md has them in one table.
+    docs/body.md has them in one table. Compared by identity (a budget is
+    one object), so that a derived value can be cached per middleware.
+
+    Example::
+
+        options = BodyOptions(idle_timeout=60, max_buffer=1 << 20)
+        app = DetachMiddleware(app, options=options)    # its budget added
+        quick = options.merge({"idle_timeout": 5})      # a new value; options unchanged
 
     Raises:
         TypeError, ValueError: a field of the wrong type or out of range,

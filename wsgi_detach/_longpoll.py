@@ -62,7 +62,7 @@ def long_poll(
 
         def poll(environ, start_response):
             cursor = parse_qs(environ["QUERY_STRING"]).get("cursor", [None])[0]
-            return long_poll(hub, cursor, start_response, timeout=20)
+            return long_poll(hub, cursor, start_response, timeout=20, environ=environ)
 
     The response is always ``200`` with ``render(batch)`` (JSON by default,
     see :func:`render_json`); the client sends the batch's ``cursor`` with its
@@ -100,11 +100,15 @@ def long_poll(
         except BodyClosed:
             pass  # timed out or the client left as the news came: the next poll gets it
 
-    batch = hub.poll(cursor, answer)
-    if batch is not None:
-        body.finish(render(batch))
-    else:
-        body.on_close(lambda: hub.cancel_poll(answer))
+    try:
+        batch = hub.poll(cursor, answer)
+        if batch is not None:
+            body.finish(render(batch))
+        else:
+            body.on_close(lambda: hub.cancel_poll(answer))
+    except BaseException:
+        body.close()  # never returned, so nobody else would: withdraw it, give its bytes back
+        raise
     return body
 
 
