@@ -36,7 +36,8 @@ def redis_url(redis: RedisServer) -> str:
 
 
 @pytest.fixture(
-    scope="module", params=["two-demo-processes", "gunicorn-gevent", "gunicorn-gthread"]
+    scope="module",
+    params=["two-demo-processes", "gunicorn-gevent", "gunicorn-gthread", "waitress+pywsgi"],
 )
 def chat(request: pytest.FixtureRequest, redis_url: str) -> Iterator[list[int]]:
     """Ports of the processes serving the chat (the same port twice under gunicorn -w 2)."""
@@ -45,6 +46,14 @@ def chat(request: pytest.FixtureRequest, redis_url: str) -> Iterator[list[int]]:
         # One takes REDIS_URL, the other the --redis option.
         with ServerProcess("demo-command", "", env=env) as a, ServerProcess(
             "demo-command", "", args=["--redis", redis_url]
+        ) as b:
+            yield [a.port, b.port]
+        return
+    if request.param == "waitress+pywsgi":
+        # Two kinds side by side: threads (the receiver a real thread) and
+        # gevent without monkey-patching (likewise, handing over to greenlets).
+        with ServerProcess("waitress", "tests.redis_chat_app:app", env=env) as a, ServerProcess(
+            "pywsgi", "tests.redis_chat_app:app", env=env
         ) as b:
             yield [a.port, b.port]
         return
@@ -221,8 +230,9 @@ def test_one_receiving_connection_per_process(
     chat: list[int], redis: RedisServer, request: pytest.FixtureRequest
 ) -> None:
     """CLIENT LIST: two serving processes, 200 streams over 5 rooms -> two receiving connections."""
-    # gthread holds a thread per open stream (64 per worker here): fewer there.
-    count = 60 if "gthread" in request.node.callspec.id else 200
+    # gthread and waitress hold a thread per open stream (64 per process here): fewer there.
+    threaded = any(kind in request.node.callspec.id for kind in ("gthread", "waitress"))
+    count = 60 if threaded else 200
     streams = [SSE(chat[i % 2], f"many{i % 5}") for i in range(count)]
     sent = [post(chat[0], f"many{i}", "x") for i in range(5)]
     for i, sse in enumerate(streams):
