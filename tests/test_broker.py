@@ -434,3 +434,15 @@ def test_clients_resuming_while_messages_flow_get_each_once_in_order(brokers) ->
         else:
             reader.wait(400 - k - 1)
             assert reader.ids() == sent[k + 1 :]
+
+
+def test_without_redis_server_the_tests_skip_unless_required(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from tests.redis_server import REQUIRE_ENV, require_redis
+
+    monkeypatch.setenv("PATH", "/nonexistent")
+    monkeypatch.delenv(REQUIRE_ENV, raising=False)
+    with pytest.raises(pytest.skip.Exception, match="redis-server is not installed"):
+        require_redis()
+    monkeypatch.setenv(REQUIRE_ENV, "1")
+    with pytest.raises(pytest.fail.Exception, match="WSGI_DETACH_REQUIRE_REDIS=1 requires it"):
+        require_redis()
