@@ -865,13 +865,16 @@ class _Receiver:
                 self._session()
             except BrokerUnavailable as exc:
                 error = str(exc)
-            except Exception as exc:  # a bug of ours: say so, and keep receiving
-                log.exception("the Redis receiver failed; reconnecting")
+            except Exception as exc:  # a bug, or keys of ours that Redis will not take
                 error = repr(exc)
+                if error != self.last_error:  # once, not at every attempt
+                    log.exception("the Redis receiver failed; reconnecting")
             else:
                 return  # stopped
             for hub in self._broker._channels():
                 hub._unsync()
+            if self.connected:
+                delay = 0.05  # it had worked: this is a new outage, start the backoff afresh
             if self.last_error is None:  # once per outage, not once per attempt
                 log.warning(
                     "Redis receiving connection lost (%s); reconnecting with backoff", error
