@@ -67,6 +67,13 @@ def _parser() -> argparse.ArgumentParser:
     # A short grace: the chat's streams never end by themselves, so Ctrl-C
     # would otherwise wait the whole grace before cutting them.
     _server_options(demo, grace=1.0)
+    demo.add_argument(
+        "--redis",
+        metavar="URL",
+        default=os.environ.get("REDIS_URL") or None,
+        help="share the rooms through Redis with every process using it, e.g. "
+        "redis://localhost:6379/0 (default: $REDIS_URL if set, else in-process rooms)",
+    )
     return parser
 
 
@@ -188,7 +195,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.command == "demo":
         from wsgi_detach._demo import ChatApp
 
-        chat = ChatApp()
+        try:
+            chat = ChatApp(redis_url=args.redis)
+        except (ValueError, ImportError) as exc:  # a bad --redis URL, or no redis-py
+            raise SystemExit(f"demo: {exc}") from None
         # On SIGTERM the chat ends its streams and polls cleanly first, so
         # the drain has nothing to cut.
         return _serve(args, chat, "the demo chat", before_stop=chat.disconnect_all)
