@@ -33,7 +33,9 @@ The demo is the first thing people run, and it is easy to leave exposed, so
 its memory is bounded by design rather than by the good manners of clients:
 
 * Only a post makes a room; reading, streaming or polling a room nobody
-  posted to creates nothing (``lobby`` exists from the start).
+  posted to creates nothing (``lobby`` exists from the start). In Redis mode
+  (``redis_url``) the rooms live in Redis, and a stream or a poll takes a
+  room up here before its first post, which any process may make.
 * A room with no stream and no poll for ``room_idle`` seconds is evicted.
 * Every room and every kept message is charged its size (for a message: text,
   nick, the encoded copies the hub keeps) against ``max_bytes``. A post that would go
@@ -62,7 +64,7 @@ from importlib import resources
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import parse_qs, urlsplit
 
-from wsgi_detach import Hub, long_poll
+from wsgi_detach import BrokerUnavailable, Hub, RedisBroker, long_poll
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -94,6 +96,7 @@ _MESSAGE_OVERHEAD: Final = 700
 #: What a room costs before its messages: its hub, the history ring, our record.
 _ROOM_OVERHEAD: Final = 4096
 _LOBBY: Final = "lobby"
+_UNAVAILABLE: Final = "503 Service Unavailable"
 
 
 class _HTTPError(Exception):
@@ -130,6 +133,10 @@ class ChatApp:
         max_bytes: what all rooms and their kept messages may cost, in bytes
             (see the module docs).
         room_idle: seconds a room nobody streams or polls is kept.
+        redis_url: share the rooms with every process that uses the same
+            Redis (``gunicorn -w 4``): each room is a channel of a
+            :class:`~wsgi_detach.RedisBroker`. ``None``: rooms live in this
+            process only.
         hosts: the host names the chat answers to (the ``Host`` header, port
             aside); ``None``: any. Served on a loopback address, the demo
             commands pass the loopback names, so that a web page whose own
@@ -145,10 +152,12 @@ class ChatApp:
         max_rooms: int = 1000,
         max_bytes: int = 32 << 20,
         room_idle: float = 900.0,
+        redis_url: str | None = None,
         hosts: Iterable[str] | None = None,
     ) -> None:
         self._hosts = None if hosts is None else frozenset(h.lower() for h in hosts)
         self._history = history
+        self._broker = None if redis_url is None else RedisBroker(redis_url, history=history)
         self._retry_ms = retry_ms
         self._max_rooms = max_rooms
         self._max_bytes = max_bytes
@@ -171,18 +180,37 @@ class ChatApp:
         """What all rooms and their kept messages are charged, in bytes."""
         return self._bytes
 
-    def room(self, name: str) -> Hub | None:
-        """The hub of room ``name``, or None if nobody posted to it (or it was evicted)."""
+    def room(self, name: str, *, watch: bool = False) -> Hub | None:
+        """The hub of room ``name``, or None if nobody posted to it (or it was evicted).
+
+        In Redis mode the rooms live in Redis, shared by every process: a room
+        another process made is taken up here, and ``watch=True`` (a stream or
+        a long-poll) takes a room up before its first post, which may come
+        from any process.
+        """
         with self._lock:
             room = self._rooms.get(name)
-            if room is None:
+            if room is not None:
+                room.used = time.monotonic()
+                self._rooms.move_to_end(name)
+                return room.hub
+            if self._broker is None:
                 return None
-            room.used = time.monotonic()
-            self._rooms.move_to_end(name)
-            return room.hub
+        # Asked outside our lock: a real lock must not be held across network I/O.
+        hub = self._broker.hub(name)
+        if not watch and not hub.recent(1).messages:
+            return None
+        with self._lock:
+            if name not in self._rooms:
+                self._make_room_for(_ROOM_OVERHEAD, keep=name, new=True)
+                self._rooms[name] = _Room(hub, self._history)
+                self._bytes += _ROOM_OVERHEAD
+        return hub
 
     def _new_hub(self, name: str) -> Hub:
         """The hub of a new room: the one place that decides where rooms live."""
+        if self._broker is not None:
+            return self._broker.hub(name)
         return Hub(history=self._history)
 
     def _new_id(self, room: str) -> str:
@@ -208,6 +236,8 @@ class ChatApp:
             return self._route(environ, start_response)
         except _HTTPError as error:
             return _json(start_response, {"error": error.message}, error.status, error.headers)
+        except BrokerUnavailable as error:  # Redis mode: down or frozen; not the client's fault
+            return _json(start_response, {"error": f"chat unavailable: {error}"}, _UNAVAILABLE)
 
     def _route(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "") or "/"
@@ -234,7 +264,7 @@ class ChatApp:
             message = self._post(name, _read_message(environ))
             return _json(start_response, {"id": message}, "201 Created")
         query = _query(environ)
-        hub = self.room(name)
+        hub = self.room(name, watch=action != "history")
         if action == "history":
             if hub is None:
                 return _json(start_response, {"messages": [], "cursor": None})
@@ -276,7 +306,11 @@ class ChatApp:
             hub = room.hub
         # Outside our lock: publish answers long-polls in this thread, and a
         # real lock must not be held across anything that may yield.
-        message = hub.publish(data, event="chat", id=self._new_id(name))
+        # Through Redis the channel numbers the messages itself: two workers
+        # could make the same microsecond id, and Redis's order is the one
+        # every process delivers anyway.
+        own_id = None if self._broker is not None else self._new_id(name)
+        message = hub.publish(data, event="chat", id=own_id)
         return message.id
 
     def _evict_idle(self, now: float) -> None:
