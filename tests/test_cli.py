@@ -170,7 +170,7 @@ def test_serve_honours_a_grace_above_one_second() -> None:
 def _post_head(port: int, length: int) -> socket.socket:
     """A POST whose app is reading its body: the server said ``100 Continue``."""
     sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-    sock.sendall(f"POST /api/rooms/grace/messages HTTP/1.1\r\nHost: x\r\nContent-Type: "
+    sock.sendall(f"POST /api/rooms/grace/messages HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
                  f"application/json\r\nExpect: 100-continue\r\n"
                  f"Content-Length: {length}\r\n\r\n".encode())
     assert sock.recv(65536) == b"HTTP/1.1 100 Continue\r\n\r\n"
