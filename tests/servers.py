@@ -550,7 +550,8 @@ def _serve_gunicorn(spec: str, kind: str) -> None:
 
     options: dict[str, Any] = {
         "bind": "127.0.0.1:0",
-        "workers": 1,
+        # One worker unless the test asks for more (the scale-out tests).
+        "workers": int(os.environ.get("WSGI_DETACH_TEST_WORKERS", "1")),
         "worker_class": kind.split("-")[1],
         "threads": THREADS,
         "worker_connections": 4096,

@@ -27,12 +27,14 @@ from ._broadcast import (
     SlowSubscriber,
     Subscription,
 )
+from ._broker import ChannelHub, RedisBroker
 from ._budget import ByteBudget
 from ._errors import (
     BodyAborted,
     BodyClosed,
     BodyEnded,
     BodyTimeout,
+    BrokerUnavailable,
     BufferFull,
     DetachError,
     ProducerStopped,
@@ -56,8 +58,10 @@ __all__ = [
     "BodyEnded",
     "BodyOptions",
     "BodyTimeout",
+    "BrokerUnavailable",
     "BufferFull",
     "ByteBudget",
+    "ChannelHub",
     "Chunk",
     "DetachError",
     "DetachHandler",
@@ -71,6 +75,7 @@ __all__ = [
     "Message",
     "MessageStore",
     "ProducerStopped",
+    "RedisBroker",
     "RequestTimeout",
     "SlowSubscriber",
     "Subscription",

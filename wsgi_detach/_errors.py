@@ -39,6 +39,7 @@ __all__ = [
     "BodyClosed",
     "BodyEnded",
     "BodyTimeout",
+    "BrokerUnavailable",
     "BufferFull",
     "DetachError",
     "ProducerStopped",
@@ -146,3 +147,22 @@ class Unavailable(DetachError):
     middleware answers ``503`` with ``Retry-After`` either way. Also the
     exception a body fails with when ``drain()``'s grace runs out.
     """
+
+
+class BrokerUnavailable(DetachError):
+    """The message broker (Redis) could not be reached, or did not answer in time.
+
+    Who caused it: the broker or the network between, not the caller. Raised
+    by a publish through :class:`~wsgi_detach.RedisBroker` within a bounded
+    time (see its timeouts), never after waiting indefinitely, and never
+    retried behind your back.
+
+    Attributes:
+        maybe_applied: True when the command had been sent when the
+            connection failed or timed out: Redis may have run it (the
+            message may have been published). False: it certainly was not.
+    """
+
+    def __init__(self, message: str, *, maybe_applied: bool = False) -> None:
+        super().__init__(message)
+        self.maybe_applied = maybe_applied
