@@ -511,3 +511,34 @@ def test_a_chunk_put_from_another_thread_wakes_the_handler() -> None:
             buf = _read_until(sock, b"t%d;\r\n" % i, buf)
             thread.join(5)
         assert body.nexts >= 4, body.nexts  # one next() per chunk: the handler sent each
+
+
+def test_the_direct_path_lets_timers_and_io_run_while_it_serves_many_streams() -> None:
+    """The outbox serves streams for at most a switch interval per loop turn, as gevent
+    runs its callbacks: a timer due meanwhile runs before the last stream is served,
+    and every stream is still served once, in order."""
+    from wsgi_detach._server import StockDetachHandler, _Outbox
+
+    served: list[DetachedBody] = []
+
+    class Slow(StockDetachHandler):
+        def _send_for(self, body: DetachedBody) -> None:
+            until = time.perf_counter() + 0.001
+            while time.perf_counter() < until:
+                pass
+            served.append(body)
+
+    handler = Slow.__new__(Slow)
+    bodies = [DetachedBody() for _ in range(40)]
+    for body in bodies:
+        body._sink = handler
+    outbox = _Outbox()
+    seen: list[int] = []
+    gevent.spawn_later(0.01, lambda: seen.append(len(served)))
+    for body in bodies:
+        outbox.add(body)
+    with gevent.Timeout(5):
+        while len(served) < len(bodies) or not seen:
+            gevent.sleep(0.005)
+    assert served == bodies
+    assert seen[0] < len(bodies)

@@ -39,6 +39,7 @@ import errno
 import logging
 import socket
 import struct
+import sys
 import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, Callable, Final
@@ -632,27 +633,39 @@ class StockDetachHandler(WSGIHandler):  # type: ignore[misc]  # gevent ships no 
 class _Outbox:
     """The bodies whose handlers' direct sends are due, for one thread's hub.
 
-    One loop callback sends for all of them, where each handler would have
-    been switched to: a fan-out to thousands of streams schedules one
-    callback, not one (and its arguments) per stream, which would also
-    feed the garbage collector's young generation on every message.
+    A loop callback sends for them, where each handler would have been
+    switched to: a fan-out to thousands of streams schedules one callback,
+    not one (and its arguments) per stream, which would also feed the
+    garbage collector's young generation on every message. Like gevent's
+    own run of callbacks, it stops after a switch interval (5 ms) and goes
+    on in the next loop iteration, after the timers and I/O due meanwhile:
+    a publisher that got ahead then puts its next messages into streams not
+    yet served, and they go out coalesced, as when each handler was woken.
     """
 
-    __slots__ = ("_bodies", "_loop")
+    __slots__ = ("_bodies", "_loop", "_next", "_resume", "_scheduled")
 
     def __init__(self) -> None:
         self._loop = get_hub().loop
         self._bodies: list[DetachedBody] = []
+        self._next = 0  # the first body in _bodies not served yet
+        self._scheduled = False
+        self._resume = self._loop.timer(0.0)  # the next iteration, after timers and I/O
 
     def add(self, body: DetachedBody) -> None:
         """Send for ``body`` soon (in the hub's own thread only)."""
-        if not self._bodies:
-            self._loop.run_callback(self._send)
         self._bodies.append(body)
+        if not self._scheduled:
+            self._scheduled = True
+            self._loop.run_callback(self._send)
 
     def _send(self) -> None:
-        bodies, self._bodies = self._bodies, []
-        for body in bodies:
+        bodies = self._bodies
+        index = self._next
+        until = time.perf_counter() + _SWITCH_INTERVAL
+        while index < len(bodies):  # bodies may grow meanwhile: served in this run too
+            body = bodies[index]
+            index += 1
             sink = body._sink
             if isinstance(sink, StockDetachHandler):
                 try:
@@ -660,8 +673,18 @@ class _Outbox:
                 except Exception:  # never lose the others: that handler's own send will fail
                     log.exception("sending a chunk for a held stream failed")
                     body._sink_behind()
+            if not index % 16 and index < len(bodies) and time.perf_counter() >= until:
+                self._next = index
+                self._resume.start(self._send)
+                return
+        self._bodies = []
+        self._next = 0
+        self._scheduled = False
 
 
+#: How long an outbox sends before letting timers and I/O run: gevent's own
+#: limit for a run of loop callbacks.
+_SWITCH_INTERVAL: Final = sys.getswitchinterval()
 #: Each thread's outbox, made by its first connection (``get_ident()`` -> outbox).
 _outboxes: dict[int, _Outbox] = {}
 
