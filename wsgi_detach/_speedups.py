@@ -27,6 +27,7 @@ from typing import Any, Callable, Final
 
 from gevent import pywsgi
 from gevent.pywsgi import WSGIHandler
+from gevent.socket import socket as _GeventSocket
 
 __all__ = ["SpeedUps"]
 
@@ -85,6 +86,14 @@ class SpeedUps(WSGIHandler):  # type: ignore[misc]  # gevent ships no type hints
         rfile = self.rfile
         if rfile.closed or _InvalidClientRequest is None:
             return super().handle_one_request()
+        if self._drained:
+            # The last request's head was all that was buffered and it had
+            # no body: the next one can only come from the socket. Wait for
+            # it there, rather than with a read that fails first (the usual
+            # keep-alive client, a long-poller above all, asks again only
+            # once it has its answer): a system call and an exception less.
+            self._drained = False
+            self._wait_readable(self.socket)
         try:
             buffered = rfile.peek(1)  # what is buffered; one read (cooperative) if nothing is
         except OSError:
@@ -93,6 +102,13 @@ class SpeedUps(WSGIHandler):  # type: ignore[misc]  # gevent ships no type hints
         if end <= 0 or not self._take_lean_head(buffered[:end].decode("latin-1")):
             return super().handle_one_request()
         rfile.read(end + 4)  # the head, now parsed: consume it
+        # Only over gevent's plain socket: a TLS socket may hold decrypted
+        # bytes the kernel no longer has, and wait for ever on them.
+        self._drained = (
+            len(buffered) == end + 4
+            and not self.content_length
+            and type(self.socket) is _GeventSocket
+        )
         self.response_length = 0
         self.environ = self.get_environ()
         self.application = self.server.application
@@ -100,6 +116,18 @@ class SpeedUps(WSGIHandler):  # type: ignore[misc]  # gevent ships no type hints
         if self.close_connection or rfile.closed:
             return None
         return True
+
+    #: Nothing is buffered after the last request (see handle_one_request).
+    _drained = False
+
+    @staticmethod
+    def _wait_readable(sock: Any) -> None:
+        """Wait until ``sock`` (gevent's plain socket) has something to read, or the client
+        left; where this gevent has no such wait, do nothing (the read waits instead)."""
+        wait = getattr(sock, "_wait", None)  # gevent's own wait on its read watcher
+        event = getattr(sock, "_read_event", None)
+        if wait is not None and event is not None:
+            wait(event)
 
     def _take_lean_head(self, head: str) -> bool:
         """Parse ``head`` as pywsgi's ``read_request`` would; False (nothing set): not lean."""
