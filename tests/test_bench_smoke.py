@@ -10,6 +10,7 @@ day teaches people to ignore it.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -87,3 +88,11 @@ def test_mem_idle_prints_bytes_per_stream_and_where_they_go() -> None:
         assert f"== {target}: server side by owner" in out
         assert f"== {target}: top 5 server-side lines" in out
     assert "wsgi_detach/_" in out  # some of our own lines made the wsgi_detach top 5
+
+
+@pytest.mark.timeout(120)
+def test_fanout_cpu_prints_cpu_per_delivery_with_every_message_delivered() -> None:
+    """``python -m bench.fanout_cpu`` at a tiny size: one figure, and it checked delivery."""
+    out = run_module("bench.fanout_cpu", "--streams", "20", "--messages", "3",
+                     "--interval", "0.02", "--repeats", "1")
+    assert re.fullmatch(r"now: \d+\.\d\d us of CPU per delivery \(C=20, N=3; runs: .*\)\n", out)
