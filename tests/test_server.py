@@ -452,14 +452,16 @@ def _read_until(sock: gsocket.socket, marker: bytes, buf: bytes = b"") -> bytes:
 
 
 @contextmanager
-def _held_stream(heartbeat: float | None = None) -> Iterator[tuple[gsocket.socket, _CountingBody]]:
+def _held_stream(
+    heartbeat: float | None = None, max_buffer: int | None = None
+) -> Iterator[tuple[gsocket.socket, _CountingBody]]:
     """A make_server server in this process, and a client holding its stream, its first
     chunk read; yields the client socket and the stream's body."""
     bodies: list[_CountingBody] = []
 
     def app(environ: dict[str, object], start_response: object) -> _CountingBody:
         start_response("200 OK", [("Content-Type", "text/plain")])  # type: ignore[operator]
-        body = _CountingBody(heartbeat=heartbeat)
+        body = _CountingBody(heartbeat=heartbeat, max_buffer=max_buffer)
         body.nexts = 0
         body.put(b"first;")
         bodies.append(body)
@@ -498,6 +500,29 @@ def test_chunks_into_a_held_stream_are_sent_without_waking_its_handler(
         assert buf == expected
         # The wait after first;, and the end: not one per chunk.
         assert body.nexts <= 4, body.nexts
+
+
+def test_a_producer_blocked_on_max_buffer_is_woken_by_the_direct_path() -> None:
+    """A producer that fills max_buffer and waits is woken when the direct path takes the
+    chunks, as when the handler takes them: everything arrives, in order, coalesced."""
+    chunks = [b"%05d;" % i for i in range(2000)]
+    with _held_stream(max_buffer=64) as (sock, body):
+
+        def produce() -> None:
+            for chunk in chunks:
+                body.put(chunk)
+            body.finish()
+
+        producer = gevent.spawn(produce)
+        buf = _read_until(sock, b"\r\n0\r\n\r\n")
+        producer.join(5)
+        assert producer.successful()
+        payload, rest = b"", buf
+        while rest != b"0\r\n\r\n":
+            size, _, rest = rest.partition(b"\r\n")
+            payload += rest[: int(size, 16)]
+            rest = rest[int(size, 16) + 2:]
+        assert payload == b"".join(chunks)
 
 
 def test_a_chunk_put_from_another_thread_wakes_the_handler() -> None:

@@ -869,28 +869,34 @@ class DetachedBody:
         """For the sink, when its turn comes: what the parked consumer would send now, or None.
 
         ``None`` when the consumer is not parked any more (woken by an end, a
-        timer, another thread: it sends the buffer itself) or when anything
-        but plain data waits (a producer blocked on the cap, a passed
-        deadline): then the consumer is woken to deal with it as usual. The
-        chunk is taken exactly as the consumer's ``next()`` would take it --
-        coalesced with what waits behind it, its bytes given back to the
-        budget, the heartbeat clock reset.
+        timer, another thread: it sends the buffer itself) or when the
+        deadline passed: then the consumer is woken to expire the body as
+        usual. The chunk is taken exactly as the consumer's ``next()`` would
+        take it -- coalesced with what waits behind it, its bytes given back
+        to the budget, the heartbeat clock reset, producers blocked on the
+        cap woken.
         """
         consumer = None
+        to_wake: tuple[Waiter, ...] = ()
         with self._lock:
             self._sink_scheduled = False
             if self._consumer is None or self._first is None:
                 return None
-            if self._producers or self._deadline_passed_locked():
+            if self._deadline_passed_locked():
                 consumer = self._take_consumer_locked()
                 chunk = None
             else:
                 chunk = self._pop_locked()
+                if self._producers:  # as in _next_slow: they waited for the client
+                    to_wake, self._producers = self._producers, ()
+                    self._last_put = time.monotonic()
                 self._sent_data = True
                 if self._heartbeat is not None:
                     self._last_yield = time.monotonic()
         if consumer is not None:
             consumer.wake()
+        for producer in to_wake:
+            producer.wake()
         return chunk
 
     def _sink_behind(self) -> None:
