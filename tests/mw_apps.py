@@ -94,9 +94,9 @@ def make_app(**options: Any) -> DetachMiddleware:
                 gevent.spawn(drain)
             return json_response(start_response, "draining", "202 Accepted")
 
-        if path == "/read":  # reads the request body in pieces, answers its length
-            read = 0
-            while piece := environ["wsgi.input"].read(65536):
+        if path == "/read":  # reads the request body in pieces (?piece=BYTES), answers its length
+            read, size = 0, int(params.get("piece", "65536"))
+            while piece := environ["wsgi.input"].read(size):
                 read += len(piece)
             return json_response(start_response, {"read": read})
 

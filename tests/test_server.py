@@ -345,6 +345,37 @@ def test_a_keep_alive_connection_idle_past_the_head_timeout_closes_quietly(
     assert timed_server.stderr_text().count("INFO") == before  # the ordinary end: no INFO line
 
 
+def test_each_wait_gets_the_whole_timeout(timed_server: ServerProcess) -> None:
+    """Regression: one timer per connection, stopped and started again, resumed what
+    was left of the previous wait, so the timeouts were budgets over all of a
+    connection's waits: body reads each well within body_timeout, or keep-alive
+    gaps each well within head_timeout, were cut once they summed above it."""
+    port = timed_server.port
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        # Six 100-byte pieces 0.3 s apart, each awaited by its own read: 1.8 s in all.
+        sock.sendall(b"POST /read?piece=100 HTTP/1.1\r\nHost: x\r\nContent-Length: 600\r\n\r\n")
+        for _ in range(6):
+            time.sleep(0.3)  # the client's pace, not a synchronisation
+            sock.sendall(b"z" * 100)
+        answer = _recv_until(sock, b'{"read": 600}')
+        assert answer.startswith(b"HTTP/1.1 200 OK\r\n"), answer
+        # Then five keep-alive requests, each 0.3 s after the previous answer.
+        for _ in range(5):
+            time.sleep(0.3)
+            sock.sendall(b"GET /plain HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert _recv_until(sock, b"hello world").startswith(b"HTTP/1.1 200 OK\r\n")
+
+
+def _recv_until(sock: socket.socket, end: bytes) -> bytes:
+    """What arrives until it ends with ``end``; fails if the connection ends first."""
+    received = b""
+    while not received.endswith(end):
+        more = sock.recv(65536)
+        assert more, f"the connection ended after {received!r}"
+        received += more
+    return received
+
+
 def test_at_max_connections_the_longest_waiting_idle_connection_makes_room() -> None:
     """Silent clients cannot lock others out by filling the places; a stream is never
     the one closed."""

@@ -158,6 +158,22 @@ def _make_room(connections: set[StockDetachHandler]) -> None:
     get_hub().loop.run_callback(oldest._throw, _Closing("the server is full"), True)
 
 
+def _wait_timer(seconds: float) -> Any:
+    """A libev timer that ends one wait of a connection, armed with ``again()`` for each wait.
+
+    Each wait gets the whole ``seconds``, however long the earlier waits were:
+    a keep-alive connection idle 15 s between each of its requests is as
+    fresh at the tenth as at the first. That takes ``again()`` on a timer
+    whose repeat is ``seconds`` (libev's ``ev_timer_again`` re-arms it to the
+    repeat): ``start()`` after ``stop()`` would resume what was left of the
+    previous wait, making the timeout a budget over all the connection's
+    waits. ``again()`` costs what ``stop()``/``start()`` does, a third of a
+    fresh timer per wait. ``update=True`` reads the clock first, so a loop
+    that an app blocked does not shorten the wait.
+    """
+    return get_hub().loop.timer(seconds, seconds, ref=False)
+
+
 def _unsent(sock: Any) -> int:
     """Bytes in ``sock``'s send queue not yet acknowledged (0 where the kernel cannot say)."""
     if _OUTQ is None:
@@ -225,9 +241,9 @@ class StockDetachHandler(WSGIHandler):  # type: ignore[misc]  # gevent ships no 
         self._greenlet = getcurrent()
         head_timeout = getattr(server, "head_timeout", None)
         if head_timeout:
-            # One timer per connection, started for each request head and
+            # One timer per connection, armed for each request head and
             # stopped once it is in: a libev timer, no greenlet, no Timeout.
-            self._head_timer = get_hub().loop.timer(head_timeout, ref=False)
+            self._head_timer = _wait_timer(head_timeout)
         connections = getattr(server, "connections", None)
         if connections is not None:
             connections.add(self)
@@ -323,7 +339,7 @@ class StockDetachHandler(WSGIHandler):  # type: ignore[misc]  # gevent ships no 
             return None  # the server is stopping: no further request on this connection
         timer = self._head_timer
         if timer is not None:
-            timer.start(self._head_expired)
+            timer.again(self._head_expired, update=True)  # the full head_timeout: see _wait_timer
         self._awaiting_head = True
         self._waiting_since = time.monotonic()
         try:
@@ -354,8 +370,8 @@ class StockDetachHandler(WSGIHandler):  # type: ignore[misc]  # gevent ships no 
             raise RequestTimeout(f"the request body did not arrive within {timeout}s")
         timer = self._body_timer
         if timer is None:
-            timer = self._body_timer = get_hub().loop.timer(timeout, ref=False)
-        timer.start(self._body_expired, getcurrent())
+            timer = self._body_timer = _wait_timer(timeout)
+        timer.again(self._body_expired, getcurrent(), update=True)  # the full timeout, each read
         try:
             return read(*args)
         finally:
