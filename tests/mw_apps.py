@@ -174,6 +174,22 @@ def make_app(**options: Any) -> DetachMiddleware:
             body.fail(RuntimeError("producer broke after a big chunk (expected by the test)"))
             return body
 
+        if path == "/big_open":  # more than the socket buffers hold, then the body stays open
+            start_response("200 OK", [("Content-Type", "text/plain")])
+            body = detach(environ, idle_timeout=30)
+            body.put(b"x" * 4_000_000)
+            return body
+
+        if path == "/slow_gen":  # an ordinary (not detached) body: n chunks, interval apart
+            start_response("200 OK", [("Content-Type", "text/plain")])
+
+            def slowly() -> Any:
+                for i in range(n):
+                    yield f"chunk {i};".encode()
+                    gevent.sleep(interval)
+
+            return slowly()
+
         if path.startswith("/queue"):
             # The seed's trick, unchanged: a gevent queue ended by StopIteration.
             start_response("200 OK", [("Content-Type", "text/plain")])

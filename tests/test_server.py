@@ -442,6 +442,31 @@ def test_the_reset_waits_until_what_was_put_has_left() -> None:
     assert (len(body), body.count(b"x"), how) == (4_000_000, 4_000_000, "reset")
 
 
+@pytest.mark.parametrize(("path", "version", "ending"), [
+    ("/slow_gen?n=50&interval=0.1", "HTTP/1.0", "reset"),  # an ordinary response
+    ("/big_open", "HTTP/1.0", "reset"),  # a detached one, its client reading slowly
+    ("/slow_gen?n=50&interval=0.1", "HTTP/1.1", "eof"),  # chunked: the missing terminator tells
+])
+def test_a_close_delimited_response_cut_at_the_grace_ends_with_a_reset(
+    path: str, version: str, ending: str
+) -> None:
+    """Regression: a request outliving the grace is ended with a ConnectionResetError
+    thrown into its handler, which pywsgi takes for a departed client and closes with
+    a FIN: a close-delimited response cut there looked complete. A detached stream
+    whose client reads slowly is cut there too (its handler is waiting in a send)."""
+    with ServerProcess("detach-server", "tests.mw_apps:app") as server, \
+            socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        sock.sendall(f"GET {path} {version}\r\nHost: x\r\n\r\n".encode())
+        assert sock.recv(1)  # the response has begun
+        assert server.proc is not None
+        server.proc.send_signal(signal.SIGTERM)
+        assert server.proc.wait(timeout=10) == 0  # the grace (0.5 s) ran out, the server left
+        received, how = _read_to_the_end(sock)
+    assert b"chunk 1;" in received or b"xxxx" in received, received[:200]
+    assert how == ending
+
+
 def test_the_http_limits_are_on_by_default() -> None:
     """The defaults docs/servers.md gives and explains."""
     import resource

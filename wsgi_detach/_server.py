@@ -114,6 +114,15 @@ class _Closing(ConnectionAbortedError):
         super().__init__(errno.ECONNABORTED, why)
 
 
+class _Cut(ConnectionResetError):
+    """Thrown into a handler whose request outlived the server's grace (see ``end_request``)."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            errno.ECONNRESET, "the server is stopping and the request outlived its grace"
+        )
+
+
 class _TimedReader:
     """The request body's reads, each ended by the server's ``body_timeout``.
 
@@ -290,13 +299,25 @@ class StockDetachHandler(WSGIHandler):  # type: ignore[misc]  # gevent ships no 
         The request's greenlet gets a ``ConnectionResetError`` where it
         waits, as if the client had left: an app reading the body sees it
         there, and pywsgi closes the connection without an error page or a
-        traceback, as it does for a departed client.
+        traceback, as it does for a departed client. pywsgi takes that error
+        for the client's doing and would end the connection with a FIN, so
+        an unfinished close-delimited response is set to end with a reset
+        here, at once: the grace is over, no waiting for the send queue.
         """
-        error = ConnectionResetError(
-            errno.ECONNRESET, "the server is stopping and the request outlived its grace"
-        )
         self._abandon_input()
-        get_hub().loop.run_callback(self._throw, error, False)
+        get_hub().loop.run_callback(self._cut)
+
+    def _cut(self) -> None:
+        """``end_request``'s work in the hub: decided on the state the handler is in now."""
+        glet = self._greenlet
+        if glet is None:
+            return
+        if self._aborted_visibly():
+            try:
+                self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ZERO)
+            except (AttributeError, OSError):  # the socket is already gone
+                pass
+        glet.throw(_Cut())
 
     def _abandon_input(self) -> None:
         """Do not read the rest of this request's body: the connection closes after it.
@@ -391,7 +412,7 @@ class StockDetachHandler(WSGIHandler):  # type: ignore[misc]  # gevent ships no 
     def handle_error(self, t: Any, v: Any, tb: Any) -> None:
         if not isinstance(v, RequestTimeout):
             super().handle_error(t, v, tb)
-            if self._delimited_by_close():
+            if self._aborted_visibly():
                 self._reset_when_flushed()
             return
         # The client's doing, and logged where it happened: no traceback.
@@ -405,6 +426,10 @@ class StockDetachHandler(WSGIHandler):  # type: ignore[misc]  # gevent ships no 
                 pass
 
     # ------------------------------------------------------------------ aborting
+
+    def _aborted_visibly(self) -> bool:
+        """Whether the response under way must end with a reset: close-delimited, under way."""
+        return not self._awaiting_head and self._delimited_by_close()
 
     def _delimited_by_close(self) -> bool:
         """Whether the response under way is ended by closing the connection (and has begun).
@@ -439,10 +464,15 @@ class StockDetachHandler(WSGIHandler):  # type: ignore[misc]  # gevent ships no 
         if sock is None:
             return
         self.close_connection = True
+        give_up = time.monotonic() + _FLUSH_BEFORE_RESET
         try:
-            give_up = time.monotonic() + _FLUSH_BEFORE_RESET
             while _unsent(sock) and time.monotonic() < give_up:
                 gevent_sleep(_FLUSH_POLL)
+        except _Cut:  # the grace ran out meanwhile: the reset goes now (end_request set it)
+            return
+        except OSError:  # the kernel cannot say (not a TCP socket): reset without waiting
+            pass
+        try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ZERO)
         except OSError:  # already gone (or not a socket that lingers): nothing to tell
             pass
