@@ -467,6 +467,21 @@ def test_a_close_delimited_response_cut_at_the_grace_ends_with_a_reset(
     assert how == ending
 
 
+def test_a_complete_response_whose_close_fails_ends_as_plain_pywsgi_ends_it(
+    wire_servers: tuple[int, int],
+) -> None:
+    """Regression: an error from close() after the whole body was sent made an
+    HTTP/1.0 response end with a reset, where plain pywsgi ends the complete
+    response with a FIN."""
+    endings = []
+    for port in wire_servers:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(b"GET /close_raises HTTP/1.0\r\nHost: x\r\n\r\n")
+            received, how = _read_to_the_end(sock)
+        endings.append((received.partition(b"\r\n\r\n")[2], how))
+    assert endings == [(b"all of the body", "eof")] * 2
+
+
 def test_the_http_limits_are_on_by_default() -> None:
     """The defaults docs/servers.md gives and explains."""
     import resource

@@ -376,6 +376,7 @@ class StockDetachHandler(WSGIHandler):  # type: ignore[misc]  # gevent ships no 
         if timer is not None:
             timer.stop()
         self._served = True
+        self._complete = False
         environ: dict[str, Any] = super().get_environ()
         environ[SOCKET_KEY] = self.socket
         if getattr(self.server, "body_timeout", None):
@@ -427,9 +428,14 @@ class StockDetachHandler(WSGIHandler):  # type: ignore[misc]  # gevent ships no 
 
     # ------------------------------------------------------------------ aborting
 
+    #: The response's body was sent whole (its iteration ended and the last
+    #: bytes went out); set per request. An error after it (in ``close()``)
+    #: leaves a complete response: it ends as plain pywsgi ends it.
+    _complete = False
+
     def _aborted_visibly(self) -> bool:
-        """Whether the response under way must end with a reset: close-delimited, under way."""
-        return not self._awaiting_head and self._delimited_by_close()
+        """Whether the response under way must end with a reset: close-delimited and unfinished."""
+        return not self._complete and not self._awaiting_head and self._delimited_by_close()
 
     def _delimited_by_close(self) -> bool:
         """Whether the response under way is ended by closing the connection (and has begun).
@@ -535,6 +541,7 @@ class StockDetachHandler(WSGIHandler):  # type: ignore[misc]  # gevent ships no 
                 self._send(b"", True)
             elif self.response_use_chunked:
                 self._sendall(_LAST_CHUNK)
+        self._complete = True
 
     def _send_head_only(self) -> None:
         # HEAD gets GET's head and no body (RFC 9110 9.3.2). pywsgi sends the
