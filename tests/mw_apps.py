@@ -190,6 +190,16 @@ def make_app(**options: Any) -> DetachMiddleware:
 
             return slowly()
 
+        if path == "/read_late":  # streams, then reads the request body mid-response
+            start_response("200 OK", [("Content-Type", "text/plain")])
+
+            def read_late() -> Any:
+                yield b"started;"
+                environ["wsgi.input"].read(10)
+                yield b"read"
+
+            return read_late()
+
         if path.startswith("/queue"):
             # The seed's trick, unchanged: a gevent queue ended by StopIteration.
             start_response("200 OK", [("Content-Type", "text/plain")])

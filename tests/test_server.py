@@ -482,6 +482,17 @@ def test_a_complete_response_whose_close_fails_ends_as_plain_pywsgi_ends_it(
     assert endings == [(b"all of the body", "eof")] * 2
 
 
+def test_a_body_timeout_after_the_head_ends_a_close_delimited_response_with_a_reset(
+    timed_server: ServerProcess,
+) -> None:
+    """Regression: when body_timeout fired in a read made after the head was sent, the
+    close-delimited response ended with a FIN and looked complete."""
+    with socket.create_connection(("127.0.0.1", timed_server.port), timeout=10) as sock:
+        sock.sendall(b"POST /read_late HTTP/1.0\r\nHost: x\r\nContent-Length: 10\r\n\r\nab")
+        received, how = _read_to_the_end(sock)
+    assert (received.partition(b"\r\n\r\n")[2], how) == (b"started;", "reset")
+
+
 def test_the_http_limits_are_on_by_default() -> None:
     """The defaults docs/servers.md gives and explains."""
     import resource

@@ -413,18 +413,18 @@ class StockDetachHandler(WSGIHandler):  # type: ignore[misc]  # gevent ships no 
     def handle_error(self, t: Any, v: Any, tb: Any) -> None:
         if not isinstance(v, RequestTimeout):
             super().handle_error(t, v, tb)
-            if self._aborted_visibly():
-                self._reset_when_flushed()
-            return
-        # The client's doing, and logged where it happened: no traceback.
-        # RFC 9110 15.5.9: 408, then the connection closes.
-        self.close_connection = True
-        if not self.response_length and not self.headers_sent:
-            try:
-                self.start_response("408 Request Timeout", list(_TIMEOUT_HEADERS))
-                self.write(b"")
-            except OSError:
-                pass
+        else:
+            # The client's doing, and logged where it happened: no traceback.
+            # RFC 9110 15.5.9: 408, then the connection closes.
+            self.close_connection = True
+            if not self.response_length and not self.headers_sent:
+                try:
+                    self.start_response("408 Request Timeout", list(_TIMEOUT_HEADERS))
+                    self.write(b"")
+                except OSError:
+                    pass
+        if self._aborted_visibly():
+            self._reset_when_flushed()
 
     # ------------------------------------------------------------------ aborting
 
