@@ -493,6 +493,23 @@ def test_a_body_timeout_after_the_head_ends_a_close_delimited_response_with_a_re
     assert (received.partition(b"\r\n\r\n")[2], how) == (b"started;", "reset")
 
 
+@pytest.mark.parametrize("http10", [True, False])
+def test_a_stream_cut_at_the_grace_is_one_warning_line(http10: bool) -> None:
+    """Regression: a detached stream the drain cut at the grace logged the Unavailable
+    it failed with as a full traceback."""
+    with ServerProcess("detach-server", "tests.mw_apps:app", env={"TEST_LOG_LEVEL": "INFO"}) \
+            as server, Stream(server.port, "/detached?n=1000&interval=0.1", http10=http10) \
+            as stream:
+        stream.read_head()
+        assert server.proc is not None
+        server.proc.send_signal(signal.SIGTERM)
+        assert server.proc.wait(timeout=10) == 0
+        log = server.stderr_text()
+    assert "Traceback" not in log and "Unavailable" not in log, log
+    assert log.count("WARNING wsgi_detach: stopping: 1 detached responses outlived the 0.5s "
+                     "grace\n") == 1, log
+
+
 def test_the_http_limits_are_on_by_default() -> None:
     """The defaults docs/servers.md gives and explains."""
     import resource

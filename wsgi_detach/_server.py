@@ -51,7 +51,7 @@ from gevent.pywsgi import WSGIHandler, WSGIServer
 from gevent.socket import socket as _GeventSocket
 
 from ._body import Chunk
-from ._errors import RequestTimeout
+from ._errors import RequestTimeout, Unavailable
 from ._middleware import DetachMiddleware, python_next
 from ._speedups import SpeedUps
 from ._watchers import SOCKET_KEY
@@ -411,7 +411,11 @@ class StockDetachHandler(WSGIHandler):  # type: ignore[misc]  # gevent ships no 
         reader.throw(RequestTimeout(f"the request body did not arrive within {timeout}s"))
 
     def handle_error(self, t: Any, v: Any, tb: Any) -> None:
-        if not isinstance(v, RequestTimeout):
+        if isinstance(v, Unavailable) and getattr(self.server, "stopping", False):
+            # The drain cut this stream at the grace: stop() says so in one
+            # WARNING line for all of them; not a fault of the app, no traceback.
+            self._send_error_response_if_possible(500)  # what follows as for any error
+        elif not isinstance(v, RequestTimeout):
             super().handle_error(t, v, tb)
         else:
             # The client's doing, and logged where it happened: no traceback.
