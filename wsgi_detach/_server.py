@@ -794,8 +794,9 @@ def make_server(
             after a 408. ``None``: no limit.
         max_connections: most connections open at once; a newcomer beyond it
             closes the connection that has waited longest for a request head,
-            or (none waiting) waits in the listen backlog. ``"auto"``: the
-            open-files limit less 64 (none where there is no limit);
+            or (none waiting) waits in the listen backlog. ``"auto"``:
+            ``max(soft - 64, soft // 2, 1)`` for the soft open-files limit
+            ``soft`` (none where there is no limit);
             ``None``: no cap.
         speedups: parse requests with :mod:`wsgi_detach._speedups` (``False``:
             pywsgi's own request path; the same bytes, slower -- to bisect a
