@@ -174,6 +174,11 @@ def make_app(**options: Any) -> DetachMiddleware:
             body.fail(RuntimeError("producer broke after a big chunk (expected by the test)"))
             return body
 
+        if path == "/block_then_read":  # blocks the event loop ?block= seconds, then reads
+            monkey.get_original("time", "sleep")(float(params["block"]))  # not cooperative
+            read = len(environ["wsgi.input"].read(int(environ["CONTENT_LENGTH"])))
+            return json_response(start_response, {"read": read})
+
         if path == "/big_open":  # more than the socket buffers hold, then the body stays open
             start_response("200 OK", [("Content-Type", "text/plain")])
             body = detach(environ, idle_timeout=30)

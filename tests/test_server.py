@@ -376,6 +376,21 @@ def _recv_until(sock: socket.socket, end: bytes) -> bytes:
     return received
 
 
+def test_a_wait_after_the_app_blocked_the_event_loop_gets_the_whole_timeout(
+    timed_server: ServerProcess,
+) -> None:
+    """The event loop caches the time; an app that blocks it (a CPU-bound call, an
+    unpatched library) leaves that time stale. A timer armed on the stale time
+    would end the next read early, so the handler reads the clock as it arms it."""
+    with socket.create_connection(("127.0.0.1", timed_server.port), timeout=10) as sock:
+        sock.sendall(b"POST /block_then_read?block=1 HTTP/1.1\r\nHost: x\r\n"
+                     b"Content-Length: 5\r\n\r\n")
+        time.sleep(1.2)  # the body comes 0.2 s into the read that begins after the block
+        sock.sendall(b"hello")
+        answer = _recv_until(sock, b'{"read": 5}')
+    assert answer.startswith(b"HTTP/1.1 200 OK\r\n"), answer
+
+
 def test_at_max_connections_the_longest_waiting_idle_connection_makes_room() -> None:
     """Silent clients cannot lock others out by filling the places; a stream is never
     the one closed."""
