@@ -94,7 +94,7 @@ def _serve_gunicorn(config: dict[str, Any]) -> None:
         "workers": 1,
         "worker_class": config["server"].split("-")[1],
         "threads": THREADS,
-        "graceful_timeout": config["grace"],
+        "graceful_timeout": max(1, round(config["grace"])),
         "loglevel": "warning",
         "accesslog": None,
         "post_worker_init": post_worker_init,

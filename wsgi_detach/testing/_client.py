@@ -263,7 +263,10 @@ class Stream:
         return line
 
     def _read_head(self, give_up: float) -> None:
-        status = self._line(give_up, "the status line")
+        # A WSGI server sends the head with the first non-empty chunk of the
+        # body (PEP 3333 "Buffering and Streaming"): a response that never
+        # sends anything never sends its status either.
+        status = self._line(give_up, "the status line (sent with the first non-empty chunk)")
         if status is None:
             raise ConnectionError(f"{self.what}: the connection ended before a status line")
         parts = status.decode("latin-1").split(" ", 2)

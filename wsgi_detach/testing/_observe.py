@@ -236,5 +236,15 @@ class _Watched:
 
 
 class _WatchedSized(_Watched):
+    """A sized response (a list, say): a server may iterate it twice.
+
+    gevent.pywsgi sums the chunks' lengths for Content-Length after it took
+    the first one, so each ``iter()`` must start afresh rather than share
+    one position.
+    """
+
     def __len__(self) -> int:
         return len(self._inner)  # type: ignore[arg-type]
+
+    def __iter__(self) -> Iterator[bytes]:  # type: ignore[override]
+        return iter(self._inner)

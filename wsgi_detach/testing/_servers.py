@@ -64,7 +64,6 @@ SERVERS: dict[str, str] = {
     "waitress": "waitress, with channel_request_lookahead=1 (without which it never notices "
     "a client that left)",
     "wsgiref": "the standard library's wsgiref.simple_server, one thread per request",
-    "cheroot": "cheroot's thread-pool server",
 }
 
 #: Servers that only run in a subprocess: gunicorn forks its worker.
@@ -281,7 +280,7 @@ class _LogBuffer(logging.Handler):
 
 
 #: The loggers whose records a thread server's log collects.
-_LOGGERS = ("wsgi_detach", "waitress", "cheroot", "gunicorn.error")
+_LOGGERS = ("wsgi_detach", "waitress", "gunicorn.error")
 
 
 class _Runner:
@@ -303,11 +302,10 @@ class _Runner:
 class _GeventRunner(_Runner):
     def run(self, ready: Callable[[int], None]) -> None:
         import gevent
-        from gevent.monkey import is_module_patched
+        from gevent.pool import Pool
         from gevent.pywsgi import WSGIServer
 
         hub = gevent.get_hub()
-        own_hub = not is_module_patched("threading")  # a real thread: its own hub
         server: Any
         if self.kind == "detach-server":
             from .._server import make_server
@@ -324,8 +322,11 @@ class _GeventRunner(_Runner):
                 from .._server import DetachHandler
 
                 kwargs["handler_class"] = DetachHandler
+            # A pool, so that stop() ends the handlers of open streams (their
+            # responses are closed) instead of leaving them to a dead loop.
             server = WSGIServer(("127.0.0.1", 0), self.app, log=self.log, error_log=self.log,
-                                **kwargs)
+                                spawn=Pool(), **kwargs)
+            server.stop_timeout = self.grace
         watcher = hub.loop.async_()
         # stop() comes from another thread: an async watcher is the loop's
         # thread-safe door. Its callback runs in the hub, which must not
@@ -338,8 +339,6 @@ class _GeventRunner(_Runner):
             server.serve_forever()
         finally:
             watcher.close()
-            if own_hub:
-                hub.destroy(destroy_loop=True)
 
     def stop(self) -> None:
         self._watcher.send()
@@ -429,34 +428,12 @@ class _WaitressRunner(_Runner):
         server.trigger.pull_trigger(close_all)
 
 
-class _CherootRunner(_Runner):
-    def run(self, ready: Callable[[int], None]) -> None:
-        from cheroot import wsgi
-
-        server = wsgi.Server(("127.0.0.1", 0), self.app, numthreads=THREADS, max=THREADS)
-        server.shutdown_timeout = 1
-        log = self.log
-
-        def error_log(msg: str = "", level: int = 20, traceback: bool = False) -> None:
-            log.write(msg + "\n")
-
-        server.error_log = error_log  # type: ignore[method-assign]
-        server.prepare()
-        self._server = server
-        ready(server.bind_addr[1])
-        server.serve()
-
-    def stop(self) -> None:
-        self._server.stop()
-
-
 _RUNNERS: dict[str, type[_Runner]] = {
     "pywsgi-detach": _GeventRunner,
     "detach-server": _GeventRunner,
     "pywsgi": _GeventRunner,
     "waitress": _WaitressRunner,
     "wsgiref": _WsgirefRunner,
-    "cheroot": _CherootRunner,
 }
 
 
@@ -655,10 +632,16 @@ class ProcessServer(LiveServer):
             self.port = port[0]
             self.running = True
             return self
-        code = self.proc.poll()
+        if reader.is_alive():
+            what = f"did not start within {timeout}s"
+        else:  # its output ended: it exited, or is about to
+            try:
+                what = f"exited with {self.proc.wait(timeout=5)}"
+            except subprocess.TimeoutExpired:
+                what = "closed its output without starting"
+        message = self.post_mortem(f"{self.server} {what}")
         self.stop()
-        what = f"exited with {code}" if code is not None else f"did not start within {timeout}s"
-        raise ServerDidNotStart(self.post_mortem(f"{self.server} {what}"))
+        raise ServerDidNotStart(message)
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop the child by its PID (SIGTERM; gunicorn: SIGINT), SIGKILL after ``timeout``."""
