@@ -49,7 +49,7 @@ class BodyRecord:
     """One body behind a response, as the server side saw it end."""
 
     #: The body's class name (``"DetachedBody"``, ``"EventStream"``...).
-    type: str
+    kind: str
     #: Its ``outcome`` once closed (``"finished"``, ``"failed"``,
     #: ``"timed_out"``, ``"disconnected"``); ``None`` while open.
     outcome: str | None = None
