@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from wsgi_detach import DetachMiddleware, DetachError, detach
+from wsgi_detach import DetachError, DetachMiddleware, detach
 from wsgi_detach.testing import wait_until
 
 SMOKE_PATHS = ["/count"]

@@ -14,7 +14,8 @@
 * ``/hello``: ``hello`` with a Content-Length.
 
 ``plain_app`` is the same without the middleware (for detach-server, which
-adds its own and drains it when it stops). ``missing`` is not defined, on purpose (a server that cannot load its app).
+adds its own and drains it when it stops). ``missing`` is not defined, on
+purpose (a server that cannot load its app).
 """
 
 from __future__ import annotations

@@ -53,7 +53,11 @@ NOTICES_IDLE = {"pywsgi-detach", "detach-server", "waitress", "gunicorn-gevent",
 CASES = [(kind, kind.startswith("gunicorn-")) for kind in SERVERS] + [("pywsgi-detach", True)]
 
 
-@pytest.fixture(scope="module", params=CASES, ids=lambda c: f"{c[0]}-{'process' if c[1] else 'thread'}")
+def _case_id(case: tuple[str, bool]) -> str:
+    return f"{case[0]}-{'process' if case[1] else 'thread'}"
+
+
+@pytest.fixture(scope="module", params=CASES, ids=_case_id)
 def server(request: pytest.FixtureRequest) -> Iterator[LiveServer]:
     kind, process = request.param
     app: object = "tests.kit_apps:app" if process else kit_apps.app
@@ -82,8 +86,9 @@ def test_head_at_once_then_chunks_with_arrival_times(server: LiveServer) -> None
         assert stream.head_at >= stream.started
         assert stream.next_chunk() == b"started\n"
         assert stream.arrivals[0].at >= stream.head_at
-        with pytest.raises(WaitTimeout, match=r"the next (chunk|piece of the body) did not arrive within 0\.\d+s; "
-                           r"GET /mute \(status 200\): 1 chunks / 8 bytes so far"):
+        with pytest.raises(WaitTimeout, match=r"the next (chunk|piece of the body) did not "
+                           r"arrive within 0\.\d+s; GET /mute \(status 200\): "
+                           r"1 chunks / 8 bytes so far"):
             stream.next_chunk(timeout=0.3)
     # Seen at once where the server watches idle connections; elsewhere
     # the body's idle_timeout ends it.
@@ -209,7 +214,8 @@ HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding
 @pytest.mark.parametrize("end", ["reset", "closed"])
 def test_a_connection_ended_mid_chunk_is_not_a_complete_body(end: str) -> None:
     chunk = b"data: one\n\n"
-    port, thread = _raw_server(HEAD + b"%x\r\n%s\r\n" % (len(chunk), chunk) + b"20\r\ndata: cut", end)
+    cut = b"20\r\ndata: cut"  # a 32-byte chunk, 9 bytes of it sent
+    port, thread = _raw_server(HEAD + b"%x\r\n%s\r\n" % (len(chunk), chunk) + cut, end)
     with Stream(port, "/", timeout=5) as stream:
         assert stream.next_event().data == "one"  # type: ignore[union-attr]
         assert stream.next_chunk() is None
@@ -283,8 +289,9 @@ def test_the_kit_works_in_a_monkey_patched_test_process() -> None:
 
 
 def test_the_plugin_serves_and_reports_the_server_log(tmp_path: Path) -> None:
-    """Enabled with -p (and listed in the conftest too: registered once); a failure shows the log."""
-    (tmp_path / "conftest.py").write_text('pytest_plugins = ["wsgi_detach.testing.pytest_plugin"]\n')
+    """Enabled with -p and listed in a conftest too (registered once); a failure shows the log."""
+    plugin = "wsgi_detach.testing.pytest_plugin"
+    (tmp_path / "conftest.py").write_text(f"pytest_plugins = [{plugin!r}]\n")
     (tmp_path / "test_user.py").write_text(textwrap.dedent("""
         import logging
 
