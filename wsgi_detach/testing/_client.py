@@ -50,12 +50,13 @@ SMALL_RCVBUF = 4096
 _next_id = iter(range(1, 1 << 62))
 
 
-class WaitTimeout(AssertionError):
+class WaitTimeout(AssertionError, TimeoutError):
     """A bounded wait of the testing kit ran out.
 
     Caused by the server side (or the app) not doing in time what the test
     expected. An ``AssertionError``, because in a test that is what it is: a
-    failed expectation, reported with what was awaited and what was seen.
+    failed expectation, reported with what was awaited and what was seen;
+    also a ``TimeoutError``, for code that expects a socket's timeout.
     """
 
 
@@ -143,6 +144,8 @@ class Stream:
             connecting, so that a stalled reader makes the server's writes
             back up after a few kilobytes.
         http10: send an HTTP/1.0 request (no chunked encoding in the answer).
+        wait_head: ``False``: return once the request is sent, and read the
+            head with :meth:`read_head` (or the first read of the body).
 
     Example::
 
@@ -162,6 +165,7 @@ class Stream:
         timeout: float = 5.0,
         small_buffer: bool = False,
         http10: bool = False,
+        wait_head: bool = True,
     ) -> None:
         if not path.startswith("/"):
             raise ValueError(f"path must start with '/', got {path!r}")
@@ -196,7 +200,8 @@ class Stream:
             sock.settimeout(timeout)
             sock.connect((host, port))
             version = "HTTP/1.0" if http10 else "HTTP/1.1"
-            lines = [f"{method} {path} {version}", f"Host: {host}:{port}",
+            authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            lines = [f"{method} {path} {version}", f"Host: {authority}",
                      f"{CLIENT_ID_HEADER}: {self.client_id}"]
             lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
             if body:
@@ -207,11 +212,12 @@ class Stream:
             sock.close()
             raise
         self.sock = sock
-        try:
-            self._read_head(time.monotonic() + timeout)
-        except BaseException:
-            self.sock.close()
-            raise
+        if wait_head:
+            try:
+                self.read_head()
+            except BaseException:
+                self.sock.close()
+                raise
 
     # ------------------------------------------------------------------ reading
 
@@ -262,6 +268,12 @@ class Stream:
         line, _, self._buf = self._buf.partition(b"\r\n")
         return line
 
+    def read_head(self, timeout: float | None = None) -> Stream:
+        """Read the status line and headers, if not read yet (see ``wait_head``)."""
+        if not self._mode:
+            self._read_head(time.monotonic() + (self.timeout if timeout is None else timeout))
+        return self
+
     def _read_head(self, give_up: float) -> None:
         # A WSGI server sends the head with the first non-empty chunk of the
         # body (PEP 3333 "Buffering and Streaming"): a response that never
@@ -308,6 +320,8 @@ class Stream:
             WaitTimeout: nothing arrived within ``timeout`` (default: the
                 stream's); the message says what had arrived.
         """
+        if not self._mode:
+            self.read_head(timeout)
         if self.ending:
             return None
         give_up = time.monotonic() + (self.timeout if timeout is None else timeout)
@@ -548,6 +562,7 @@ class EventSource:
         #: ``Last-Event-ID`` sent with each connection (``None``: not sent).
         self.sent_ids: list[str | None] = []
         self.closed = False
+        self._returned = 0  # events handed out by next_event()
         self._connect(time.monotonic() + timeout)
 
     @property
@@ -619,8 +634,6 @@ class EventSource:
         raise WaitTimeout(f"no event within {bound}s over {len(self.connections)} connections; "
                           f"the current one: {self.stream._seen()}; events so far: "
                           f"{self.events}")
-
-    _returned = 0
 
     def take(self, count: int, timeout: float | None = None) -> list[SSEEvent]:
         """The next ``count`` events, within ``timeout`` in all (reconnecting as needed)."""

@@ -31,7 +31,7 @@ import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import fields
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Union
@@ -111,10 +111,12 @@ class LiveServer:
     #: Every server started in this process, in order (the pytest plugin
     #: shows the logs of those a failed test started).
     launched: ClassVar[list[LiveServer]] = []
+    #: The server kinds this class runs.
+    KINDS: ClassVar[Mapping[str, str]] = SERVERS
 
     def __init__(self, server: str, app: AppSpec) -> None:
-        if server not in SERVERS:
-            raise ValueError(f"unknown server {server!r}; choose from {', '.join(SERVERS)}")
+        if server not in self.KINDS:
+            raise ValueError(f"unknown server {server!r}; choose from {', '.join(self.KINDS)}")
         self.server = server
         self.app = app
         self.host = "127.0.0.1"
@@ -479,7 +481,7 @@ class ThreadServer(LiveServer):
         self.observer: Observer | None = None
 
     def start(self, timeout: float = 20.0) -> ThreadServer:
-        LiveServer.launched.append(self)
+        type(self).launched.append(self)
         app = load(self.app) if isinstance(self.app, str) else self.app
         served, self.observer = _observed(app, self.server, self._wrap)
         for name in _LOGGERS:
@@ -566,8 +568,13 @@ class ProcessServer(LiveServer):
     its stdout and stderr are its log. Made by :func:`serve`.
 
     Subclasses may override :meth:`command` to start another child that
-    prints ``LISTENING <port>`` once it accepts connections.
+    prints a line matching :attr:`READY` once it accepts connections.
     """
+
+    #: The line the child prints once it accepts connections; group 1: the port.
+    READY: ClassVar[re.Pattern[str]] = _READY
+    #: The child's working directory (``None``: this process's).
+    cwd: str | None = None
 
     def __init__(
         self,
@@ -604,9 +611,10 @@ class ProcessServer(LiveServer):
         return [sys.executable, "-m", "wsgi_detach.testing._child", json.dumps(config)]
 
     def start(self, timeout: float = 20.0) -> ProcessServer:
-        LiveServer.launched.append(self)
+        type(self).launched.append(self)
         self.proc = subprocess.Popen(
             self.command(),
+            cwd=self.cwd,
             env=child_environment(self._env),
             stdout=subprocess.PIPE,
             stderr=self._output,
@@ -619,7 +627,7 @@ class ProcessServer(LiveServer):
         def read_ready() -> None:
             # In a thread: readline() has no timeout of its own.
             for line in stdout:
-                ready = _READY.match(line)
+                ready = self.READY.match(line)
                 if ready:
                     port.append(int(ready.group(1)))
                     return
