@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from typing import Any, Callable
 from urllib.parse import parse_qs
 
@@ -19,9 +20,25 @@ import gevent
 
 from tests import apps
 from wsgi_detach import DetachedBody, EventStream, Hub, long_poll
+from wsgi_detach._sse import read_last_event_id
 
 _hubs: dict[str, Hub] = {}
 _hubs_lock = threading.Lock()
+_connects: dict[str, list[tuple[str | None, float]]] = {}
+_drops: dict[str, list[float]] = {}
+
+#: The browser tests' page: one EventSource, every event and state change logged.
+PAGE = """<!doctype html><meta charset="utf-8"><title>events</title><script>
+window.got = []; window.opens = []; window.errors = [];
+const source = new EventSource("/hub/events?hub=HUB");
+const keep = (e) => window.got.push(
+  {type: e.type, data: e.data, lastEventId: e.lastEventId, at: Date.now()});
+source.onmessage = keep;
+source.addEventListener("resync", keep);
+source.addEventListener("named", keep);
+source.onopen = () => window.opens.push(Date.now());
+source.onerror = () => window.errors.push(Date.now());
+</script>"""
 
 
 def hub_for(query: dict[str, str]) -> Hub:
@@ -43,10 +60,11 @@ def _json(start_response: Callable[..., Any], obj: object) -> list[bytes]:
     return [body]
 
 
-def _publish(hub: Hub, via: str, items: list[tuple[str, str | None]]) -> None:
+def _publish(hub: Hub, via: str, items: list[tuple[str, str | None]],
+             **fields: Any) -> None:
     def run() -> None:
         for data, event in items:
-            hub.publish(data, event=event)
+            hub.publish(data, event=event, **fields)
 
     if via == "thread":
         thread = threading.Thread(target=run)
@@ -97,8 +115,31 @@ def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
 
     if path == "/hub/events":
         hub = hub_for(query)
-        return hub.event_stream(environ, start_response, last_event_id=query.get("after"),
-                                retry=int(query.get("retry", "3000")))
+        stream = hub.event_stream(environ, start_response, last_event_id=query.get("after"),
+                                  retry=int(query.get("retry", "3000")))
+        with _hubs_lock:
+            _connects.setdefault(query.get("hub", "default"), []).append(
+                (read_last_event_id(environ), time.time()))
+        return stream
+
+    if path == "/hub/connects":
+        # Every /hub/events request of the hub (its Last-Event-ID header and when it
+        # came) and when each /hub/disconnect began, on the server's clock.
+        name = query.get("hub", "default")
+        with _hubs_lock:
+            seen = {"connects": _connects.get(name, []), "drops": _drops.get(name, [])}
+            return _json(start_response, seen)
+
+    if path == "/hub/comment":
+        hub = hub_for(query)
+        return _json(start_response, {"reached": hub.comment(query.get("text", ""))})
+
+    if path == "/page/events":
+        # An EventSource page for the browser tests: window.got collects every event.
+        body = PAGE.replace("HUB", query.get("hub", "default")).encode()
+        start_response("200 OK", [("Content-Type", "text/html; charset=utf-8"),
+                                  ("Content-Length", str(len(body)))])
+        return [body]
 
     if path == "/hub/ndjson":
         hub = hub_for(query)
@@ -107,12 +148,31 @@ def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
         hub.subscribe(body, last_event_id=query.get("after"))
         return body
 
+    if path == "/hub/publish" and environ["REQUEST_METHOD"] == "POST":
+        # {"data", "event", "id", "retry"} as JSON: any value, refused ones answered 400.
+        hub = hub_for(query)
+        size = int(environ.get("CONTENT_LENGTH") or 0)
+        fields = json.loads(environ["wsgi.input"].read(size))
+        try:
+            message = hub.publish(fields.pop("data"), **fields)
+        except (TypeError, ValueError) as exc:
+            body = str(exc).encode()
+            start_response("400 Bad Request", [("Content-Type", "text/plain"),
+                                               ("Content-Length", str(len(body)))])
+            return [body]
+        return _json(start_response, {"id": message.id, "cursor": hub.cursor})
+
     if path == "/hub/publish":
         hub = hub_for(query)
         n = int(query.get("n", "1"))
         data = query.get("data", "m")
         items = [(data if n == 1 else f"{data}{i}", query.get("event")) for i in range(n)]
-        _publish(hub, query.get("via", "direct"), items)
+        fields: dict[str, Any] = {}
+        if "id" in query:
+            fields["id"] = query["id"]
+        if "retry" in query:
+            fields["retry"] = int(query["retry"])
+        _publish(hub, query.get("via", "direct"), items, **fields)
         return _json(start_response, {"cursor": hub.cursor})
 
     if path == "/hub/poll":
@@ -126,6 +186,8 @@ def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
                                       "polls": hub.pending_polls})
 
     if path == "/hub/disconnect":
+        with _hubs_lock:
+            _drops.setdefault(query.get("hub", "default"), []).append(time.time())
         return _json(start_response, {"ended": hub_for(query).disconnect_all()})
 
     return apps.app(environ, start_response)

@@ -10,13 +10,17 @@ from typing import Any
 
 import gevent
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from wsgi_detach import (
     BodyAborted,
     BodyClosed,
     BodyEnded,
+    BodyOptions,
     BodyTimeout,
     BufferFull,
+    ByteBudget,
     DetachedBody,
     UsageError,
 )
@@ -748,3 +752,63 @@ print(b"".join(body).decode())
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=30, check=True
     )
     assert out.stdout.strip() == "True", out
+
+
+# ---------------------------------------------------------------------- BodyOptions
+
+_FIELDS = ("_idle_timeout", "_deadline", "_heartbeat", "_heartbeat_chunk", "_max_buffer",
+           "_encoding", "_timeout_chunk", "_coalesce", "_budget")
+
+_ANY_VALUE = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-3, max_value=70_000),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.sampled_from([b"", b"\n", b"x", "text", "utf-8", "latin-1", "no-such-codec", 400 * 86400]),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    values=st.fixed_dictionaries(
+        {},
+        optional={
+            "idle_timeout": _ANY_VALUE,
+            "deadline": _ANY_VALUE,
+            "heartbeat": _ANY_VALUE,
+            "heartbeat_chunk": _ANY_VALUE,
+            "max_buffer": _ANY_VALUE,
+            "encoding": st.sampled_from(["utf-8", "latin-1", "no-such-codec"]),
+            "timeout_chunk": _ANY_VALUE,
+            "coalesce": _ANY_VALUE,
+        },
+    )
+)
+def test_keywords_and_body_options_apply_the_same_checks(values: dict[str, Any]) -> None:
+    """A body built from keywords and one built from BodyOptions agree, error or not."""
+    outcomes = []
+    for build in (
+        lambda: DetachedBody(**values),
+        lambda: DetachedBody(options=BodyOptions(**values)),
+        lambda: DetachedBody(options=BodyOptions().merge(values)),
+    ):
+        try:
+            body = build()
+        except (TypeError, ValueError, LookupError) as exc:
+            outcomes.append((type(exc), str(exc)))
+        else:
+            outcomes.append(tuple(getattr(body, name) for name in _FIELDS))
+            body.close()
+    assert outcomes[0] == outcomes[1] == outcomes[2]
+
+
+def test_body_options_carry_a_shared_budget() -> None:
+    budget = ByteBudget(100)
+    options = BodyOptions(budget=budget)
+    first, second = DetachedBody(options=options), DetachedBody(options=options)
+    first.put(b"x" * 60)
+    with pytest.raises(BufferFull, match="shared budget of 100 bytes"):
+        second.put(b"y" * 60)
+    first.close()
+    second.close()
+    assert budget.used == 0

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from tests.client import Stream, wait_until
 from tests.servers import ServerProcess
 from tests.sse_reference import Parser, parse
-from wsgi_detach import DetachedBody, EventStream, Hub, SlowSubscriber, UsageError
+from wsgi_detach import DetachedBody, EventStream, Hub, Message, SlowSubscriber, UsageError
 
 
 def drain(body: DetachedBody) -> bytes:
@@ -74,16 +74,31 @@ def test_resume_at_the_latest_id_replays_nothing() -> None:
     assert sse_events(stream) == []
 
 
-@pytest.mark.parametrize(
-    ("last_id", "why"),
-    [
-        ("{epoch}-2", "fell out of the history"),
-        ("0a0a0a-9", "another epoch, e.g. before a server restart"),
-        ("{epoch}-99", "from the future"),
-        ("garbage", "not an id of ours"),
-    ],
-)
-def test_an_id_not_in_the_history_gets_one_resync_event(last_id: str, why: str) -> None:
+#: Client-chosen ids that cannot be resumed from, and the reason the resync gives.
+BAD_IDS = [
+    ("{epoch}-2", "older than the history"),
+    ("0a0a0a-9", "from another epoch"),
+    ("{epoch}-99", "unknown id"),  # ahead of the hub
+    ("garbage", "unknown id"),
+    ("{epoch}-\u00b2", "unknown id"),  # str.isdigit() says yes, int() says no
+    ("{epoch}-\u0663", "unknown id"),  # Arabic-Indic 3: int() would take it as 3
+    ("{epoch}-" + "9" * 5000, "unknown id"),  # past int()'s digit limit
+    ("{epoch}-", "unknown id"),
+    ("{epoch}-08", "unknown id"),  # not canonical: never an id we sent
+    ("{epoch}--8", "unknown id"),
+    ("{epoch}-+8", "unknown id"),
+    ("{epoch}- 8", "unknown id"),
+    ("-8", "unknown id"),
+    ("{epoch}-8" + "x" * 300, "unknown id"),
+    ("\x00", "unknown id"),
+    ("\ufffd\ufffd", "unknown id"),
+]
+
+
+@pytest.mark.parametrize(("last_id", "reason"), BAD_IDS)
+def test_an_id_that_cannot_be_resumed_gets_one_resync_event_with_its_reason(
+    last_id: str, reason: str
+) -> None:
     hub = Hub(history=3)
     for i in range(10):
         hub.publish(f"m{i}")
@@ -94,10 +109,12 @@ def test_an_id_not_in_the_history_gets_one_resync_event(last_id: str, why: str) 
     events = sse_events(stream)
     assert events[0] == (
         "resync",
-        json.dumps({"reason": "missed too much", "cursor": f"{epoch}-10"}, separators=(",", ":")),
+        json.dumps({"reason": reason, "cursor": f"{epoch}-10"}, separators=(",", ":")),
         f"{epoch}-10",
-    ), why
+    )
     assert events[1:] == [("message", "after", after.id)]
+    batch = hub.since(last_id.format(epoch=epoch))
+    assert (batch.messages, batch.resync, batch.reason) == ([], True, reason)
 
 
 def test_the_oldest_message_in_history_is_still_resumable() -> None:
@@ -476,3 +493,221 @@ def test_encoders_and_logging_run_outside_the_hub_lock() -> None:
     except subprocess.TimeoutExpired:
         pytest.fail("the child froze: a yielding encoder or log handler ran under the hub lock")
     assert (result.stdout, result.stderr) == ("2\nm1;m2; failed 1\n", "")
+
+
+# ---------------------------------------------------------------- the publishing vocabulary
+
+
+def test_an_explicit_id_goes_out_verbatim_and_resumes_exactly_after_itself() -> None:
+    hub = Hub()
+    sent = [hub.publish(f"row {n}", id=f"row-{n}") for n in (17, 18, 19)]
+    assert [m.id for m in sent] == ["row-17", "row-18", "row-19"]
+    assert hub.cursor == "row-19"
+    stream = EventStream(heartbeat=None, last_event_id="row-17")
+    hub.subscribe(stream)
+    live = hub.publish("live", id=4242)
+    assert live.id == "4242"
+    assert sse_events(stream) == [
+        ("message", "row 18", "row-18"),
+        ("message", "row 19", "row-19"),
+        ("message", "live", "4242"),
+    ]
+    assert [m.data for m in hub.since("4242").messages] == []
+    assert [m.data for m in hub.since("row-18").messages] == ["row 19", "live"]
+
+
+def test_explicit_and_assigned_ids_mix_in_one_order() -> None:
+    hub = Hub()
+    a = hub.publish("a")
+    b = hub.publish("b", id="b-1")
+    c = hub.publish("c")
+    assert [a.seq, b.seq, c.seq] == [1, 2, 3]
+    assert [m.data for m in hub.since(a.id).messages] == ["b", "c"]
+    assert [m.data for m in hub.since("b-1").messages] == ["c"]
+
+
+def test_an_explicit_id_that_fell_out_of_the_history_gets_a_resync() -> None:
+    hub = Hub(history=2)
+    hub.publish("x", id="x")
+    hub.publish("y", id="y")
+    hub.publish("z", id="z")
+    assert hub.since("x").reason == "unknown id"
+    assert [m.data for m in hub.since("y").messages] == ["z"]
+    hub.publish("x again", id="x")  # forgotten once it fell out: usable again
+
+
+def test_retry_goes_out_with_its_event() -> None:
+    hub = Hub()
+    stream = EventStream(heartbeat=None)
+    hub.subscribe(stream)
+    hub.publish("slow down", retry=7000, id="r1")
+    parser = parse(drain(stream))
+    assert parser.retry == 7000
+    assert [(e.data, e.last_event_id) for e in parser.events] == [("slow down", "r1")]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"event": "a\nb"}, ValueError, r"event must be a single line"),
+        ({"event": "a\rb"}, ValueError, r"event must be a single line"),
+        ({"event": 3}, TypeError, r"event must be a str, got int"),
+        ({"id": "a\nb"}, ValueError, r"id must be a single line"),
+        ({"id": "a\r"}, ValueError, r"id must be a single line"),
+        ({"id": "a\0b"}, ValueError, r"id must not contain NUL"),
+        ({"id": ""}, ValueError, r"id must not be empty"),
+        ({"id": "x" * 257}, ValueError, r"id must be at most 256 characters"),
+        ({"id": True}, TypeError, r"id must be a str or int, got bool"),
+        ({"id": 1.5}, TypeError, r"id must be a str or int, got float"),
+        ({"id": "dup"}, ValueError, r"id 'dup' was already published and is still in the history"),
+        ({"id": "{epoch}-77"}, ValueError, r"has the form of the ids this hub assigns itself"),
+        ({"retry": -1}, ValueError, r"retry must be >= 0 milliseconds, got -1"),
+        ({"retry": True}, TypeError, r"retry must be an int of milliseconds, got bool"),
+        ({"retry": 1.0}, TypeError, r"retry must be an int of milliseconds, got float"),
+        ({"retry": "10"}, TypeError, r"retry must be an int of milliseconds, got str"),
+    ],
+)
+def test_a_bad_field_is_refused_before_anything_is_numbered_kept_or_sent(
+    kwargs: dict[str, object], error: type[Exception], match: str
+) -> None:
+    hub = Hub()
+    epoch = hub.cursor.split("-")[0]
+    hub.publish("first", id="dup")
+    stream = EventStream(heartbeat=None)
+    hub.subscribe(stream)
+    plain = DetachedBody()
+    hub.subscribe(plain)
+    polled: list[object] = []
+    assert hub.poll(hub.cursor, polled.append) is None
+    if kwargs.get("id") == "{epoch}-77":
+        kwargs = {"id": f"{epoch}-77"}
+    with pytest.raises(error, match=match):
+        hub.publish("x", **kwargs)  # type: ignore[arg-type]
+    assert hub.cursor == "dup"
+    assert [m.data for m in hub.recent().messages] == ["first"]
+    assert stream.buffered == len(b": stream open\n")
+    assert plain.buffered == 0
+    assert polled == [] and hub.pending_polls == 1
+    assert hub.publish("ok").seq == 2
+
+
+def test_comment_reaches_every_event_stream_and_is_never_an_event() -> None:
+    hub = Hub()
+    streams = [EventStream(heartbeat=None) for _ in range(2)]
+    plain = DetachedBody()
+    for body in [*streams, plain]:
+        hub.subscribe(body)
+    assert hub.comment("line one\r\nevent: injected\rdata: no") == 2
+    for stream in streams:
+        parser = parse(drain(stream))
+        assert parser.events == []
+        assert parser.comments[-3:] == [" line one", " event: injected", " data: no"]
+    assert plain.buffered == 0
+    assert hub.recent().messages == []
+    with pytest.raises(TypeError, match="a comment must be a str, got bytes"):
+        hub.comment(b"x")  # type: ignore[arg-type]
+
+
+def test_a_comment_over_max_pending_drops_that_subscriber_like_a_message() -> None:
+    hub = Hub(max_pending=100)
+    stream = EventStream(heartbeat=None)
+    hub.subscribe(stream)
+    assert hub.comment("x" * 200) == 0
+    assert hub.subscribers == 0
+    assert stream.state == "finished"
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    client_id=st.one_of(
+        st.text(max_size=40),
+        st.text(alphabet="0123456789-abcdef\u00b2\u0663 +", max_size=30),
+        st.integers(min_value=-5, max_value=40).map(str),
+    ),
+    published=st.integers(min_value=0, max_value=12),
+    use_epoch=st.booleans(),
+)
+def test_any_client_id_resolves_to_a_position_in_the_history_or_a_reason(
+    client_id: str, published: int, use_epoch: bool
+) -> None:
+    """Whatever a client sends, resolve() answers; it never raises (no 500)."""
+    hub = Hub(history=5)
+    sent = [hub.publish(f"m{i}", id=f"app-{i}" if i % 3 == 0 else None) for i in range(published)]
+    if use_epoch:
+        client_id = hub.cursor.rsplit("-", 1)[0] + "-" + client_id
+    batch = hub.since(client_id)
+    if batch.resync:
+        assert batch.reason in ("unknown id", "from another epoch", "older than the history")
+        assert batch.messages == []
+    else:
+        kept = [m.id for m in sent[-5:]]
+        got = [m.id for m in batch.messages]
+        assert got == kept[len(kept) - len(got) :]  # a suffix of the history, in order
+        known = {m.id: i for i, m in enumerate(sent)}
+        if client_id in known:
+            assert got == [m.id for m in sent[known[client_id] + 1 :]]
+
+
+def test_a_cursor_may_be_an_int_id_as_published() -> None:
+    hub = Hub()
+    hub.publish("a", id=7)
+    hub.publish("b", id=8)
+    assert [m.data for m in hub.since(7).messages] == ["b"]
+    with pytest.raises(TypeError, match="a cursor must be a str \\(an id\\), got float"):
+        hub.since(7.0)  # type: ignore[arg-type]
+
+
+class _Log:
+    """A MessageStore written from the protocol alone: keeps every message, ids are ``n<seq>``."""
+
+    def __init__(self) -> None:
+        self.items: list[Message] = []
+        self.ids: dict[str, int] = {}
+
+    @property
+    def cursor(self) -> str:
+        return self.items[-1].id if self.items else "n0"
+
+    @property
+    def last_seq(self) -> int:
+        return len(self.items)
+
+    def append(
+        self, data: object, text: str, *, event: str | None, id: str | None, retry: int | None
+    ) -> Message:
+        seq = len(self.items) + 1
+        id = f"n{seq}" if id is None else id
+        if id in self.ids:
+            raise ValueError(f"id {id!r} was already published")
+        message = Message(seq, id, data, event, retry, text)
+        self.items.append(message)
+        self.ids[id] = seq
+        return message
+
+    def resolve(self, client_id: str) -> int | str:
+        return self.ids.get(client_id, "unknown id") if client_id != "n0" else 0
+
+    def read_since(self, seq: int) -> list[Message]:
+        return self.items[seq:]
+
+    def recent(self, n: int | None) -> list[Message]:
+        return self.items if n is None else self.items[max(len(self.items) - n, 0) :]
+
+
+def test_a_store_of_its_own_sits_behind_the_same_hub_api() -> None:
+    store = _Log()
+    hub = Hub(store=store)
+    first = hub.publish("a")
+    hub.publish({"b": 1}, id="mine", event="e")
+    stream = EventStream(heartbeat=None, last_event_id=first.id)
+    hub.subscribe(stream)
+    live = hub.publish("c", retry=10)
+    assert [(e.data, e.last_event_id) for e in parse(drain(stream)).events] == [
+        ('{"b":1}', "mine"),
+        ("c", live.id),
+    ]
+    assert [m.id for m in hub.since("mine").messages] == [live.id]
+    assert hub.since("elsewhere").reason == "unknown id"
+    with pytest.raises(ValueError, match="already published"):
+        hub.publish("again", id="mine")
+    assert hub.cursor == live.id == "n3" and len(store.items) == 3

@@ -87,6 +87,44 @@ def test_a_cursor_out_of_history_gets_a_resync_at_once(server: ServerProcess) ->
     assert answer["cursor"].endswith("-6")
 
 
+def test_a_cursor_may_be_an_id_the_application_chose(server: ServerProcess) -> None:
+    for n in (41, 42, 43):
+        requests.get(f"{server.url}/hub/publish?hub=rows&data=row{n}&id=row-{n}", timeout=5)
+    answer = poll(server, "rows", "row-41", timeout=5)
+    assert [(m["id"], m["data"]) for m in answer["messages"]] == [
+        ("row-42", "row42"),
+        ("row-43", "row43"),
+    ]
+    assert answer["cursor"] == "row-43" and answer["resync"] is False
+    with Stream(server.port, "/hub/poll?hub=rows&cursor=row-43&timeout=5") as waiting:
+        stats = f"{server.url}/hub/stats?hub=rows"
+        assert wait_until(lambda: requests.get(stats, timeout=5).json()["polls"] == 1)
+        requests.get(f"{server.url}/hub/publish?hub=rows&data=row44&id=row-44", timeout=5)
+        response = waiting.read_all()
+    assert [m["id"] for m in json.loads(response.body)["messages"]] == ["row-44"]
+
+
+@pytest.mark.parametrize(
+    ("cursor", "reason"),
+    [
+        ("{epoch}-%C2%B2", "unknown id"),
+        ("{epoch}-%D9%A3", "unknown id"),
+        ("{epoch}-" + "9" * 5000, "unknown id"),
+        ("{epoch}-", "unknown id"),
+        ("0a0a0a-1", "from another epoch"),
+        ("nonsense", "unknown id"),
+    ],
+)
+def test_a_bad_cursor_is_a_resync_with_its_reason_never_a_500(
+    server: ServerProcess, cursor: str, reason: str
+) -> None:
+    epoch = publish(server, "strict", "x").split("-")[0]
+    answer = poll(server, "strict", cursor.format(epoch=epoch), timeout=5)
+    assert answer["resync"] is True
+    assert answer["reason"] == reason
+    assert answer["messages"] == []
+
+
 def test_disconnect_all_answers_a_waiting_poll_empty(server: ServerProcess) -> None:
     cursor = publish(server, "closing", "x")
     stats = f"{server.url}/hub/stats?hub=closing"
@@ -148,3 +186,4 @@ def test_wait_for_messages_times_out_empty() -> None:
     assert batch.messages == [] and batch.cursor == hub.cursor and not batch.resync
     assert 0.09 < time.monotonic() - started < 1.0
     assert hub.pending_polls == 0
+

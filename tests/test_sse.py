@@ -90,7 +90,10 @@ def test_multiline_unicode_and_fields_on_the_wire() -> None:
         ({"retry": -1}, ValueError, r"retry must be >= 0 milliseconds, got -1"),
         ({"retry": 1.5}, TypeError, r"retry must be an int of milliseconds, got float"),
         ({"retry": True}, TypeError, r"retry must be an int of milliseconds, got bool"),
-        ({"id": 1.0}, TypeError, r"id must be a str, got float"),
+        ({"id": 1.0}, TypeError, r"id must be a str or int, got float"),
+        ({"id": True}, TypeError, r"id must be a str or int, got bool"),
+        ({"event": 5}, TypeError, r"event must be a str, got int"),
+        ({"retry": "100"}, TypeError, r"retry must be an int of milliseconds, got str"),
     ],
 )
 def test_bad_fields_are_refused_at_the_call(

@@ -17,8 +17,16 @@ from __future__ import annotations
 
 import typing as _typing
 
-from ._body import Chunk, DetachedBody
-from ._broadcast import Batch, Hub, Message, SlowSubscriber, Subscription
+from ._body import BodyOptions, Chunk, DetachedBody
+from ._broadcast import (
+    Batch,
+    History,
+    Hub,
+    Message,
+    MessageStore,
+    SlowSubscriber,
+    Subscription,
+)
 from ._budget import ByteBudget
 from ._errors import (
     BodyAborted,
@@ -45,6 +53,7 @@ __all__ = [
     "BodyAborted",
     "BodyClosed",
     "BodyEnded",
+    "BodyOptions",
     "BodyTimeout",
     "BufferFull",
     "ByteBudget",
@@ -56,8 +65,10 @@ __all__ = [
     "DetachStats",
     "DetachedBody",
     "EventStream",
+    "History",
     "Hub",
     "Message",
+    "MessageStore",
     "ProducerStopped",
     "SlowSubscriber",
     "Subscription",

@@ -38,12 +38,15 @@ sees no terminating chunk).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 import time
 from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Callable, Final, Union
+from typing import TYPE_CHECKING, Any, Callable, Final, Protocol, Union
 
 import gevent
 
@@ -71,12 +74,41 @@ from ._wakeup import (
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse
 
-__all__ = ["BODY_OPTIONS_KEY", "Chunk", "DetachedBody"]
+__all__ = [
+    "REGISTER_KEY",
+    "BodyOptions",
+    "Chunk",
+    "DetachedBody",
+    "Registrar",
+    "register",
+]
 
-#: Where :class:`~wsgi_detach.DetachMiddleware` puts, for bodies an app builds
-#: itself from the environ (an ``EventStream``), the body options its own
-#: ``detach()`` bodies get: its defaults and its shared ``budget``.
-BODY_OPTIONS_KEY: Final = "wsgi_detach.body_options"
+#: Where :class:`~wsgi_detach.DetachMiddleware` puts its :class:`Registrar` for
+#: the request: every body made from the environ registers through it as it
+#: is made, and takes the middleware's options from it.
+REGISTER_KEY: Final = "wsgi_detach.detach"
+
+
+class Registrar(Protocol):
+    """What ``environ[REGISTER_KEY]`` holds under :class:`~wsgi_detach.DetachMiddleware`.
+
+    ``options``: the middleware's :class:`BodyOptions` (its defaults and its
+    shared ``budget``), for bodies an app builds itself from the environ (an
+    ``EventStream``), so that they get what ``detach()`` gives.
+
+    Calling it with a new body registers the body with the request: the
+    middleware then counts it (``max_open``, ``stats()``), watches it, drains
+    it and closes it with the request, whatever the app does with it
+    afterwards. It raises :class:`~wsgi_detach.Unavailable` when full or
+    draining (and :class:`~wsgi_detach.UsageError` once the app returned);
+    :func:`register` then closes the body.
+    """
+
+    @property
+    def options(self) -> BodyOptions: ...
+
+    def __call__(self, body: DetachedBody) -> None: ...
+
 
 log = logging.getLogger("wsgi_detach")
 
@@ -202,6 +234,9 @@ class DetachedBody:
             that would take their total buffered bytes over its limit raises
             :class:`BufferFull` at once, even where ``max_buffer`` would block
             (see :mod:`wsgi_detach._budget` for why). ``None``: no shared cap.
+        options: all of the above but ``start_response`` as one
+            :class:`BodyOptions`, already checked; then pass none of them as
+            keywords.
     """
 
     # Slots, not an instance dict: one body per open response, for as long as
@@ -253,36 +288,60 @@ class DetachedBody:
         timeout_chunk: Chunk | None = None,
         coalesce: int = _DEFAULT_COALESCE,
         budget: ByteBudget | None = None,
+        options: BodyOptions | None = None,
     ) -> None:
-        self._idle_timeout = _positive_or_none("idle_timeout", idle_timeout)
-        self._deadline = _positive_or_none("deadline", deadline)
-        self._heartbeat = _positive_or_none("heartbeat", heartbeat)
-        if not isinstance(heartbeat_chunk, bytes) or not heartbeat_chunk:
-            raise TypeError(
-                f"heartbeat_chunk must be non-empty bytes (an empty write detects nothing), "
-                f"got {heartbeat_chunk!r}"
+        if options is None:
+            # Checked here field by field, with the same checks BodyOptions
+            # makes, rather than through a BodyOptions: a body built with
+            # keywords (one per long-poll) costs no extra object.
+            self._idle_timeout = _positive_or_none("idle_timeout", idle_timeout)
+            self._deadline = _positive_or_none("deadline", deadline)
+            self._heartbeat = _positive_or_none("heartbeat", heartbeat)
+            self._heartbeat_chunk = _check_heartbeat_chunk(heartbeat_chunk)
+            self._max_buffer = _check_max_buffer(max_buffer)
+            self._encoding = _check_encoding(encoding)
+            self._timeout_chunk = (
+                None if timeout_chunk is None else _to_bytes(timeout_chunk, encoding)
             )
-        self._heartbeat_chunk = heartbeat_chunk
-        if max_buffer is not None and (
-            not isinstance(max_buffer, int) or isinstance(max_buffer, bool) or max_buffer <= 0
-        ):
-            raise ValueError(f"max_buffer must be a positive int or None, got {max_buffer!r}")
-        self._max_buffer = max_buffer
-        "".encode(encoding)  # fail now on an unknown encoding, not at the first put()
-        self._encoding = encoding
+            self._coalesce = _check_coalesce(coalesce)
+            self._budget = _check_budget(budget)
+        else:
+            if not isinstance(options, BodyOptions):
+                raise TypeError(f"options must be a BodyOptions, got {type(options).__name__}")
+            if not (
+                idle_timeout is None
+                and deadline is None
+                and heartbeat is None
+                and heartbeat_chunk == b"\n"
+                and max_buffer is None
+                and encoding == "utf-8"
+                and timeout_chunk is None
+                and coalesce == _DEFAULT_COALESCE
+                and budget is None
+            ):
+                raise TypeError(
+                    "pass the body's options either as keywords or as options=, not both "
+                    "(use options.merge({...}) to change some)"
+                )
+            self._idle_timeout = options.idle_timeout
+            self._deadline = options.deadline
+            self._heartbeat = options.heartbeat
+            self._heartbeat_chunk = options.heartbeat_chunk
+            self._max_buffer = options.max_buffer
+            self._encoding = options.encoding
+            self._timeout_chunk = options.timeout_chunk  # type: ignore[assignment]
+            self._coalesce = options.coalesce
+            self._budget = options.budget
         if start_response is not None and not callable(start_response):
             raise TypeError(f"start_response must be callable, got {start_response!r}")
         self._start_response = start_response
-        self._timeout_chunk = None if timeout_chunk is None else self._coerce(timeout_chunk)
-        if not isinstance(coalesce, int) or coalesce < 0:
-            raise ValueError(f"coalesce must be an int >= 0, got {coalesce!r}")
-        self._coalesce = coalesce
-        if budget is not None and not isinstance(budget, ByteBudget):
-            raise TypeError(f"budget must be a ByteBudget or None, got {budget!r}")
-        self._budget = budget
 
         # Whether the consumer has a clock to watch while it waits.
-        self._timed = idle_timeout is not None or deadline is not None or heartbeat is not None
+        self._timed = (
+            self._idle_timeout is not None
+            or self._deadline is not None
+            or self._heartbeat is not None
+        )
         self._lock = allocate_lock()
         self._state: str = OPEN
         # The buffer: the oldest chunk waiting, then the ones after it. Most
@@ -691,16 +750,7 @@ class DetachedBody:
     # ------------------------------------------------------------------ internals
 
     def _coerce(self, chunk: object) -> bytes:
-        if isinstance(chunk, bytes):
-            return chunk
-        if isinstance(chunk, str):
-            return chunk.encode(self._encoding)
-        if isinstance(chunk, (bytearray, memoryview)):
-            return bytes(chunk)
-        raise TypeError(
-            f"a chunk must be bytes, bytearray, memoryview or str (or StopIteration to "
-            f"finish), got {type(chunk).__name__}"
-        )
+        return _to_bytes(chunk, self._encoding)
 
     def _put(self, data: bytes, block: bool, timeout: float | None) -> None:
         # The hot path of every stream: keep it to one lock round-trip and no
@@ -948,8 +998,140 @@ def _positive_or_none(name: str, value: float | None) -> float | None:
     return float(value)
 
 
+def register(body: DetachedBody, hook: Registrar | None) -> None:
+    """Hand a new ``body`` to its request's middleware (``environ[REGISTER_KEY]``), if any.
+
+    The one registration path: every body made from an environ goes through
+    here as it is made. A refused body (``max_open``, a drain, too late) is
+    closed before the error goes on, so nothing it was charged is kept.
+    """
+    if hook is None:
+        return
+    try:
+        hook(body)
+    except BaseException:
+        body.close()
+        raise
+
+
+def _to_bytes(chunk: object, encoding: str) -> bytes:
+    if isinstance(chunk, bytes):
+        return chunk
+    if isinstance(chunk, str):
+        return chunk.encode(encoding)
+    if isinstance(chunk, (bytearray, memoryview)):
+        return bytes(chunk)
+    raise TypeError(
+        f"a chunk must be bytes, bytearray, memoryview or str (or StopIteration to "
+        f"finish), got {type(chunk).__name__}"
+    )
+
+
+def _check_heartbeat_chunk(chunk: object) -> bytes:
+    if not isinstance(chunk, bytes) or not chunk:
+        raise TypeError(
+            f"heartbeat_chunk must be non-empty bytes (an empty write detects nothing), "
+            f"got {chunk!r}"
+        )
+    return chunk
+
+
+def _check_max_buffer(max_buffer: object) -> int | None:
+    if max_buffer is not None and (
+        not isinstance(max_buffer, int) or isinstance(max_buffer, bool) or max_buffer <= 0
+    ):
+        raise ValueError(f"max_buffer must be a positive int or None, got {max_buffer!r}")
+    return max_buffer
+
+
+def _check_encoding(encoding: str) -> str:
+    "".encode(encoding)  # fail now on an unknown encoding, not at the first put()
+    return encoding
+
+
+def _check_coalesce(coalesce: object) -> int:
+    if not isinstance(coalesce, int) or isinstance(coalesce, bool) or coalesce < 0:
+        raise ValueError(f"coalesce must be an int >= 0, got {coalesce!r}")
+    return coalesce
+
+
+def _check_budget(budget: object) -> ByteBudget | None:
+    if budget is not None and not isinstance(budget, ByteBudget):
+        raise TypeError(f"budget must be a ByteBudget or None, got {budget!r}")
+    return budget
+
+
 def _run_callback(callback: Callable[[], object]) -> None:
     try:
         callback()
     except Exception:
         log.exception("on_close callback %r raised; the other callbacks still run", callback)
+
+
+@dataclass(frozen=True, eq=False)
+class BodyOptions:
+    """The options of a :class:`DetachedBody`, checked once, immutable, shared freely.
+
+    :class:`~wsgi_detach.DetachMiddleware` builds one from its keyword
+    arguments; :func:`~wsgi_detach.detach` and
+    :class:`~wsgi_detach.EventStream` derive theirs from it with
+    :meth:`merge` -- the one place options are combined -- and a body built
+    from it (``DetachedBody(options=...)``) copies its fields without
+    checking them again. Each field is documented on :class:`DetachedBody`;
+    docs/body.md has them in one table. Compared by identity (a budget is
+    one object), so that a derived value can be cached per middleware.
+
+    Example::
+
+        options = BodyOptions(idle_timeout=60, max_buffer=1 << 20)
+        app = DetachMiddleware(app, options=options)    # its budget added
+        quick = options.merge({"idle_timeout": 5})      # a new value; options unchanged
+
+    Raises:
+        TypeError, ValueError: a field of the wrong type or out of range,
+            naming it, at construction.
+    """
+
+    idle_timeout: float | None = None
+    deadline: float | None = None
+    heartbeat: float | None = None
+    heartbeat_chunk: bytes = b"\n"
+    max_buffer: int | None = None
+    encoding: str = "utf-8"
+    #: Given as any :data:`Chunk`, kept as bytes (a str encoded with ``encoding``).
+    timeout_chunk: Chunk | None = None
+    coalesce: int = _DEFAULT_COALESCE
+    budget: ByteBudget | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("idle_timeout", "deadline", "heartbeat"):
+            object.__setattr__(self, name, _positive_or_none(name, getattr(self, name)))
+        _check_heartbeat_chunk(self.heartbeat_chunk)
+        _check_max_buffer(self.max_buffer)
+        _check_encoding(self.encoding)
+        if self.timeout_chunk is not None:
+            object.__setattr__(self, "timeout_chunk", _to_bytes(self.timeout_chunk, self.encoding))
+        _check_coalesce(self.coalesce)
+        _check_budget(self.budget)
+
+    def merge(self, overrides: Mapping[str, Any], who: str = "BodyOptions") -> BodyOptions:
+        """These options with ``overrides`` in place; ``self`` when there are none.
+
+        Raises:
+            TypeError: an option ``who`` does not take (named, with those it takes).
+            TypeError, ValueError: a bad value, as at construction.
+        """
+        if not overrides:
+            return self
+        unknown = set(overrides) - OPTION_NAMES
+        if unknown:
+            raise TypeError(
+                f"{who} got unknown options {sorted(unknown)}; it takes {sorted(OPTION_NAMES)}"
+            )
+        return dataclasses.replace(self, **overrides)
+
+
+#: The names of the :class:`BodyOptions` fields.
+OPTION_NAMES: Final = frozenset(field.name for field in dataclasses.fields(BodyOptions))
+#: The options of a body built with no arguments.
+DEFAULT_OPTIONS: Final = BodyOptions()

@@ -26,9 +26,34 @@ order wait for their turn, so the order is still the same for every
 subscriber. (The catch-up of :meth:`Hub.subscribe` is encoded under the lock,
 to stay atomic: keep a custom ``encode`` free of blocking and yielding.)
 
-Ids are ``"<epoch>-<seq>"``: ``seq`` counts up from 1, ``epoch`` is random
-per hub, so an id kept by a browser across a server restart is recognised as
-foreign instead of being mistaken for a recent one.
+Ids
+---
+Each message has a ``seq`` (the hub's position, counting up from 1) and an
+``id`` (what the client sees and hands back). The id is the application's own
+when it passes one (``publish(data, id=row_id)``), verbatim; otherwise the
+hub assigns ``"<epoch>-<seq>"``, where ``epoch`` is random per hub, so that an
+id kept by a browser across a server restart is recognised as foreign
+instead of being mistaken for a recent one. Either kind is accepted back as
+``Last-Event-ID``, as ``event_stream(last_event_id=...)`` or as a long-poll
+cursor, and resumes right after its message. An application id is refused
+while a message with the same id is still in the history (a client resuming
+from it could not tell the two apart); once it has fallen out, the hub no
+longer knows it.
+
+Storage
+-------
+The hub keeps its messages in a :class:`MessageStore` (by default
+:class:`History`, a ring buffer in this process) and talks to it through
+five calls, all made under the hub's lock: ``append(data, text, *, event,
+id, retry) -> Message`` numbers and keeps a message (and refuses a duplicate
+id); ``resolve(client_id) -> int | str`` turns a client's id into the
+``seq`` to resume after, or into the reason for a resync;
+``read_since(seq) -> list[Message]`` and ``recent(n) -> list[Message]`` read;
+``cursor`` and ``last_seq`` say where the latest message is. Delivery stays
+in the hub: :meth:`Hub.publish` stores the message, then hands it to
+``_fan_out``, which encodes it for each subscriber outside the lock and
+delivers in ``seq`` order. A broker backend (several processes sharing one
+feed) implements the same store interface beside :class:`History`.
 
 Slow subscribers
 ----------------
@@ -48,11 +73,17 @@ too (they reconnect and resume, but needlessly).
 
 Resync
 ------
-A client whose last id is no longer in the history (it was away too long, or
-the id comes from another epoch) gets one ``resync`` event instead of a
-replay: SSE ``event: resync`` whose data is ``{"reason": ..., "cursor": ...}``
-and whose id is the current cursor. It should reload its state (e.g. fetch
-the recent messages) and carry on; the stream continues after it.
+A client whose last id cannot be resumed from gets one ``resync`` event
+instead of a replay: SSE ``event: resync`` whose data is ``{"reason": ...,
+"cursor": ...}`` and whose id is the current cursor (a long-poll gets
+``"resync": true`` and the ``"reason"``). It should reload its state (e.g.
+fetch the recent messages) and carry on; the stream continues after it. The
+reasons: ``"older than the history"`` (it was away too long), ``"from another
+epoch"`` (an id of a previous run of the server), ``"unknown id"`` (anything
+else: not an id this hub sent, too long, not canonical digits -- a client's
+id is parsed strictly, never with ``int()`` on arbitrary text), and
+``"backlog too large"`` (the replay would not fit the body's
+``max_buffer``).
 """
 
 from __future__ import annotations
@@ -62,17 +93,26 @@ import json
 import logging
 import secrets
 from collections import deque
-from typing import TYPE_CHECKING, Any, Callable, Final, NamedTuple
+from typing import TYPE_CHECKING, Any, Callable, Final, NamedTuple, Protocol
 
 from ._body import DetachedBody
 from ._errors import BodyClosed, BufferFull, DetachError, UsageError
-from ._sse import EventStream, encode_event
+from ._sse import EventStream, check_fields, encode_comment, encode_event
 from ._wakeup import allocate_lock
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIEnvironment
 
-__all__ = ["RESYNC", "Batch", "Hub", "Message", "SlowSubscriber", "Subscription"]
+__all__ = [
+    "RESYNC",
+    "Batch",
+    "History",
+    "Hub",
+    "Message",
+    "MessageStore",
+    "SlowSubscriber",
+    "Subscription",
+]
 
 #: The event type of the resync notice.
 RESYNC: Final = "resync"
@@ -97,26 +137,39 @@ class SlowSubscriber(DetachError):
 
 
 class Message:
-    """One published message: ``id``, ``seq``, ``event`` and ``data``, immutable.
+    """One published message: ``id``, ``seq``, ``event``, ``retry`` and ``data``, immutable.
 
     ``data`` is what was published: a ``str`` is sent as is; anything else
     is sent as its JSON text over SSE and as JSON in long-poll responses.
+    ``id`` is what the client sees and echoes back (the application's own id,
+    or ``"<epoch>-<seq>"``); ``seq`` is the hub's position, counting up from 1.
     """
 
-    __slots__ = ("_sse", "data", "event", "id", "seq", "text")
+    __slots__ = ("_sse", "data", "event", "id", "retry", "seq", "text")
 
-    def __init__(self, seq: int, id: str, data: Any, event: str | None) -> None:
+    def __init__(
+        self,
+        seq: int,
+        id: str,
+        data: Any,
+        event: str | None,
+        retry: int | None = None,
+        text: str | None = None,
+    ) -> None:
         self.seq = seq
         self.id = id
         self.data = data
         self.event = event
-        self.text: str = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
+        self.retry = retry
+        if text is None:
+            text = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
+        self.text: str = text
         self._sse: bytes | None = None
 
     def sse(self) -> bytes:
         """This message as one SSE event, encoded once however many streams get it."""
         if self._sse is None:
-            self._sse = encode_event(self.text, event=self.event, id=self.id)
+            self._sse = encode_event(self.text, event=self.event, id=self.id, retry=self.retry)
         return self._sse
 
     def as_dict(self) -> dict[str, Any]:
@@ -130,21 +183,27 @@ class Message:
 class Batch(NamedTuple):
     """What a reader gets: the messages after its cursor, and the cursor to ask with next.
 
-    ``resync`` is True when the old cursor was no longer in the history (or
-    unknown): ``messages`` is then empty and the reader should reload its
-    state and continue from ``cursor``.
+    ``resync`` is True when the old cursor could not be resumed from:
+    ``messages`` is then empty, ``reason`` says why (see "Resync" in the
+    module docs), and the reader should reload its state and continue from
+    ``cursor``.
     """
 
     messages: list[Message]
     cursor: str
     resync: bool = False
+    reason: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        return {
+        """``{"messages", "cursor", "resync"}``, and ``"reason"`` on a resync, for JSON."""
+        answer: dict[str, Any] = {
             "messages": [m.as_dict() for m in self.messages],
             "cursor": self.cursor,
             "resync": self.resync,
         }
+        if self.resync:
+            answer["reason"] = self.reason
+        return answer
 
 
 def _ndjson(message: Message) -> bytes:
@@ -171,6 +230,169 @@ class Subscription:
         self._hub._unsubscribe(self)
 
 
+#: Why a client's id could not be resumed from: the ``reason`` of a resync.
+UNKNOWN_ID: Final = "unknown id"
+OTHER_EPOCH: Final = "from another epoch"
+TOO_OLD: Final = "older than the history"
+BACKLOG: Final = "backlog too large"
+
+#: The longest id a client may hand back, and so the longest one the hub
+#: sends: a header or query value beyond it is not one of ours (and is not
+#: looked up or parsed).
+MAX_ID_LENGTH: Final = 256
+# An epoch is 6 hex digits (secrets.token_hex(3)); a seq at most 19 digits
+# (below 2**63, and far below Python's int-conversion limit).
+_EPOCH_LENGTH: Final = 6
+_MAX_SEQ_DIGITS: Final = 19
+_HEX: Final = frozenset("0123456789abcdef")
+
+
+class MessageStore(Protocol):
+    """Where a :class:`Hub` numbers, keeps and finds its messages; see "Storage" above.
+
+    The hub calls every method under its own lock, so an implementation
+    needs no lock of its own -- and must not block or yield.
+    """
+
+    @property
+    def cursor(self) -> str:
+        """The id of the latest message (``"<epoch>-0"`` before the first)."""
+
+    @property
+    def last_seq(self) -> int:
+        """The ``seq`` of the latest message (0 before the first)."""
+
+    def append(
+        self, data: Any, text: str, *, event: str | None, id: str | None, retry: int | None
+    ) -> Message:
+        """Number and keep one message; ``id=None`` assigns ``"<epoch>-<seq>"``.
+
+        Raises ValueError, before anything is kept, for an id it already
+        holds (or one in the form it assigns itself).
+        """
+
+    def resolve(self, client_id: str) -> int | str:
+        """The ``seq`` after which a client that last saw ``client_id`` resumes,
+        or, when it cannot resume, the reason (:data:`UNKNOWN_ID`,
+        :data:`OTHER_EPOCH`, :data:`TOO_OLD`)."""
+
+    def read_since(self, seq: int) -> list[Message]:
+        """The messages after ``seq`` (a position :meth:`resolve` returned), oldest first."""
+
+    def recent(self, n: int | None) -> list[Message]:
+        """The last ``n`` messages kept (all of them for ``None``), oldest first."""
+
+
+class History:
+    """The in-process :class:`MessageStore`: a ring buffer of the last ``size`` messages.
+
+    Ids the application chose are indexed while their message is kept, so
+    that a client that echoes one resumes right after it; the hub's own ids
+    are parsed instead, strictly (see :meth:`resolve`).
+    """
+
+    __slots__ = ("_given", "_items", "_prefix", "_seq", "cursor", "epoch")
+
+    def __init__(self, size: int) -> None:
+        self.epoch = secrets.token_hex(_EPOCH_LENGTH // 2)
+        self._prefix = self.epoch + "-"
+        self._items: deque[Message] = deque(maxlen=size)
+        self._given: dict[str, int] = {}  # application-chosen ids still kept -> seq
+        self._seq = 0
+        self.cursor = self._prefix + "0"
+
+    @property
+    def last_seq(self) -> int:
+        return self._seq
+
+    @property
+    def size(self) -> int:
+        """How many messages are kept at most."""
+        assert self._items.maxlen is not None
+        return self._items.maxlen
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def append(
+        self, data: Any, text: str, *, event: str | None, id: str | None, retry: int | None
+    ) -> Message:
+        seq = self._seq + 1
+        items = self._items
+        if id is None:
+            id = self._prefix + str(seq)
+        else:
+            if id in self._given:
+                raise ValueError(
+                    f"id {id!r} was already published and is still in the history: a client "
+                    f"resuming from it could not tell the two apart"
+                )
+            if id.startswith(self._prefix):
+                raise ValueError(
+                    f"id {id!r} has the form of the ids this hub assigns itself "
+                    f"({self._prefix}<n>); pick another, or let the hub number the message"
+                )
+        message = Message(seq, id, data, event, retry, text)
+        if self._given and len(items) == items.maxlen:
+            self._given.pop(items[0].id, None)  # falls out of the history now
+        items.append(message)
+        if not id.startswith(self._prefix):
+            self._given[id] = seq
+        self._seq = seq
+        self.cursor = id
+        return message
+
+    def resolve(self, client_id: str) -> int | str:
+        """Where ``client_id`` leaves off, or why it cannot be resumed from.
+
+        Strict, since the id comes from the client: an id of the hub's own
+        form must be ``<this epoch>-<seq>`` with ``seq`` in ASCII digits, no
+        leading zero and at most 19 of them, and within the history; an
+        application-chosen id must still be kept. Anything else is a reason,
+        never an exception.
+        """
+        if len(client_id) > MAX_ID_LENGTH:
+            return UNKNOWN_ID
+        seq = self._given.get(client_id)
+        if seq is not None:
+            return seq
+        epoch, dash, digits = client_id.rpartition("-")
+        if not dash or not _is_seq(digits):
+            return UNKNOWN_ID
+        if epoch != self.epoch:
+            is_epoch = len(epoch) == _EPOCH_LENGTH and _HEX.issuperset(epoch)
+            return OTHER_EPOCH if is_epoch else UNKNOWN_ID
+        seq = int(digits)
+        if seq > self._seq:
+            return UNKNOWN_ID  # ahead of the hub: never one of its ids
+        if seq < self._oldest() - 1:
+            return TOO_OLD
+        return seq
+
+    def read_since(self, seq: int) -> list[Message]:
+        return list(itertools.islice(self._items, max(seq - self._oldest() + 1, 0), None))
+
+    def recent(self, n: int | None) -> list[Message]:
+        items = list(self._items)
+        return items if n is None else items[max(len(items) - n, 0) :]
+
+    def _oldest(self) -> int:
+        return self._items[0].seq if self._items else self._seq + 1
+
+    def __repr__(self) -> str:
+        return f"<History {len(self._items)}/{self.size} epoch={self.epoch}>"
+
+
+def _is_seq(digits: str) -> bool:
+    """ASCII digits, canonical (no leading zero), short enough to convert at once."""
+    return (
+        0 < len(digits) <= _MAX_SEQ_DIGITS
+        and digits.isascii()
+        and digits.isdigit()
+        and (digits[0] != "0" or digits == "0")
+    )
+
+
 class Hub:
     """Fan messages out to many bodies, with ids and a bounded history.
 
@@ -190,23 +412,27 @@ class Hub:
             and a client whose last id fell out gets a resync.
         max_pending: bytes that may wait in one subscriber's body; a message
             beyond it drops that subscriber (see the module docs).
+        store: where messages are numbered and kept (see "Storage" in the
+            module docs); default: a :class:`History` of ``history`` messages.
 
     Every method is safe from any greenlet, loop callback or OS thread, and
     none blocks.
     """
 
     def __init__(
-        self, *, history: int = _DEFAULT_HISTORY, max_pending: int = _DEFAULT_MAX_PENDING
+        self,
+        *,
+        history: int = _DEFAULT_HISTORY,
+        max_pending: int = _DEFAULT_MAX_PENDING,
+        store: MessageStore | None = None,
     ) -> None:
         for name, value in (("history", history), ("max_pending", max_pending)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         self._max_pending = max_pending
         self._lock = allocate_lock()
-        self._epoch = secrets.token_hex(3)
-        self._seq = 0
-        self._history: deque[Message] = deque(maxlen=history)
-        self._delivered = 0  # the last seq delivered to every subscriber
+        self._store: MessageStore = History(history) if store is None else store
+        self._delivered = self._store.last_seq  # the last seq delivered to every subscriber
         self._ready: dict[int, dict[Subscription, bytes | None]] = {}  # encoded, awaiting turn
         self._subscribers: dict[Subscription, None] = {}  # insertion-ordered set
         self._polls: dict[Callable[[Batch], object], str] = {}  # one-shot callbacks
@@ -216,7 +442,7 @@ class Hub:
     @property
     def cursor(self) -> str:
         """The id of the latest message (``"<epoch>-0"`` before the first)."""
-        return f"{self._epoch}-{self._seq}"
+        return self._store.cursor
 
     @property
     def subscribers(self) -> int:
@@ -231,11 +457,9 @@ class Hub:
     def recent(self, n: int | None = None) -> Batch:
         """The last ``n`` messages in the history (all of it by default), and the cursor."""
         with self._lock:
-            items = list(self._history)
-            cursor = self.cursor
-        return Batch(items if n is None else items[max(len(items) - n, 0) :], cursor)
+            return Batch(self._store.recent(n), self._store.cursor)
 
-    def since(self, cursor: str | None) -> Batch:
+    def since(self, cursor: str | int | None) -> Batch:
         """The messages after ``cursor``, without waiting.
 
         ``None`` or ``""`` means "from now": no messages, the current cursor.
@@ -245,26 +469,98 @@ class Hub:
 
     # ------------------------------------------------------------------ writing
 
-    def publish(self, data: Any, *, event: str | None = None) -> Message:
+    def publish(
+        self,
+        data: Any,
+        *,
+        event: str | None = None,
+        id: str | int | None = None,
+        retry: int | None = None,
+    ) -> Message:
         """Number ``data``, keep it in the history and queue it for every subscriber.
 
         Never blocks: a subscriber with no room is dropped (see the module
         docs), not waited for. Safe from any greenlet, loop callback or OS
         thread. Pending long-polls are answered after the lock is released,
-        in the caller's context.
+        in the caller's context. Every argument is checked first: a bad one
+        raises here, and nothing is numbered, kept or sent.
+
+        Args:
+            data: a str (sent as is) or anything ``json.dumps`` takes.
+            event: the SSE event type (``addEventListener(event)``);
+                ``None``: ``"message"``.
+            id: the application's own id for this message (a database row
+                id, an offset), sent verbatim as the SSE ``id`` and accepted
+                back as ``Last-Event-ID`` or a long-poll cursor: a client
+                that echoes it gets exactly what was published after it.
+                ``None``: the hub assigns ``"<epoch>-<seq>"``.
+            retry: milliseconds: the client's reconnection delay from this
+                event on, sent as a ``retry:`` field with it.
+
+        Returns:
+            The :class:`Message`, with its ``id``.
 
         Raises:
-            TypeError: ``data`` is neither a str nor JSON-serialisable.
-            ValueError: ``event`` contains a line break.
+            TypeError: ``data`` is neither a str nor JSON-serialisable;
+                ``event`` is not a str, ``id`` not a str or int, ``retry``
+                not an int (bool, float and str are refused).
+            ValueError: ``event`` or ``id`` contains CR or LF; ``id``
+                contains NUL, is empty, longer than :data:`MAX_ID_LENGTH`,
+                already in the history, or of the hub's own
+                ``<epoch>-<n>`` form; ``retry`` is negative.
         """
+        event, given_id, retry = check_fields(event, id, retry)
+        if given_id is not None:
+            _check_given_id(given_id)
+        text = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
         with self._lock:
-            seq = self._seq + 1
-            message = Message(seq, f"{self._epoch}-{seq}", data, event)
-            message.sse()  # checks event and data now, in the caller, before anyone sees it
-            self._seq = seq
-            self._history.append(message)
+            message = self._store.append(data, text, event=event, id=given_id, retry=retry)
             subscribers = list(self._subscribers)
             polls, self._polls = self._polls, {}
+        self._fan_out(message, subscribers, polls)
+        return message
+
+    def comment(self, text: str = "") -> int:
+        """Send an SSE comment to every subscribed :class:`EventStream`; returns how many.
+
+        A comment is never an event: ``EventSource`` handlers do not see it,
+        nothing is numbered or kept, and a reconnecting client does not get
+        it again. Each line of ``text`` (split at CR, LF or CRLF) becomes a
+        comment line of its own, so a line break cannot turn the rest into
+        an event. Plain-body subscribers get nothing. A comment may overtake
+        a message that a concurrent :meth:`publish` is still encoding; it
+        counts against ``max_pending`` like a message.
+
+        Raises:
+            TypeError: ``text`` is not a str.
+        """
+        chunk = encode_comment(text)
+        dropped: list[tuple[Subscription, str]] = []
+        with self._lock:
+            reached = 0
+            for sub in [s for s in self._subscribers if isinstance(s.body, EventStream)]:
+                why = self._put_locked(sub, chunk)
+                if why is None:
+                    reached += 1
+                else:
+                    del self._subscribers[sub]
+                    dropped.append((sub, why))
+        for sub, why in dropped:
+            _drop(sub.body, why, self._max_pending)
+        return reached
+
+    def _fan_out(
+        self,
+        message: Message,
+        subscribers: list[Subscription],
+        polls: dict[Callable[[Batch], object], str],
+    ) -> None:
+        """Encode ``message`` for each subscriber, deliver it in ``seq`` order, answer the polls.
+
+        ``subscribers`` and ``polls`` were taken under the lock in the same
+        step that stored the message (that is what makes subscribe's
+        "replay, then register" exact).
+        """
         # Encoders are user code, and so is a logging handler: neither runs
         # under the real lock. Under gevent, one that yields (a socket
         # handler, say) while the lock is held would let another greenlet of
@@ -282,7 +578,7 @@ class Hub:
             if len(chunks) < len(subscribers):
                 for sub in subscribers:  # interrupted (GreenletExit): drop the rest, lose no order
                     chunks.setdefault(sub, None)
-            dropped = self._deliver(seq, chunks)
+            dropped = self._deliver(message.seq, chunks)
         for sub, error in broken:
             log.error(
                 "encode=%r raised on %r; that subscriber is dropped",
@@ -294,7 +590,6 @@ class Hub:
             _drop(sub.body, why, self._max_pending)
         for callback, cursor in polls.items():
             _run(callback, self.since(cursor))
-        return message
 
     def subscribe(
         self,
@@ -339,8 +634,8 @@ class Hub:
                     try:
                         body.put_nowait(catch_up)
                     except BufferFull:  # more backlog than its max_buffer: start afresh
-                        resync = Batch([], batch.cursor, True)
-                        body.put_nowait(_resync_chunk(resync, is_sse, "backlog too large"))
+                        resync = Batch([], batch.cursor, True, BACKLOG)
+                        body.put_nowait(_resync_chunk(resync, is_sse))
                 self._subscribers[sub] = None
             except (BodyClosed, BufferFull):
                 return sub  # nobody to deliver to; inactive
@@ -359,12 +654,19 @@ class Hub:
 
         Resumes from the ``Last-Event-ID`` header, or from ``last_event_id``
         when the header is absent (the first connect, when the page passes
-        its cursor in the URL). ``options`` go to :class:`EventStream`.
+        its cursor in the URL); an id that cannot be resumed from gets a
+        resync, never an error. ``options`` go to :class:`EventStream`.
+        Should subscribing raise, the stream is closed before the error goes
+        on, so nothing it was charged stays behind.
         """
         stream = EventStream(environ, start_response, **options)
-        if stream.last_event_id is None:
-            stream.last_event_id = last_event_id
-        self.subscribe(stream)
+        try:
+            if stream.last_event_id is None:
+                stream.last_event_id = last_event_id
+            self.subscribe(stream)
+        except BaseException:
+            stream.close()  # never returned, so nobody else would: give its bytes back
+            raise
         return stream
 
     def poll(self, cursor: str | None, callback: Callable[[Batch], object]) -> Batch | None:
@@ -409,8 +711,7 @@ class Hub:
 
     def __repr__(self) -> str:
         return (
-            f"<Hub cursor={self.cursor} history={len(self._history)}/{self._history.maxlen} "
-            f"subscribers={len(self._subscribers)}>"
+            f"<Hub cursor={self.cursor} store={self._store!r} subscribers={len(self._subscribers)}>"
         )
 
     # ------------------------------------------------------------------ internals
@@ -422,18 +723,21 @@ class Hub:
         with self._lock:
             self._subscribers.pop(sub, None)
 
-    def _since_locked(self, cursor: str | None) -> Batch:
-        now = self.cursor
+    def _since_locked(self, cursor: str | int | None) -> Batch:
+        store = self._store
+        now = store.cursor
+        if not isinstance(cursor, str):
+            if cursor is None:
+                return Batch([], now)
+            if isinstance(cursor, bool) or not isinstance(cursor, int):
+                raise TypeError(f"a cursor must be a str (an id), got {type(cursor).__name__}")
+            cursor = str(cursor)  # an id the application published as an int
         if not cursor:
             return Batch([], now)
-        epoch, _, seq_text = cursor.rpartition("-")
-        if epoch != self._epoch or not seq_text.isdigit():
-            return Batch([], now, True)
-        seq = int(seq_text)
-        oldest = self._history[0].seq if self._history else self._seq + 1
-        if seq > self._seq or seq < oldest - 1:
-            return Batch([], now, True)
-        return Batch(list(itertools.islice(self._history, seq - oldest + 1, None)), now)
+        position = store.resolve(cursor)
+        if isinstance(position, str):
+            return Batch([], now, True, position)
+        return Batch(store.read_since(position), now)
 
     def _deliver(
         self, seq: int, chunks: dict[Subscription, bytes | None]
@@ -478,8 +782,23 @@ _BROKEN: Final = "broken"
 _GONE: Final = "gone"
 
 
-def _resync_chunk(batch: Batch, is_sse: bool, reason: str = "missed too much") -> bytes:
-    notice = Message(0, batch.cursor, {"reason": reason, "cursor": batch.cursor}, RESYNC)
+def _check_given_id(id: str) -> None:
+    """What :func:`check_fields` leaves to the hub: an id a client can hand back."""
+    if not id:
+        raise ValueError(
+            "id must not be empty (it would clear the client's last id); "
+            "pass None to let the hub number the message"
+        )
+    if len(id) > MAX_ID_LENGTH:
+        raise ValueError(
+            f"id must be at most {MAX_ID_LENGTH} characters (longer ones are not accepted "
+            f"back from clients), got {len(id)}"
+        )
+
+
+def _resync_chunk(batch: Batch, is_sse: bool) -> bytes:
+    data = {"reason": batch.reason, "cursor": batch.cursor}
+    notice = Message(0, batch.cursor, data, RESYNC)
     return notice.sse() if is_sse else _ndjson(notice)
 
 

@@ -23,13 +23,13 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Callable, Final
 
-from ._body import DetachedBody
+from ._body import REGISTER_KEY, DetachedBody, register
 from ._broadcast import Batch, Hub
 from ._errors import BodyClosed
 from ._wakeup import make_waiter
 
 if TYPE_CHECKING:
-    from _typeshed.wsgi import StartResponse
+    from _typeshed.wsgi import StartResponse, WSGIEnvironment
 
 __all__ = ["long_poll", "wait_for_messages"]
 
@@ -54,6 +54,7 @@ def long_poll(
     *,
     timeout: float = _DEFAULT_TIMEOUT,
     render: Callable[[Batch], bytes] = render_json,
+    environ: WSGIEnvironment | None = None,
 ) -> DetachedBody:
     """Answer with the messages after ``cursor``: now, at the next publish, or empty at ``timeout``.
 
@@ -61,7 +62,7 @@ def long_poll(
 
         def poll(environ, start_response):
             cursor = parse_qs(environ["QUERY_STRING"]).get("cursor", [None])[0]
-            return long_poll(hub, cursor, start_response, timeout=20)
+            return long_poll(hub, cursor, start_response, timeout=20, environ=environ)
 
     The response is always ``200`` with ``render(batch)`` (JSON by default,
     see :func:`render_json`); the client sends the batch's ``cursor`` with its
@@ -71,11 +72,26 @@ def long_poll(
 
     The waiting costs no greenlet or thread: the body is finished by whoever
     publishes, from whatever greenlet or thread that is.
+
+    Pass ``environ`` under :class:`~wsgi_detach.DetachMiddleware` and the body
+    is registered as it is made, like a ``detach()`` body (counted,
+    ``max_open``, drained, closed with the request even if the app does not
+    return it), and its bytes count against the middleware's
+    ``max_buffered``. It takes none of the middleware's other body defaults:
+    a heartbeat or a plain ``timeout_chunk`` would corrupt the JSON. Without
+    ``environ`` the middleware registers it when the app returns it.
     """
     if cursor is None or cursor == "":
         cursor = hub.cursor  # pin "now" before waiting, so nothing in between is lost
     empty = render(Batch([], cursor))
-    body = DetachedBody(start_response=start_response, idle_timeout=timeout, timeout_chunk=empty)
+    registrar = None if environ is None else environ.get(REGISTER_KEY)
+    body = DetachedBody(
+        start_response=start_response,
+        idle_timeout=timeout,
+        timeout_chunk=empty,
+        budget=None if registrar is None else registrar.options.budget,
+    )
+    register(body, registrar)
     body.start("200 OK", list(_JSON_HEADERS))
 
     def answer(batch: Batch) -> None:
@@ -84,11 +100,15 @@ def long_poll(
         except BodyClosed:
             pass  # timed out or the client left as the news came: the next poll gets it
 
-    batch = hub.poll(cursor, answer)
-    if batch is not None:
-        body.finish(render(batch))
-    else:
-        body.on_close(lambda: hub.cancel_poll(answer))
+    try:
+        batch = hub.poll(cursor, answer)
+        if batch is not None:
+            body.finish(render(batch))
+        else:
+            body.on_close(lambda: hub.cancel_poll(answer))
+    except BaseException:
+        body.close()  # never returned, so nobody else would: withdraw it, give its bytes back
+        raise
     return body
 
 

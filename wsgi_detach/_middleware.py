@@ -14,10 +14,14 @@ bytes; a graceful :meth:`~DetachMiddleware.drain` for shutdown; and
 :meth:`~DetachMiddleware.stats`.
 
 Inside the app, ask for a body with :func:`detach` (the one line per
-framework is in README.md, "DetachMiddleware"): the body carries the
-middleware's defaults and is registered in the environ, so the middleware
-finds it even inside a framework's own iterator, and closes it exactly once
-when the response ends.
+framework is in docs/middleware.md): the body carries the middleware's
+:class:`~wsgi_detach.BodyOptions` and is registered with the request as it is
+made, so the middleware finds it even inside a framework's own iterator, and
+closes it exactly once when the response ends. Every body made from the
+environ goes the same way (``EventStream(environ)``, ``Hub.event_stream``,
+``long_poll(..., environ=environ)``): ``environ["wsgi_detach.detach"]`` is the
+request's registrar (:class:`~wsgi_detach._body.Registrar`), the one
+registration path.
 
 When not to use it: for an app that never detaches a response it costs a
 function call and a short look at the returned iterable per request, and
@@ -49,13 +53,21 @@ import errno
 import logging
 import os
 import signal
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from types import FunctionType, MappingProxyType
+from types import FunctionType
 from typing import TYPE_CHECKING, Any, Callable, Final
 
 from ._adopt import feed, find_inside, is_queue
-from ._body import BODY_OPTIONS_KEY, Chunk, DetachedBody, error_response
+from ._body import (
+    DEFAULT_OPTIONS,
+    REGISTER_KEY,
+    BodyOptions,
+    Chunk,
+    DetachedBody,
+    error_response,
+    register,
+)
 from ._budget import ByteBudget
 from ._errors import DetachError, Unavailable, UsageError
 from ._wakeup import CannotBlockHere, Waiter, allocate_lock, make_waiter, start_beside
@@ -71,26 +83,11 @@ __all__ = ["BODIES_KEY", "DETACH_KEY", "DetachMiddleware", "DetachStats", "detac
 
 log = logging.getLogger("wsgi_detach")
 
-#: The environ key of the factory :func:`detach` calls.
-DETACH_KEY: Final = "wsgi_detach.detach"
+#: The environ key of the request's registrar (see ``Registrar``), which
+#: :func:`detach` asks for a body.
+DETACH_KEY: Final = REGISTER_KEY
 #: The environ key of the list of bodies created for this request.
 BODIES_KEY: Final = "wsgi_detach.bodies"
-
-#: DetachedBody options the middleware may default and ``detach()`` override.
-_BODY_DEFAULTS: Final = frozenset(
-    {
-        "idle_timeout",
-        "deadline",
-        "heartbeat",
-        "heartbeat_chunk",
-        "max_buffer",
-        "encoding",
-        "timeout_chunk",
-        "coalesce",
-    }
-)
-#: ...and what only ``detach()`` may pass: a start_response belongs to one request.
-_BODY_OVERRIDES: Final = _BODY_DEFAULTS | {"start_response"}
 
 #: Added to detached responses unless the app set them: an intermediary that
 #: buffers or caches a stream would hold every chunk back. X-Accel-Buffering
@@ -148,13 +145,13 @@ def detach(environ: WSGIEnvironment, **overrides: Any) -> DetachedBody:
         TypeError: an unknown option.
     """
     try:
-        factory = environ[DETACH_KEY]
+        registrar = environ[DETACH_KEY]
     except KeyError:
         raise UsageError(
             "detach(environ) needs the app wrapped in DetachMiddleware: "
             "app = DetachMiddleware(app); or create a DetachedBody() yourself"
         ) from None
-    body: DetachedBody = factory(**overrides)
+    body: DetachedBody = registrar.detach(**overrides)
     return body
 
 
@@ -183,10 +180,13 @@ class DetachMiddleware:
             returned for a gevent queue or body a framework wrapped (see
             :mod:`wsgi_detach._adopt`). Bodies from :func:`detach` never
             need it.
-        **defaults: :class:`DetachedBody` options for every body the
-            middleware creates: ``idle_timeout``, ``deadline``,
-            ``heartbeat``, ``heartbeat_chunk``, ``max_buffer``, ``encoding``,
-            ``timeout_chunk``, ``coalesce``.
+        options: a :class:`BodyOptions` for every body of the middleware's
+            requests (``detach()`` bodies, an ``EventStream`` built from the
+            environ); its ``budget`` is replaced by the middleware's own.
+        **defaults: single :class:`BodyOptions` fields on top of
+            ``options``: ``idle_timeout``, ``deadline``, ``heartbeat``,
+            ``heartbeat_chunk``, ``max_buffer``, ``encoding``,
+            ``timeout_chunk``, ``coalesce``. Checked here, once.
 
     Example::
 
@@ -203,28 +203,29 @@ class DetachMiddleware:
         streaming_headers: bool = True,
         watch_disconnects: bool = True,
         find_wrapped: bool = True,
+        options: BodyOptions | None = None,
         **defaults: Any,
     ) -> None:
         if not callable(app):
             raise TypeError(f"DetachMiddleware wraps a WSGI app (a callable), got {app!r}")
-        _refuse_unknown("DetachMiddleware", defaults, _BODY_DEFAULTS, "body defaults are")
+        _refuse_budget("DetachMiddleware", defaults)
         if max_open is not None and (not isinstance(max_open, int) or max_open <= 0):
             raise ValueError(f"max_open must be a positive int or None, got {max_open!r}")
         if not isinstance(retry_after, int) or retry_after < 0:
             raise ValueError(f"retry_after must be an int >= 0 (seconds), got {retry_after!r}")
-        DetachedBody(**defaults).close()  # bad values fail here, not at the first request
         self.app = app
         self.max_open = max_open
         self.retry_after = retry_after
         self.streaming_headers = streaming_headers
         self.watch_disconnects = watch_disconnects
         self.find_wrapped = find_wrapped
-        self.defaults: dict[str, Any] = dict(defaults)
         self.budget = ByteBudget(max_buffered)
-        # For bodies the app builds itself from the environ (EventStream): the
-        # same defaults and budget as detach() gives. Made once, shared.
-        self._body_options: Mapping[str, Any] = MappingProxyType(
-            {**self.defaults, "budget": self.budget}
+        #: The :class:`BodyOptions` of every body of the middleware's
+        #: requests, its ``budget`` included: checked here (bad values fail
+        #: at construction, not at the first request), immutable, and handed
+        #: to ``detach()`` and ``EventStream`` through the environ as is.
+        self.options: BodyOptions = (options or DEFAULT_OPTIONS).merge(
+            {**defaults, "budget": self.budget}, "DetachMiddleware"
         )
         self._lock = allocate_lock()
         self._open: set[object] = set()
@@ -387,14 +388,11 @@ class DetachMiddleware:
         return [*headers, *extra] if extra else headers
 
 
-def _refuse_unknown(
-    who: str, given: dict[str, Any], allowed: frozenset[str], allowed_are: str
-) -> None:
-    """Raise ``TypeError`` naming the options ``who`` does not take, and those it does."""
-    unknown = set(given) - allowed
-    if unknown:
+def _refuse_budget(who: str, options: dict[str, Any]) -> None:
+    if "budget" in options:
         raise TypeError(
-            f"{who} got unknown options {sorted(unknown)}; {allowed_are} {sorted(allowed)}"
+            f"{who} takes no budget: the middleware's max_buffered is the one budget "
+            f"shared by its bodies"
         )
 
 
@@ -472,9 +470,10 @@ class _Request:
         self.cancel_watch: Callable[[], object] | None = None
 
     def run(self, environ: WSGIEnvironment) -> Iterable[bytes]:
-        environ[DETACH_KEY] = self.detach
+        # One object for what the app's bodies need from the middleware (see
+        # Registrar): no bound method, no extra key per request.
+        environ[DETACH_KEY] = self
         environ[BODIES_KEY] = self.bodies
-        environ[BODY_OPTIONS_KEY] = self.mw._body_options
         try:
             result = self.mw.app(environ, self.start_response)
         except Unavailable:
@@ -488,26 +487,48 @@ class _Request:
     # ------------------------------------------------------------------ what the app calls
 
     def detach(self, **overrides: Any) -> DetachedBody:
+        options = self.mw.options
+        start_response = None
+        if overrides:
+            start_response = overrides.pop("start_response", None)
+            _refuse_budget("detach()", overrides)
+            options = options.merge(overrides, "detach()")
+        body = DetachedBody(options=options, start_response=start_response)
+        register(body, self)
+        return body
+
+    @property
+    def options(self) -> BodyOptions:
+        """The middleware's options, for bodies made from the environ (Registrar)."""
+        return self.mw.options
+
+    def __call__(self, body: DetachedBody) -> None:
+        """Register a body built for this request (``environ[REGISTER_KEY]``); see track().
+
+        The one way in for every body made from the environ -- ``detach()``,
+        ``EventStream(environ)`` and what builds on them -- at the moment it
+        is built, so that a body the app then abandons (a later step raised)
+        is still closed with the request and its budgeted bytes come back.
+        The caller closes the body when this raises.
+
+        Raises:
+            Unavailable: ``max_open`` bodies are open or the server is draining.
+            UsageError: the app already returned.
+        """
         if self.mode != _HOLD:
             # Too late to count, watch or close it: the response is already
             # decided (an ordinary one passes through untouched).
+            made = "detach(environ)" if type(body) is DetachedBody else "EventStream(environ)"
             raise UsageError(
-                "detach(environ) was called after the app returned (inside the response "
-                "iterator, e.g. a stream_with_context generator); call it in the app or "
-                "view itself, before returning the body"
+                f"{made} was called after the app returned (inside the response iterator, "
+                f"e.g. a stream_with_context generator); call it in the app or view itself, "
+                f"before returning the body"
             )
-        options = self.mw.defaults
-        if overrides:
-            _refuse_unknown("detach()", overrides, _BODY_OVERRIDES, "it takes")
-            options = {**options, **overrides}
-        body = DetachedBody(budget=self.mw.budget, **options)
         try:
             self.track(body)
         except Unavailable:
             self.refused = True  # even if a framework turns the exception into its own page
-            body.close()
             raise
-        return body
 
     def track(self, body: DetachedBody) -> None:
         """Count ``body`` as open (or raise Unavailable); close and release it with the request."""

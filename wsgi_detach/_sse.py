@@ -28,10 +28,17 @@ Encoding rules, from the WHATWG HTML standard, section "Server-sent events",
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import TYPE_CHECKING, Any, Final
 
-from ._body import BODY_OPTIONS_KEY, DetachedBody
+from ._body import (
+    DEFAULT_OPTIONS,
+    REGISTER_KEY,
+    BodyOptions,
+    DetachedBody,
+    register,
+)
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIEnvironment
@@ -60,9 +67,10 @@ _LINE_BREAK: Final = re.compile(r"\r\n|\r|\n")
 HEARTBEAT: Final = b":\n"
 
 
-def _single_line(name: str, value: object) -> str:
-    if isinstance(value, bool) or not isinstance(value, (str, int)):
-        raise TypeError(f"{name} must be a str, got {type(value).__name__}")
+def _single_line(name: str, value: object, types: tuple[type, ...] = (str,)) -> str:
+    if isinstance(value, bool) or not isinstance(value, types):
+        expected = " or ".join(t.__name__ for t in types)
+        raise TypeError(f"{name} must be a {expected}, got {type(value).__name__}")
     text = str(value)
     if "\r" in text or "\n" in text:
         raise ValueError(
@@ -70,6 +78,33 @@ def _single_line(name: str, value: object) -> str:
             f"early and inject the rest as another field"
         )
     return text
+
+
+def check_fields(
+    event: object = None, id: object = None, retry: object = None
+) -> tuple[str | None, str | None, int | None]:
+    """Validate an event's ``event``, ``id`` and ``retry`` fields; return them as sent.
+
+    The one place the rules live, shared by :func:`encode_event`,
+    :meth:`EventStream.send` and :meth:`~wsgi_detach.Hub.publish`, which call
+    it before anything is queued, numbered or stored.
+
+    Raises:
+        TypeError: ``event`` is not a str, ``id`` not a str or int, ``retry``
+            not an int (a bool, a float or a str are refused: the parser
+            ignores a ``retry`` that is not all digits).
+        ValueError: ``event`` or ``id`` contains CR or LF, ``id`` a NUL, or
+            ``retry`` is negative.
+    """
+    event_text = None if event is None else _single_line("event", event)
+    id_text = None
+    if id is not None:
+        id_text = _single_line("id", id, (str, int))
+        if "\0" in id_text:
+            raise ValueError(
+                f"id must not contain NUL: the client ignores such an id ({id_text!r})"
+            )
+    return event_text, id_text, None if retry is None else _retry_ms(retry)
 
 
 def encode_event(
@@ -104,16 +139,14 @@ def encode_event(
             f"data must be a str (serialise objects first, e.g. json.dumps), "
             f"got {type(data).__name__}"
         )
+    event, id, retry = check_fields(event, id, retry)
     lines = []
     if id is not None:
-        text = _single_line("id", id)
-        if "\0" in text:
-            raise ValueError(f"id must not contain NUL: the client ignores such an id ({text!r})")
-        lines.append(f"id: {text}")
+        lines.append(f"id: {id}")
     if event is not None:
-        lines.append(f"event: {_single_line('event', event)}")
+        lines.append(f"event: {event}")
     if retry is not None:
-        lines.append(f"retry: {_retry_ms(retry)}")
+        lines.append(f"retry: {retry}")
     lines.extend(f"data: {line}" for line in _LINE_BREAK.split(data))
     lines.append("\n")
     return "\n".join(lines).encode("utf-8")
@@ -157,10 +190,24 @@ def read_last_event_id(environ: WSGIEnvironment) -> str | None:
         return str(raw)
 
 
-#: Body options an EventStream does not take from DetachMiddleware's defaults:
-#: SSE fixes the encoding and the heartbeat's chunk, has its own heartbeat, and
-#: a ``timeout_chunk`` meant for plain streams would be raw text in an event stream.
-_SSE_OWN_OPTIONS: Final = frozenset({"encoding", "heartbeat", "heartbeat_chunk", "timeout_chunk"})
+@functools.lru_cache(maxsize=64)
+def _sse_options(base: BodyOptions, heartbeat: float | None) -> BodyOptions:
+    """``base`` (the middleware's options, or the defaults) as an event stream needs them.
+
+    SSE fixes the encoding and the heartbeat's chunk, has its own heartbeat,
+    and a ``timeout_chunk`` meant for plain streams would be raw text in an
+    event stream. Cached: ``base`` is one object per middleware (compared by
+    identity), so a stream opened with no options of its own makes none.
+    """
+    return base.merge(
+        {
+            "encoding": "utf-8",
+            "heartbeat_chunk": HEARTBEAT,
+            "timeout_chunk": None,
+            "heartbeat": heartbeat,
+        },
+        "EventStream",
+    )
 
 
 class EventStream(DetachedBody):
@@ -195,12 +242,15 @@ class EventStream(DetachedBody):
     Args:
         environ: the request's environ, read for ``Last-Event-ID``
             (:attr:`last_event_id`); optional. Under
-            :class:`DetachMiddleware` it also carries the middleware's body
-            defaults (``idle_timeout``, ``deadline``, ``max_buffer``, ...;
-            not ``heartbeat``, which an EventStream sets itself, nor a
-            plain-text ``timeout_chunk``) and its
-            shared ``max_buffered`` budget, which the stream then takes, as
-            :func:`detach` bodies do; options you pass win.
+            :class:`DetachMiddleware` the stream is registered with the
+            request as it is made, like a :func:`detach` body (counted by
+            ``stats()`` and ``max_open``, watched, drained, and closed with
+            the request even if the app returns a wrapper around it or
+            raises afterwards), and takes the middleware's
+            :class:`BodyOptions` (``idle_timeout``, ``deadline``,
+            ``max_buffer``, its ``max_buffered`` budget, ...; not
+            ``heartbeat``, which an EventStream sets itself, nor a
+            plain-text ``timeout_chunk``); options you pass win.
         start_response: the server's ``start_response``; see above.
         retry: the client's reconnection delay in ms, sent at the start.
         heartbeat: seconds of silence after which a comment line goes out
@@ -214,6 +264,9 @@ class EventStream(DetachedBody):
     Raises:
         TypeError: ``encoding`` or ``heartbeat_chunk`` was given; SSE fixes
             both (UTF-8, a comment line).
+        Unavailable: under :class:`DetachMiddleware`, ``max_open`` streams
+            are open or the server is draining; let it propagate, the
+            middleware answers 503. The stream is closed first.
     """
 
     #: The headers to send when your framework starts the response, e.g.
@@ -235,24 +288,20 @@ class EventStream(DetachedBody):
         for fixed in ("encoding", "heartbeat_chunk"):
             if fixed in options:
                 raise TypeError(f"EventStream fixes {fixed}; do not pass it")
-        inherited = None if environ is None else environ.get(BODY_OPTIONS_KEY)
-        if inherited:
-            # Under DetachMiddleware: its budget and body defaults, as detach()
-            # bodies get them, but for what SSE sets itself; options given win.
-            options = {
-                **{k: v for k, v in inherited.items() if k not in _SSE_OWN_OPTIONS},
-                **options,
-            }
+        # Under DetachMiddleware: its registrar, with its options and budget.
+        registrar = None if environ is None else environ.get(REGISTER_KEY)
+        base = DEFAULT_OPTIONS if registrar is None else registrar.options
+        if heartbeat is None or type(heartbeat) in (int, float):
+            merged = _sse_options(base, heartbeat).merge(options, "EventStream")
+        else:  # a bad value, which merge names: not a cache key
+            merged = _sse_options(base, None).merge({**options, "heartbeat": heartbeat})
         opening = encode_comment("stream open")
         if retry is not None:  # checked before the body exists, so a bad value leaks nothing
             opening += f"retry: {_retry_ms(retry)}\n\n".encode("ascii")
-        super().__init__(
-            start_response=start_response,
-            heartbeat=heartbeat,
-            heartbeat_chunk=HEARTBEAT,
-            encoding="utf-8",
-            **options,
-        )
+        super().__init__(start_response=start_response, options=merged)
+        # Registered before any byte is charged to the budget; closed (and the
+        # error passed on) when it is refused.
+        register(self, registrar)
         if last_event_id is None and environ is not None:
             last_event_id = read_last_event_id(environ)
         self.last_event_id: str | None = last_event_id

@@ -18,8 +18,10 @@ HTTP API (``<room>``: 1--32 of ``a-z 0-9 - _``):
 =======================================  =========================================
 
 Each message is published as event ``chat`` with data
-``{"nick", "text", "ts"}``; a client whose cursor fell out of the room's
-history gets a ``resync`` and reloads the history.
+``{"nick", "text", "ts"}`` and the app's own id (microseconds since the
+epoch, made unique per room: what a database row id would be), which the
+browser keeps as ``lastEventId`` and resumes from; a client whose id fell
+out of the room's history gets a ``resync`` and reloads the history.
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ class ChatApp:
         self._history = history
         self._retry_ms = retry_ms
         self._rooms: dict[str, Hub] = {}
+        self._last_ids: dict[str, int] = {}
         self._lock = threading.Lock()
         self._page = resources.files(__package__).joinpath("chat.html").read_bytes()
 
@@ -74,6 +77,18 @@ class ChatApp:
                     raise _HTTPError("503 Service Unavailable", "too many rooms")
                 hub = self._rooms[name] = Hub(history=self._history)
             return hub
+
+    def _new_id(self, room: str) -> str:
+        """The app's own id of a new message: microseconds since the epoch, unique per room.
+
+        Increasing across restarts (unlike a counter in memory), so a browser's
+        ``Last-Event-ID`` from before a restart is never taken for a new message.
+        """
+        with self._lock:
+            last = self._last_ids[room] = max(
+                time.time_ns() // 1000, self._last_ids.get(room, 0) + 1
+            )
+        return str(last)
 
     def disconnect_all(self) -> int:
         """End every room's streams and polls cleanly (before a shutdown); returns how many."""
@@ -106,7 +121,8 @@ class ChatApp:
         query = {k: v[0] for k, v in parse_qs(environ.get("QUERY_STRING", "")).items()}
         if action == "messages":
             _allow(method, "POST")
-            message = self.room(name).publish(_read_message(environ), event="chat")
+            hub = self.room(name)
+            message = hub.publish(_read_message(environ), event="chat", id=self._new_id(name))
             return _json(start_response, {"id": message.id}, "201 Created")
         _allow(method, "GET")
         hub = self.room(name)
