@@ -319,3 +319,27 @@ def test_the_plugin_serves_and_reports_the_server_log(tmp_path: Path) -> None:
     assert "1 failed, 1 passed" in done.stdout, done.stdout + done.stderr
     assert "wsgi_detach server wsgiref on port" in done.stdout
     assert "the app says hello to the log" in done.stdout
+
+
+def test_the_entry_point_with_p_and_a_conftest_registers_the_plugin_once(tmp_path: Path) -> None:
+    """Installed with its entry point, and also named by -p and by pytest_plugins: one plugin."""
+    plugin = "wsgi_detach.testing.pytest_plugin"
+    dist = tmp_path / "site" / "kit_entry_point-0.dist-info"
+    dist.mkdir(parents=True)
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: kit-entry-point\nVersion: 0\n")
+    (dist / "entry_points.txt").write_text(f"[pytest11]\n{plugin} = {plugin}\n")
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "conftest.py").write_text(f"pytest_plugins = [{plugin!r}]\n")
+    (project / "test_user.py").write_text(textwrap.dedent("""
+        def test_fixtures_are_there(serve_app, open_stream, event_source):
+            pass
+    """))
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", plugin, "-p", "no:cacheprovider",
+         "--trace-config", "-q", str(project)],
+        cwd=project, capture_output=True, text=True, timeout=120,
+        env=dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path / "site"), str(ROOT)])),
+    )
+    assert "1 passed" in done.stdout, done.stdout + done.stderr
+    assert done.stdout.count(f"PLUGIN registered: <module '{plugin}'") == 1, done.stdout
