@@ -96,10 +96,13 @@ class Exchange:
         return self.bodies[0].closed_at if self.bodies else None
 
     def as_dict(self) -> dict[str, Any]:
+        """The record as plain data (JSON-ready); :meth:`from_dict` reverses it."""
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Exchange:
+        """An :class:`Exchange` from :meth:`as_dict`'s output."""
+        data = dict(data)
         bodies = [BodyRecord(**b) for b in data.pop("bodies")]
         return cls(**data, bodies=bodies)
 

@@ -741,7 +741,9 @@ def serve(
         process: run the server in a subprocess; default: only for gunicorn.
         timeout: seconds to wait for it to accept connections;
             :class:`ServerDidNotStart` (with its log) after that.
-        grace: ``detach-server`` only: seconds its stop lets detached responses end.
+        grace: seconds stopping lets open responses end: ``detach-server``
+            drains for that long, the other gevent servers then end their
+            handlers, gunicorn gets it as its graceful timeout.
         wrap: WSGI middleware to put around the app, inside the observer
             (callables in a thread, ``"module:name"`` strings in a subprocess).
         monkey_patch: subprocess only: ``gevent.monkey.patch_all()`` in the
