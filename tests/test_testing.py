@@ -343,3 +343,18 @@ def test_the_entry_point_with_p_and_a_conftest_registers_the_plugin_once(tmp_pat
     )
     assert "1 passed" in done.stdout, done.stdout + done.stderr
     assert done.stdout.count(f"PLUGIN registered: <module '{plugin}'") == 1, done.stdout
+
+
+def test_a_chatty_app_in_a_subprocess_never_blocks_on_its_stdout(tmp_path: Path) -> None:
+    """Its stdout is copied into the log after the ready line too, not left to fill a pipe."""
+    (tmp_path / "chatty.py").write_text(textwrap.dedent("""
+        def app(environ, start_response):
+            print("x" * 100_000, flush=True)  # more than a pipe holds
+            start_response("200 OK", [("Content-Type", "text/plain")])
+            return [b"said it"]
+    """))
+    with serve("chatty:app", "wsgiref", process=True,
+               env={"PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])}) as server:
+        for _ in range(3):
+            assert get(server, "/", timeout=5).body == b"said it"
+        wait_until(lambda: server.log().count("x" * 100_000) == 3, 5)

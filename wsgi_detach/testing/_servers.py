@@ -594,8 +594,12 @@ class ProcessServer(LiveServer):
         self._monkey_patch = monkey_patch
         self._env = env
         self.proc: subprocess.Popen[str] | None = None
-        self._output = tempfile.TemporaryFile(mode="w+", prefix="wsgi-detach-server-")
+        # Appending (O_APPEND), so that the child's stderr and the stdout
+        # lines copied here never overwrite each other whatever the offset.
+        self._output = tempfile.TemporaryFile(mode="a+", prefix="wsgi-detach-server-")
+        self._output_guard = threading.Lock()
         self._final_output = ""
+        self._reader: threading.Thread | None = None
 
     @property
     def pid(self) -> int:
@@ -623,24 +627,31 @@ class ProcessServer(LiveServer):
         stdout = self.proc.stdout
         assert stdout is not None
         port: list[int] = []
+        ready = threading.Event()
 
-        def read_ready() -> None:
-            # In a thread: readline() has no timeout of its own.
+        def read_output() -> None:
+            # In a thread: readline() has no timeout of its own. After the
+            # ready line it goes on copying stdout into the log, so that a
+            # chatty app never blocks on a full pipe.
             for line in stdout:
-                ready = self.READY.match(line)
-                if ready:
-                    port.append(int(ready.group(1)))
-                    return
-                self._output.write(line)
+                found = None if port else self.READY.match(line)
+                if found:
+                    port.append(int(found.group(1)))
+                    ready.set()
+                    continue
+                with self._output_guard:
+                    self._output.write(line)
+                    self._output.flush()
+            ready.set()  # the output ended: the child exited (or is about to)
 
-        reader = threading.Thread(target=read_ready, daemon=True)
+        reader = self._reader = threading.Thread(target=read_output, daemon=True)
         reader.start()
-        reader.join(timeout)
+        ready.wait(timeout)
         if port:
             self.port = port[0]
             self.running = True
             return self
-        if reader.is_alive():
+        if not ready.is_set():
             what = f"did not start within {timeout}s"
         else:  # its output ended: it exited, or is about to
             try:
@@ -665,21 +676,25 @@ class ProcessServer(LiveServer):
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(timeout=timeout)
-        if proc is not None and proc.stdout is not None:
+        if self._reader is not None:
+            self._reader.join(5)  # the child's stdout ends with it
+        if proc is not None and proc.stdout is not None and not (
+                self._reader is not None and self._reader.is_alive()):
             proc.stdout.close()
-        if not self._output.closed:
-            self._final_output = self.log()
-            self._output.close()
+        final = self.log()
+        with self._output_guard:
+            if not self._output.closed:
+                self._final_output = final
+                self._output.close()
 
     def log(self) -> str:
         """What the child printed to stderr (and stdout) so far."""
-        if self._output.closed:
-            return self._final_output
-        self._output.flush()
-        self._output.seek(0)
-        text = self._output.read()
-        self._output.seek(0, os.SEEK_END)
-        return text
+        with self._output_guard:
+            if self._output.closed:
+                return self._final_output
+            self._output.flush()
+            self._output.seek(0)
+            return self._output.read()
 
     def post_mortem(self, what: str) -> str:
         code = None if self.proc is None else self.proc.poll()
