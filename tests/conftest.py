@@ -32,6 +32,7 @@ os.environ.setdefault("HYPOTHESIS_NO_PLUGINS", "1")
 import pytest
 
 from tests import matrix_report
+from tests.redis_server import RedisServer
 from tests.servers import ServerProcess, serve
 
 
@@ -43,6 +44,23 @@ def served(request: pytest.FixtureRequest) -> Iterator[ServerProcess]:
     server) objected to nothing during the whole module.
     """
     with serve(request.param, "tests.apps:app") as server:
+        yield server
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    """A real redis-server on a free loopback port, without persistence; stopped by its PID.
+
+    Skipped where redis-server is absent (a failure with WSGI_DETACH_REQUIRE_REDIS=1).
+    """
+    with RedisServer() as server:
+        yield server
+
+
+@pytest.fixture
+def redis_server_aof() -> Iterator[RedisServer]:
+    """Like ``redis_server``, with every write in an append-only file: restartable with its data."""
+    with RedisServer(appendonly=True) as server:
         yield server
 
 

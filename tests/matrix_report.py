@@ -54,6 +54,8 @@ CASES: dict[str, str] = {
     "disconnect": "client leaves while data flows: `on_close` within 2 s, producer told",
     "idle": "client leaves an idle stream: `on_close` within 1 s (watched), else two heartbeats",
     "fail_mid": "`fail()` mid-stream: no terminating chunk (client sees truncation)",
+    "fail_mid_http10": "... the same over HTTP/1.0 (close-delimited): the connection ends "
+    "with a reset, after every byte put",
     "fail_first": "`fail()` before the first chunk, body owns `start_response`: a 5xx",
     "fail_first_own": "producer dies before the first chunk, app called `start_response`: a 5xx",
     "fail_first_raw": "... the same *without* the middleware: the server's own handling",
@@ -67,6 +69,12 @@ NOTES: dict[str, str] = {
         "wsgiref answers HTTP/1.0 and ends a response by closing the connection, so a "
         "truncated body looks exactly like a complete one; the client receives every chunk "
         "put before the failure and then EOF."
+    ),
+    "http10_fin": (
+        "An HTTP/1.0 response has no chunking and, here, no length: the end of the "
+        "connection is the end of the body. The server closes an aborted one with a FIN, "
+        "exactly as a complete one, so the client cannot tell. `DetachHandler` (which owns "
+        "the connection) ends it with a reset once the bytes already sent have left."
     ),
     "heartbeat": (
         "The server exposes no connection for the middleware to watch, so the body's "

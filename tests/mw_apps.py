@@ -94,6 +94,12 @@ def make_app(**options: Any) -> DetachMiddleware:
                 gevent.spawn(drain)
             return json_response(start_response, "draining", "202 Accepted")
 
+        if path == "/read":  # reads the request body in pieces, answers its length
+            read = 0
+            while piece := environ["wsgi.input"].read(65536):
+                read += len(piece)
+            return json_response(start_response, {"read": read})
+
         if path == "/plain":
             body = b"hello world"
             start_response("200 OK", [("Content-Type", "text/plain"),
@@ -159,6 +165,13 @@ def make_app(**options: Any) -> DetachMiddleware:
                 body.fail(RuntimeError("producer broke mid-stream (expected by the test)"))
 
             spawn(body, fail_mid)
+            return body
+
+        if path == "/fail_big":  # more than the socket buffers hold, then a failure
+            start_response("200 OK", [("Content-Type", "text/plain")])
+            body = detach(environ)
+            body.put(b"x" * 4_000_000)
+            body.fail(RuntimeError("producer broke after a big chunk (expected by the test)"))
             return body
 
         if path.startswith("/queue"):

@@ -49,6 +49,7 @@ Not for in-process tests, which call the app directly.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -70,12 +71,15 @@ SERVERS: dict[str, str] = {
     "pywsgi-detach": "gevent.pywsgi with wsgi_detach.DetachHandler (socket in the environ, "
     "TCP_NODELAY); the app served as it is",
     "detach-server": "wsgi_detach.make_server(app, grace=0.5): DetachHandler, TCP_NODELAY, "
-    "a stop() (on SIGTERM) that drains; the app wrapped in DetachMiddleware unless it is one",
+    "a stop() (on SIGTERM) that drains, then serve_forever() returns; the app wrapped in "
+    "DetachMiddleware unless it is one; env TEST_GRACE sets another grace, env "
+    "TEST_SERVER_OPTIONS more make_server options (JSON)",
     "detach-server-delay": "detach-server without TCP_NODELAY, for the comparison",
     "pywsgi-plain": "gevent.pywsgi as it comes, WITHOUT the validator and /_server (the "
     "validator would hide the body iterable from the handler): tests/wire_apps.py's reference",
     "detach-handler": "pywsgi-plain with wsgi_detach.DetachHandler, counting its sends into "
     "tests.wire_apps.SENDS; also WITHOUT the validator and /_server",
+    "detach-handler-stock": "detach-handler with the speed-ups off (pywsgi's own request path)",
     "gunicorn-gevent": "gunicorn, one gevent worker",
     "gunicorn-gthread": "gunicorn, one gthread worker",
     "gunicorn-gevent-drain": "gunicorn-gevent; the worker calls app.drain_on_signal(0.5, b'bye')",
@@ -271,7 +275,6 @@ def _hop_by_hop_checked(start_response: Any) -> Any:
 
 def _instrument(app: Any) -> Any:
     """Wrap ``app`` in wsgiref.validate, record its complaints, serve ``/_server``."""
-    import json
     import warnings
     from wsgiref.validate import WSGIWarning, validator
 
@@ -366,8 +369,11 @@ def _serve_pywsgi(app: Any, kind: str) -> None:
     if kind.startswith("detach-server"):
         from wsgi_detach import make_server
 
+        grace = float(os.environ.get("TEST_GRACE", "0.5"))
+        options = json.loads(os.environ.get("TEST_SERVER_OPTIONS", "{}"))
         server = make_server(
-            app, "127.0.0.1", 0, nodelay=kind == "detach-server", grace=0.5, log=None
+            app, "127.0.0.1", 0, nodelay=kind == "detach-server", grace=grace, log=None,
+            **options,
         )
         # The validator goes in front of the middleware (it checks what the
         # server gets), not between make_server and the app it configures.
@@ -391,14 +397,14 @@ def _serve_wire(app: Any, kind: str) -> None:
     from gevent.pywsgi import WSGIServer
 
     from tests import wire_apps
-    from wsgi_detach import DetachHandler
+    from wsgi_detach._server import handler_class
 
-    class CountingHandler(DetachHandler):  # type: ignore[misc]
+    class CountingHandler(handler_class(speedups=kind == "detach-handler")):  # type: ignore[misc]
         def _sendall(self, data: bytes) -> None:
             wire_apps.SENDS[0] += 1
             super()._sendall(data)
 
-    kwargs: dict[str, Any] = {"handler_class": CountingHandler} if kind == "detach-handler" else {}
+    kwargs: dict[str, Any] = {} if kind == "pywsgi-plain" else {"handler_class": CountingHandler}
     server = WSGIServer(("127.0.0.1", 0), app, log=None, **kwargs)
     server.start()
     _listening(server.server_port)
@@ -473,7 +479,8 @@ def _serve_gunicorn(spec: str, kind: str) -> None:
 
     options: dict[str, Any] = {
         "bind": "127.0.0.1:0",
-        "workers": 1,
+        # One worker unless the test asks for more (the scale-out tests).
+        "workers": int(os.environ.get("WSGI_DETACH_TEST_WORKERS", "1")),
         "worker_class": kind.split("-")[1],
         "threads": THREADS,
         "worker_connections": 4096,
@@ -498,6 +505,11 @@ def _serve_gunicorn(spec: str, kind: str) -> None:
 
 def main(argv: list[str]) -> None:
     kind, spec = argv
+    if "TEST_LOG_LEVEL" in os.environ:  # wsgi_detach's log lines on stderr, for the test to read
+        import logging
+
+        logging.basicConfig(level=os.environ["TEST_LOG_LEVEL"],
+                            format="%(levelname)s %(name)s: %(message)s")
     if kind.endswith("-command"):
         raise SystemExit(f"{kind} is python -m wsgi_detach itself; ServerProcess runs it")
     if kind not in SERVERS:
@@ -506,7 +518,7 @@ def main(argv: list[str]) -> None:
         from gevent import monkey
 
         monkey.patch_all()
-    if kind in ("pywsgi-plain", "detach-handler"):
+    if kind in ("pywsgi-plain", "detach-handler", "detach-handler-stock"):
         _serve_wire(_load(spec), kind)
     elif kind.startswith("gunicorn-"):
         _serve_gunicorn(spec, kind)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import signal
+import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -82,3 +84,50 @@ def test_demo_serves_the_chat_behind_the_middleware() -> None:
             demo.proc.send_signal(signal.SIGTERM)
             assert stream.read_all().complete
         assert demo.proc.wait(timeout=10) == 0
+
+
+def test_serve_honours_a_grace_above_one_second() -> None:
+    from tests.test_server import check_grace
+
+    args = ["--grace", "3"]
+    with ServerProcess("serve-command", "tests.mw_apps:app", args=args) as server:
+        check_grace(server, 3.0)
+
+
+def _post_head(port: int, length: int) -> socket.socket:
+    """A POST whose app is reading its body: the server said ``100 Continue``."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.sendall(f"POST /api/rooms/grace/messages HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                 f"application/json\r\nExpect: 100-continue\r\n"
+                 f"Content-Length: {length}\r\n\r\n".encode())
+    assert sock.recv(65536) == b"HTTP/1.1 100 Continue\r\n\r\n"
+    return sock
+
+
+def test_demo_honours_a_grace_above_one_second() -> None:
+    """A request still arriving when SIGTERM comes gets the whole grace, not one second."""
+    body = b'{"nick": "n", "text": "sent late"}'
+    with ServerProcess("demo-command", "", args=["--grace", "3"]) as demo, \
+            _post_head(demo.port, len(body)) as late, _post_head(demo.port, 100) as never:
+        late.sendall(body[:5])
+        never.sendall(body[:5])
+        assert demo.proc is not None
+        signalled = time.monotonic()
+        demo.proc.send_signal(signal.SIGTERM)
+        time.sleep(2)  # the rest of the body arrives 2 s after SIGTERM
+        late.sendall(body[5:])
+        assert late.recv(65536).startswith(b"HTTP/1.1 201 Created\r\n")
+        assert never.recv(65536) == b""  # closed at the grace
+        cut_at = time.monotonic() - signalled
+        assert 2.8 < cut_at < 4.0, cut_at
+        assert demo.proc.wait(timeout=10) == 0
+        assert time.monotonic() - signalled < cut_at + 0.8
+
+
+def test_serve_takes_the_http_timeouts() -> None:
+    args = ["--head-timeout", "0.5", "--body-timeout", "0.5", "--max-connections", "50"]
+    with ServerProcess("serve-command", "tests.mw_apps:app", args=args) as server, \
+            socket.create_connection(("127.0.0.1", server.port), timeout=10) as silent:
+        started = time.monotonic()
+        assert silent.recv(1) == b""
+        assert 0.4 < time.monotonic() - started < 2.0

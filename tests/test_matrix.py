@@ -17,6 +17,7 @@ exception) fails that pair and carries the details to its test.
 
 from __future__ import annotations
 
+import socket
 import time
 import traceback
 import uuid
@@ -218,6 +219,28 @@ def case_fail_mid(server: str, port: int) -> Cell:
     return Cell()
 
 
+def case_fail_mid_http10(server: str, port: int) -> Cell:
+    """HTTP/1.0, so close-delimited: only a reset (not a FIN) tells the client it was cut."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(b"GET /fail_mid HTTP/1.0\r\nHost: x\r\n\r\n")
+        received, ending = b"", "EOF"
+        while True:
+            try:
+                more = sock.recv(65536)
+            except ConnectionResetError:
+                ending = "reset"
+                break
+            if not more:
+                break
+            received += more
+    assert received.endswith(b"partial-1;partial-2;"), received  # what was put arrived
+    if server == "pywsgi-detach":
+        assert ending == "reset", "an aborted close-delimited response ended with a FIN"
+    if ending == "EOF":
+        return Cell("EOF: looks complete", broken=True, note="http10_fin")
+    return Cell(ending)
+
+
 def case_fail_first(server: str, port: int) -> Cell:
     response = get(port, "/fail_first")
     assert response.status == 500, response
@@ -260,6 +283,7 @@ CASES: dict[str, Callable[[str, int], Cell]] = {
     "disconnect": case_disconnect,
     "idle": case_idle,
     "fail_mid": case_fail_mid,
+    "fail_mid_http10": case_fail_mid_http10,
     "fail_first": case_fail_first,
     "fail_first_own": case_fail_first_own,
     "fail_first_raw": case_fail_first_raw,

@@ -1,30 +1,25 @@
 """make_server / DetachHandler / DetachServer: TCP_NODELAY, the socket in the environ, a
-stop() that drains, a write path that sends pywsgi's bytes in fewer sends. Served
-from a child process (tests/servers.py)."""
+stop() that honours its grace, a write path that sends pywsgi's bytes in fewer sends,
+HEAD, the HTTP timeouts and connection cap, the reset that ends an aborted
+close-delimited response. Served from a child process (tests/servers.py); the
+request-path speed-ups are tests/test_speedups.py's."""
 
 from __future__ import annotations
 
-import io
+import json
 import re
 import signal
 import socket
 import statistics
-import threading
 import time
 from collections.abc import Iterator
-from http.client import HTTPException
-from typing import Any
 
-import gevent
 import pytest
-from gevent.pywsgi import WSGIHandler, headers_factory
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from tests import wire_apps
 from tests.client import Stream, events, get, keepalive_timings, wait_until
 from tests.servers import ServerProcess, serve
-from wsgi_detach import DetachHandler, DetachMiddleware, make_server
+from wsgi_detach import DetachMiddleware, make_server
 
 
 def test_tcp_nodelay_spares_each_small_response_the_delayed_ack() -> None:
@@ -141,15 +136,21 @@ def test_detach_handler_sends_what_plain_pywsgi_sends(
     assert _exchange(our_port, WIRE_CASES[case]) == expected
 
 
-@pytest.mark.parametrize("path", ["/list", "/gen", "/body_done", "/poll", "/empty", "/clen"])
+@pytest.mark.parametrize("path", ["/list", "/gen", "/body_done", "/poll", "/empty", "/clen",
+                                  "/write", "/fail_first", "/body_fail", "/fail_after"])
 def test_detach_handler_answers_head_with_gets_head_alone(
     wire_servers: tuple[int, int], path: str
 ) -> None:
     """Plain pywsgi sends a body after a HEAD's head (for an endless stream,
-    forever); ours sends exactly the head a GET gets, and nothing after it."""
+    forever); ours sends exactly the head a GET gets, and nothing after it, so the
+    next response on the connection follows at once. Regressions: write() chunks
+    were sent after the head; a body failing before its first chunk got 200."""
     plain_port, our_port = wire_servers
     get_head = _exchange(plain_port, [f"GET {path} HTTP/1.1|{CLOSE}"]).partition(b"\r\n\r\n")[0]
-    assert _exchange(our_port, [f"HEAD {path} HTTP/1.1|{CLOSE}"]) == get_head + b"\r\n\r\n"
+    expected = get_head + b"\r\n\r\n"
+    if b"\r\nConnection: close\r\n" not in expected:
+        expected += _exchange(plain_port, [f"GET /list HTTP/1.1|{CLOSE}"])
+    assert _exchange(our_port, [f"HEAD {path} HTTP/1.1", f"GET /list HTTP/1.1|{CLOSE}"]) == expected
 
 
 def _sends(port: int, path: str) -> int:
@@ -179,186 +180,6 @@ def test_detach_handler_merges_head_data_and_terminator(
     assert _sends(wire_servers[1], path) == sends
 
 
-_HEADER_BYTES = st.sampled_from([b"a", b"Host", b"-", b":", b": ", b" ", b"\t", b"\r", b"\n",
-                                 b"\r\n", b"\xe9", b"From ", b"x y", b"\x7f", b"!"])
-
-
-_NAMES = ("host", "HOST", "a", "-", "!", "from", "missing", "content-length")
-
-
-def _state(message: Any) -> dict[str, Any]:
-    """What pywsgi can see of a parsed message: its email attributes (defects by type,
-    they compare by identity), the lines it builds the environ from, the answers to
-    ``get`` and ``typeheader``."""
-    return {
-        **vars(message),
-        "defects": [type(defect) for defect in message.defects],
-        "lines": list(message.headers),
-        "get": [message.get(name, "?") for name in _NAMES],
-        "typeheader": message.typeheader,
-    }
-
-
-@settings(max_examples=300, deadline=None)
-@given(st.lists(st.lists(_HEADER_BYTES, max_size=6).map(b"".join), max_size=6))
-def test_request_headers_parse_as_pywsgi_parses_them(lines: list[bytes]) -> None:
-    raw = b"".join(line + b"\r\n" for line in lines) + b"\r\nrest"
-    handler = DetachHandler.__new__(DetachHandler)  # MessageClass reads nothing of it
-    ours, theirs = io.BytesIO(raw), io.BytesIO(raw)
-    try:
-        expected = headers_factory(theirs)
-    except HTTPException as exc:
-        with pytest.raises(type(exc)):
-            handler.MessageClass(ours, 0)
-        return
-    parsed = handler.MessageClass(ours, 0)
-    assert _state(parsed) == _state(expected)
-    assert ours.read() == theirs.read()  # the request body starts where it did
-    for message in (parsed, expected):  # what pywsgi does for a chunked request body
-        del message["host"]
-        message["Content-Type"] = "late"
-    assert _state(parsed) == _state(expected)
-
-
-_REQUEST_LINES = st.tuples(
-    st.sampled_from([b"GET", b"HEAD", b"POST", b"", b" GET"]),
-    st.sampled_from([b" ", b"  ", b"\t", b""]),
-    st.sampled_from([b"/", b"/a?b", b"/a b", b"/\n", b"/\xe9"]),
-    st.sampled_from([b" ", b"\t"]),
-    st.sampled_from([b"HTTP/1.1", b"HTTP/1.0", b"HTTP/0.9", b"HTTP/2.0", b""]),
-    st.sampled_from([b"", b" ", b"\r", b" x", b"\n", b"\r\n", b"\nX: y"]),
-).map(b"".join)
-_LEAN_HEADERS = st.sampled_from([b"Host: a", b"Content-Length: 3", b"content-length: 0",
-                                 b"Content-Length: -1", b"Content-Length: x",
-                                 b"Connection: close", b"connection: Keep-Alive",
-                                 b"Connection: upgrade", b"Upgrade: websocket",
-                                 b"Transfer-Encoding: chunked", b"Expect: 100-continue",
-                                 b"X_Y: z", b"Cookie: a", b"A:b", b" folded"])
-
-
-@settings(max_examples=400, deadline=None)
-@given(
-    _REQUEST_LINES,
-    st.lists(st.one_of(_LEAN_HEADERS, st.lists(_HEADER_BYTES, max_size=4).map(b"".join)),
-             max_size=5),
-)
-def test_the_lean_request_path_parses_what_it_takes_as_pywsgi_does(
-    request_line: bytes, lines: list[bytes]
-) -> None:
-    """Whatever head the lean path takes, pywsgi's read_request takes too, with the same
-    result; the lean path declining is always safe (pywsgi then parses it)."""
-    raw = request_line + b"\r\n" + b"".join(line + b"\r\n" for line in lines) + b"\r\nrest"
-    end = raw.find(b"\r\n\r\n")
-    ours = DetachHandler.__new__(DetachHandler)
-    if end <= 0 or not ours._take_lean_head(raw[:end].decode("latin-1")):
-        return
-    theirs = WSGIHandler.__new__(WSGIHandler)
-    theirs.rfile = io.BytesIO(raw)
-    requestline = theirs.read_requestline()
-    assert theirs.read_request(requestline)  # raises on what pywsgi would answer with a 400
-    assert theirs.rfile.tell() == end + 4  # the head ends where the lean path says
-    for name in ("requestline", "command", "path", "request_version", "content_length",
-                 "close_connection"):
-        assert getattr(ours, name) == getattr(theirs, name), name
-    assert ours.headers._headers == theirs.headers._headers
-    for name in _NAMES:
-        assert ours._header_index.get(name.lower(), "?") == theirs.headers.get(name, "?")
-
-
-def test_the_lean_request_path_takes_the_everyday_head_and_declines_the_rest() -> None:
-    def taken(head: str) -> bool:
-        return bool(DetachHandler.__new__(DetachHandler)._take_lean_head(head))
-
-    assert taken("GET /poll?cursor=3 HTTP/1.1\r\nHost: a\r\nAccept: */*")
-    assert taken("POST /publish HTTP/1.1\r\nHost: a\r\nContent-Length: 5")
-    assert taken("GET / HTTP/1.1" + "\r\nX: v" * 99)
-    for declined in ("GET /a HTTP/1.1\r\nExpect: 100-continue",
-                     "POST /a HTTP/1.1\r\nTransfer-Encoding: chunked",
-                     "GET /a HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: websocket",
-                     "GET /a HTTP/1.1\r\nX-Folded: a\r\n b",
-                     "GET /a HTTP/1.1\r\nContent-Length: -1",
-                     "GET /a HTTP/2.0", "GET /a", "GET /a\tb HTTP/1.1",
-                     # a bare LF ends pywsgi's request line: here, before the headers
-                     "POST / HTTP/1.1\n\r\nContent-Length: 5",
-                     # http.client refuses 100 lines (it counts the blank one)
-                     "GET / HTTP/1.1" + "\r\nX: v" * 100):
-        assert not taken(declined), declined
-
-
-_HEADER_TEXT = st.lists(st.sampled_from(["a", "Connection", "Date", "content-length", "close",
-                                         "7", " ", "\r", "\n", "\xe9", "\u4e2d", ":"]),
-                        max_size=3).map("".join)
-
-
-@settings(max_examples=300, deadline=None)
-@given(
-    st.sampled_from(["200 OK", "204 No Content", "304 Not Modified", "101 Switching",
-                     "x00 Bad", "200 \r\nX: y", b"200 OK", "200 caf\xe9", "200 \u4e2d"]),
-    st.lists(st.tuples(st.one_of(_HEADER_TEXT, st.just(b"bytes")), _HEADER_TEXT), max_size=4),
-    st.sampled_from(["HTTP/1.1", "HTTP/1.0"]),
-    st.booleans(),
-)
-def test_start_response_does_what_pywsgi_does(
-    status: Any, headers: list[tuple[Any, str]], version: str, close: bool
-) -> None:
-    """Same attributes on success, the same error (type and message) on failure."""
-    def run(handler_class: type) -> Any:
-        handler = handler_class.__new__(handler_class)
-        handler.request_version, handler.close_connection = version, close
-        try:
-            handler.start_response(status, list(headers))
-        except Exception as exc:
-            return type(exc), exc.args
-        names = ("status", "_orig_status", "response_headers", "code", "provided_date",
-                 "provided_content_length", "close_connection")
-        return {name: getattr(handler, name) for name in names}
-
-    assert run(DetachHandler) == run(WSGIHandler)
-
-
-def test_handler_headers_are_the_current_requests_on_a_keep_alive_connection() -> None:
-    handler = DetachHandler.__new__(DetachHandler)
-    handler.headers = handler.MessageClass(io.BytesIO(b"X-Id: one\r\nX: a\r\n b\r\n\r\n"), 0)
-    assert handler.headers.get("X-Id") == "one"  # pywsgi's path (a folded line)
-    assert handler._take_lean_head("GET / HTTP/1.1\r\nX-Id: two")
-    assert handler.headers.get("X-Id") == "two"
-    assert handler._take_lean_head("GET / HTTP/1.1\r\nX-Id: three")
-    assert handler.headers.get("X-Id") == "three"
-
-
-def test_start_response_given_an_iterator_still_refuses_an_injected_header() -> None:
-    # PEP 3333 asks for a list; an iterator must not slip past pywsgi's checks
-    # by being half used up by the one-pass path.
-    for handler_class in (WSGIHandler, DetachHandler):
-        handler = handler_class.__new__(handler_class)
-        handler.request_version, handler.close_connection = "HTTP/1.1", False
-        with pytest.raises(ValueError, match="carriage return or newline"):
-            handler.start_response("200 OK", iter([("A", "b"), ("X", "y\r\nEvil: 1")]))
-
-
-def test_request_headers_fast_path_is_taken_for_plain_lines() -> None:
-    parsed = DetachHandler.__new__(DetachHandler).MessageClass(
-        io.BytesIO(b"Host: a\r\nX-Long:  spaced  \r\n\r\n"), 0
-    )
-    assert parsed._headers == [("Host", "a"), ("X-Long", "spaced  ")]
-    assert parsed.get("host") == "a" and parsed.status == ""
-
-
-def test_the_access_log_is_still_written_when_one_is_configured() -> None:
-    lines = io.StringIO()
-    server = make_server(wire_apps.plain, port=0, log=lines)
-    server.start()
-    try:
-        thread = threading.Thread(target=lambda: get(server.server_port, "/list"))
-        thread.start()
-        give_up = time.monotonic() + 10
-        while thread.is_alive() and time.monotonic() < give_up:
-            gevent.sleep(0.01)  # the server runs in this thread's hub meanwhile
-        assert '"GET /list HTTP/1.1" 200 ' in lines.getvalue()
-    finally:
-        server.stop(timeout=1)
-
-
 def test_head_gets_the_head_alone_and_ends_the_stream() -> None:
     """Finding 12: pywsgi sends a body even for HEAD; an endless detached stream
     streamed forever after the HEAD headers, holding its producer and slot."""
@@ -384,16 +205,224 @@ def test_head_gets_the_head_alone_and_ends_the_stream() -> None:
         assert wait_until(lambda: "on_close" in events(server.port, "head"), timeout=2)
 
 
-def test_the_date_header_is_formatted_once_a_second_as_pywsgi_formats_it() -> None:
-    from gevent.pywsgi import format_date_time
+# ---------------------------------------------------------------------- the grace
 
-    from wsgi_detach._server import _date_now
 
-    for _ in range(3):  # a second may turn between the two readings: bounded retries
-        second = int(time.time())
-        ours = _date_now()
-        if int(time.time()) == second:
-            assert ours == format_date_time(second)
-            assert _date_now() is ours  # the same second: the cached bytes
-            return
-    pytest.fail("the second turned during each of three readings")
+def check_grace(server: ServerProcess, grace: float) -> None:
+    """SIGTERM with one stream due to end 2 s later and one due to outlive ``grace``:
+    the first ends cleanly, the second is cut at the grace, the process exits at once."""
+    assert grace > 2.5
+    ending = Stream(server.port, "/detached?n=21&interval=0.1")  # its last chunk ~2 s on
+    endless = Stream(server.port, "/detached?n=1000&interval=0.1")
+    for stream in (ending, endless):
+        stream.read_head()
+        assert stream.read_chunk() is not None
+    assert server.proc is not None
+    signalled = time.monotonic()
+    server.proc.send_signal(signal.SIGTERM)
+    done = ending.read_all()
+    ended = time.monotonic() - signalled
+    assert (done.complete, done.body.count(b";")) == (True, 21), done
+    assert 1.5 < ended < grace
+    cut = endless.read_all()
+    cut_at = time.monotonic() - signalled
+    assert cut.complete is False  # no terminating chunk: visibly incomplete
+    assert grace - 0.2 < cut_at < grace + 0.8, cut_at
+    assert server.proc.wait(timeout=10) == 0
+    assert time.monotonic() - signalled < cut_at + 0.8
+    ending.close()
+    endless.close()
+
+
+def test_make_server_serve_forever_honours_a_grace_above_one_second() -> None:
+    """Regression: stop() closed the listener, serve_forever() returned and called stop()
+    again, which skipped the drain and killed every handler after one second."""
+    with ServerProcess("detach-server", "tests.mw_apps:app", env={"TEST_GRACE": "3"}) as server:
+        check_grace(server, 3.0)
+
+
+# ---------------------------------------------------------------------- HTTP timeouts
+
+_SHORT = {"head_timeout": 0.5, "body_timeout": 0.5}
+
+
+@pytest.fixture(scope="module")
+def timed_server() -> Iterator[ServerProcess]:
+    env = {"TEST_SERVER_OPTIONS": json.dumps(_SHORT), "TEST_LOG_LEVEL": "INFO"}
+    with serve("detach-server", "tests.mw_apps:app", env=env) as server:
+        yield server
+
+
+def _closed_after(sock: socket.socket, started: float, trickle: bytes = b"") -> tuple[float, bytes]:
+    """Trickle ``trickle`` a byte every 50 ms, then wait; (seconds until the server
+    closed the connection, what it sent)."""
+    received = b""
+    sock.settimeout(0.05)
+    give_up = started + 10
+    while time.monotonic() < give_up:
+        if trickle:
+            try:
+                sock.send(trickle[:1])
+            except OSError:
+                pass
+            trickle = trickle[1:]
+        try:
+            more = sock.recv(65536)
+        except socket.timeout:
+            continue
+        except ConnectionResetError:
+            more = b""
+        if not more:
+            return time.monotonic() - started, received
+        received += more
+    pytest.fail(f"the connection was not closed within 10 s; got {received!r}")
+
+
+def test_slow_silent_and_stalled_clients_are_closed_while_others_are_served(
+    timed_server: ServerProcess,
+) -> None:
+    port = timed_server.port
+    before = timed_server.stderr_text()
+    started = time.monotonic()
+    silent = [socket.create_connection(("127.0.0.1", port)) for _ in range(20)]
+    slow_head = socket.create_connection(("127.0.0.1", port))
+    slow_head.sendall(b"GET /plain HTTP/1.1\r\n")
+    slow_body = socket.create_connection(("127.0.0.1", port))
+    slow_body.sendall(b"POST /read HTTP/1.1\r\nHost: x\r\nContent-Length: 200\r\n\r\n")
+    # Meanwhile other clients are answered without delay.
+    for _ in range(5):
+        asked = time.monotonic()
+        assert get(port, "/plain").body == b"hello world"
+        assert time.monotonic() - asked < 0.2
+    head_closed, head_got = _closed_after(slow_head, started, b"X-Slow: " + b"y" * 100)
+    body_closed, body_got = _closed_after(slow_body, started, b"z" * 100)
+    silent_closed = [_closed_after(sock, started)[0] for sock in silent]
+    for sock in (*silent, slow_head, slow_body):
+        sock.close()
+    # Closed after the configured 0.5 s (a generous upper bound: the machine is shared).
+    for closed in (head_closed, body_closed, *silent_closed):
+        assert 0.45 < closed < 2.0, (head_closed, body_closed, silent_closed)
+    assert head_got == b""  # no complete head: nothing to answer
+    assert body_got.startswith(b"HTTP/1.1 408 Request Timeout\r\n"), body_got
+    assert timed_server.info()["violations"] == []
+    # Each cut client logged once at INFO, no traceback.
+    log = timed_server.stderr_text().removeprefix(before)
+    assert log.count("INFO wsgi_detach: closed the connection from") == 21, log
+    assert log.count("INFO wsgi_detach: closing the connection from") == 1, log
+    assert "Traceback" not in log
+
+
+@pytest.mark.parametrize("framing", [
+    "Transfer-Encoding: chunked\r\n\r\n5\r\nab",
+    "Expect: 100-continue\r\nContent-Length: 9\r\n\r\nab",
+])
+def test_a_stalled_chunked_or_continued_body_gets_a_408(
+    timed_server: ServerProcess, framing: str
+) -> None:
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", timed_server.port)) as sock:
+        sock.sendall(f"POST /read HTTP/1.1\r\nHost: x\r\n{framing}".encode())
+        closed, got = _closed_after(sock, started)
+    assert 0.45 < closed < 2.0, closed
+    assert b"HTTP/1.1 408 Request Timeout\r\n" in got, got
+
+
+def test_a_stream_idle_longer_than_the_timeouts_is_not_cut(timed_server: ServerProcess) -> None:
+    with Stream(timed_server.port, "/idle?key=timed-idle&alive=1.5") as stream:
+        stream.read_head()
+        assert stream.read_all().body == b"alive"  # 3x the timeouts after its head
+
+
+def test_a_keep_alive_connection_idle_past_the_head_timeout_closes_quietly(
+    timed_server: ServerProcess,
+) -> None:
+    before = timed_server.stderr_text().count("INFO")
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", timed_server.port)) as sock:
+        sock.sendall(b"GET /plain HTTP/1.1\r\nHost: x\r\n\r\n")
+        closed, got = _closed_after(sock, started)
+    assert got.endswith(b"hello world") and 0.45 < closed < 2.0
+    assert timed_server.stderr_text().count("INFO") == before  # the ordinary end: no INFO line
+
+
+def test_at_max_connections_the_longest_waiting_idle_connection_makes_room() -> None:
+    """Silent clients cannot lock others out by filling the places; a stream is never
+    the one closed."""
+    options = {"max_connections": 2, "head_timeout": 30}
+    env = {"TEST_SERVER_OPTIONS": json.dumps(options), "TEST_LOG_LEVEL": "INFO"}
+    with serve("detach-server", "tests.mw_apps:app", env=env) as server, \
+            Stream(server.port, "/idle?key=room&alive=2") as stream:
+        # The stream holds one place, waiting for its producer (its head comes with "alive").
+        assert wait_until(lambda: events(server.port, "room") == ["opened"])
+        with socket.create_connection(("127.0.0.1", server.port)) as silent:
+            silent.settimeout(3)
+            asked = time.monotonic()
+            assert get(server.port, "/plain").body == b"hello world"  # a newcomer
+            assert time.monotonic() - asked < 0.5
+            assert silent.recv(1) == b""  # the silent one made room for it
+        assert stream.read_all().body == b"alive"  # the stream was never chosen
+        assert server.stderr_text().count("to make room") == 1
+
+
+# ---------------------------------------------------------------------- aborting
+
+
+def _read_to_the_end(sock: socket.socket) -> tuple[bytes, str]:
+    """Everything until the connection ends; and how it ended: "eof" or "reset"."""
+    received = b""
+    while True:
+        try:
+            more = sock.recv(65536)
+        except ConnectionResetError:
+            return received, "reset"
+        if not more:
+            return received, "eof"
+        received += more
+
+
+@pytest.mark.parametrize(("path", "version", "ending"), [
+    ("/fail_mid", "HTTP/1.0", "reset"),  # close-delimited and aborted: a reset tells the client
+    ("/detached?n=2", "HTTP/1.0", "eof"),  # close-delimited and complete: the ordinary FIN
+    ("/fail_mid", "HTTP/1.1", "eof"),  # chunked: the missing terminator tells
+])
+def test_an_aborted_close_delimited_response_ends_with_a_reset(
+    path: str, version: str, ending: str
+) -> None:
+    """Regression: an HTTP/1.0 stream aborted by fail() ended in a plain FIN, byte for
+    byte like a complete one. What was put before the failure still arrives."""
+    with serve("detach-server", "tests.mw_apps:app") as server, \
+            socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(f"GET {path} {version}\r\nHost: x\r\n\r\n".encode())
+        received, how = _read_to_the_end(sock)
+    assert received.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert b"partial;" in received or b"chunk 1;" in received
+    assert how == ending
+
+
+def test_the_reset_waits_until_what_was_put_has_left() -> None:
+    """A reset discards unsent bytes; fail() promises what was put is delivered."""
+    with serve("detach-server", "tests.mw_apps:app") as server, \
+            socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        sock.sendall(b"GET /fail_big HTTP/1.0\r\nHost: x\r\n\r\n")
+        time.sleep(0.3)  # a slow reader: the server's send queue is full meanwhile
+        received, how = _read_to_the_end(sock)
+    body = received.partition(b"\r\n\r\n")[2]
+    assert (len(body), body.count(b"x"), how) == (4_000_000, 4_000_000, "reset")
+
+
+def test_the_http_limits_are_on_by_default() -> None:
+    """The defaults docs/servers.md gives and explains."""
+    import resource
+
+    server = make_server(wire_apps.plain, port=0)
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    expected_cap = None if soft == resource.RLIM_INFINITY else max(soft - 64, soft // 2, 1)
+    assert (server.head_timeout, server.body_timeout, server.max_connections) == (
+        20.0, 60.0, expected_cap)
+    with pytest.raises(ValueError, match=r"^head_timeout must be a number of seconds > 0 or "
+                                         r"None, got 0$"):
+        make_server(wire_apps.plain, port=0, head_timeout=0)
+    with pytest.raises(ValueError, match=r"^max_connections must be a positive int, 'auto' or "
+                                         r"None, got -1$"):
+        make_server(wire_apps.plain, port=0, max_connections=-1)

@@ -11,6 +11,7 @@ write paths under test. Each route is one shape of response PEP 3333 allows.
 from __future__ import annotations
 
 import io
+import sys
 from collections.abc import Iterator
 from typing import Any, Callable
 
@@ -149,8 +150,38 @@ def plain(environ: dict[str, Any], start_response: Start) -> Any:
         body = detach(environ)
         gevent.spawn(_later, body, [], b"message")
         return body
+    if path == "/twice":  # a second start_response without exc_info (PEP 3333: an error)
+        start_response("200 OK", TEXT)
+        start_response("201 Created", TEXT)
+        return [b"twice"]
+    if path == "/refused":  # a head the server refuses, caught by the app: its fallback answer
+        what = environ["QUERY_STRING"]
+        status, headers = REFUSED[what]
+        try:
+            start_response(status, headers)
+        except Exception as exc:  # what the server raised, shown to the client
+            shown = f"{type(exc).__name__}: {exc.args!r}".encode()
+            start_response("500 Fallback", [*TEXT, ("Content-Length", str(len(shown)))],
+                           sys.exc_info())
+            return [shown]
+        return [b"accepted"]
     start_response("404 Not Found", [("Content-Length", "0")])
     return []
+
+
+#: Heads gevent.pywsgi refuses when start_response is called (PEP 3333: the server
+#: checks there, so that the app can answer otherwise).
+REFUSED: dict[str, tuple[Any, list[tuple[Any, Any]]]] = {
+    "crlf-value": ("200 OK", [("X-Split", "a\r\nSet-Cookie: evil=1")]),
+    "crlf-name": ("200 OK", [("X-A\nB", "v")]),
+    "crlf-status": ("200 OK\r\nX: y", []),
+    "latin1": ("200 OK", [("X-Name", "\u4e2d")]),
+    "bytes-name": ("200 OK", [(b"X-Bytes", "v")]),
+    "bytes-status": (b"200 OK", []),
+    "304-length": ("304 Not Modified", [("Content-Length", "5")]),
+    "204-length": ("204 No Content", [("Content-Length", "3")]),
+    "bad-code": ("OK 200", []),
+}
 
 
 app = DetachMiddleware(plain)

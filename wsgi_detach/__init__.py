@@ -27,15 +27,18 @@ from ._broadcast import (
     SlowSubscriber,
     Subscription,
 )
+from ._broker import ChannelHub, RedisBroker
 from ._budget import ByteBudget
 from ._errors import (
     BodyAborted,
     BodyClosed,
     BodyEnded,
     BodyTimeout,
+    BrokerUnavailable,
     BufferFull,
     DetachError,
     ProducerStopped,
+    RequestTimeout,
     Unavailable,
     UsageError,
 )
@@ -55,8 +58,10 @@ __all__ = [
     "BodyEnded",
     "BodyOptions",
     "BodyTimeout",
+    "BrokerUnavailable",
     "BufferFull",
     "ByteBudget",
+    "ChannelHub",
     "Chunk",
     "DetachError",
     "DetachHandler",
@@ -70,6 +75,8 @@ __all__ = [
     "Message",
     "MessageStore",
     "ProducerStopped",
+    "RedisBroker",
+    "RequestTimeout",
     "SlowSubscriber",
     "Subscription",
     "Unavailable",

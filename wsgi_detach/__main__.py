@@ -67,6 +67,13 @@ def _parser() -> argparse.ArgumentParser:
     # A short grace: the chat's streams never end by themselves, so Ctrl-C
     # would otherwise wait the whole grace before cutting them.
     _server_options(demo, grace=1.0)
+    demo.add_argument(
+        "--redis",
+        metavar="URL",
+        default=os.environ.get("REDIS_URL") or None,
+        help="share the rooms through Redis with every process using it, e.g. "
+        "redis://localhost:6379/0 (default: $REDIS_URL if set, else in-process rooms)",
+    )
     return parser
 
 
@@ -92,12 +99,42 @@ def _server_options(command: argparse.ArgumentParser, *, grace: float) -> None:
     command.add_argument("--heartbeat", type=float, help="default heartbeat of bodies (seconds)")
     command.add_argument("--max-open", type=int, help="most detached responses open at once")
     command.add_argument("--max-buffered", type=int, help="most bytes buffered across all bodies")
+    _timeout_options(command)
     command.add_argument("--no-access-log", action="store_true", help="do not log each request")
     command.add_argument(
         "--no-nodelay",
         action="store_true",
         help="leave TCP_NODELAY off (only to measure what it costs)",
     )
+
+
+def _timeout_options(command: argparse.ArgumentParser) -> None:
+    """The HTTP-layer limits (make_server's head_timeout, body_timeout, max_connections)."""
+    from wsgi_detach._server import BODY_TIMEOUT, HEAD_TIMEOUT  # after the patch, as all else
+
+    command.add_argument(
+        "--head-timeout", type=float, default=HEAD_TIMEOUT, metavar="S",
+        help="seconds a connection may take to send a request head, or stay idle between "
+        "requests; 0: no limit (default: %(default)s)",
+    )
+    command.add_argument(
+        "--body-timeout", type=float, default=BODY_TIMEOUT, metavar="S",
+        help="seconds one read of a request body may wait; 0: no limit (default: %(default)s)",
+    )
+    command.add_argument(
+        "--max-connections", type=int, metavar="N",
+        help="most connections open at once, more wait in the backlog; 0: no cap "
+        "(default: the open-files limit less 64)",
+    )
+
+
+def _timeout_settings(args: argparse.Namespace) -> dict[str, Any]:
+    cap = args.max_connections
+    return {
+        "head_timeout": args.head_timeout or None,
+        "body_timeout": args.body_timeout or None,
+        "max_connections": "auto" if cap is None else (cap or None),
+    }
 
 
 def _serve(
@@ -129,6 +166,7 @@ def _serve(
         grace=args.grace,
         farewell=codecs.decode(args.farewell, "unicode_escape") if args.farewell else None,
         log=None if args.no_access_log else "default",
+        **_timeout_settings(args),
         **options,
     )
     server.start()
@@ -157,7 +195,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.command == "demo":
         from wsgi_detach._demo import ChatApp
 
-        chat = ChatApp()
+        try:
+            chat = ChatApp(redis_url=args.redis)
+        except (ValueError, ImportError) as exc:  # a bad --redis URL, or no redis-py
+            raise SystemExit(f"demo: {exc}") from None
         # On SIGTERM the chat ends its streams and polls cleanly first, so
         # the drain has nothing to cut.
         return _serve(args, chat, "the demo chat", before_stop=chat.disconnect_all)

@@ -6,7 +6,7 @@ that reconnects must get what it missed -- or be told that it missed too
 much.
 
 When not to: several processes publish or serve the same feed (the hub
-lives in one process's memory: put a broker such as Redis in front), or
+lives in one process's memory: use :class:`~wsgi_detach.RedisBroker`'s hubs), or
 every message must survive a server restart (the history is a ring buffer in
 memory, not a log).
 
@@ -52,8 +52,10 @@ id); ``resolve(client_id) -> int | str`` turns a client's id into the
 ``cursor`` and ``last_seq`` say where the latest message is. Delivery stays
 in the hub: :meth:`Hub.publish` stores the message, then hands it to
 ``_fan_out``, which encodes it for each subscriber outside the lock and
-delivers in ``seq`` order. A broker backend (several processes sharing one
-feed) implements the same store interface beside :class:`History`.
+delivers in ``seq`` order. Several processes sharing one feed use
+:class:`~wsgi_detach.ChannelHub` instead (see :mod:`wsgi_detach._broker`): its
+messages are numbered in Redis, outside any lock, and its receiver feeds them
+to the local subscribers.
 
 Slow subscribers
 ----------------

@@ -19,6 +19,8 @@ exception              raised when                                  who caused i
 ``Unavailable``        ``DetachMiddleware`` refuses a new detached    the load (or
                        response (``max_open``, draining), or ends   a shutdown)
                        one that outlived ``drain()``'s grace
+``RequestTimeout``     a read of the request body waited longer    the client
+                       than ``make_server(body_timeout=...)``       was too slow
 =====================  ===========================================  ==============
 
 ``BodyEnded`` and ``BodyAborted`` share the base :class:`BodyClosed`, so code
@@ -30,14 +32,18 @@ This module imports nothing of ours.
 
 from __future__ import annotations
 
+import errno
+
 __all__ = [
     "BodyAborted",
     "BodyClosed",
     "BodyEnded",
     "BodyTimeout",
+    "BrokerUnavailable",
     "BufferFull",
     "DetachError",
     "ProducerStopped",
+    "RequestTimeout",
     "Unavailable",
     "UsageError",
 ]
@@ -99,6 +105,20 @@ class BodyTimeout(DetachError, TimeoutError):
     """
 
 
+class RequestTimeout(DetachError, TimeoutError):
+    """The client did not send its request in time; caused by the client.
+
+    Raised by ``make_server``'s server (``body_timeout``) out of a read of
+    ``environ["wsgi.input"]`` that waited too long for the request body. The
+    connection is closed after the response; an app that lets it propagate
+    gets a ``408 Request Timeout`` sent for it (if nothing was sent yet) and
+    one INFO line in the log, no traceback.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(errno.ETIMEDOUT, message)
+
+
 class ProducerStopped(DetachError):
     """The producer was stopped by a ``BaseException`` before it ended the body.
 
@@ -127,3 +147,22 @@ class Unavailable(DetachError):
     middleware answers ``503`` with ``Retry-After`` either way. Also the
     exception a body fails with when ``drain()``'s grace runs out.
     """
+
+
+class BrokerUnavailable(DetachError):
+    """The message broker (Redis) could not be reached, or did not answer in time.
+
+    Who caused it: the broker or the network between, not the caller. Raised
+    by a publish through :class:`~wsgi_detach.RedisBroker` within a bounded
+    time (see its timeouts), never after waiting indefinitely, and never
+    retried behind your back.
+
+    Attributes:
+        maybe_applied: True when the command had been sent when the
+            connection failed or timed out: Redis may have run it (the
+            message may have been published). False: it certainly was not.
+    """
+
+    def __init__(self, message: str, *, maybe_applied: bool = False) -> None:
+        super().__init__(message)
+        self.maybe_applied = maybe_applied

@@ -35,7 +35,9 @@ of passing it on, until the app returns: only then is it known whether the
 response is detached (a body was registered, or one came back), and so
 whether to add the streaming headers or to answer 503 instead. Holding is
 invisible to the server, which sends nothing before the first non-empty
-chunk anyway (PEP 3333 "The start_response() Callable"). An ordinary
+chunk anyway (PEP 3333 "The start_response() Callable"); on gevent.pywsgi
+the server still checks the head when the app makes the call, so the app
+can catch what it refuses (see ``_check_now``). An ordinary
 response is then handed back *unchanged* -- same object, so same ``len()``,
 same ``close()``, same ``wsgi.file_wrapper`` -- and any later
 ``start_response`` call passes straight through. A detached response is
@@ -423,6 +425,28 @@ _HOLD: Final = "hold"  # the app is running: start_response is held back
 _PASS: Final = "pass"  # an ordinary response: everything goes straight through
 _DETACHED: Final = "detached"  # a detached response: streaming headers, our wrapper
 
+# Where the app's start_response call is (PEP 3333 "The start_response()
+# Callable"); one state per request, changed only by _Request's
+# start_response, flush_head, forward and refuse:
+#
+#   state    meaning                        app calls start_response        app calls write()
+#   unset    not called yet                 mode hold: hold it (-> checked  UsageError
+#                                           or held); else pass it on
+#                                           (-> sent)
+#   held     kept back; the server has      with exc_info: replace it;      pass the head on
+#            not seen it                    without: UsageError             (-> sent), write
+#   checked  kept back; the server checked  as held                         -> sent (the server
+#            it and holds it (_check_now)                                   has it), write
+#   sent     the server has it              pass it on: the server decides  the server's write
+#
+# Passing a checked head on is free for an ordinary response (the server
+# holds it already); a detached one is passed on again with its streaming
+# headers.
+_UNSET: Final = "unset"
+_HELD: Final = "held"
+_CHECKED: Final = "checked"
+_SENT: Final = "sent"
+
 
 class _Request:
     """The middleware's state for one request."""
@@ -443,6 +467,7 @@ class _Request:
         "server_keeps_connection",
         "server_start_response",
         "server_write",
+        "started",
         "stop_pump",
     )
 
@@ -453,8 +478,9 @@ class _Request:
         self.mw = mw
         self.server_start_response = start_response
         self.mode: str = _HOLD
-        self.head: tuple[str, list[tuple[str, str]], ExcInfo | None] | None = None
-        self.server_write: Callable[[bytes], object] | None = None
+        self.started: str = _UNSET  # see the table above _UNSET
+        self.head: tuple[str, list[tuple[str, str]], ExcInfo | None] | None = None  # if held
+        self.server_write: Callable[[bytes], object] | None = None  # once sent
         self.bodies: list[DetachedBody] = []
         self.stop_pump: Callable[[], None] | None = None  # for an adopted bare queue
         self.queue: Any = None  # a gevent queue a framework wrapped, if one was found
@@ -550,26 +576,44 @@ class _Request:
     def start_response(
         self, status: str, headers: list[tuple[str, str]], exc_info: ExcInfo | None = None
     ) -> Callable[[bytes], object]:
-        if self.mode == _HOLD and self.server_write is None:
-            if self.head is not None and exc_info is None:
-                # PEP 3333 "The start_response() Callable": a fatal error, as
-                # every server treats it; silently replacing the held head
-                # would hide an app bug that breaks without the middleware.
-                raise UsageError(
-                    "start_response() called a second time without exc_info; only an "
-                    "error handler may replace the status and headers, passing "
-                    "exc_info=sys.exc_info()"
-                )
-            self.head = (status, headers, exc_info)  # a later call with exc_info replaces it
-            return self.write
-        if self.mode == _DETACHED:
-            headers = self.mw._streaming(headers)
-        return self.forward(status, headers, exc_info)
+        started = self.started
+        if started == _SENT or self.mode != _HOLD:
+            if self.mode == _DETACHED:
+                headers = self.mw._streaming(headers)
+            return self.forward(status, headers, exc_info)
+        if started != _UNSET and exc_info is None:
+            # PEP 3333 "The start_response() Callable": a fatal error, as
+            # every server but pywsgi treats it; silently replacing the held
+            # head would hide an app bug that breaks elsewhere.
+            raise UsageError(
+                "start_response() called a second time without exc_info; only an "
+                "error handler may replace the status and headers, passing "
+                "exc_info=sys.exc_info()"
+            )
+        if type(headers) is not list:  # held, so read once: an iterator would be used up
+            headers = list(headers)
+        if _check_now(self.server_start_response):
+            # The server's own checks, where the app can catch what they raise.
+            try:
+                self.server_write = self.server_start_response(status, headers, exc_info)
+            except BaseException:
+                if started == _CHECKED:
+                    # What the server holds now is unknown (pywsgi sets a
+                    # 204/304 status before refusing its length): the kept
+                    # head is passed on again.
+                    self.started = _HELD
+                raise
+            started = _CHECKED
+        else:
+            started = _HELD
+        self.head = (status, headers, exc_info)  # a later call with exc_info replaces it
+        self.started = started
+        return self.write
 
     def write(self, data: bytes) -> object:
         """PEP 3333's write() callable: the head must go out first, unchanged."""
-        if self.server_write is None:
-            if self.head is None:
+        if self.started != _SENT:
+            if self.started == _UNSET:
                 raise UsageError("write() called before start_response()")
             self.flush_head()
         assert self.server_write is not None
@@ -636,12 +680,17 @@ class _Request:
         return response
 
     def flush_head(self) -> None:
-        if self.head is None:
+        started = self.started
+        if started == _UNSET or started == _SENT:
             return
+        assert self.head is not None
         status, headers, exc_info = self.head
         self.head = None  # PEP 3333: do not keep a reference to exc_info
         if self.mode == _DETACHED:
             headers = self.mw._streaming(headers)
+        elif started == _CHECKED:
+            self.started = _SENT  # the server holds this very head already
+            return
         self.forward(status, headers, exc_info)
 
     def forward(
@@ -651,13 +700,15 @@ class _Request:
             self.server_write = self.server_start_response(status, headers)
         else:
             self.server_write = self.server_start_response(status, headers, exc_info)
+        self.started = _SENT
         return self.write
 
     def refuse(self) -> list[bytes]:
         message = b"503 Service Unavailable: too many open streams, or shutting down; retry later\n"
         self.mode = _PASS
         self.head = None
-        self.server_start_response(
+        self.started = _SENT
+        self.server_write = self.server_start_response(
             "503 Service Unavailable",
             [
                 ("Content-Type", "text/plain; charset=utf-8"),
@@ -821,6 +872,36 @@ def python_next(iterator: object) -> bool:
     later). Anything else (a generator, a list) is faster through ``next()``.
     """
     return isinstance(getattr(type(iterator), "__next__", None), FunctionType)
+
+
+#: Handler classes by whether their start_response is gevent.pywsgi's (see _check_now).
+_PYWSGI_HANDLERS: dict[type, bool] = {}
+
+
+def _check_now(start_response: object) -> bool:
+    """Whether to call ``start_response`` when the app does, to check the head.
+
+    PEP 3333 has the server check the status and headers when
+    ``start_response`` is called, so that the app can catch the error (a
+    CR or LF in a header, a character beyond latin-1, a 304 with a body
+    length); holding the call would move that error past the app. For
+    gevent.pywsgi's handler (and subclasses, such as ``DetachHandler``)
+    calling it is free of lasting effects: each call replaces the last
+    until the head is sent, so the middleware calls it at once to run
+    those checks, and again when it passes the head on. Other servers
+    refuse a second call, so there the head is checked when passed on.
+    """
+    owner = getattr(start_response, "__self__", None)
+    if owner is None:
+        return False
+    kind = type(owner)
+    known = _PYWSGI_HANDLERS.get(kind)
+    if known is None:
+        known = _PYWSGI_HANDLERS[kind] = any(
+            base.__module__ == "gevent.pywsgi" and base.__name__ == "WSGIHandler"
+            for base in kind.__mro__
+        )
+    return known
 
 
 def _close(iterable: object) -> None:

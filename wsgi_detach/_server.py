@@ -2,7 +2,9 @@
 
 Use it to serve any WSGI app under gevent.pywsgi with :class:`DetachMiddleware`
 in front, which is what ``python -m wsgi_detach serve module:app`` does. It
-differs from a plain ``gevent.pywsgi.WSGIServer`` in three ways:
+differs from a plain ``gevent.pywsgi.WSGIServer`` in these ways (each
+deliberate difference on the wire is listed, with its reason, in
+docs/servers.md and pinned by tests/test_conformance.py):
 
 * the handler puts the client socket in ``environ["wsgi_detach.socket"]``, so
   the middleware notices a client that leaves an idle stream within
@@ -11,11 +13,18 @@ differs from a plain ``gevent.pywsgi.WSGIServer`` in three ways:
   chunked response's final ``0\\r\\n\\r\\n`` separately, and without
   ``TCP_NODELAY`` that small write waits for the client's delayed ACK
   (~40 ms on Linux) -- each small response, each long-poll, pays it;
+* HEAD gets the head a GET gets and no body; an aborted close-delimited
+  response ends with a reset, not a FIN that would make it look complete;
+* ``head_timeout``, ``body_timeout`` and ``max_connections`` bound what a
+  slow or silent client can hold (plain pywsgi waits for ever); the timers
+  run only while a request head or body is awaited, never while a response
+  is sent or a detached stream waits for its producer;
 * ``stop()`` drains the middleware first (:meth:`DetachMiddleware.drain`), so
   open streams get a farewell or a grace period instead of being killed.
 
 :class:`DetachHandler` also replaces pywsgi's write path (same bytes on the
-wire, fewer system calls; see "The write path" in its docstring).
+wire, fewer system calls; see "The write path" in its docstring) and, in
+:mod:`wsgi_detach._speedups`, its request path (one switch turns that off).
 
 When not to use it: under gunicorn (``-k gevent`` already exposes
 ``gunicorn.socket``; wrap the app in ``DetachMiddleware`` and call ``drain``
@@ -26,83 +35,163 @@ that is not monkey-patched if your app uses blocking libraries (the
 
 from __future__ import annotations
 
-import email.parser
-import functools
+import errno
 import logging
-import re
 import socket
+import struct
 import time
-import urllib.parse
 from collections.abc import Iterator
-from http import client as _http
 from typing import TYPE_CHECKING, Any, Callable, Final
 
-from gevent import pywsgi
+from gevent import get_hub, getcurrent, pywsgi
+from gevent import sleep as gevent_sleep
+from gevent.event import Event
 from gevent.pool import Pool
 from gevent.pywsgi import WSGIHandler, WSGIServer
 from gevent.socket import socket as _GeventSocket
 
 from ._body import Chunk
+from ._errors import RequestTimeout
 from ._middleware import DetachMiddleware, python_next
+from ._speedups import SpeedUps
 from ._watchers import SOCKET_KEY
+
+try:
+    import fcntl
+    import termios
+except ImportError:  # not a POSIX system: no send-queue look-up, the reset goes at once
+    fcntl = termios = None  # type: ignore[assignment]
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import WSGIApplication
 
-__all__ = ["DetachHandler", "DetachServer", "make_server"]
+__all__ = ["DetachHandler", "DetachServer", "handler_class", "make_server"]
 
 log = logging.getLogger("wsgi_detach")
 
-#: After the drain, how long pywsgi may wait for the remaining handlers (idle
-#: keep-alive connections, responses that were not detached) before killing them.
+#: After the drain, the least time the streams it has just cut get to abort
+#: (each takes milliseconds) before every handler still running is ended.
+_AFTER_CUT: Final = 0.2
+#: How long pywsgi then waits for the handlers it ends before killing them.
 _AFTER_DRAIN: Final = 1.0
+
+#: Default ``head_timeout``: the longest a connection may take to send a whole
+#: request head, and the longest it may stay idle between keep-alive
+#: requests. A client sends a head in one go (milliseconds); a long-poll
+#: client asks again at once. 20 s is under nginx's 60 s client_header_timeout
+#: and far over gunicorn's 2 s keep-alive and uvicorn's 5 s, which close idle
+#: connections that a chat's next message would reuse; docs/servers.md.
+HEAD_TIMEOUT: Final = 20.0
+#: Default ``body_timeout``: the longest one read of the request body may
+#: wait. Frameworks read uploads in pieces (64 KiB for Werkzeug and Django),
+#: so 60 s is a floor of about 1 KiB/s; nginx's client_body_timeout is 60 s.
+BODY_TIMEOUT: Final = 60.0
+#: A cap no server reaches (for ``max_connections=None``).
+_NO_CAP: Final = float("inf")
+#: File descriptors ``max_connections="auto"`` leaves for the app (files,
+#: a broker connection, logs) below the process's limit.
+_FD_RESERVE: Final = 64
+
+#: The longest an aborted close-delimited response waits for its sent bytes
+#: to be acknowledged before the reset (which would discard them), and how
+#: often it looks.
+_FLUSH_BEFORE_RESET: Final = 2.0
+_FLUSH_POLL: Final = 0.005
+#: SO_LINGER on, 0 seconds: close() sends a reset.
+_LINGER_ZERO: Final = struct.pack("ii", 1, 0)
+#: The ioctl for a TCP socket's send queue (Linux: SIOCOUTQ == TIOCOUTQ).
+_OUTQ: Final = getattr(termios, "TIOCOUTQ", None) if termios is not None else None
 
 #: The terminating chunk of a chunked response (RFC 9112 section 7.1).
 _LAST_CHUNK: Final = b"0\r\n\r\n"
 #: What ``next(iterator, _END)`` returns at the end of a body.
 _END: Final = object()
 
-#: A request header line the email parser would take as ``name: value`` and
-#: nothing else: a name of the characters it accepts, no continuation, no
-#: stray line break. Anything else goes to the email parser itself.
-_SIMPLE_HEADER: Final = re.compile(r"([\x21-\x39\x3b-\x7e]+):[ \t]*([^\r\n]*)\r?\n")
-#: The same line as the lean path sees it: split from the head at its CRLFs.
-_SIMPLE_LINE: Final = re.compile(_SIMPLE_HEADER.pattern.removesuffix(r"\r?\n"))
-#: What pywsgi's own ``MessageClass`` builds (``None``: a gevent without it).
-_OldMessage: Any = getattr(pywsgi, "OldMessage", None)
-#: The access log pywsgi installs for ``log=None``.
-_NoopLog: Any = getattr(pywsgi, "_NoopLog", None)
-#: pywsgi's "bad request" error (answered with its 400); ``None``: leave parsing to pywsgi.
-_InvalidClientRequest: Any = getattr(pywsgi, "_InvalidClientRequest", None)
-#: pywsgi's ``Date`` header value for a timestamp (``None``: leave it to pywsgi).
-_format_date: Any = getattr(pywsgi, "format_date_time", None)
-#: How pywsgi decodes PATH_INFO.
-_unquote_latin1: Final = functools.partial(urllib.parse.unquote, encoding="latin-1")
-#: The request versions the lean request path takes; anything else goes to pywsgi.
-_PLAIN_VERSIONS: Final = frozenset({"HTTP/1.1", "HTTP/1.0"})
-#: Header names pywsgi leaves out of the ``HTTP_*`` keys (they have their own).
-_OWN_KEYS: Final = frozenset({"CONTENT_TYPE", "CONTENT_LENGTH"})
-#: The end of a request head.
-_HEAD_END: Final = b"\r\n\r\n"
-#: The lean path looks for a whole head in the first this-many buffered bytes;
-#: longer heads go to pywsgi. Below pywsgi's request-line limit (8 192) and
-#: http.client's header-line limit, so neither limit can be reached here.
-_LEAN_HEAD_MAX: Final = 8192
-#: As many header lines as this, or more, go to pywsgi: http.client refuses
-#: more than 100 lines counting the blank one that ends the head.
-_LEAN_MAX_HEADERS: Final = 100
-#: Request headers that need pywsgi's own handling: a body in chunks, a
-#: 100-continue, a protocol switch.
-_NOT_LEAN: Final = frozenset({"transfer-encoding", "expect", "upgrade"})
+class _Closing(ConnectionAbortedError):
+    """Thrown into a handler waiting for a request head when the server ends the connection."""
+
+    def __init__(self, why: str) -> None:
+        super().__init__(errno.ECONNABORTED, why)
 
 
-class DetachHandler(WSGIHandler):  # type: ignore[misc]  # gevent ships no type hints
-    """A ``WSGIHandler`` that exposes its socket, sets ``TCP_NODELAY``, answers HEAD with
-    the head alone, and writes leaner.
+class _TimedReader:
+    """The request body's reads, each ended by the server's ``body_timeout``.
+
+    Put under pywsgi's ``Input`` (which reads with ``read`` and ``readline``
+    only), so that plain, chunked and ``Expect: 100-continue`` bodies, and
+    pywsgi's discarding of an unread body after the response, are all timed.
+    """
+
+    __slots__ = ("_handler", "_rfile")
+
+    def __init__(self, rfile: Any, handler: StockDetachHandler) -> None:
+        self._rfile = rfile
+        self._handler = handler
+
+    def read(self, *args: Any) -> bytes:
+        return self._handler.timed_read(self._rfile.read, *args)
+
+    def readline(self, *args: Any) -> bytes:
+        return self._handler.timed_read(self._rfile.readline, *args)
+
+
+def _make_room(connections: set[StockDetachHandler]) -> None:
+    """A newcomer took the place beyond ``max_connections``: close the connection that has
+    waited longest for a request head, if any.
+
+    Without it, with every place taken, new clients wait in the backlog,
+    possibly for ``head_timeout``. A connection waiting for a head is idle
+    (between keep-alive requests) or slow: closing it lets the newcomer in
+    now, so silent or slow clients cannot lock others out by filling the
+    places (nginx closes idle keep-alive connections when it runs out the
+    same way). Connections with a request running (a response being sent, a
+    stream waiting for its producer) are never chosen; when none waits, the
+    newcomer keeps the extra place and gevent stops accepting until one frees.
+    """
+    waiting = [handler for handler in connections if handler._awaiting_head]
+    if not waiting:
+        return
+    oldest = min(waiting, key=lambda handler: handler._waiting_since)
+    level = logging.DEBUG if oldest._served else logging.INFO
+    log.log(level, "closed the connection from %s to make room: the server is at "
+            "max_connections and it had sent no complete request head", _peer(oldest))
+    get_hub().loop.run_callback(oldest._throw, _Closing("the server is full"), True)
+
+
+def _unsent(sock: Any) -> int:
+    """Bytes in ``sock``'s send queue not yet acknowledged (0 where the kernel cannot say)."""
+    if _OUTQ is None:
+        return 0
+    queued = fcntl.ioctl(sock.fileno(), _OUTQ, b"\0\0\0\0")
+    return int(struct.unpack("i", queued)[0])
+
+
+def _peer(handler: Any) -> str:
+    address = handler.client_address
+    if isinstance(address, tuple) and len(address) >= 2:
+        return f"{address[0]}:{address[1]}"
+    return str(address or "-")
+
+
+#: pywsgi's error answers' headers, for the 408 (RFC 9110 15.5.9).
+_TIMEOUT_HEADERS: Final = (
+    ("Content-Type", "text/plain"),
+    ("Connection", "close"),
+    ("Content-Length", "0"),
+)
+
+
+class StockDetachHandler(WSGIHandler):  # type: ignore[misc]  # gevent ships no type hints
+    """``DetachHandler`` without the speed-ups (:mod:`wsgi_detach._speedups`): pywsgi's
+    own request path, our write path and connection handling.
+
+    It exposes its socket, sets ``TCP_NODELAY``, answers HEAD with the head
+    alone, closes idle connections when the server stops, and writes leaner.
 
     The write path: the bytes a client receives are exactly those plain
-    pywsgi sends for the same app (tests/test_server.py compares them), in
-    fewer system calls:
+    pywsgi sends for the same app (tests/test_conformance.py compares them;
+    the deliberate differences -- HEAD, an aborted close-delimited response --
+    are listed in docs/servers.md), in fewer system calls:
 
     * the status line and headers go out in the same ``send`` as the first
       chunk (pywsgi sends them separately);
@@ -122,7 +211,8 @@ class DetachHandler(WSGIHandler):  # type: ignore[misc]  # gevent ships no type 
     """
 
     def handle(self) -> None:
-        if getattr(self.server, "nodelay", True):
+        server = self.server
+        if getattr(server, "nodelay", True):
             try:
                 self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             except OSError:  # not TCP (a Unix socket): nothing to tune
@@ -132,329 +222,214 @@ class DetachHandler(WSGIHandler):  # type: ignore[misc]  # gevent ships no type 
         # ``_sock`` would bypass the encryption). The socket, not its bound
         # ``send``: that would be one more object per connection.
         self._raw_socket = self.socket._sock if type(self.socket) is _GeventSocket else None
+        self._greenlet = getcurrent()
+        head_timeout = getattr(server, "head_timeout", None)
+        if head_timeout:
+            # One timer per connection, started for each request head and
+            # stopped once it is in: a libev timer, no greenlet, no Timeout.
+            self._head_timer = get_hub().loop.timer(head_timeout, ref=False)
+        connections = getattr(server, "connections", None)
+        if connections is not None:
+            connections.add(self)
+            if len(connections) > (getattr(server, "max_connections", None) or _NO_CAP):
+                _make_room(connections)
         try:
             super().handle()
         finally:
             self._raw_socket = None  # pywsgi drops its socket references here too
+            self._greenlet = None
+            for timer in (self._head_timer, self._body_timer):
+                if timer is not None:
+                    timer.close()
+            self._head_timer = self._body_timer = None
+            if connections is not None:
+                connections.discard(self)
+
+    # ------------------------------------------------------------------ between requests
+
+    #: True while the connection waits for (the rest of) a request head: the
+    #: one time ``stop()`` or ``head_timeout`` may close it without cutting
+    #: anything.
+    _awaiting_head = False
+    _greenlet: Any = None
+    _head_timer: Any = None
+    _body_timer: Any = None
+    #: A request was served on this connection (a head timeout is then the
+    #: ordinary end of an idle keep-alive connection, not a slow client).
+    _served = False
+    #: When the connection began to wait for the current request head.
+    _waiting_since = 0.0
+    #: ``body_timeout`` fired: every later read of the body fails at once.
+    _body_timed_out = False
+
+    def close_if_idle(self) -> None:
+        """End the connection if it is waiting for a request (the server is stopping)."""
+        # From the hub, so that the stopping greenlet keeps running; and only
+        # if still waiting when the hub gets there.
+        get_hub().loop.run_callback(self._throw, _Closing("the server is stopping"), True)
+
+    def end_request(self) -> None:
+        """End the connection whatever it is doing: the request outlived the server's grace.
+
+        The request's greenlet gets a ``ConnectionResetError`` where it
+        waits, as if the client had left: an app reading the body sees it
+        there, and pywsgi closes the connection without an error page or a
+        traceback, as it does for a departed client.
+        """
+        error = ConnectionResetError(
+            errno.ECONNRESET, "the server is stopping and the request outlived its grace"
+        )
+        self._abandon_input()
+        get_hub().loop.run_callback(self._throw, error, False)
+
+    def _abandon_input(self) -> None:
+        """Do not read the rest of this request's body: the connection closes after it.
+
+        pywsgi reads an unread body to its end after the response (to find
+        the next request); a client that stopped sending would hold it there.
+        """
+        self.close_connection = True
+        reader = getattr(self, "wsgi_input", None)
+        if reader is not None and hasattr(reader, "_chunked_input_error"):
+            reader._chunked_input_error = True  # pywsgi's "do not discard": state unknown
+
+    def _throw(self, error: BaseException, only_if_idle: bool) -> None:
+        glet = self._greenlet
+        if glet is not None and (self._awaiting_head or not only_if_idle):
+            glet.throw(error)
+
+    def _head_expired(self) -> None:
+        """``head_timeout`` passed while waiting for a request head (runs in the hub)."""
+        if not self._awaiting_head or self._greenlet is None:
+            return
+        if self._served:  # nothing to report: an idle keep-alive connection ends
+            log.debug("closed idle keep-alive connection from %s", _peer(self))
+        else:
+            log.info(
+                "closed the connection from %s: no complete request head within %ss",
+                _peer(self), self.server.head_timeout,
+            )
+        self._greenlet.throw(_Closing("no complete request head in time"))
+
+    def _handle_client_error(self, ex: BaseException) -> Any:
+        if isinstance(ex, _Closing):
+            return None  # we ended the wait ourselves (and said so): no 400
+        return super()._handle_client_error(ex)
 
     # ------------------------------------------------------------------ the request path
 
     def handle_one_request(self) -> Any:
-        """pywsgi's ``handle_one_request``, with a lean path for the everyday request.
-
-        When the whole head of the next request is already buffered, is at
-        most 8 KiB, has a plain HTTP/1.1 or 1.0 request line and only plain
-        ``name: value`` header lines, and asks for nothing pywsgi must handle
-        itself (``Transfer-Encoding``, ``Expect``, ``Upgrade``, an invalid
-        ``Content-Length``), it is parsed here in one pass over the bytes
-        instead of a ``readline`` per line; the request then goes through
-        pywsgi's own ``handle_one_response`` (error handling, 500s, closing
-        the result) as any other. Anything else -- and so every request pywsgi
-        would answer with a 400 or 414 -- goes to pywsgi unchanged, with
-        nothing consumed. What the app sees is the same either way
-        (tests/test_server.py compares the environs).
-        """
-        rfile = self.rfile
-        if rfile.closed or _InvalidClientRequest is None:
-            return super().handle_one_request()
+        if getattr(self.server, "stopping", False):
+            return None  # the server is stopping: no further request on this connection
+        timer = self._head_timer
+        if timer is not None:
+            timer.start(self._head_expired)
+        self._awaiting_head = True
+        self._waiting_since = time.monotonic()
         try:
-            buffered = rfile.peek(1)  # what is buffered; one read (cooperative) if nothing is
-        except OSError:
-            return None  # as pywsgi: a reset connection is not worth a word
-        end = buffered.find(_HEAD_END, 0, _LEAN_HEAD_MAX)
-        if end <= 0 or not self._take_lean_head(buffered[:end].decode("latin-1")):
             return super().handle_one_request()
-        rfile.read(end + 4)  # the head, now parsed: consume it
-        self.response_length = 0
-        self.environ = self.get_environ()
-        self.application = self.server.application
-        self.handle_one_response()
-        if self.close_connection or rfile.closed:
-            return None
-        return True
-
-    def _take_lean_head(self, head: str) -> bool:
-        """Parse ``head`` as pywsgi's ``read_request`` would; False (nothing set): not lean."""
-        lines = head.split("\r\n")
-        requestline = lines[0].rstrip()
-        words = requestline.split()
-        if (
-            len(words) != 3
-            or words[2] not in _PLAIN_VERSIONS
-            # A bare LF anywhere: pywsgi's readline would end a line there.
-            or head.count("\n") != len(lines) - 1
-            or len(lines) > _LEAN_MAX_HEADERS
-        ):
-            return False
-        pairs: list[tuple[str, str]] = []
-        index: dict[str, str] = {}
-        match = _SIMPLE_LINE.fullmatch
-        for line in lines[1:]:
-            found = match(line)
-            if found is None:
-                return False
-            name, value = found.groups()
-            pairs.append((name, value))
-            lower = name.lower()
-            if lower in _NOT_LEAN:
-                return False
-            index.setdefault(lower, value)  # email's get(): the first one
-        content_length: Any = index.get("content-length")
-        if content_length is not None:
-            try:
-                content_length = int(content_length)
-            except ValueError:
-                return False
-            if content_length < 0 or (content_length and words[0] == "HEAD"):
-                return False
-        if "connection" in index and index["connection"].lower() == "upgrade":
-            return False
-        self.requestline = requestline
-        self.command, self.path, self.request_version = words
-        self._lean_pairs = pairs
-        self._headers_message = None  # the previous request's, if anyone asked
-        self._header_index = index
-        self.content_length = content_length
-        self.close_connection = _closes_after(words[2], index.get)
-        return True
-
-    #: The request's header lines when the lean path parsed them (``headers``
-    #: is then made from them only if someone asks); else ``None``.
-    _lean_pairs: list[tuple[str, str]] | None = None
-    _headers_message: Any = None
-
-    @property
-    def headers(self) -> Any:
-        """pywsgi's parsed request headers (an ``email`` message), made on first use."""
-        message = self._headers_message
-        if message is None:
-            pairs = self._lean_pairs
-            if pairs is None or _OldMessage is None:
-                return WSGIHandler.headers  # pywsgi's empty default
-            message = self._headers_message = _OldMessage()
-            message._headers = list(pairs)
-            message._payload = ""
-        return message
-
-    @headers.setter
-    def headers(self, message: Any) -> None:
-        self._headers_message = message
-        self._lean_pairs = None
-
-    def MessageClass(self, rfile: Any, *args: Any) -> Any:
-        """The request headers, as pywsgi's own parser returns them, in a fraction of its time.
-
-        pywsgi hands every header block to the ``email`` package (~30 us a
-        request here). The lines are read exactly as ``http.client`` reads
-        them (same limits, same errors); when each is a plain ``name: value``
-        line, the message is filled in directly with what the email parser
-        would have stored; anything unusual (continuation lines, odd names)
-        still goes through the email parser.
-        """
-        if _OldMessage is None or _read_headers is None:
-            return super().MessageClass(rfile, *args)
-        try:
-            lines = _read_headers(rfile)
-        except _http.LineTooLong:
-            message = _OldMessage()
-            message.status = "Line too long"
-            return message
-        pairs: list[tuple[str, str]] = []
-        index: dict[str, str] = {}
-        match = _SIMPLE_HEADER.fullmatch
-        for line in lines[:-1]:
-            found = match(line.decode("latin-1"))
-            if found is None:
-                return _email_parser(lines)
-            pairs.append((found[1], found[2]))
-            index.setdefault(found[1].lower(), found[2])  # email's get(): the first one
-        message = _OldMessage()
-        message._headers = pairs
-        message._payload = ""
-        self._header_index = index
-        return message
-
-    #: The parsed request's headers by lower-case name (the first of each, as
-    #: ``Message.get`` answers), when :meth:`MessageClass` took its fast path
-    #: and nothing changed them since; else ``None``.
-    _header_index: dict[str, str] | None = None
-
-    def read_request(self, raw_requestline: str) -> bool:
-        """pywsgi's request parsing, with header look-ups in a dict instead of the email API.
-
-        Same attributes, same errors (and so the same 400 answers); HTTP/0.9
-        and unusual request lines go to pywsgi itself.
-        """
-        self._header_index = None
-        words = raw_requestline.split()
-        if _InvalidClientRequest is None or len(words) != 3 or words[2] not in _PLAIN_VERSIONS:
-            return bool(super().read_request(raw_requestline))
-        self.requestline = raw_requestline.rstrip()
-        self.command, self.path, self.request_version = words
-        headers = self.headers = self.MessageClass(self.rfile, 0)
-        if headers.status:
-            raise _InvalidClientRequest(f"Invalid headers status: {headers.status!r}")
-        index = self._header_index
-        get: Callable[[str, Any], Any] = headers.get if index is None else index.get
-        if get("transfer-encoding", "").lower() == "chunked":
-            try:
-                del headers["content-length"]
-            except KeyError:
-                pass
-            self._header_index, get = None, headers.get  # the message changed
-        content_length = get("content-length", None)
-        if content_length is not None:
-            content_length = int(content_length)
-            if content_length < 0:
-                raise _InvalidClientRequest(f"Invalid Content-Length: {content_length!r}")
-            if content_length and self.command == "HEAD":
-                raise _InvalidClientRequest("Unexpected Content-Length")
-        self.content_length = content_length
-        self.close_connection = _closes_after(self.request_version, get)
-        return True
-
-    def log_request(self) -> None:
-        # pywsgi formats the access log line (a datetime, string formatting)
-        # even when it writes it nowhere.
-        if _NoopLog is None or not isinstance(self.server.log, _NoopLog):
-            super().log_request()
+        finally:
+            self._awaiting_head = False
+            if timer is not None:
+                timer.stop()
 
     def get_environ(self) -> dict[str, Any]:
-        """pywsgi's environ (the same keys and values), built from the parsed headers directly."""
-        index = self._header_index
-        if index is None:
-            environ: dict[str, Any] = super().get_environ()
-            environ[SOCKET_KEY] = self.socket
-            return environ
-        env: dict[str, Any] = self.server.get_environ()
-        env["REQUEST_METHOD"] = self.command
-        env["SCRIPT_NAME"] = ""
-        path, _, query = self.path.partition("?")
-        env["PATH_INFO"] = _unquote_latin1(path)
-        env["QUERY_STRING"] = query
-        content_type = index.get("content-type")
-        if content_type is not None:
-            env["CONTENT_TYPE"] = content_type
-        length = index.get("content-length")
-        if length:
-            env["CONTENT_LENGTH"] = length
-        env["SERVER_PROTOCOL"] = self.request_version
-        client_address = self.client_address
-        if isinstance(client_address, tuple):
-            env["REMOTE_ADDR"] = str(client_address[0])
-            env["REMOTE_PORT"] = str(client_address[1])
-        pairs = self._lean_pairs
-        for name, value in self.headers._headers if pairs is None else pairs:
-            if "_" in name:
-                continue  # pywsgi drops names with underscores (they could spoof others)
-            key = name.replace("-", "_").upper()
-            if key in _OWN_KEYS:
-                continue
-            key = "HTTP_" + key
-            value = value.strip()
-            if key in env:
-                env[key] += ("; " if "COOKIE" in key else ",") + value
-            else:
-                env[key] = value
-        sock = self.socket if env.get("HTTP_EXPECT") == "100-continue" else None
-        chunked = env.get("HTTP_TRANSFER_ENCODING", "").lower() == "chunked"
-        handling_reads = not (
-            index.get("connection", "").lower() == "upgrade"
-            or index.get("upgrade", "").lower() == "websocket"
-        )
-        self.wsgi_input = pywsgi.Input(
-            self.rfile, self.content_length, socket=sock, chunked_input=chunked
-        )
-        env["wsgi.input"] = self.wsgi_input if handling_reads else self.rfile
-        env["wsgi.input_terminated"] = handling_reads
-        env[SOCKET_KEY] = self.socket
-        # Done with it: the handler (and this dict) would otherwise be kept
-        # for as long as the response lasts -- forever, for a held stream.
-        self._header_index = None
-        return env
+        self._awaiting_head = False  # the head is in: from here on, the request runs
+        timer = self._head_timer
+        if timer is not None:
+            timer.stop()
+        self._served = True
+        environ: dict[str, Any] = super().get_environ()
+        environ[SOCKET_KEY] = self.socket
+        if getattr(self.server, "body_timeout", None):
+            reader = environ["wsgi.input"]
+            if isinstance(reader, pywsgi.Input):
+                reader.rfile = _TimedReader(reader.rfile, self)
+        return environ
 
-    def start_response(
-        self, status: str, headers: list[tuple[str, str]], exc_info: Any = None
-    ) -> Callable[[bytes], None]:
-        """pywsgi's ``start_response``, in one pass over the headers when all is well.
-
-        pywsgi walks the headers twice (checking and encoding, then looking
-        for ``Connection``, ``Date`` and ``Content-Length``). Here one pass
-        does both for plain ``str`` headers that need no error; anything pywsgi
-        would refuse or treat specially (``exc_info``, a 204/304, a
-        non-``str``, a CR or LF, a character beyond latin-1) goes to pywsgi's
-        own method, which raises exactly its own errors.
-        """
-        if (
-            exc_info is not None
-            or type(headers) is not list  # an iterator would be half used up by the fallback
-            or type(status) is not str
-            or "\r" in status
-            or "\n" in status
-        ):
-            return super().start_response(status, headers, exc_info)  # type: ignore[no-any-return]
-        encoded: list[tuple[bytes, bytes]] = []
-        connection = date = length = None
+    def timed_read(self, read: Callable[..., bytes], *args: Any) -> bytes:
+        """``read(*args)`` on the request body, ended by ``body_timeout`` (see RequestTimeout)."""
+        timeout = self.server.body_timeout
+        if self._body_timed_out:
+            raise RequestTimeout(f"the request body did not arrive within {timeout}s")
+        timer = self._body_timer
+        if timer is None:
+            timer = self._body_timer = get_hub().loop.timer(timeout, ref=False)
+        timer.start(self._body_expired, getcurrent())
         try:
-            for name, value in headers:
-                if (
-                    type(name) is not str
-                    or type(value) is not str
-                    or "\r" in name
-                    or "\n" in name
-                    or "\r" in value
-                    or "\n" in value
-                ):
-                    return super().start_response(status, headers)  # type: ignore[no-any-return]
-                encoded.append((name.encode("latin-1"), value.encode("latin-1")))
-                lower = name.lower()
-                if lower == "connection":
-                    connection = value
-                elif lower == "date":
-                    date = value
-                elif lower == "content-length":
-                    length = value
-        except UnicodeEncodeError:
-            return super().start_response(status, headers)  # type: ignore[no-any-return]
-        code = int(status.split(" ", 1)[0])
-        if code in (204, 304):
-            return super().start_response(status, headers)  # type: ignore[no-any-return]
-        self.status = status.encode("latin-1")
-        self._orig_status = status
-        self.response_headers = encoded
-        self.code = code
-        self.provided_date = date
-        self.provided_content_length = length
-        if self.request_version == "HTTP/1.0" and connection is None:
-            encoded.append((b"Connection", b"close" if self.close_connection else b"keep-alive"))
-        elif connection == "close":
-            self.close_connection = True
-        return self.write
+            return read(*args)
+        finally:
+            timer.stop()
 
-    def finalize_headers(self) -> None:
-        """pywsgi's ``finalize_headers``, with the ``Date`` value formatted once a second.
+    def _body_expired(self, reader: Any) -> None:
+        """``body_timeout`` passed in a read of the request body (runs in the hub)."""
+        timeout = self.server.body_timeout
+        log.info(
+            "closing the connection from %s: a read of the request body waited %ss",
+            _peer(self), timeout,
+        )
+        self._body_timed_out = True
+        self._abandon_input()
+        reader.throw(RequestTimeout(f"the request body did not arrive within {timeout}s"))
 
-        The same headers in the same order: ``Date`` unless the app gave one,
-        then ``Content-Length`` for a body with ``len()`` or ``Transfer-Encoding:
-        chunked`` on HTTP/1.1 (PEP 3333 "Handling the Content-Length Header").
+    def handle_error(self, t: Any, v: Any, tb: Any) -> None:
+        if not isinstance(v, RequestTimeout):
+            super().handle_error(t, v, tb)
+            if self._delimited_by_close():
+                self._reset_when_flushed()
+            return
+        # The client's doing, and logged where it happened: no traceback.
+        # RFC 9110 15.5.9: 408, then the connection closes.
+        self.close_connection = True
+        if not self.response_length and not self.headers_sent:
+            try:
+                self.start_response("408 Request Timeout", list(_TIMEOUT_HEADERS))
+                self.write(b"")
+            except OSError:
+                pass
+
+    # ------------------------------------------------------------------ aborting
+
+    def _delimited_by_close(self) -> bool:
+        """Whether the response under way is ended by closing the connection (and has begun).
+
+        HTTP/1.0, or a response without chunking or a length: the client
+        takes the connection's end for the body's end (RFC 9112 6.3), so an
+        aborted one would look complete.
         """
-        if _format_date is None:
-            super().finalize_headers()
+        return bool(
+            self.headers_sent
+            and self.code is not None
+            and self.code > 0  # negative: pywsgi's mark of a failed send, the client is gone
+            and self.code not in (204, 304)
+            and self.command != "HEAD"
+            and not self.response_use_chunked
+            and not self.connection_upgraded
+            and not any(name.lower() == b"content-length" for name, _ in self.response_headers)
+        )
+
+    def _reset_when_flushed(self) -> None:
+        """End the connection with a reset (RST), not a FIN, once what was sent has left.
+
+        An aborted close-delimited response must not look complete (PEP 3333
+        "Error Handling": the client should be able to tell). A reset tells
+        it; but a reset also discards what is still in the socket's send
+        queue, and ``fail()`` promises that what was put is delivered: so
+        first wait (bounded, cooperatively) until the kernel holds no unsent
+        or unacknowledged byte (``SIOCOUTQ``), then set ``SO_LINGER`` to 0,
+        which makes pywsgi's close send the reset.
+        """
+        sock = self.socket
+        if sock is None:
             return
-        headers = self.response_headers
-        if self.provided_date is None:
-            headers.append((b"Date", _date_now()))
-        code = self.code
-        self.connection_upgraded = code == 101
-        if code in (204, 304) or self.provided_content_length is not None:
-            return
-        result = self.result
-        if hasattr(result, "__len__"):
-            total = sum(len(chunk) for chunk in result)
-            headers.append((b"Content-Length", str(total).encode("latin-1")))
-        elif code != 101 and self.request_version != "HTTP/1.0":
-            self.response_use_chunked = True
-            headers.append((b"Transfer-Encoding", b"chunked"))
+        self.close_connection = True
+        try:
+            give_up = time.monotonic() + _FLUSH_BEFORE_RESET
+            while _unsent(sock) and time.monotonic() < give_up:
+                gevent_sleep(_FLUSH_POLL)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ZERO)
+        except OSError:  # already gone (or not a socket that lingers): nothing to tell
+            pass
 
     # ------------------------------------------------------------------ the write path
 
@@ -476,7 +451,9 @@ class DetachHandler(WSGIHandler):  # type: ignore[misc]  # gevent ships no type 
 
     def write(self, data: bytes) -> None:
         """PEP 3333's ``write()`` callable, and how each chunk of the body is sent."""
-        self._send(data, False)
+        # pywsgi sends nothing for any empty value, and its own 400 answer
+        # passes a str body (''): never concatenate that with the head.
+        self._send(data or b"", False)
 
     def process_result(self) -> None:
         if self.command == "HEAD":
@@ -515,21 +492,29 @@ class DetachHandler(WSGIHandler):  # type: ignore[misc]  # gevent ships no type 
 
     def _send_head_only(self) -> None:
         # HEAD gets GET's head and no body (RFC 9110 9.3.2). pywsgi sends the
-        # body anyway -- for an endless detached stream, forever. Send the head
-        # once it is decided (a body may call start_response in its first
-        # iteration), then stop: run_application closes the result, which ends
-        # the stream and frees its producer and max_open slot.
-        if not self.status:
-            for _ in self.result:
-                if self.status:
-                    break
+        # body anyway -- for an endless detached stream, forever. GET's head
+        # goes out with the first non-empty chunk, or at the end of an empty
+        # body: iterate as far, so that an error before it becomes GET's 500
+        # (pywsgi's error path, through write(), which sends no body for
+        # HEAD), then send the head alone and stop: run_application closes
+        # the result, which ends the stream and frees its producer and
+        # max_open slot.
+        for data in self.result:
+            if data or self.headers_sent:  # a write() call already sent the head
+                break
         if self.status and not self.headers_sent:
-            self.write(b"")  # the head alone; no chunk, no terminating chunk
+            self._send(b"", False)
 
     def _send(self, data: bytes, last: bool) -> None:
         """Send ``data`` (the headers first if due; the terminator too if ``last``) in one go."""
         if data and self.code in (304, 204):
             raise self.ApplicationError(f"The {self.code} response must have no body")
+        if self.command == "HEAD":
+            # The head alone, never a body: not what a write() call passes,
+            # not pywsgi's error page.
+            if self.headers_sent:
+                return
+            data, last = b"", False
         if self.headers_sent:
             if not data and not last:
                 return  # PEP 3333 allows empty writes; they send nothing
@@ -574,18 +559,6 @@ class DetachHandler(WSGIHandler):  # type: ignore[misc]  # gevent ships no type 
         self.response_length += len(data)
 
 
-def _closes_after(version: str, get: Callable[[str, str], str]) -> bool:
-    """Whether the connection ends after this request, as pywsgi decides it.
-
-    ``get`` looks up a request header by lower-case name, with a default.
-    HTTP/1.1 keeps the connection unless the client says ``close``; HTTP/1.0
-    closes it unless the client says ``keep-alive``.
-    """
-    if version == "HTTP/1.1":
-        return get("connection", "").lower() == "close"
-    return get("connection", "close").lower() != "keep-alive"
-
-
 def _next_or_end(iterator: Iterator[bytes], in_place: bool) -> Any:
     """``next(iterator, _END)``; with ``in_place``, without nesting the interpreter loop.
 
@@ -600,24 +573,23 @@ def _next_or_end(iterator: Iterator[bytes], in_place: bool) -> Any:
         return _END
 
 
-_date_cache: list[Any] = [None, b""]
+class DetachHandler(StockDetachHandler, SpeedUps):
+    """The handler ``make_server`` uses: :class:`StockDetachHandler` with pywsgi's request
+    path made faster (:class:`~wsgi_detach._speedups.SpeedUps`).
+
+    Use it with a plain ``gevent.pywsgi.WSGIServer`` too
+    (``WSGIServer(address, app, handler_class=DetachHandler)``).
+    """
 
 
-def _date_now() -> bytes:
-    """pywsgi's ``Date`` value for now, formatted once per second."""
-    second = int(time.time())
-    if _date_cache[0] != second:
-        _date_cache[0], _date_cache[1] = second, _format_date(second)
-    return _date_cache[1]  # type: ignore[no-any-return]
+def handler_class(*, speedups: bool = True) -> type[StockDetachHandler]:
+    """The handler class: :class:`DetachHandler`, or without the speed-ups the stock one.
 
-
-_read_headers: Callable[[Any], list[bytes]] | None = getattr(_http, "_read_headers", None)
-
-
-def _email_parser(lines: list[bytes]) -> Any:
-    """What ``http.client.parse_headers`` does with the lines it read."""
-    text = b"".join(lines).decode("iso-8859-1")
-    return email.parser.Parser(_class=_OldMessage).parsestr(text)
+    The one switch for :mod:`wsgi_detach._speedups`: with ``speedups=False``
+    every request goes through pywsgi's own request path, to tell whether a
+    difference on the wire comes from there.
+    """
+    return DetachHandler if speedups else StockDetachHandler
 
 
 class DetachServer(WSGIServer):  # type: ignore[misc]
@@ -636,30 +608,98 @@ class DetachServer(WSGIServer):  # type: ignore[misc]
         *,
         nodelay: bool = True,
         farewell: Chunk | None = None,
+        head_timeout: float | None = HEAD_TIMEOUT,
+        body_timeout: float | None = BODY_TIMEOUT,
+        max_connections: int | str | None = "auto",
         **kwargs: Any,
     ) -> None:
-        kwargs.setdefault("spawn", Pool())  # a pool, so that stop() can end the handlers
+        for name, value in (("head_timeout", head_timeout), ("body_timeout", body_timeout)):
+            if value is not None and not (isinstance(value, (int, float)) and value > 0):
+                raise ValueError(f"{name} must be a number of seconds > 0 or None, got {value!r}")
+        if max_connections == "auto":
+            max_connections = _auto_max_connections()
+        elif max_connections is not None and (
+            not isinstance(max_connections, int) or max_connections <= 0
+        ):
+            raise ValueError(
+                f"max_connections must be a positive int, 'auto' or None, got {max_connections!r}"
+            )
+        # A pool, so that stop() can end the handlers; a full pool stops
+        # accepting (new connections wait in the listen backlog). One place
+        # more than the cap: a newcomer is let in to see whether an idle
+        # connection can make room for it (see _make_room).
+        kwargs.setdefault("spawn", Pool(None if max_connections is None else max_connections + 1))
         super().__init__(listener, middleware, **kwargs)
         self.middleware = middleware
         self.nodelay = nodelay
         self.farewell = farewell
-        self._drained = False
+        self.head_timeout = head_timeout
+        self.body_timeout = body_timeout
+        self.max_connections = max_connections
+        #: Set once the first stop() has finished: a later call waits for it.
+        self._stopped: Event | None = None
+        #: The handlers of the open connections (see DetachHandler.handle).
+        self.connections: set[DetachHandler] = set()
+
+    @property
+    def stopping(self) -> bool:
+        """True from the first :meth:`stop` call on: connections end after their response."""
+        return self._stopped is not None
 
     def stop(self, timeout: float | None = None) -> None:
-        """Stop accepting, drain detached responses for ``timeout`` seconds, then stop.
+        """Stop accepting, let responses end within ``timeout`` seconds, then stop.
 
-        ``timeout`` defaults to ``stop_timeout``. Call it from a greenlet (a
-        ``gevent.signal_handler`` callback is one); ``serve_forever`` calls it
-        when it returns.
+        ``timeout`` (the grace) defaults to ``stop_timeout``. In order: the
+        listener closes; connections waiting for their next request are
+        closed at once; detached responses are drained
+        (:meth:`DetachMiddleware.drain`: the farewell, then the grace);
+        ordinary responses still running get what is left of the grace; any
+        handler still running then is killed (after at least
+        ``_AFTER_DRAIN`` seconds, time for the streams the drain cut to
+        abort). Every connection closes after its current response.
+
+        Call it from a greenlet (a ``gevent.signal_handler`` callback is
+        one). ``serve_forever`` calls it again once it returns, and a second
+        signal may too: every later call waits for the first to finish
+        instead of cutting its grace short.
         """
-        if not self._drained:  # serve_forever() calls stop() again once it returns
-            self._drained = True
+        stopped = self._stopped
+        if stopped is not None:
+            stopped.wait()
+            return
+        stopped = self._stopped = Event()
+        try:
             grace = self.stop_timeout if timeout is None else timeout
+            until = time.monotonic() + grace
             self.close()
+            for handler in list(self.connections):
+                handler.close_if_idle()
             cut = self.middleware.drain(grace, self.farewell)
             if cut:
                 log.warning("stopping: %d detached responses outlived the %ss grace", cut, grace)
-        super().stop(timeout=_AFTER_DRAIN)
+            self.pool.join(timeout=max(until - time.monotonic(), _AFTER_CUT))
+            if self.connections:
+                log.warning(
+                    "stopping: %d requests outlived the %ss grace; closing their connections",
+                    len(self.connections), grace,
+                )
+                for handler in list(self.connections):
+                    handler.end_request()
+            super().stop(timeout=_AFTER_DRAIN)
+        finally:
+            stopped.set()
+
+
+def _auto_max_connections() -> int | None:
+    """The soft limit on open files, less a reserve; ``None`` where there is no limit."""
+    try:
+        import resource
+    except ImportError:  # not on this platform: no cap
+        return None
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return None
+    return max(soft - _FD_RESERVE, soft // 2, 1)
 
 
 def make_server(
@@ -671,6 +711,10 @@ def make_server(
     grace: float = 10.0,
     farewell: Chunk | None = None,
     log: Any = "default",
+    speedups: bool = True,
+    head_timeout: float | None = HEAD_TIMEOUT,
+    body_timeout: float | None = BODY_TIMEOUT,
+    max_connections: int | str | None = "auto",
     **middleware_options: Any,
 ) -> DetachServer:
     """A gevent.pywsgi server for ``app`` behind :class:`DetachMiddleware`; not yet started.
@@ -685,6 +729,20 @@ def make_server(
         grace: seconds ``stop()`` lets detached responses end.
         farewell: the last chunk ``stop()`` sends every open detached body.
         log: pywsgi's access log (``"default"``: stderr; ``None``: off).
+        head_timeout: seconds a connection may take to send a whole request
+            head, or stay idle between requests; then it is closed (an INFO
+            log line unless it had served a request). ``None``: no limit.
+        body_timeout: seconds one read of ``environ["wsgi.input"]`` may wait;
+            then it raises :class:`RequestTimeout` and the connection closes
+            after a 408. ``None``: no limit.
+        max_connections: most connections open at once; a newcomer beyond it
+            closes the connection that has waited longest for a request head,
+            or (none waiting) waits in the listen backlog. ``"auto"``: the
+            open-files limit less 64 (none where there is no limit);
+            ``None``: no cap.
+        speedups: parse requests with :mod:`wsgi_detach._speedups` (``False``:
+            pywsgi's own request path; the same bytes, slower -- to bisect a
+            difference on the wire).
 
     Example::
 
@@ -700,6 +758,16 @@ def make_server(
         middleware = app
     else:
         middleware = DetachMiddleware(app, **middleware_options)
-    server = DetachServer((host, port), middleware, nodelay=nodelay, farewell=farewell, log=log)
+    server = DetachServer(
+        (host, port),
+        middleware,
+        nodelay=nodelay,
+        farewell=farewell,
+        log=log,
+        handler_class=handler_class(speedups=speedups),
+        head_timeout=head_timeout,
+        body_timeout=body_timeout,
+        max_connections=max_connections,
+    )
     server.stop_timeout = grace
     return server

@@ -34,7 +34,7 @@ from importlib import resources
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import parse_qs
 
-from wsgi_detach import Hub, long_poll
+from wsgi_detach import BrokerUnavailable, Hub, RedisBroker, long_poll
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -49,7 +49,8 @@ _MAX_TEXT: Final = 2000
 _MAX_POST: Final = 16 * 1024
 _MAX_ROOMS: Final = 1000  # rooms live in memory; refuse to grow without bound
 _POLL_TIMEOUT: Final = 20.0  # under the common 30 s proxy idle limit
-_RETRY_MS: Final = 1000  # how soon a dropped EventSource comes back
+_RETRY_MS: Final = 1000
+_UNAVAILABLE: Final = "503 Service Unavailable"  # how soon a dropped EventSource comes back
 
 
 class ChatApp:
@@ -58,10 +59,17 @@ class ChatApp:
     Args:
         history: messages kept per room, for late joiners and resuming clients.
         retry_ms: the reconnection delay sent to EventSource clients.
+        redis_url: share the rooms with every process that uses the same
+            Redis (``gunicorn -w 4``): each room is a channel of a
+            :class:`~wsgi_detach.RedisBroker`. ``None``: rooms live in this
+            process only.
     """
 
-    def __init__(self, *, history: int = 200, retry_ms: int = _RETRY_MS) -> None:
+    def __init__(
+        self, *, history: int = 200, retry_ms: int = _RETRY_MS, redis_url: str | None = None
+    ) -> None:
         self._history = history
+        self._broker = None if redis_url is None else RedisBroker(redis_url, history=history)
         self._retry_ms = retry_ms
         self._rooms: dict[str, Hub] = {}
         self._last_ids: dict[str, int] = {}
@@ -75,7 +83,10 @@ class ChatApp:
             if hub is None:
                 if len(self._rooms) >= _MAX_ROOMS:
                     raise _HTTPError("503 Service Unavailable", "too many rooms")
-                hub = self._rooms[name] = Hub(history=self._history)
+                if self._broker is not None:
+                    hub = self._rooms[name] = self._broker.hub(name)
+                else:
+                    hub = self._rooms[name] = Hub(history=self._history)
             return hub
 
     def _new_id(self, room: str) -> str:
@@ -101,6 +112,8 @@ class ChatApp:
             return self._route(environ, start_response)
         except _HTTPError as error:
             return _json(start_response, {"error": error.message}, error.status)
+        except BrokerUnavailable as error:  # Redis mode: down or frozen; not the client's fault
+            return _json(start_response, {"error": f"chat unavailable: {error}"}, _UNAVAILABLE)
 
     def _route(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "") or "/"
@@ -122,7 +135,11 @@ class ChatApp:
         if action == "messages":
             _allow(method, "POST")
             hub = self.room(name)
-            message = hub.publish(_read_message(environ), event="chat", id=self._new_id(name))
+            # Through Redis the channel numbers the messages itself: two
+            # workers could make the same microsecond id, and Redis's order is
+            # the one every process delivers anyway.
+            own_id = None if self._broker is not None else self._new_id(name)
+            message = hub.publish(_read_message(environ), event="chat", id=own_id)
             return _json(start_response, {"id": message.id}, "201 Created")
         _allow(method, "GET")
         hub = self.room(name)

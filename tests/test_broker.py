@@ -1,0 +1,448 @@
+"""RedisBroker and ChannelHub against a real redis-server (tests/redis_server.py).
+
+Two brokers in one test process stand for two serving processes: each has
+its own receiving connection, replica and publishing pool, as a process
+would. The multi-process tests are in tests/test_scale_out.py.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from tests.redis_server import RedisServer
+from wsgi_detach import BrokerUnavailable, DetachedBody, EventStream, RedisBroker
+from wsgi_detach._broker import ChannelHub
+
+# Short timeouts, so that the fault tests take seconds (the bounds they check
+# are computed from these).
+FAST = {
+    "connect_timeout": 0.5,
+    "socket_timeout": 0.5,
+    "probe_interval": 0.5,
+    "probe_timeout": 0.5,
+    "backoff_max": 0.5,
+    "linger": 0.2,
+}
+#: publish() raises within connect_timeout + 3 * socket_timeout (the docs' bound).
+PUBLISH_BOUND = FAST["connect_timeout"] + 3 * FAST["socket_timeout"]
+
+
+@pytest.fixture
+def brokers(redis_server: RedisServer) -> Iterator[tuple[RedisBroker, RedisBroker]]:
+    a = RedisBroker(redis_server.url, history=500, **FAST)
+    b = RedisBroker(redis_server.url, history=500, **FAST)
+    yield a, b
+    a.close()
+    b.close()
+
+
+class Reader:
+    """A subscribed plain body read in a thread; ``lines`` are its NDJSON messages."""
+
+    def __init__(self, hub: ChannelHub, last_event_id: str | None = None) -> None:
+        self.body = DetachedBody(idle_timeout=30)
+        self.lines: list[dict[str, object]] = []
+        self.error: BaseException | None = None
+        self._buf = b""
+        self.sub = hub.subscribe(self.body, last_event_id=last_event_id)
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        try:
+            for chunk in self.body:
+                self._buf += bytes(chunk)
+                *complete, self._buf = self._buf.split(b"\n")
+                self.lines.extend(json.loads(line) for line in complete)
+        except BaseException as exc:
+            self.error = exc
+
+    def wait(self, n: int, timeout: float = 10.0) -> list[dict[str, object]]:
+        give_up = time.monotonic() + timeout
+        while len(self.lines) < n and time.monotonic() < give_up and self.error is None:
+            time.sleep(0.01)
+        assert len(self.lines) >= n, f"got {len(self.lines)} of {n}: {self.lines[-3:]}"
+        return self.lines
+
+    def ids(self) -> list[object]:
+        return [line["id"] for line in self.lines if line["event"] != "resync"]
+
+    def close(self) -> None:
+        self.body.close()
+
+
+def wait_for(predicate, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
+    give_up = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < give_up, "condition not met in time"
+        time.sleep(0.01)
+
+
+def test_a_message_reaches_the_other_process_with_the_same_id(brokers) -> None:  # type: ignore[no-untyped-def]
+    a, b = brokers
+    reader = Reader(b.hub("room"))
+    wait_for(lambda: b.stats()["connected"])
+    sent = a.hub("room").publish({"text": "hi"}, event="chat")
+    (line,) = reader.wait(1)
+    assert line == {"id": sent.id, "event": "chat", "data": {"text": "hi"}}
+    assert sent.id.endswith("-1")
+    assert a.stats()["receiving"] is False  # a publisher holds no receiving connection
+
+
+def test_resume_on_another_process_gets_exactly_what_was_missed(brokers) -> None:  # type: ignore[no-untyped-def]
+    a, b = brokers
+    first = Reader(a.hub("room"))
+    sent = [a.hub("room").publish(f"m{i}") for i in range(5)]
+    first.wait(5)
+    first.close()  # the client leaves after m1...
+    resumed = Reader(b.hub("room"), last_event_id=sent[1].id)  # ...and comes back on B
+    later = b.hub("room").publish("m5")
+    resumed.wait(4)
+    assert resumed.ids() == [m.id for m in sent[2:]] + [later.id]
+    time.sleep(0.2)  # nothing doubled arrives after
+    assert len(resumed.lines) == 4
+
+
+def test_an_id_of_the_application_resumes_on_another_process(brokers) -> None:  # type: ignore[no-untyped-def]
+    a, b = brokers
+    hub = a.hub("orders")
+    hub.publish("one", id="order-1")
+    hub.publish("two", id="order-2")
+    batch = b.hub("orders").since("order-1")
+    assert [m.id for m in batch.messages] == ["order-2"] and not batch.resync
+    with pytest.raises(ValueError, match="already published"):
+        b.hub("orders").publish("again", id="order-2")
+
+
+def test_two_publishers_one_order_nothing_lost_or_doubled(brokers) -> None:  # type: ignore[no-untyped-def]
+    a, b = brokers
+    readers = [Reader(a.hub("race")), Reader(b.hub("race"))]
+    wait_for(lambda: a.stats()["connected"] and b.stats()["connected"])
+
+    def hammer(broker: RedisBroker, tag: str) -> None:
+        for i in range(150):
+            broker.hub("race").publish(f"{tag}{i}")
+
+    threads = [threading.Thread(target=hammer, args=(x, tag)) for x, tag in ((a, "a"), (b, "b"))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    orders = [[line["data"] for line in r.wait(300)] for r in readers]
+    assert orders[0] == orders[1]
+    expected = [f"a{i}" for i in range(150)] + [f"b{i}" for i in range(150)]
+    assert sorted(orders[0]) == sorted(expected)  # type: ignore[type-var]
+    assert [f for f in orders[0] if f[0] == "a"] == [f"a{i}" for i in range(150)]
+
+
+def test_long_poll_cursor_from_one_process_works_on_the_other(brokers) -> None:  # type: ignore[no-untyped-def]
+    a, b = brokers
+    sent = [a.hub("poll").publish(i) for i in range(3)]
+    got: list[object] = []
+    batch = b.hub("poll").poll(sent[0].id, got.append)
+    assert batch is not None and [m.data for m in batch.messages] == [1, 2]
+    assert b.hub("poll").poll(batch.cursor, got.append) is None  # waits
+    a.hub("poll").publish("next")
+    wait_for(lambda: got)
+    assert [m.data for m in got[0].messages] == ["next"]  # type: ignore[attr-defined]
+
+
+def test_pubsub_connection_killed_during_a_burst(redis_server: RedisServer, brokers) -> None:  # type: ignore[no-untyped-def]
+    a, b = brokers
+    readers = [Reader(b.hub("burst")) for _ in range(3)]
+    wait_for(lambda: b.stats()["connected"])
+    sent = []
+    for i in range(300):
+        sent.append(a.hub("burst").publish(i).id)
+        if i == 100:
+            assert redis_server.command("CLIENT", "KILL", "TYPE", "pubsub") >= 1
+    for reader in readers:
+        reader.wait(300)
+        assert reader.ids() == sent  # every message once, in order
+    assert b.stats()["reconnects"] >= 1
+
+
+def test_redis_stopped_then_restarted_with_its_data(redis_server_aof: RedisServer, caplog) -> None:  # type: ignore[no-untyped-def]
+    caplog.set_level(logging.INFO, "wsgi_detach")
+    a = RedisBroker(redis_server_aof.url, **FAST)
+    b = RedisBroker(redis_server_aof.url, **FAST)
+    try:
+        stream = EventStream(heartbeat=0.2)
+        b.hub("r").subscribe(stream)
+        reader = Reader(b.hub("r"))
+        before = [a.hub("r").publish(i).id for i in range(3)]
+        reader.wait(3)
+        redis_server_aof.stop()
+        started = time.monotonic()
+        with pytest.raises(BrokerUnavailable):
+            a.hub("r").publish("lost")
+        assert time.monotonic() - started < PUBLISH_BOUND + 0.5
+        wait_for(lambda: not b.stats()["connected"], 5)
+        assert stream.state == "open" and reader.body.state == "open"
+        redis_server_aof.restart(keep_data=True)
+        after = [a.hub("r").publish(i).id for i in range(3, 6)]
+        reader.wait(6)
+        assert reader.ids() == before + after
+        assert after[0].split("-")[0] == before[0].split("-")[0]  # same epoch: data kept
+        lost = [r.getMessage() for r in caplog.records if "lost" in r.getMessage()]
+        assert len(lost) == 1, lost  # logged once per outage
+    finally:
+        a.close()
+        b.close()
+
+
+def test_redis_restarted_empty_gives_a_resync(redis_server: RedisServer) -> None:
+    a = RedisBroker(redis_server.url, **FAST)
+    b = RedisBroker(redis_server.url, **FAST)
+    try:
+        reader = Reader(b.hub("r"))
+        old = [a.hub("r").publish(i).id for i in range(3)]
+        reader.wait(3)
+        redis_server.restart(keep_data=False)
+        wait_for(lambda: b.stats()["connected"] and b.stats()["reconnects"] >= 1)
+        new = a.hub("r").publish("after")
+        assert new.id.split("-")[0] != old[0].split("-")[0]  # a new epoch
+        lines = reader.wait(4)
+        assert lines[3]["event"] == "resync"
+        notice: dict[str, str] = lines[3]["data"]  # type: ignore[assignment]
+        assert notice["reason"] == "from another epoch"
+        # Either the resync's cursor already covers "after" (the client reloads
+        # it with its state) or "after" follows live: never both, never neither.
+        if notice["cursor"] != new.id:
+            assert notice["cursor"] == new.id.split("-")[0] + "-0"
+            assert reader.wait(5)[4]["id"] == new.id
+        time.sleep(0.2)
+        assert len(reader.lines) == (4 if notice["cursor"] == new.id else 5)
+        # An id from before the loss is never taken for one of the new epoch.
+        batch = a.hub("r").since(old[0])
+        assert batch.resync and batch.messages == []
+    finally:
+        a.close()
+        b.close()
+
+
+def test_frozen_redis_publish_fails_in_bound_then_delivery_resumes(
+    redis_server: RedisServer,
+) -> None:
+    a = RedisBroker(redis_server.url, **FAST)
+    b = RedisBroker(redis_server.url, **FAST)
+    try:
+        reader = Reader(b.hub("f"))
+        first = a.hub("f").publish("before").id
+        reader.wait(1)
+        redis_server.freeze()
+        try:
+            started = time.monotonic()
+            with pytest.raises(BrokerUnavailable):
+                a.hub("f").publish("frozen")
+            assert time.monotonic() - started < PUBLISH_BOUND + 0.5
+            time.sleep(FAST["probe_interval"] + FAST["probe_timeout"] + 0.5)
+            assert not b.stats()["connected"]
+        finally:
+            redis_server.thaw()
+        thawed = time.monotonic()
+        # After SIGCONT: at most backoff_max + connect_timeout to reconnect.
+        wait_for(lambda: b.stats()["connected"], 10)
+        assert time.monotonic() - thawed < FAST["backoff_max"] + FAST["connect_timeout"] + 1.0
+        later = a.hub("f").publish("after").id
+        wait_for(lambda: later in reader.ids())
+        # "frozen" timed out after it was sent: Redis may have run it (it did,
+        # once thawed); whatever it holds arrives once, in order.
+        ids = reader.ids()
+        assert ids[0] == first and ids[-1] == later and len(ids) == len(set(ids))
+    finally:
+        a.close()
+        b.close()
+
+
+def test_one_receiving_connection_for_200_streams_over_5_channels(
+    redis_server: RedisServer,
+) -> None:
+    broker = RedisBroker(redis_server.url, **FAST)
+    publisher = RedisBroker(redis_server.url, **FAST)
+    try:
+        bodies = [DetachedBody() for _ in range(200)]
+        for i, body in enumerate(bodies):
+            broker.hub(f"c{i % 5}").subscribe(body)
+        wait_for(lambda: broker.stats()["channels"] == 5)
+        for i in range(5):
+            publisher.hub(f"c{i}").publish("x")
+        wait_for(lambda: all(body.buffered for body in bodies))
+        receiving = [c for c in redis_server.clients() if "P" in c["flags"]]
+        assert len(receiving) == 1, receiving
+        assert receiving[0]["sub"] == "6"  # 5 channels and the probe
+        for body in bodies:
+            body.close()
+        wait_for(lambda: broker.stats()["channels"] == 0)  # unsubscribed after the last
+    finally:
+        broker.close()
+        publisher.close()
+
+
+def test_publish_to_a_redis_that_is_not_there(redis_server: RedisServer) -> None:
+    url = redis_server.url
+    redis_server.stop()
+    broker = RedisBroker(url, **FAST)
+    started = time.monotonic()
+    with pytest.raises(BrokerUnavailable, match="unreachable") as caught:
+        broker.hub("x").publish("hello")
+    assert time.monotonic() - started < PUBLISH_BOUND
+    assert caught.value.maybe_applied is False
+
+
+def test_configuration_errors_name_the_parameter() -> None:
+    with pytest.raises(ValueError, match="url must start with one of redis://"):
+        RedisBroker("http://localhost")
+    with pytest.raises(ValueError, match="socket_timeout must be a positive number"):
+        RedisBroker("redis://localhost", socket_timeout=0)
+    with pytest.raises(ValueError, match="channel must be a one-line str"):
+        RedisBroker("redis://localhost").hub("a\nb")
+
+
+def test_clients_resuming_at_once_cost_one_read_of_the_channel(redis_server: RedisServer) -> None:
+    publisher = RedisBroker(redis_server.url, **FAST)
+    fresh = RedisBroker(redis_server.url, **FAST)  # a process that does not follow "busy" yet
+    try:
+        sent = [publisher.hub("busy").publish(i) for i in range(20)]
+        redis_server.command("CONFIG", "RESETSTAT")
+        readers = [Reader(fresh.hub("busy"), last_event_id=sent[i % 10].id) for i in range(50)]
+        for i, reader in enumerate(readers):
+            assert reader.wait(19 - i % 10)
+            assert reader.ids() == [m.id for m in sent[i % 10 + 1 :]]
+        stats = redis_server.command("INFO", "commandstats")
+        scripts = sum(
+            int(stats[key]["calls"]) for key in ("cmdstat_evalsha", "cmdstat_eval") if key in stats
+        )
+        assert scripts == 1, stats  # the channel's one read, for 50 resuming clients
+    finally:
+        publisher.close()
+        fresh.close()
+
+
+def test_publish_many_is_pipelined_and_in_order(brokers) -> None:  # type: ignore[no-untyped-def]
+    a, b = brokers
+    reader = Reader(b.hub("batch"))
+    wait_for(lambda: b.stats()["connected"])
+    one = a.hub("batch").publish("first")
+    batch = a.hub("batch").publish_many([{"n": i} for i in range(100)], event="n")
+    assert [m.seq for m in batch] == list(range(one.seq + 1, one.seq + 101))
+    lines = reader.wait(101)
+    assert [line["id"] for line in lines] == [one.id] + [m.id for m in batch]
+    assert lines[-1] == {"id": batch[-1].id, "event": "n", "data": {"n": 99}}
+    assert a.hub("batch").publish_many([]) == []
+
+
+def test_an_id_of_another_epoch_gets_its_resync_at_once_on_a_quiet_channel(
+    brokers, caplog  # type: ignore[no-untyped-def]
+) -> None:
+    a, b = brokers
+    hub = b.hub("quiet")
+    follower = Reader(hub)  # the channel is followed and in sync here
+    sent = a.hub("quiet").publish("only")
+    follower.wait(1)
+    stale = "abcdef-" + sent.id.split("-")[1]  # an id from before a data loss
+    late = Reader(hub, last_event_id=stale)
+    (line,) = late.wait(1, timeout=5)  # no message needs to come for it
+    assert line["event"] == "resync" and line["data"] == {  # type: ignore[comparison-overlap]
+        "reason": "from another epoch",
+        "cursor": sent.id,
+    }
+    batch = hub.poll(stale, lambda batch: None)  # a long-poll likewise, at once
+    assert batch is not None and batch.resync and batch.reason == "from another epoch"
+    assert hub.recent(0).messages == [] and [m.id for m in hub.recent().messages] == [sent.id]
+
+
+def test_a_malformed_notification_is_logged_and_read_from_the_stream(
+    redis_server: RedisServer, brokers, caplog  # type: ignore[no-untyped-def]
+) -> None:
+    a, b = brokers
+    reader = Reader(b.hub("odd"))
+    wait_for(lambda: b.stats()["connected"])
+    redis_server.command("PUBLISH", "wsgi_detach:{odd}", "not one of ours")
+    sent = a.hub("odd").publish("fine")
+    assert reader.wait(1) == [{"id": sent.id, "event": None, "data": "fine"}]
+    assert any("malformed notification" in r.getMessage() for r in caplog.records)
+    assert b.stats()["reconnects"] == 0
+
+
+def test_a_broker_made_before_a_fork_connects_anew_in_the_child(redis_server: RedisServer) -> None:
+    """gunicorn --preload: the broker is made in the master, used in the workers."""
+    import os
+
+    broker = RedisBroker(redis_server.url, **FAST)
+    try:
+        assert broker.hub("fork").publish("parent").seq == 1  # the parent's pool is open
+        pid = os.fork()
+        if pid == 0:  # the child: its own connections, never the parent's socket
+            code = 1
+            try:
+                reader = Reader(broker.hub("fork"))
+                sent = broker.hub("fork").publish("child")
+                code = 0 if sent.seq == 2 and reader.wait(1)[0]["id"] == sent.id else 3
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert broker.hub("fork").publish("parent again").seq == 3
+    finally:
+        broker.close()
+
+
+def test_clients_resuming_while_messages_flow_get_each_once_in_order(brokers) -> None:  # type: ignore[no-untyped-def]
+    """Catch-up and live delivery race on the receiving side: no gap, no double, one order."""
+    import random
+
+    a, b = brokers
+    follower = Reader(b.hub("flow"))  # B follows the channel before the flow starts
+    sent: list[str] = []
+    done = threading.Event()
+
+    def publish() -> None:
+        for i in range(400):
+            sent.append(a.hub("flow").publish(i).id)
+        done.set()
+
+    thread = threading.Thread(target=publish)
+    thread.start()
+    rng = random.Random(7)
+    joined: list[tuple[int | None, Reader]] = []
+    while not done.is_set() and len(joined) < 40:
+        time.sleep(rng.uniform(0, 0.02))
+        if sent and rng.random() < 0.8:
+            k = rng.randrange(len(sent))
+            joined.append((k, Reader(b.hub("flow"), last_event_id=sent[k])))
+        else:
+            joined.append((None, Reader(b.hub("flow"))))
+    thread.join(60)
+    assert len(sent) == 400 and len(joined) >= 5
+    assert [line["id"] for line in follower.wait(400)] == sent
+    for k, reader in joined:
+        if k is None:  # from now: a contiguous tail (empty if it came after the last)
+            give_up = time.monotonic() + 5
+            while time.monotonic() < give_up and not (
+                reader.lines and reader.lines[-1]["id"] == sent[-1]
+            ):
+                time.sleep(0.01)
+            ids = reader.ids()
+            assert ids == sent[len(sent) - len(ids) :]
+        else:
+            reader.wait(400 - k - 1)
+            assert reader.ids() == sent[k + 1 :]
+
+
+def test_without_redis_server_the_tests_skip_unless_required(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from tests.redis_server import REQUIRE_ENV, require_redis
+
+    monkeypatch.setenv("PATH", "/nonexistent")
+    monkeypatch.delenv(REQUIRE_ENV, raising=False)
+    with pytest.raises(pytest.skip.Exception, match="redis-server is not installed"):
+        require_redis()
+    monkeypatch.setenv(REQUIRE_ENV, "1")
+    with pytest.raises(pytest.fail.Exception, match="WSGI_DETACH_REQUIRE_REDIS=1 requires it"):
+        require_redis()
