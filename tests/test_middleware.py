@@ -248,7 +248,9 @@ def test_start_response_inside_the_first_iteration_still_gets_the_headers(
         ("/queue_wrapped?n=2", b"item 0;item 1;"),
     ],
 )
-def test_a_gevent_queue_body_is_served_correctly(served: ServerProcess, path: str, body: bytes) -> None:
+def test_a_gevent_queue_body_is_served_correctly(
+    served: ServerProcess, path: str, body: bytes
+) -> None:
     response = get(served.port, path)
     assert (response.status, response.body, response.complete) == (200, body, True)
     assert "content-length" not in response.headers
