@@ -16,7 +16,15 @@ from hypothesis import strategies as st
 from tests.client import Stream, wait_until
 from tests.servers import ServerProcess
 from tests.sse_reference import Parser, parse
-from wsgi_detach import DetachedBody, EventStream, Hub, Message, SlowSubscriber, UsageError
+from wsgi_detach import (
+    Batch,
+    DetachedBody,
+    EventStream,
+    Hub,
+    Message,
+    SlowSubscriber,
+    UsageError,
+)
 
 
 def drain(body: DetachedBody) -> bytes:
@@ -526,14 +534,27 @@ def test_explicit_and_assigned_ids_mix_in_one_order() -> None:
     assert [m.data for m in hub.since("b-1").messages] == ["c"]
 
 
-def test_an_explicit_id_that_fell_out_of_the_history_gets_a_resync() -> None:
-    hub = Hub(history=2)
-    hub.publish("x", id="x")
-    hub.publish("y", id="y")
-    hub.publish("z", id="z")
-    assert hub.since("x").reason == "unknown id"
-    assert [m.data for m in hub.since("y").messages] == ["z"]
-    hub.publish("x again", id="x")  # forgotten once it fell out: usable again
+def test_an_explicit_id_resolves_like_a_hub_id_at_the_edge_of_the_history() -> None:
+    # The message that just fell out is still a place to resume from (nothing
+    # after it was lost), whoever chose its id; one further back is a resync.
+    for ids in (["a", "b", "c", "d"], [None, None, None, None]):
+        hub = Hub(history=2)
+        sent = [hub.publish(f"m{i}", id=ids[i]) for i in range(3)]
+        assert [m.data for m in hub.since(sent[0].id).messages] == ["m1", "m2"]
+        assert [m.data for m in hub.since(sent[1].id).messages] == ["m2"]
+        hub.publish("m3", id=ids[3])
+        assert [m.data for m in hub.since(sent[1].id).messages] == ["m2", "m3"]
+        assert hub.since(sent[0].id).resync
+
+
+def test_a_caught_up_long_poll_with_an_explicit_id_and_a_history_of_one_gets_the_next() -> None:
+    for make in (lambda i: None, lambda i: f"row-{i}"):
+        hub = Hub(history=1)
+        first = hub.publish("a", id=make(0))
+        got: list[Batch] = []
+        assert hub.poll(first.id, got.append) is None
+        hub.publish("b", id=make(1))
+        assert [(m.data, got[0].resync) for m in got[0].messages] == [("b", False)]
 
 
 def test_retry_goes_out_with_its_event() -> None:

@@ -288,18 +288,35 @@ class MessageStore(Protocol):
 class History:
     """The in-process :class:`MessageStore`: a ring buffer of the last ``size`` messages.
 
-    Ids the application chose are indexed while their message is kept, so
-    that a client that echoes one resumes right after it; the hub's own ids
-    are parsed instead, strictly (see :meth:`resolve`).
+    Ids the application chose are indexed while their message is kept (and
+    for the message that just fell out, which is still a place to resume
+    from, as it is for the hub's own ids), so that a client that echoes one
+    resumes right after it; the hub's own ids are parsed instead, strictly
+    (see :meth:`resolve`).
     """
 
-    __slots__ = ("_given", "_items", "_prefix", "_seq", "cursor", "epoch")
+    __slots__ = (
+        "_given",
+        "_given_order",
+        "_items",
+        "_prefix",
+        "_remember",
+        "_seq",
+        "cursor",
+        "epoch",
+    )
 
     def __init__(self, size: int) -> None:
         self.epoch = secrets.token_hex(_EPOCH_LENGTH // 2)
         self._prefix = self.epoch + "-"
         self._items: deque[Message] = deque(maxlen=size)
-        self._given: dict[str, int] = {}  # application-chosen ids still kept -> seq
+        # Application-chosen ids -> seq, for the messages kept and the one
+        # that just fell out: a client that saw the last message evicted can
+        # still resume (nothing after it was lost), exactly as with the hub's
+        # own ids, whose position is parsed rather than looked up.
+        self._given: dict[str, int] = {}
+        self._given_order: deque[tuple[str, int]] = deque()  # the same, oldest first
+        self._remember = size + 1  # how many of the latest messages' ids are indexed
         self._seq = 0
         self.cursor = self._prefix + "0"
 
@@ -335,11 +352,13 @@ class History:
                     f"({self._prefix}<n>); pick another, or let the hub number the message"
                 )
         message = Message(seq, id, data, event, retry, text)
-        if self._given and len(items) == items.maxlen:
-            self._given.pop(items[0].id, None)  # falls out of the history now
         items.append(message)
+        given, order = self._given, self._given_order
         if not id.startswith(self._prefix):
-            self._given[id] = seq
+            given[id] = seq
+            order.append((id, seq))
+        while order and order[0][1] <= seq - self._remember:
+            del given[order.popleft()[0]]  # no longer indexed (ids are unique in the index)
         self._seq = seq
         self.cursor = id
         return message
@@ -357,7 +376,7 @@ class History:
             return UNKNOWN_ID
         seq = self._given.get(client_id)
         if seq is not None:
-            return seq
+            return TOO_OLD if seq < self._oldest() - 1 else seq
         epoch, dash, digits = client_id.rpartition("-")
         if not dash or not _is_seq(digits):
             return UNKNOWN_ID
