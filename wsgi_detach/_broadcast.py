@@ -35,10 +35,19 @@ hub assigns ``"<epoch>-<seq>"``, where ``epoch`` is random per hub, so that an
 id kept by a browser across a server restart is recognised as foreign
 instead of being mistaken for a recent one. Either kind is accepted back as
 ``Last-Event-ID``, as ``event_stream(last_event_id=...)`` or as a long-poll
-cursor, and resumes right after its message. An application id is refused
-while a message with the same id is still in the history (a client resuming
-from it could not tell the two apart); once it has fallen out, the hub no
-longer knows it.
+cursor, and resumes right after its message.
+
+An application's id must be unique in its feed, as SSE ids are meant to be:
+a client resuming from an id that names two messages would resume after
+the wrong one and silently skip what it missed. :class:`History` enforces
+it for as long as it remembers the id -- the history plus as many messages
+again, at least :data:`REMEMBERED_IDS` -- by refusing the second
+``publish`` with ``ValueError``; an id reused after that is accepted
+(memory stays bounded), and a client still holding the old one resumes
+after the new one: reusing ids is then the application's bug, which the
+hub cannot see. A client whose id is remembered but older than the
+history gets the resync reason ``"older than the history"``; one the hub
+no longer remembers gets ``"unknown id"``.
 
 Storage
 -------
@@ -238,6 +247,11 @@ OTHER_EPOCH: Final = "from another epoch"
 TOO_OLD: Final = "older than the history"
 BACKLOG: Final = "backlog too large"
 
+#: How many messages, at least, beyond the history a :class:`History` still
+#: knows the application's ids of (more when the history is longer): 1000
+#: ids of at most MAX_ID_LENGTH characters cost well under 1 MiB.
+REMEMBERED_IDS: Final = 1000
+
 #: The longest id a client may hand back, and so the longest one the hub
 #: sends: a header or query value beyond it is not one of ours (and is not
 #: looked up or parsed).
@@ -288,11 +302,12 @@ class MessageStore(Protocol):
 class History:
     """The in-process :class:`MessageStore`: a ring buffer of the last ``size`` messages.
 
-    Ids the application chose are indexed while their message is kept (and
-    for the message that just fell out, which is still a place to resume
-    from, as it is for the hub's own ids), so that a client that echoes one
-    resumes right after it; the hub's own ids are parsed instead, strictly
-    (see :meth:`resolve`).
+    Ids the application chose are indexed for the latest ``size + max(size,
+    REMEMBERED_IDS)`` messages, so that a client that echoes one resumes
+    right after it (the message that just fell out included, as for the
+    hub's own ids), an older one gets "older than the history", and an id
+    published again within that window is refused; the hub's own ids are
+    parsed instead, strictly (see :meth:`resolve`).
     """
 
     __slots__ = (
@@ -310,13 +325,15 @@ class History:
         self.epoch = secrets.token_hex(_EPOCH_LENGTH // 2)
         self._prefix = self.epoch + "-"
         self._items: deque[Message] = deque(maxlen=size)
-        # Application-chosen ids -> seq, for the messages kept and the one
-        # that just fell out: a client that saw the last message evicted can
-        # still resume (nothing after it was lost), exactly as with the hub's
-        # own ids, whose position is parsed rather than looked up.
+        # Application-chosen ids -> seq, for the latest `_remember` messages:
+        # the history, the message that just fell out (still a place to
+        # resume from, as it is for the hub's own ids, whose position is
+        # parsed rather than looked up), and as many again, at least
+        # REMEMBERED_IDS, before it -- so that a reused id is refused and an
+        # old one answered "older than the history" well after it fell out.
         self._given: dict[str, int] = {}
         self._given_order: deque[tuple[str, int]] = deque()  # the same, oldest first
-        self._remember = size + 1  # how many of the latest messages' ids are indexed
+        self._remember = size + max(size, REMEMBERED_IDS)
         self._seq = 0
         self.cursor = self._prefix + "0"
 
@@ -343,8 +360,8 @@ class History:
         else:
             if id in self._given:
                 raise ValueError(
-                    f"id {id!r} was already published and is still in the history: a client "
-                    f"resuming from it could not tell the two apart"
+                    f"id {id!r} was already published (within the last {self._remember} "
+                    f"messages): a client resuming from it could not tell the two apart"
                 )
             if id.startswith(self._prefix):
                 raise ValueError(
@@ -527,7 +544,8 @@ class Hub:
                 not an int (bool, float and str are refused).
             ValueError: ``event`` or ``id`` contains CR or LF; ``id``
                 contains NUL, is empty, longer than :data:`MAX_ID_LENGTH`,
-                already in the history, or of the hub's own
+                already published among the messages the hub remembers
+                (see "Ids" in the module docs), or of the hub's own
                 ``<epoch>-<n>`` form; ``retry`` is negative.
         """
         event, given_id, retry = check_fields(event, id, retry)
