@@ -614,6 +614,7 @@ def test_retry_goes_out_with_its_event() -> None:
         ({"id": "dup"}, ValueError, r"id .dup. was already published \(within the last 2000 "),
         ({"id": "{epoch}-77"}, ValueError, r"has the form of the ids this hub assigns itself"),
         ({"retry": -1}, ValueError, r"retry must be >= 0 milliseconds, got -1"),
+        ({"retry": 10**5000}, ValueError, r"retry must be at most 2147483647 ms"),
         ({"retry": True}, TypeError, r"retry must be an int of milliseconds, got bool"),
         ({"retry": 1.0}, TypeError, r"retry must be an int of milliseconds, got float"),
         ({"retry": "10"}, TypeError, r"retry must be an int of milliseconds, got str"),

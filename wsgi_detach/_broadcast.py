@@ -546,7 +546,8 @@ class Hub:
                 contains NUL, is empty, longer than :data:`MAX_ID_LENGTH`,
                 already published among the messages the hub remembers
                 (see "Ids" in the module docs), or of the hub's own
-                ``<epoch>-<n>`` form; ``retry`` is negative.
+                ``<epoch>-<n>`` form; ``retry`` is negative or above
+                :data:`~wsgi_detach._sse.MAX_RETRY` (2**31 - 1).
         """
         event, given_id, retry = check_fields(event, id, retry)
         if given_id is not None:

@@ -80,6 +80,13 @@ def _single_line(name: str, value: object, types: tuple[type, ...] = (str,)) -> 
     return text
 
 
+#: The longest ``retry`` accepted, in milliseconds (2**31 - 1, about 24.8
+#: days): the longest delay a JavaScript timer waits (a longer one fires at
+#: once), which is what an EventSource polyfill's reconnection runs on; a
+#: longer delay means "do not come back", which closing the stream says.
+MAX_RETRY: Final = 2**31 - 1
+
+
 def check_fields(
     event: object = None, id: object = None, retry: object = None
 ) -> tuple[str | None, str | None, int | None]:
@@ -94,7 +101,7 @@ def check_fields(
             not an int (a bool, a float or a str are refused: the parser
             ignores a ``retry`` that is not all digits).
         ValueError: ``event`` or ``id`` contains CR or LF, ``id`` a NUL, or
-            ``retry`` is negative.
+            ``retry`` is negative or above :data:`MAX_RETRY`.
     """
     event_text = None if event is None else _single_line("event", event)
     id_text = None
@@ -129,7 +136,7 @@ def encode_event(
         TypeError: ``data`` is not a str (``json.dumps`` objects first), or a
             field has the wrong type.
         ValueError: ``event`` or ``id`` contains a line break, ``id`` a NUL,
-            or ``retry`` is negative.
+            or ``retry`` is negative or above :data:`MAX_RETRY`.
 
     >>> encode_event("a\\nb", event="tick", id=7)
     b'id: 7\\nevent: tick\\ndata: a\\ndata: b\\n\\n'
@@ -170,6 +177,12 @@ def _retry_ms(retry: object) -> int:
         raise TypeError(f"retry must be an int of milliseconds, got {type(retry).__name__}")
     if retry < 0:
         raise ValueError(f"retry must be >= 0 milliseconds, got {retry}")
+    if retry > MAX_RETRY:
+        # Never str() an arbitrary int: past 4300 digits that raises too.
+        shown = str(retry) if retry.bit_length() <= 64 else f"an int of {retry.bit_length()} bits"
+        raise ValueError(
+            f"retry must be at most {MAX_RETRY} ms (about 24.8 days), got {shown}"
+        )
     return retry
 
 
