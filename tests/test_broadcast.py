@@ -607,6 +607,7 @@ def test_retry_goes_out_with_its_event() -> None:
         ({"id": "a\nb"}, ValueError, r"id must be a single line"),
         ({"id": "a\r"}, ValueError, r"id must be a single line"),
         ({"id": "a\0b"}, ValueError, r"id must not contain NUL"),
+        ({"id": "row-2 "}, ValueError, r"id must not start or end with whitespace"),
         ({"id": ""}, ValueError, r"id must not be empty"),
         ({"id": "x" * 257}, ValueError, r"id must be at most 256 characters"),
         ({"id": True}, TypeError, r"id must be a str or int, got bool"),

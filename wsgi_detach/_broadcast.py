@@ -543,7 +543,8 @@ class Hub:
                 ``event`` is not a str, ``id`` not a str or int, ``retry``
                 not an int (bool, float and str are refused).
             ValueError: ``event`` or ``id`` contains CR or LF; ``id``
-                contains NUL, is empty, longer than :data:`MAX_ID_LENGTH`,
+                contains NUL, starts or ends with whitespace, is empty,
+                longer than :data:`MAX_ID_LENGTH`,
                 already published among the messages the hub remembers
                 (see "Ids" in the module docs), or of the hub's own
                 ``<epoch>-<n>`` form; ``retry`` is negative or above

@@ -100,8 +100,9 @@ def check_fields(
         TypeError: ``event`` is not a str, ``id`` not a str or int, ``retry``
             not an int (a bool, a float or a str are refused: the parser
             ignores a ``retry`` that is not all digits).
-        ValueError: ``event`` or ``id`` contains CR or LF, ``id`` a NUL, or
-            ``retry`` is negative or above :data:`MAX_RETRY`.
+        ValueError: ``event`` or ``id`` contains CR or LF, ``id`` a NUL or
+            starts or ends with whitespace, or ``retry`` is negative or above
+            :data:`MAX_RETRY`.
     """
     event_text = None if event is None else _single_line("event", event)
     id_text = None
@@ -110,6 +111,14 @@ def check_fields(
         if "\0" in id_text:
             raise ValueError(
                 f"id must not contain NUL: the client ignores such an id ({id_text!r})"
+            )
+        if id_text[:1].isspace() or id_text[-1:].isspace():
+            # The client hands the id back in the Last-Event-ID header, and
+            # servers strip the whitespace around a header value (RFC 9110
+            # section 5.5): such an id would come back as another one.
+            raise ValueError(
+                f"id must not start or end with whitespace: it would not come back "
+                f"as Last-Event-ID ({id_text!r})"
             )
     return event_text, id_text, None if retry is None else _retry_ms(retry)
 
@@ -135,8 +144,9 @@ def encode_event(
     Raises:
         TypeError: ``data`` is not a str (``json.dumps`` objects first), or a
             field has the wrong type.
-        ValueError: ``event`` or ``id`` contains a line break, ``id`` a NUL,
-            or ``retry`` is negative or above :data:`MAX_RETRY`.
+        ValueError: ``event`` or ``id`` contains a line break, ``id`` a NUL
+            or whitespace at either end, or ``retry`` is negative or above
+            :data:`MAX_RETRY`.
 
     >>> encode_event("a\\nb", event="tick", id=7)
     b'id: 7\\nevent: tick\\ndata: a\\ndata: b\\n\\n'
