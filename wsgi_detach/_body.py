@@ -1098,10 +1098,13 @@ class BodyOptions:
     heartbeat_chunk: bytes = b"\n"
     max_buffer: int | None = None
     encoding: str = "utf-8"
-    #: Given as any :data:`Chunk`, kept as bytes (a str encoded with ``encoding``).
+    #: Given as any :data:`Chunk`, kept as bytes (a str encoded with ``encoding``,
+    #: and encoded again when :meth:`merge` changes the encoding).
     timeout_chunk: Chunk | None = None
     coalesce: int = _DEFAULT_COALESCE
     budget: ByteBudget | None = None
+    # The timeout_chunk as given, when it was a str, for merge() to encode anew.
+    _timeout_text: str | None = dataclasses.field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         for name in ("idle_timeout", "deadline", "heartbeat"):
@@ -1110,6 +1113,8 @@ class BodyOptions:
         _check_max_buffer(self.max_buffer)
         _check_encoding(self.encoding)
         if self.timeout_chunk is not None:
+            if isinstance(self.timeout_chunk, str):
+                object.__setattr__(self, "_timeout_text", self.timeout_chunk)
             object.__setattr__(self, "timeout_chunk", _to_bytes(self.timeout_chunk, self.encoding))
         _check_coalesce(self.coalesce)
         _check_budget(self.budget)
@@ -1128,10 +1133,19 @@ class BodyOptions:
             raise TypeError(
                 f"{who} got unknown options {sorted(unknown)}; it takes {sorted(OPTION_NAMES)}"
             )
+        if (
+            "encoding" in overrides
+            and "timeout_chunk" not in overrides
+            and self._timeout_text is not None
+        ):
+            # A str timeout_chunk is text: it goes out in the body's encoding,
+            # whichever level chose each (a middleware's chunk, a detach()'s
+            # encoding), never in the bytes of an encoding the body does not use.
+            overrides = {**overrides, "timeout_chunk": self._timeout_text}
         return dataclasses.replace(self, **overrides)
 
 
 #: The names of the :class:`BodyOptions` fields.
-OPTION_NAMES: Final = frozenset(field.name for field in dataclasses.fields(BodyOptions))
+OPTION_NAMES: Final = frozenset(f.name for f in dataclasses.fields(BodyOptions) if f.init)
 #: The options of a body built with no arguments.
 DEFAULT_OPTIONS: Final = BodyOptions()
