@@ -18,6 +18,8 @@ from tests.servers import ServerProcess
 from tests.sse_reference import Parser, parse
 from wsgi_detach import (
     Batch,
+    BufferFull,
+    ByteBudget,
     DetachedBody,
     EventStream,
     Hub,
@@ -586,6 +588,35 @@ def test_application_ids_are_remembered_for_a_bounded_window_beyond_the_history(
     assert hub.since("first").reason == "unknown id"
     hub.publish("first, reused", id="first")  # forgotten: the application's own lookout
     assert len(hub._store._given) == 1001  # type: ignore[attr-defined]
+
+
+def test_a_resuming_stream_with_no_room_at_all_is_ended_not_left_silent() -> None:
+    # Other bodies' unsent bytes fill the shared budget: neither the catch-up
+    # nor a resync fits. An EventSource never reconnects from a stream that
+    # stays open, so the stream ends (cleanly: the browser comes back with the
+    # same Last-Event-ID); a plain body fails (its client sees it incomplete).
+    hub = Hub()
+    first = hub.publish("x" * 50)
+    hub.publish("y" * 50)
+    budget = ByteBudget(300)
+    hog = DetachedBody(budget=budget)
+    hog.put_nowait(b"h" * 280)
+    stream = EventStream(heartbeat=None, budget=budget, last_event_id=first.id)
+    assert not hub.subscribe(stream).active
+    assert stream.state == "finished"
+    assert list(stream) == [b": stream open\n"]
+    plain = DetachedBody(budget=budget)
+    assert not hub.subscribe(plain, last_event_id=first.id).active
+    with pytest.raises(BufferFull, match="shared budget of 300 bytes"):
+        next(plain)
+    assert hub.subscribers == 0
+    hog.close()
+    again = EventStream(heartbeat=None, budget=budget, last_event_id=first.id)
+    assert hub.subscribe(again).active  # room again: the reconnect gets its catch-up
+    assert [e.data for e in parse(drain(again)).events] == ["y" * 50]
+    for body in (stream, plain, again):
+        body.close()
+    assert budget.used == 0
 
 
 def test_retry_goes_out_with_its_event() -> None:

@@ -644,7 +644,11 @@ class Hub:
         If ``last_event_id`` names a message still in the history, the
         messages after it are queued first, in the same atomic step, so none
         is lost or duplicated; if it fell out of the history, a resync event
-        is queued instead. By default an :class:`EventStream` uses its own
+        is queued instead. If not even the resync fits (the shared
+        ``max_buffered`` budget is full), the body is ended rather than left
+        open and silent: an EventStream cleanly, so the browser reconnects
+        and resumes later; any other body as failed. The subscription
+        returned is then inactive. By default an :class:`EventStream` uses its own
         :attr:`~EventStream.last_event_id` (the ``Last-Event-ID`` header).
 
         The subscription ends by itself when the body closes.
@@ -678,8 +682,15 @@ class Hub:
                         resync = Batch([], batch.cursor, True, BACKLOG)
                         body.put_nowait(_resync_chunk(resync, is_sse))
                 self._subscribers[sub] = None
-            except (BodyClosed, BufferFull):
+            except BodyClosed:
                 return sub  # nobody to deliver to; inactive
+            except BufferFull as exc:
+                unserved: BufferFull | None = exc
+            else:
+                unserved = None
+        if unserved is not None:
+            _end_unserved(body, unserved)
+            return sub  # inactive
         body.on_close(sub.cancel)
         return sub
 
@@ -854,6 +865,24 @@ def _drop(body: DetachedBody, why: str, max_pending: int) -> None:
     else:
         behind = f"subscriber fell more than max_pending={max_pending} bytes behind; dropped"
         body.fail(SlowSubscriber(behind))
+
+
+def _end_unserved(body: DetachedBody, full: BufferFull) -> None:
+    """End a body that could be given neither its catch-up nor a resync (no room at all).
+
+    That happens when the shared ``max_buffered`` budget is exhausted by
+    other bodies. Left open, the body would get nothing but heartbeats, and
+    an EventSource never reconnects from a stream that stays open: it would
+    stay silent for good. Forcing the bytes in past the budget would break
+    the memory bound the budget exists for. So an :class:`EventStream` ends
+    cleanly -- the browser reconnects after its ``retry`` delay with the same
+    ``Last-Event-ID`` and gets its catch-up once there is room -- and a plain
+    body fails, so that its client sees an incomplete response.
+    """
+    if isinstance(body, EventStream):
+        body.finish()
+    else:
+        body.fail(full)
 
 
 def _run(callback: Callable[[Batch], object], batch: Batch) -> None:
