@@ -267,7 +267,13 @@ class MessageStore(Protocol):
     """Where a :class:`Hub` numbers, keeps and finds its messages; see "Storage" above.
 
     The hub calls every method under its own lock, so an implementation
-    needs no lock of its own -- and must not block or yield.
+    needs no lock of its own -- and must not block or yield. That rules out
+    a store that asks the network (a database, Redis) on each call: the
+    Redis broker is therefore not a store but a hub of its own,
+    :class:`~wsgi_detach.ChannelHub`, which numbers messages in Redis
+    outside any lock and keeps a local replica that it reads under its lock.
+    A store is for another in-memory layout (a history bounded in bytes, an
+    index of your own), not for sharing a feed between processes.
     """
 
     @property
