@@ -1105,6 +1105,11 @@ class BodyOptions:
     budget: ByteBudget | None = None
     # The timeout_chunk as given, when it was a str, for merge() to encode anew.
     _timeout_text: str | None = dataclasses.field(default=None, init=False, repr=False)
+    # Options derived from these for an EventStream, by heartbeat (see
+    # wsgi_detach._sse): they live and die with this value.
+    _derived: dict[float | None, BodyOptions] = dataclasses.field(
+        default_factory=dict, init=False, repr=False
+    )
 
     def __post_init__(self) -> None:
         for name in ("idle_timeout", "deadline", "heartbeat"):
@@ -1144,6 +1149,34 @@ class BodyOptions:
             overrides = {**overrides, "timeout_chunk": self._timeout_text}
         return dataclasses.replace(self, **overrides)
 
+
+def rebase(given: object, base: BodyOptions, who: str) -> BodyOptions:
+    """The options a body registered with ``base`` starts from when given ``options=given``.
+
+    ``base`` is the middleware's options (its budget included) or the
+    defaults; ``given`` (``None``: keep ``base``) replaces them, except that
+    under a middleware the budget stays its ``max_buffered`` budget: bytes
+    charged to another one would escape the cap.
+
+    Raises:
+        TypeError: ``given`` is not a BodyOptions, or carries a budget of
+            its own under a middleware.
+    """
+    if given is None:
+        return base
+    if not isinstance(given, BodyOptions):
+        raise TypeError(f"options must be a BodyOptions, got {type(given).__name__}")
+    if base.budget is None or given.budget is base.budget:
+        return given
+    if given.budget is not None:
+        raise TypeError(NO_BUDGET.format(who=who))
+    return given.merge({"budget": base.budget})
+
+
+#: Why a body registered with a middleware takes no budget of its own.
+NO_BUDGET: Final = (
+    "{who} takes no budget: the middleware's max_buffered is the one budget shared by its bodies"
+)
 
 #: The names of the :class:`BodyOptions` fields.
 OPTION_NAMES: Final = frozenset(f.name for f in dataclasses.fields(BodyOptions) if f.init)

@@ -28,15 +28,16 @@ Encoding rules, from the WHATWG HTML standard, section "Server-sent events",
 
 from __future__ import annotations
 
-import functools
 import re
 from typing import TYPE_CHECKING, Any, Final
 
 from ._body import (
     DEFAULT_OPTIONS,
+    NO_BUDGET,
     REGISTER_KEY,
     BodyOptions,
     DetachedBody,
+    rebase,
     register,
 )
 
@@ -213,24 +214,36 @@ def read_last_event_id(environ: WSGIEnvironment) -> str | None:
         return str(raw)
 
 
-@functools.lru_cache(maxsize=64)
 def _sse_options(base: BodyOptions, heartbeat: float | None) -> BodyOptions:
     """``base`` (the middleware's options, or the defaults) as an event stream needs them.
 
     SSE fixes the encoding and the heartbeat's chunk, has its own heartbeat,
     and a ``timeout_chunk`` meant for plain streams would be raw text in an
-    event stream. Cached: ``base`` is one object per middleware (compared by
-    identity), so a stream opened with no options of its own makes none.
+    event stream. Cached on ``base`` itself (one object per middleware), so
+    that a stream opened with no options of its own makes none, and the
+    cache goes away with the options (a module-level cache would keep every
+    middleware's budget alive).
     """
-    return base.merge(
-        {
-            "encoding": "utf-8",
-            "heartbeat_chunk": HEARTBEAT,
-            "timeout_chunk": None,
-            "heartbeat": heartbeat,
-        },
-        "EventStream",
-    )
+    cache = base._derived
+    derived = cache.get(heartbeat)
+    if derived is None:
+        derived = base.merge(
+            {
+                "encoding": "utf-8",
+                "heartbeat_chunk": HEARTBEAT,
+                "timeout_chunk": None,
+                "heartbeat": heartbeat,
+            },
+            "EventStream",
+        )
+        if len(cache) >= _SSE_CACHE_SIZE:
+            cache.clear()  # heartbeats chosen per request: stay bounded
+        cache[heartbeat] = derived
+    return derived
+
+
+#: How many heartbeat values one options value keeps derived SSE options for.
+_SSE_CACHE_SIZE: Final = 16
 
 
 class EventStream(DetachedBody):
@@ -282,11 +295,17 @@ class EventStream(DetachedBody):
         last_event_id: overrides the header, e.g. from a query parameter on
             the first connect (``EventSource`` cannot set headers).
         options: the other :class:`DetachedBody` options (``idle_timeout``,
-            ``deadline``, ``max_buffer``, ``coalesce``, ...).
+            ``deadline``, ``max_buffer``, ``coalesce``, ...), or
+            ``options=BodyOptions(...)`` in place of the middleware's (or the
+            default) options, keywords still winning over it; SSE derives
+            from it as from the middleware's. Under the middleware the
+            budget is always its ``max_buffered`` one.
 
     Raises:
         TypeError: ``encoding`` or ``heartbeat_chunk`` was given; SSE fixes
-            both (UTF-8, a comment line).
+            both (UTF-8, a comment line). ``budget=`` (or a BodyOptions with
+            a budget of its own) under :class:`DetachMiddleware`: its
+            ``max_buffered`` budget is the one shared by its bodies.
         Unavailable: under :class:`DetachMiddleware`, ``max_open`` streams
             are open or the server is draining; let it propagate, the
             middleware answers 503. The stream is closed first.
@@ -314,6 +333,10 @@ class EventStream(DetachedBody):
         # Under DetachMiddleware: its registrar, with its options and budget.
         registrar = None if environ is None else environ.get(REGISTER_KEY)
         base = DEFAULT_OPTIONS if registrar is None else registrar.options
+        if registrar is not None and "budget" in options:
+            raise TypeError(NO_BUDGET.format(who="EventStream"))
+        if "options" in options:
+            base = rebase(options.pop("options"), base, "EventStream")
         if heartbeat is None or type(heartbeat) in (int, float):
             merged = _sse_options(base, heartbeat).merge(options, "EventStream")
         else:  # a bad value, which merge names: not a cache key
