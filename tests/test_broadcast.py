@@ -693,6 +693,19 @@ def test_comment_reaches_every_event_stream_and_is_never_an_event() -> None:
         hub.comment(b"x")  # type: ignore[arg-type]
 
 
+def test_comment_goes_to_exactly_the_subscribers_encoded_as_sse() -> None:
+    # By encoding, not by type: a comment line in an NDJSON body would be a
+    # line that is not JSON, and a plain body carrying SSE is an event stream.
+    hub = Hub()
+    ndjson_stream = EventStream(heartbeat=None)
+    hub.subscribe(ndjson_stream, encode=lambda m: (json.dumps(m.as_dict()) + "\n").encode())
+    sse_plain = DetachedBody()
+    hub.subscribe(sse_plain, encode=Message.sse)
+    assert hub.comment("hello") == 1
+    assert drain(ndjson_stream) == b": stream open\n"
+    assert drain(sse_plain) == b": hello\n"
+
+
 def test_a_comment_over_max_pending_drops_that_subscriber_like_a_message() -> None:
     hub = Hub(max_pending=100)
     stream = EventStream(heartbeat=None)

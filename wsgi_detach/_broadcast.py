@@ -568,13 +568,17 @@ class Hub:
         return message
 
     def comment(self, text: str = "") -> int:
-        """Send an SSE comment to every subscribed :class:`EventStream`; returns how many.
+        """Send an SSE comment to every subscriber that gets SSE; returns how many.
 
-        A comment is never an event: ``EventSource`` handlers do not see it,
-        nothing is numbered or kept, and a reconnecting client does not get
-        it again. Each line of ``text`` (split at CR, LF or CRLF) becomes a
-        comment line of its own, so a line break cannot turn the rest into
-        an event. Plain-body subscribers get nothing. A comment may overtake
+        That is every subscription whose ``encode`` is SSE's
+        (:meth:`Message.sse`, the default for an :class:`EventStream`),
+        whatever the body: a comment line is only meaningful in an event
+        stream, so a subscriber given NDJSON or a custom encoding gets
+        nothing. A comment is never an event: ``EventSource`` handlers do
+        not see it, nothing is numbered or kept, and a reconnecting client
+        does not get it again. Each line of ``text`` (split at CR, LF or
+        CRLF) becomes a comment line of its own, so a line break cannot turn
+        the rest into an event. A comment may overtake
         a message that a concurrent :meth:`publish` is still encoding; it
         counts against ``max_pending`` like a message.
 
@@ -585,7 +589,7 @@ class Hub:
         dropped: list[tuple[Subscription, str]] = []
         with self._lock:
             reached = 0
-            for sub in [s for s in self._subscribers if isinstance(s.body, EventStream)]:
+            for sub in [s for s in self._subscribers if s.encode is Message.sse]:
                 why = self._put_locked(sub, chunk)
                 if why is None:
                     reached += 1
