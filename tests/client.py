@@ -2,8 +2,8 @@
 
 The integration tests need what ordinary clients hide: arrival times of
 chunks, whether a chunked response ended with its terminating zero chunk (the
-only way a client can tell a complete stream from an aborted one, PEP3333-NOTES
-rule 10), and the ability to leave abruptly. Every read is bounded by a
+only way a client can tell a complete stream from an aborted one over
+HTTP/1.1), and the ability to leave abruptly. Every read is bounded by a
 socket timeout.
 
 Also the test side of the scenario apps' endpoints (:func:`get_json`,

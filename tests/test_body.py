@@ -646,7 +646,7 @@ def test_a_late_wake_up_of_the_reused_consumer_waiter_is_only_a_second_look() ->
     assert chunks == [b"one", b"two"]
 
 
-# ---------------------------------------------------------------- regressions from the review
+# ---------------------------------------------------------------------------- regressions
 
 
 def test_a_producer_killed_by_a_base_exception_fails_with_an_ordinary_one() -> None:

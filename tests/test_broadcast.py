@@ -457,7 +457,7 @@ def test_streams_open_at_once_and_thread_publishes_arrive_on_other_servers(kind:
 
 
 def test_encoders_and_logging_run_outside_the_hub_lock() -> None:
-    """Finding 8: publish() ran the subscribers' encode() and log.exception under the
+    """publish() ran the subscribers' encode() and log.exception under the
     hub's real lock; under gevent, an encoder or a logging handler that yields let
     another greenlet block the OS thread on that lock: the process froze. Run in a
     child so that a regression is a timeout, not a frozen test run."""

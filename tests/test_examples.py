@@ -62,3 +62,38 @@ def test_example_serves(name: str) -> None:
                 assert head.status == 200, f"{name}: GET {path} answered {head.status}"
                 chunk = stream.read_chunk()
                 assert chunk, f"{name}: GET {path} sent no body"
+
+
+@pytest.mark.parametrize("name", _examples())
+def test_example_takes_a_port_and_stops_quietly_on_ctrl_c(name: str) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    from tests.servers import CHILD_ENV, ROOT
+
+    with subprocess.Popen(
+        [sys.executable, "-m", f"examples.{name}", "--port", "0"],
+        cwd=ROOT, env=CHILD_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    ) as proc:
+        try:
+            assert proc.stdout is not None and proc.stderr is not None
+            line = proc.stdout.readline()  # bounded by pytest-timeout
+            assert re.search(r"http://127\.0\.0\.1:[1-9]\d*/", line), line
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(timeout=10) == 0
+            assert proc.stderr.read() == ""
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+
+
+def test_the_chat_example_names_itself_in_its_help() -> None:
+    import subprocess
+    import sys
+
+    from tests.servers import CHILD_ENV, ROOT
+
+    done = subprocess.run([sys.executable, "examples/chat.py", "--help"], cwd=ROOT,
+                          env=CHILD_ENV, capture_output=True, text=True, timeout=30)
+    assert done.stdout.startswith("usage: chat.py [-h]")

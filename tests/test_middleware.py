@@ -278,7 +278,7 @@ def test_a_failure_before_the_first_chunk_is_a_5xx(
 
 def test_a_failure_after_the_first_chunk_aborts(served: ServerProcess) -> None:
     if served.server == "wsgiref":
-        pytest.skip("HTTP/1.0 close-delimited: a truncated body looks complete (PEP3333-NOTES 10)")
+        pytest.skip("HTTP/1.0 close-delimited: a truncated body looks complete")
     response = get(served.port, "/fail_mid")
     assert (response.status, response.body, response.complete) == (200, b"partial;", False)
 
@@ -424,7 +424,7 @@ def test_an_ordinary_request_leaves_no_reference_cycle() -> None:
         gc.enable()
 
 
-# ---------------------------------------------------------------------- review regressions
+# -----------------------------------------------------------------------regressions
 
 
 def _run_wsgiref(app: Any) -> bytes:
@@ -469,7 +469,7 @@ class _Inner:
 
 
 def test_a_start_response_that_raises_ends_the_detached_response() -> None:
-    """Finding 1: wsgiref asserts on a hop-by-hop header when the held head is
+    """wsgiref asserts on a hop-by-hop header when the held head is
     flushed; the body, its max_open slot and the inner iterable leaked."""
     made: list[_Inner] = []
 
@@ -488,7 +488,7 @@ def test_a_start_response_that_raises_ends_the_detached_response() -> None:
 
 
 def test_a_start_response_that_raises_closes_an_ordinary_response() -> None:
-    """Finding 1, the pass-through path: the server never got the iterable."""
+    """The pass-through path: the server never got the iterable."""
     body = _Closing([b"x"])
 
     def app(environ: dict[str, Any], start_response: Any) -> Any:
@@ -500,7 +500,7 @@ def test_a_start_response_that_raises_closes_an_ordinary_response() -> None:
 
 
 def test_a_watch_that_raises_ends_the_detached_response() -> None:
-    """Finding 1: an exception from watch() leaked the body like a refused head."""
+    """an exception from watch() leaked the body like a refused head."""
     import os
 
     from wsgi_detach._watchers import SOCKET_KEY
@@ -524,7 +524,7 @@ def test_a_watch_that_raises_ends_the_detached_response() -> None:
 
 
 def test_drain_on_signal_without_a_hub_drains_then_dies_by_the_signal() -> None:
-    """Finding 2: on a server without a gevent hub (waitress, wsgiref, cheroot) the
+    """on a server without a gevent hub (waitress, wsgiref, cheroot) the
     drain ran in a thread, whose signal.signal() raised: SIGTERM was swallowed."""
     import subprocess
     import sys
@@ -572,7 +572,7 @@ def test_drain_on_signal_without_a_hub_drains_then_dies_by_the_signal() -> None:
 
 
 def test_a_second_start_response_without_exc_info_raises() -> None:
-    """Finding 16 (PEP 3333): behind the middleware the second call silently
+    """PEP 3333: behind the middleware the second call silently
     replaced the held head; without it the server raises."""
 
     def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
@@ -587,7 +587,7 @@ def test_a_second_start_response_without_exc_info_raises() -> None:
 
 
 def test_detach_after_the_app_returned_is_refused() -> None:
-    """Finding 13: detach() inside the iterator (Flask's stream_with_context) was
+    """detach() inside the iterator (Flask's stream_with_context) was
     accepted, counted in max_open and never released."""
 
     def app(environ: dict[str, Any], start_response: Any) -> Iterator[bytes]:

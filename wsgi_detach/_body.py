@@ -112,8 +112,8 @@ class Registrar(Protocol):
 
 log = logging.getLogger("wsgi_detach")
 
-#: What ``put()`` accepts. ``StopIteration`` (the class) is the seed's
-#: end-of-stream marker and means ``finish()``.
+#: What ``put()`` accepts. ``StopIteration`` (the class) is the
+#: end-of-stream marker of Bottle's queue-as-body pattern and means ``finish()``.
 Chunk = Union[bytes, bytearray, memoryview, str]
 
 OPEN: Final = "open"

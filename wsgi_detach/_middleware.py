@@ -4,7 +4,8 @@ When to use it
 --------------
 Wrap your WSGI app once (``app = DetachMiddleware(app, idle_timeout=60)``)
 when it returns detached responses -- :class:`~wsgi_detach.DetachedBody`
-objects or the seed's ``gevent.queue.Queue`` -- and you want, in one place:
+objects or the ``gevent.queue.Queue`` of Bottle's queue-as-body pattern -- and
+you want, in one place:
 the same timeouts, heartbeat and buffer limits on every stream; a client
 that leaves an idle stream noticed within a second (on servers that expose
 the connection, see :mod:`wsgi_detach._watchers`); a 5xx instead of a
@@ -652,7 +653,7 @@ class _Request:
                 if isinstance(found, DetachedBody):
                     self.track(found)  # made by the app itself: counted, closed, watched
                 elif found is result:
-                    body = self.detach()  # the seed's bare queue: served through a body
+                    body = self.detach()  # Bottle's queue-as-body pattern: served through a body
                     self.stop_pump = feed(body, found)
                     result = body
                 else:

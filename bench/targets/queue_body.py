@@ -1,4 +1,4 @@
-"""Target ``seed_queue``: the Bottle primer's trick on gevent.pywsgi.
+"""Target ``queue_body``: the Bottle primer's trick on gevent.pywsgi.
 
 A ``gevent.queue.Queue`` is the body; ``put(StopIteration)`` ends it. The
 queue is wrapped in a plain generator because pywsgi trusts ``len()`` on a
