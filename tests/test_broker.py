@@ -201,30 +201,107 @@ def test_redis_restarted_empty_gives_a_resync(redis_server: RedisServer) -> None
     a = RedisBroker(redis_server.url, **FAST)
     b = RedisBroker(redis_server.url, **FAST)
     try:
-        reader = Reader(b.hub("r"))
+        hub = b.hub("r")
+        reader = Reader(hub)
         old = [a.hub("r").publish(i).id for i in range(3)]
         reader.wait(3)
         redis_server.restart(keep_data=False)
         wait_for(lambda: b.stats()["connected"] and b.stats()["reconnects"] >= 1)
         new = a.hub("r").publish("after")
-        assert new.id.split("-")[0] != old[0].split("-")[0]  # a new epoch
-        lines = reader.wait(4)
-        assert lines[3]["event"] == "resync"
-        notice: dict[str, str] = lines[3]["data"]  # type: ignore[assignment]
-        assert notice["reason"] == "from another epoch"
-        # Either the resync's cursor already covers "after" (the client reloads
-        # it with its state) or "after" follows live: never both, never neither.
-        if notice["cursor"] != new.id:
-            assert notice["cursor"] == new.id.split("-")[0] + "-0"
-            assert reader.wait(5)[4]["id"] == new.id
-        time.sleep(0.2)
-        assert len(reader.lines) == (4 if notice["cursor"] == new.id else 5)
+        epoch = new.id.split("-")[0]
+        assert epoch != old[0].split("-")[0]  # a new epoch
+        assert reader.wait(5)[3:] == [
+            {"id": f"{epoch}-0", "event": "resync",
+             "data": {"reason": "from another epoch", "cursor": f"{epoch}-0"}},
+            {"id": new.id, "event": None, "data": "after"},
+        ]
+        # Redis loses the channel again, this time while the receiving
+        # connection stays up (as after an eviction, a TTL or a failover):
+        # the new epoch's first messages reach the subscribers after the
+        # resync, and stay in this process's history.
+        redis_server.command("FLUSHALL")
+        new1, new2 = a.hub("r").publish("new1"), a.hub("r").publish("new2")
+        epoch2 = new1.id.split("-")[0]
+        assert epoch2 != epoch
+        assert reader.wait(8)[5:] == [
+            {"id": f"{epoch2}-0", "event": "resync",
+             "data": {"reason": "from another epoch", "cursor": f"{epoch2}-0"}},
+            {"id": new1.id, "event": None, "data": "new1"},
+            {"id": new2.id, "event": None, "data": "new2"},
+        ]
+        assert [m.data for m in hub.recent().messages] == ["new1", "new2"]
+        assert [m.data for m in hub.since(new1.id).messages] == ["new2"]
+        late = Reader(hub, last_event_id=new1.id)
+        assert late.wait(1) == [{"id": new2.id, "event": None, "data": "new2"}]
+        # Nothing doubled: a later message is the next line of both.
+        last = a.hub("r").publish("last")
+        assert reader.wait(9)[8]["id"] == last.id and late.wait(2)[1]["id"] == last.id
+        assert len(reader.lines) == 9 and len(late.lines) == 2
         # An id from before the loss is never taken for one of the new epoch.
         batch = a.hub("r").since(old[0])
         assert batch.resync and batch.messages == []
     finally:
         a.close()
         b.close()
+
+
+def test_a_longer_stream_elsewhere_is_read_whole_after_a_reconnect(
+    redis_server: RedisServer,
+) -> None:
+    # The publisher keeps 100 messages, the serving process only 10: after a
+    # reconnect, the serving process reads everything it missed, not just its
+    # own history's worth, and sends no resync since nothing is lost.
+    publisher = RedisBroker(redis_server.url, history=100, **FAST)
+    server = RedisBroker(redis_server.url, history=10, **FAST)
+    try:
+        reader = Reader(server.hub("h"))
+        wait_for(lambda: server.stats()["connected"])
+        publisher.hub("h").publish("m0")
+        reader.wait(1)
+        redis_server.command("CLIENT", "KILL", "TYPE", "pubsub")
+        sent = publisher.hub("h").publish_many(f"m{i}" for i in range(1, 31))
+        reader.wait(31)
+        last = publisher.hub("h").publish("m31")
+        wait_for(lambda: last.id in reader.ids())
+        assert [line["data"] for line in reader.lines] == [f"m{i}" for i in range(32)]
+        assert len(server.hub("h").recent().messages) == 10
+        # Read from Redis by a process that does not follow the channel,
+        # since() returns at most its history, and a cursor to go on from.
+        batch = server.hub("h").since(sent[0].id)
+        assert batch.resync and batch.messages == []  # older than its history: it says so
+        other = RedisBroker(redis_server.url, history=10, **FAST)
+        try:
+            batch = other.hub("h").since(sent[0].id)
+            assert [m.data for m in batch.messages] == [f"m{i}" for i in range(2, 12)]
+            assert batch.cursor == sent[10].id
+            batch = other.hub("h").since(batch.cursor)
+            assert [m.data for m in batch.messages] == [f"m{i}" for i in range(12, 22)]
+        finally:
+            other.close()
+    finally:
+        publisher.close()
+        server.close()
+
+
+def test_a_gap_the_stream_no_longer_holds_gives_a_resync_then_what_it_holds(
+    redis_server: RedisServer,
+) -> None:
+    publisher = RedisBroker(redis_server.url, history=5, **FAST)
+    server = RedisBroker(redis_server.url, history=50, **FAST)
+    try:
+        reader = Reader(server.hub("t"))
+        wait_for(lambda: server.stats()["connected"])
+        publisher.hub("t").publish("m0")
+        reader.wait(1)
+        redis_server.command("CLIENT", "KILL", "TYPE", "pubsub")
+        sent = publisher.hub("t").publish_many(f"m{i}" for i in range(1, 21))
+        lines = reader.wait(7)
+        assert lines[1] == {"id": sent[14].id, "event": "resync",
+                            "data": {"reason": "older than the history", "cursor": sent[14].id}}
+        assert [line["data"] for line in lines[2:]] == [f"m{i}" for i in range(16, 21)]
+    finally:
+        publisher.close()
+        server.close()
 
 
 def test_frozen_redis_publish_fails_in_bound_then_delivery_resumes(

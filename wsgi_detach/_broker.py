@@ -424,6 +424,11 @@ class ChannelHub(Hub):
         first = head.records[0].seq if head.records else head.seq + 1
         if first != seq + 1:
             return Batch([], now, True, TOO_OLD)  # trimmed
+        if head.records and head.records[-1].seq < head.seq:
+            # More than one read's worth (another process keeps a longer
+            # stream): the cursor is the last one returned, not the head, so
+            # that the next call gets the rest.
+            now = f"{head.epoch}-{head.records[-1].seq}"
         return Batch([_message(r) for r in head.records], now)
 
     def _remote_seq(self, cursor: str) -> tuple[str, int] | str:
@@ -499,42 +504,45 @@ class ChannelHub(Hub):
         self._subscribers[sub] = None
         self._after[sub] = self._r_seq
 
-    def _apply(self, epoch: str, seq: int, records: list[Record], *, complete: bool) -> None:
+    def _apply(
+        self,
+        epoch: str,
+        seq: int,
+        records: list[Record],
+        *,
+        restart: bool = False,
+        reason: str | None = None,
+    ) -> None:
         """Bring the replica to (``epoch``, ``seq``) with ``records`` and deliver what is new.
 
-        ``complete``: the records reach back to the replica's end (or this is
-        the first fill); otherwise the replica starts afresh, and the local
-        subscribers get a resync.
+        By default ``records`` continue the replica. ``restart``: the replica
+        starts afresh from them (the latest history), with nobody here yet to
+        deliver to. ``reason``: the stream no longer continues the replica
+        (Redis lost the channel, or trimmed what this process had not read);
+        the replica starts afresh just before ``records``, the local
+        subscribers get a resync with that cursor, then ``records``.
         """
         fresh: list[Message] = []
-        resync_reason: str | None = None
         with self._lock:
-            first = not self._r_epoch
-            if epoch != self._r_epoch or not complete:
-                if not first:
-                    resync_reason = OTHER_EPOCH if epoch != self._r_epoch else TOO_OLD
+            if restart or reason is not None:
                 self._replica.clear()
                 self._given.clear()
                 self._r_epoch = epoch
-                for record in records:
-                    self._keep_locked(_message(record))
-                self._r_seq = seq
-            else:
-                for record in records:
-                    if record.seq <= self._r_seq:
-                        continue  # a duplicate
-                    message = _message(record)
-                    self._keep_locked(message)
-                    self._r_seq = record.seq
-                    fresh.append(message)
-                self._r_seq = max(self._r_seq, seq)
+                self._r_seq = records[0].seq - 1 if records else seq
+                if reason is not None:
+                    for sub in list(self._subscribers):
+                        self._resync_locked(sub, isinstance(sub.body, EventStream), reason)
+            for record in records:
+                if record.seq <= self._r_seq:
+                    continue  # a duplicate
+                message = _message(record)
+                self._keep_locked(message)
+                self._r_seq = record.seq
+                fresh.append(message)
+            self._r_seq = max(self._r_seq, seq)
             self._synced = True
-            if resync_reason is not None:
-                for sub in list(self._subscribers):
-                    is_sse = isinstance(sub.body, EventStream)
-                    self._resync_locked(sub, is_sse, resync_reason)
             subscribers = [(sub, self._after.get(sub, 0)) for sub in self._subscribers]
-        if fresh:
+        if fresh and subscribers:
             self._deliver_many(fresh, subscribers)
 
     def _keep_locked(self, message: Message) -> None:
@@ -593,6 +601,56 @@ class ChannelHub(Hub):
     def _unsync(self) -> None:
         with self._lock:
             self._synced = False
+
+
+#: Entries read per round trip when a gap is filled.
+_PAGE: Final = 1000
+#: The most entries one gap fill delivers (a process that was away that long
+#: gets a resync and the latest history instead): bounds the memory and the
+#: time the receiver spends on one channel.
+_MAX_GAP: Final = 100 * _PAGE
+
+
+def _read_gap(
+    link: Link, channel: str, epoch: str, seq: int, size: int
+) -> tuple[str, int, list[Record], str | None]:
+    """Everything the stream holds after (``epoch``, ``seq``): epoch, last seq, records, reason.
+
+    ``reason`` is None when the records continue from ``seq``; otherwise why
+    they do not (the subscribers get a resync first): OTHER_EPOCH when Redis
+    lost the channel (the new epoch's stream is read from its start), TOO_OLD
+    when it trimmed entries not read yet, or the gap is beyond ``_MAX_GAP``
+    (then the latest ``size`` records).
+    """
+    reason: str | None = None
+    for _ in range(3):  # a channel lost again while it is read: start over
+        head = link.read(channel, seq, _PAGE)
+        if head.epoch != epoch:
+            epoch, seq, reason = head.epoch, 0, OTHER_EPOCH
+            head = link.read(channel, 0, _PAGE)
+            if head.epoch != epoch:
+                continue
+        records = list(head.records)
+        if (records[0].seq if records else head.seq + 1) != seq + 1:
+            reason = reason or TOO_OLD  # trimmed before this process read it
+        last = head.seq
+        while records and records[-1].seq < last:
+            if len(records) >= _MAX_GAP:
+                head = link.read(channel, None, size)
+                if head.epoch != epoch:
+                    break
+                return epoch, head.seq, head.records, reason or TOO_OLD
+            page = link.read(channel, records[-1].seq, _PAGE)
+            if page.epoch != epoch:
+                break
+            if not page.records or page.records[0].seq != records[-1].seq + 1:
+                records, reason = page.records, reason or TOO_OLD  # trimmed while read
+            else:
+                records.extend(page.records)
+            last = page.seq
+        else:
+            return epoch, last, records, reason
+    raise BrokerUnavailable(f"Redis lost channel {channel!r} again and again while it was read")
 
 
 def _is_seq(digits: str) -> bool:
@@ -966,19 +1024,27 @@ class _Receiver:
             del idle[name]
 
     def _refill(self, link: Link, notify_channel: str) -> None:
-        """Subscribed (again): read what the replica lacks from the stream, then settle."""
+        """Subscribed (again), or a gap: read what the replica lacks from the stream, then settle.
+
+        Everything after the last seq delivered here is read (in pages), not
+        just this process's ``history``: another process may keep a longer
+        stream, and its messages must not be skipped. If the stream no longer
+        holds them (trimmed, or Redis lost the channel), the subscribers get
+        a resync, then whatever the stream holds from there.
+        """
         name = link.channel_of(notify_channel)
         if name is None:
             return
         hub = self._broker.hub(name)
         with hub._lock:
-            epoch, seq = hub._r_epoch, hub._r_seq
-        head = link.read(name, seq if epoch else None, hub._size)
-        complete = not epoch or (
-            head.epoch == epoch
-            and (head.seq == seq or (bool(head.records) and head.records[0].seq == seq + 1))
-        )
-        hub._apply(head.epoch, head.seq, head.records, complete=complete)
+            epoch, seq, followed = hub._r_epoch, hub._r_seq, bool(hub._subscribers)
+        if not epoch or not followed:
+            # Nobody here to deliver to: the replica is the latest history.
+            head = link.read(name, None, hub._size)
+            hub._apply(head.epoch, head.seq, head.records, restart=True)
+        else:
+            epoch, seq, records, reason = _read_gap(link, name, epoch, seq, hub._size)
+            hub._apply(epoch, seq, records, reason=reason)
         self._settle(hub)
 
     def _on_message(self, link: Link, notify_channel: str, payload: bytes) -> None:
@@ -1001,7 +1067,7 @@ class _Receiver:
         if record.epoch == epoch and record.seq <= seq:
             return  # a duplicate
         if record.epoch == epoch and record.seq == seq + 1:
-            hub._apply(epoch, record.seq, [record], complete=True)
+            hub._apply(epoch, record.seq, [record])
         else:  # a gap (a missed notification) or a new epoch: read it from the stream
             self._refill(link, notify_channel)
             return
