@@ -16,7 +16,13 @@ from collections.abc import Iterator
 import pytest
 
 from tests.redis_server import RedisServer
-from wsgi_detach import BrokerUnavailable, DetachedBody, EventStream, RedisBroker
+from wsgi_detach import (
+    BrokerRefused,
+    BrokerUnavailable,
+    DetachedBody,
+    EventStream,
+    RedisBroker,
+)
 from wsgi_detach._broker import ChannelHub
 
 # Short timeouts, so that the fault tests take seconds (the bounds they check
@@ -413,6 +419,59 @@ def test_publish_many_is_pipelined_and_in_order(brokers) -> None:  # type: ignor
     assert [line["id"] for line in lines] == [one.id] + [m.id for m in batch]
     assert lines[-1] == {"id": batch[-1].id, "event": "n", "data": {"n": 99}}
     assert a.hub("batch").publish_many([]) == []
+
+
+def test_redis_out_of_memory_raises_broker_refused_saying_what_was_published(
+    redis_server: RedisServer, brokers
+) -> None:  # type: ignore[no-untyped-def]
+    a, b = brokers
+    reader = Reader(b.hub("oom"))
+    wait_for(lambda: b.stats()["connected"])
+    hub = a.hub("oom")
+    hub.publish("warm")
+    used = int(redis_server.command("INFO", "memory")["used_memory"])
+    redis_server.command("CONFIG", "SET", "maxmemory", str(used + 300_000))
+    try:
+        items = [f"{i}:" + "x" * 10_000 for i in range(100)]
+        with pytest.raises(BrokerRefused, match=r"maxmemory.*published\)$") as caught:
+            hub.publish_many(items)
+        refused = caught.value
+        assert isinstance(refused, BrokerUnavailable) and refused.maybe_applied is False
+        published = refused.published
+        assert published is not None and len(published) == 100
+        done = [m for m in published if m is not None]
+        assert 0 < len(done) < 100
+        # Not always a prefix (Redis's memory use moves while it runs them):
+        # each item says for itself, and the published ones are numbered in order.
+        assert [m.seq for m in done] == sorted(m.seq for m in done)
+        assert [m.data for m in done] == [d for d, m in zip(items, published) if m is not None]
+        assert redis_server.command("XLEN", "wsgi_detach:{oom}:log") == len(done) + 1
+        with pytest.raises(BrokerRefused, match="maxmemory") as one:
+            hub.publish("one more")
+        assert one.value.maybe_applied is False and one.value.published is None
+        assert redis_server.command("XLEN", "wsgi_detach:{oom}:log") == len(done) + 1
+    finally:
+        redis_server.command("CONFIG", "SET", "maxmemory", "0")
+    # The caller retries what was not published: each item arrives once.
+    rest = hub.publish_many(items[i] for i, m in enumerate(published) if m is None)
+    assert len(rest) == 100 - len(done)
+    lines = reader.wait(101)
+    assert [line["id"] for line in lines[1:]] == [m.id for m in done + rest]
+    assert sorted(str(line["data"]) for line in lines[1:]) == sorted(items)
+
+
+def test_a_read_only_replica_refuses_publish_as_broker_refused(
+    redis_server: RedisServer, brokers
+) -> None:  # type: ignore[no-untyped-def]
+    a, _ = brokers
+    a.hub("ro").publish("before")
+    redis_server.command("REPLICAOF", "127.0.0.1", "1")  # a master that is not there
+    try:
+        with pytest.raises(BrokerRefused, match="read only replica") as caught:
+            a.hub("ro").publish("after")
+        assert caught.value.maybe_applied is False
+    finally:
+        redis_server.command("REPLICAOF", "NO", "ONE")
 
 
 def test_an_id_of_another_epoch_gets_its_resync_at_once_on_a_quiet_channel(

@@ -80,7 +80,7 @@ from ._broadcast import (
     _resync_chunk,
     _run,
 )
-from ._errors import BodyClosed, BrokerUnavailable, BufferFull
+from ._errors import BodyClosed, BrokerRefused, BrokerUnavailable, BufferFull
 from ._sse import EventStream, check_fields
 from ._wakeup import allocate_lock, spawn_greenlet, start_real_thread
 
@@ -207,6 +207,9 @@ class ChannelHub(Hub):
         Raises:
             BrokerUnavailable: Redis did not answer within the broker's bound
                 (``maybe_applied`` says whether it may have published).
+            BrokerRefused: Redis answered with an error (out of memory, a
+                read-only replica, still loading): a :class:`BrokerUnavailable`
+                too, with Redis's ``reply``.
             TypeError, ValueError: as :meth:`Hub.publish`; an ``id`` still in
                 the channel's history is refused by Redis, atomically.
         """
@@ -230,6 +233,10 @@ class ChannelHub(Hub):
         Raises:
             BrokerUnavailable: as :meth:`publish`; with ``maybe_applied``
                 True, any prefix of the batch may have been published.
+            BrokerRefused: Redis refused some items (out of memory midway,
+                say): its ``published`` has one entry per item, the
+                :class:`~wsgi_detach.Message` of each published one and
+                ``None`` for the others, so that a retry sends only those.
             TypeError, ValueError: a bad ``event``, or an item that is
                 neither a str nor JSON-serialisable (before anything is sent).
         """
@@ -241,7 +248,15 @@ class ChannelHub(Hub):
         ]
         if not texts:
             return []
-        records = self._broker._link().publish_many(self.channel, texts, event=event)
+        try:
+            records = self._broker._link().publish_many(self.channel, texts, event=event)
+        except BrokerRefused as exc:
+            if exc.published is not None:
+                exc.published = [
+                    None if record is None else _message(record, d)
+                    for record, d in zip(exc.published, data)
+                ]
+            raise
         return [_message(record, d) for record, d in zip(records, data)]
 
     def comment(self, text: str = "") -> int:

@@ -39,17 +39,45 @@ from typing import Any, Final, NamedTuple
 
 import redis
 from redis.backoff import NoBackoff
+from redis.exceptions import (
+    BusyLoadingError,
+    MasterDownError,
+    NoScriptError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    ResponseError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
-from ._errors import BrokerUnavailable
+from ._errors import BrokerRefused, BrokerUnavailable
 
 __all__ = ["Link", "Record", "Subscriber"]
 
 #: What a failed network step raises in redis-py: the connection is then unusable.
 _NETWORK_ERRORS: Final = (RedisConnectionError, RedisTimeoutError, OSError)
+
+#: Error replies with which Redis refuses a command before it writes anything:
+#: out of memory (in the publish script, at its first write: HINCRBY, or DEL
+#: for a new epoch), a read-only replica, loading its data, a replica without
+#: its master, an unknown script. redis-py raises its own class for each and
+#: strips the code from the text; the rest keep their code.
+_REFUSED_CLASSES: Final = (
+    OutOfMemoryError, ReadOnlyError, BusyLoadingError, MasterDownError, NoScriptError,
+)
+_REFUSED_CODES: Final = ("MISCONF", "BUSY", "NOREPLICAS")
+
+
+def refused(what: str, where: str, error: ResponseError) -> BrokerRefused:
+    """The :class:`BrokerRefused` for an error reply of Redis's."""
+    reply = str(error)
+    before = isinstance(error, _REFUSED_CLASSES) or reply.startswith(_REFUSED_CODES)
+    return BrokerRefused(
+        f"{what}: Redis at {where} refused ({type(error).__name__}): {reply}",
+        reply=reply,
+        maybe_applied=not before,
+    )
 
 # The publish script. KEYS: meta, log, ids. ARGV: notify channel, maxlen,
 # ttl (s, 0: none), a fresh epoch (used only if meta is missing), the
@@ -228,10 +256,17 @@ class Link:
     # ------------------------------------------------------------------ commands
 
     def _run(self, what: str, *args: Any) -> Any:
-        """One command on a pooled connection; never retried. See :meth:`_run_many`."""
+        """One command on a pooled connection; never retried. See :meth:`_run_many`.
+
+        Raises:
+            NoScriptError: for EVALSHA of a script Redis does not know.
+            BrokerRefused: any other error reply.
+        """
         (reply,) = self._run_many(what, [args])
-        if isinstance(reply, ResponseError):
+        if isinstance(reply, NoScriptError):
             raise reply
+        if isinstance(reply, ResponseError):
+            raise refused(what, self._where(), reply) from reply
         return reply
 
     def _run_many(self, what: str, commands: list[tuple[Any, ...]]) -> list[Any]:
@@ -335,31 +370,55 @@ class Link:
 
         Each is its own run of the publish script (numbered, appended and
         notified atomically), sent back to back on one connection.
+
+        Raises:
+            BrokerUnavailable: see :meth:`_run_many`.
+            BrokerRefused: Redis refused some of them (out of memory midway,
+                say); its ``published`` holds one record per item, None for
+                those not published.
         """
         keys = self._keys(channel)
 
-        def commands(sha: str) -> list[tuple[Any, ...]]:
+        def commands(sha: str, which: list[int]) -> list[tuple[Any, ...]]:
             return [
                 ("EVALSHA", sha, len(keys), *keys, self.notify_channel(channel), self._maxlen,
-                 self._ttl, secrets.token_hex(3), "", event or "", "1" if is_json else "0", "",
-                 text)
-                for text, is_json in items
+                 self._ttl, secrets.token_hex(3), "", event or "", "1" if items[i][1] else "0",
+                 "", items[i][0])
+                for i in which
             ]
 
-        sha = self._load(_PUBLISH)
-        replies = self._run_many("publish", commands(sha))
-        if any(isinstance(reply, NoScriptError) for reply in replies):
-            # Redis restarted between the load and the batch: none of it ran
-            # (a restart ends the connection first), so the batch is sent again.
+        replies: list[Any] = [None] * len(items)
+        todo = list(range(len(items)))
+        for _ in range(2):
+            sha = self._load(_PUBLISH)
+            for i, reply in zip(todo, self._run_many("publish", commands(sha, todo))):
+                replies[i] = reply
+            # Redis forgot the script (a restart, SCRIPT FLUSH) before these
+            # ran: they did not run, so they, and only they, are sent again.
+            todo = [i for i in todo if isinstance(replies[i], NoScriptError)]
+            if not todo:
+                break
             self._sha.pop(_PUBLISH, None)
-            replies = self._run_many("publish", commands(self._load(_PUBLISH)))
-        records = []
+        records: list[Record | None] = []
+        error: ResponseError | None = None
         for reply, (text, is_json) in zip(replies, items):
             if isinstance(reply, ResponseError):
-                raise reply
-            epoch, seq = _text(reply[1]), int(reply[2])
-            records.append(Record(epoch, seq, "", event or "", is_json, None, text))
-        return records
+                error = error or reply
+                records.append(None)
+            else:
+                epoch, seq = _text(reply[1]), int(reply[2])
+                records.append(Record(epoch, seq, "", event or "", is_json, None, text))
+        if error is not None:
+            exc = refused("publish", self._where(), error)
+            done = sum(record is not None for record in records)
+            exc.args = (f"{exc.args[0]} ({done} of {len(items)} published)",)
+            exc.published = records
+            exc.maybe_applied = any(
+                isinstance(reply, ResponseError) and refused("", "", reply).maybe_applied
+                for reply in replies
+            )
+            raise exc from error
+        return [record for record in records if record is not None]
 
     def _load(self, source: str) -> str:
         sha = self._sha.get(source)
@@ -443,7 +502,7 @@ class Subscriber:
             self._conn.disconnect()
             raise BrokerUnavailable(f"receiving connection: {exc}") from exc
         except ResponseError as exc:
-            raise BrokerUnavailable(f"receiving connection: Redis said {exc}") from exc
+            raise refused("receiving connection", self._link._where(), exc) from exc
         kind = _text(reply[0])
         payload = reply[2] if len(reply) > 2 else b""
         return kind, _text(reply[1]), payload if isinstance(payload, bytes) else b""
