@@ -474,6 +474,67 @@ def test_a_read_only_replica_refuses_publish_as_broker_refused(
         redis_server.command("REPLICAOF", "NO", "ONE")
 
 
+def test_a_bad_stream_entry_is_logged_once_and_skipped_without_reconnecting(
+    redis_server: RedisServer, brokers, caplog
+) -> None:  # type: ignore[no-untyped-def]
+    a, b = brokers
+    a.hub("bad").publish("ok")
+    # An entry our publish script would never write: its text is not JSON.
+    redis_server.command("HINCRBY", "wsgi_detach:{bad}:meta", "seq", 1)
+    redis_server.command("XADD", "wsgi_detach:{bad}:log", "2-0", "i", "", "e", "", "j", "1",
+                         "r", "", "d", "{not json")
+    with caplog.at_level(logging.INFO, logger="wsgi_detach"):
+        reader = Reader(b.hub("bad"), last_event_id=a.hub("bad").cursor.replace("-2", "-0"))
+        after = a.hub("bad").publish("after")
+        assert [line["data"] for line in reader.wait(2)] == ["ok", "after"]
+        assert b.hub("bad").since(after.id.replace("-3", "-1")).messages[0].id == after.id
+    assert b.stats()["reconnects"] == 0 and b.stats()["connected"]
+    skipped = [r for r in caplog.records if "is not JSON" in r.getMessage()]
+    assert len(skipped) == 1
+    assert skipped[0].getMessage().startswith("skipped message ")
+    assert "of channel 'bad'" in skipped[0].getMessage()
+
+
+def test_a_session_refused_after_subscribing_backs_off_and_logs_once(
+    redis_server: RedisServer, caplog
+) -> None:  # type: ignore[no-untyped-def]
+    # Pub/Sub works but the stream cannot be read (as while Redis loads its
+    # data after a restart): the receiver must back off, not reconnect in a
+    # tight loop, and must not report itself connected in between.
+    a = RedisBroker(redis_server.url, **FAST)
+    b = RedisBroker(redis_server.url, **FAST)
+    try:
+        a.hub("load").publish("m1")
+        redis_server.command("ACL", "SETUSER", "default", "-eval", "-evalsha")
+        try:
+            with caplog.at_level(logging.INFO, logger="wsgi_detach"):
+                reader = Reader(b.hub("load"))
+                wait_for(lambda: b.stats()["reconnects"] >= 1)
+                started, first = time.monotonic(), b.stats()["reconnects"]
+                seen_connected = False
+                while time.monotonic() - started < 2.0:
+                    seen_connected = seen_connected or b.stats()["connected"]
+                    time.sleep(0.005)
+                attempts = b.stats()["reconnects"] - first
+        finally:
+            redis_server.command("ACL", "SETUSER", "default", "+@all")
+        assert not seen_connected
+        # Backoff 0.05 s doubling to backoff_max (0.5 s), jittered down to half:
+        # at most 8 attempts in 2 s; a reset at every attempt makes about 50.
+        assert attempts <= 9, attempts
+        lost = [r for r in caplog.records if "lost" in r.getMessage()]
+        assert len(lost) == 1 and "NoPermissionError" in lost[0].getMessage()
+        assert not [r for r in caplog.records if "connection back" in r.getMessage()]
+        wait_for(lambda: b.stats()["connected"])
+        later = a.hub("load").publish("m2")
+        wait_for(lambda: later.id in reader.ids())
+        back = [r for r in caplog.records if "connection back" in r.getMessage()]
+        assert len(back) == 1
+    finally:
+        a.close()
+        b.close()
+
+
 def test_an_id_of_another_epoch_gets_its_resync_at_once_on_a_quiet_channel(
     brokers, caplog  # type: ignore[no-untyped-def]
 ) -> None:

@@ -172,7 +172,7 @@ class ChannelHub(Hub):
         count = self._size if n is None else min(n, self._size)
         head = self._broker._link().read(self.channel, None, max(count, 1))
         records = head.records[-count:] if count else []
-        return Batch([_message(r) for r in records], f"{head.epoch}-{head.seq}")
+        return Batch(_readables(records, self.channel), f"{head.epoch}-{head.seq}")
 
     def since(self, cursor: str | int | None) -> Batch:
         if cursor is not None and not isinstance(cursor, str):
@@ -444,7 +444,7 @@ class ChannelHub(Hub):
             # stream): the cursor is the last one returned, not the head, so
             # that the next call gets the rest.
             now = f"{head.epoch}-{head.records[-1].seq}"
-        return Batch([_message(r) for r in head.records], now)
+        return Batch(_readables(head.records, self.channel), now)
 
     def _remote_seq(self, cursor: str) -> tuple[str, int] | str:
         """Where ``cursor`` resumes according to Redis: (epoch, seq), or why it cannot."""
@@ -550,10 +550,11 @@ class ChannelHub(Hub):
             for record in records:
                 if record.seq <= self._r_seq:
                     continue  # a duplicate
-                message = _message(record)
-                self._keep_locked(message)
                 self._r_seq = record.seq
-                fresh.append(message)
+                message = _readable(record, self.channel)
+                if message is not None:
+                    self._keep_locked(message)
+                    fresh.append(message)
             self._r_seq = max(self._r_seq, seq)
             self._synced = True
             subscribers = [(sub, self._after.get(sub, 0)) for sub in self._subscribers]
@@ -672,6 +673,27 @@ def _is_seq(digits: str) -> bool:
     return 0 < len(digits) <= 19 and digits.isascii() and digits.isdigit() and (
         digits[0] != "0" or digits == "0"
     )
+
+
+def _readable(record: Record, channel: str) -> Message | None:
+    """The record's message, or None (logged) for an entry whose text is not the JSON it claims.
+
+    Our publish script writes only valid entries; a bad one was written by
+    something else. It is skipped, never retried: reading it again would
+    fail again.
+    """
+    try:
+        return _message(record)
+    except ValueError as exc:
+        log.error(
+            "skipped message %s-%s of channel %r: its text is not JSON (%s)",
+            record.epoch, record.seq, channel, exc,
+        )
+        return None
+
+
+def _readables(records: list[Record], channel: str) -> list[Message]:
+    return [m for m in (_readable(r, channel) for r in records) if m is not None]
 
 
 def _message(record: Record, data: Any = _NOT_YET) -> Message:
@@ -817,7 +839,9 @@ class RedisBroker:
     def stats(self) -> dict[str, Any]:
         """Whether the receiver is connected, and how far behind it is (this process).
 
-        ``connected``; ``channels`` followed; ``reconnects`` so far;
+        ``connected``: the receiving connection is up and proved healthy
+        (its loop-back probe came back, after the channels' reads);
+        ``channels`` followed; ``reconnects`` so far;
         ``last_error``; ``lag_ms``: the last loop-back probe's round trip
         (a probe waits behind every message already on its way, so it
         measures how far behind the receiver is); ``probe_age_s``: how long
@@ -947,7 +971,11 @@ class _Receiver:
             for hub in self._broker._channels():
                 hub._unsync()
             if self.connected:
-                delay = 0.05  # it had worked: this is a new outage, start the backoff afresh
+                # The session had proved healthy (its probe came back, after its
+                # refills): this is a new outage, so the backoff starts afresh.
+                # A session that failed before that (Redis still loading, a
+                # command refused) keeps backing off.
+                delay = 0.05
             if self.last_error is None:  # once per outage, not once per attempt
                 log.warning(
                     "Redis receiving connection lost (%s); reconnecting with backoff", error
@@ -987,15 +1015,15 @@ class _Receiver:
                             self.lag_ms = (time.monotonic() - probe_sent) * 1000
                             self._probed_at = time.monotonic()
                             probe_token = None
+                            if not self.connected:
+                                self._healthy(link)
                     elif kind == "message":
                         self._on_message(link, name, payload)
                     elif kind == "subscribe" and name == self._probe:
-                        if self.last_error is not None:
-                            log.warning("Redis receiving connection back (%s)", link.url)
-                        else:
-                            log.info("Redis receiving connection up (%s)", link.url)
-                        self.connected = True
-                        self.last_error = None
+                        # The first probe at once: its return (after the
+                        # refills of the channels subscribed before it) is
+                        # what proves the session healthy.
+                        next_probe = time.monotonic()
                     elif kind == "subscribe":
                         self._refill(link, name)
                 now = time.monotonic()
@@ -1011,6 +1039,15 @@ class _Receiver:
                         raise BrokerUnavailable("Redis lost this process's subscription")
         finally:
             conn.close()
+
+    def _healthy(self, link: Link) -> None:
+        """The session's first probe came back: connected, logged once per transition."""
+        if self.last_error is not None:
+            log.warning("Redis receiving connection back (%s)", link.url)
+        else:
+            log.info("Redis receiving connection up (%s)", link.url)
+        self.connected = True
+        self.last_error = None
 
     def _resubscribe(self, conn: Subscriber, link: Link, followed: set[str]) -> None:
         """SUBSCRIBE the channels with local users, UNSUBSCRIBE those without.
