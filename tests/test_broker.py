@@ -24,6 +24,7 @@ from wsgi_detach import (
     RedisBroker,
 )
 from wsgi_detach._broker import ChannelHub
+from wsgi_detach._redis import READ_TTL
 
 # Short timeouts, so that the fault tests take seconds (the bounds they check
 # are computed from these).
@@ -533,6 +534,27 @@ def test_a_session_refused_after_subscribing_backs_off_and_logs_once(
     finally:
         a.close()
         b.close()
+
+
+def test_a_channel_record_made_by_a_read_expires(redis_server: RedisServer) -> None:
+    # Reads of names nobody publishes on (client-chosen room names) must not
+    # grow Redis without bound.
+    with_ttl = RedisBroker(redis_server.url, ttl=30, **FAST)
+    without = RedisBroker(redis_server.url, **FAST)
+    try:
+        with_ttl.hub("read-ttl").recent()
+        assert 0 < redis_server.command("TTL", "wsgi_detach:{read-ttl}:meta") <= 30
+        cursor = without.hub("read-only").cursor
+        assert 0 < redis_server.command("TTL", "wsgi_detach:{read-only}:meta") <= READ_TTL
+        # The first publish keeps the epoch the read named, and the channel's
+        # own lifetime: none without ttl, ttl with it.
+        assert without.hub("read-only").publish("x").id == cursor.replace("-0", "-1")
+        assert redis_server.command("TTL", "wsgi_detach:{read-only}:meta") == -1
+        with_ttl.hub("read-ttl").publish("x")
+        assert 0 < redis_server.command("TTL", "wsgi_detach:{read-ttl}:log") <= 30
+    finally:
+        with_ttl.close()
+        without.close()
 
 
 def test_an_id_of_another_epoch_gets_its_resync_at_once_on_a_quiet_channel(

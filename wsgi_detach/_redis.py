@@ -110,6 +110,8 @@ if ttl > 0 then
   redis.call('EXPIRE', KEYS[1], ttl)
   redis.call('EXPIRE', KEYS[2], ttl)
   redis.call('EXPIRE', KEYS[3], ttl)
+elseif seq == 1 then
+  redis.call('PERSIST', KEYS[1])
 end
 redis.call('PUBLISH', ARGV[1], table.concat(
   {epoch, seq, id, ARGV[6], ARGV[7], ARGV[8], ARGV[9]}, '\\n'))
@@ -120,13 +122,17 @@ return {'ok', epoch, seq}
 # seq (ARGV[1] >= 0: XRANGE from there; -1: the last ARGV[2] entries), all
 # in one atomic step, so that the entries belong to the epoch returned.
 # A missing meta is created with the fresh epoch ARGV[3], so that "now" has
-# a name before the first publish. KEYS: meta, log, ids.
+# a name before the first publish, and it expires after ARGV[4] seconds
+# unless a publish comes (which sets the channel's own ttl, or none): reads
+# of names nobody publishes on (client-chosen room names) must not grow Redis
+# without bound. KEYS: meta, log, ids.
 _READ: Final = """
 local epoch = redis.call('HGET', KEYS[1], 'epoch')
 if not epoch then
   epoch = ARGV[3]
   redis.call('DEL', KEYS[2], KEYS[3])
   redis.call('HSET', KEYS[1], 'epoch', epoch, 'seq', 0)
+  redis.call('EXPIRE', KEYS[1], ARGV[4])
 end
 local seq = redis.call('HGET', KEYS[1], 'seq')
 local after = tonumber(ARGV[1])
@@ -138,6 +144,13 @@ else
 end
 return {epoch, seq, entries}
 """
+
+
+#: Seconds a channel record made by a read (no publish yet) is kept when the
+#: broker has no ``ttl``: a day, far longer than a client waits for a first
+#: message in practice; if it expires first, that client gets a resync at the
+#: first message (an id of another epoch), never a wrong replay.
+READ_TTL: Final = 86400
 
 
 class Record(NamedTuple):
@@ -438,6 +451,7 @@ class Link:
             -1 if after is None else after,
             count,
             secrets.token_hex(3),
+            self._ttl or READ_TTL,
         )
         epoch = _text(reply[0])
         records = [_record(epoch, entry) for entry in reply[2]]
