@@ -389,6 +389,26 @@ def test_configuration_errors_name_the_parameter() -> None:
         RedisBroker("redis://localhost").hub("a\nb")
 
 
+def test_every_key_of_a_channel_shares_one_hash_slot(redis_server: RedisServer) -> None:
+    from redis.crc import key_slot
+
+    broker = RedisBroker(redis_server.url, **FAST)
+    try:
+        for bad in ("}room", "a}b", "{x}", "room{"):
+            with pytest.raises(ValueError, match=r"channel must be .* without '\{' or '\}'"):
+                broker.hub(bad)
+        with pytest.raises(ValueError, match="prefix must be a one-line str without"):
+            RedisBroker(redis_server.url, prefix="app{1}")
+        for name in ("room", "salle é 1", "a:b", "x" * 200):
+            broker.hub(name).publish("x", id="own")  # the ids hash exists too
+            keys = redis_server.command("KEYS", f"wsgi_detach:{{{name}}}*")
+            assert len(keys) == 3
+            slots = {key_slot(k.encode()) for k in [*keys, f"wsgi_detach:{{{name}}}"]}
+            assert slots == {key_slot(name.encode())}
+    finally:
+        broker.close()
+
+
 def test_clients_resuming_at_once_cost_one_read_of_the_channel(redis_server: RedisServer) -> None:
     publisher = RedisBroker(redis_server.url, **FAST)
     fresh = RedisBroker(redis_server.url, **FAST)  # a process that does not follow "busy" yet

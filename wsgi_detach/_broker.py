@@ -790,6 +790,8 @@ class RedisBroker:
         ):
             if not isinstance(seconds, (int, float)) or not seconds > 0:
                 raise ValueError(f"{name} must be a positive number of seconds, got {seconds!r}")
+        if not isinstance(prefix, str) or "{" in prefix or "}" in prefix or "\n" in prefix:
+            raise ValueError(f"prefix must be a one-line str without '{{' or '}}', got {prefix!r}")
         if ttl is not None and not ttl > 0:
             raise ValueError(f"ttl must be a positive number of seconds or None, got {ttl!r}")
         try:
@@ -824,9 +826,18 @@ class RedisBroker:
 
     def hub(self, channel: str) -> ChannelHub:
         """The hub of ``channel`` in this broker (the same object for the same name)."""
-        if not isinstance(channel, str) or not channel or "\n" in channel or len(channel) > 200:
+        # Braces are refused: the channel is its keys' {hash tag}, which ends
+        # at the first "}", so every key of a channel shares one Cluster slot.
+        if (
+            not isinstance(channel, str)
+            or not 0 < len(channel) <= 200
+            or "\n" in channel
+            or "{" in channel
+            or "}" in channel
+        ):
             raise ValueError(
-                f"channel must be a one-line str of 1 to 200 characters, got {channel!r}"
+                "channel must be a one-line str of 1 to 200 characters without '{' or '}', "
+                f"got {channel!r}"
             )
         with self._lock:
             hub = self._hubs.get(channel)
