@@ -127,6 +127,20 @@ def test_an_id_of_the_application_resumes_on_another_process(brokers) -> None:  
         b.hub("orders").publish("again", id="order-2")
 
 
+def test_an_application_id_shaped_like_an_epoch_id_resumes(brokers) -> None:  # type: ignore[no-untyped-def]
+    a, b = brokers
+    hub = a.hub("shaped")
+    first = hub.publish("zero")
+    # Not the channel's epoch, so allowed; shaped like "<epoch>-<seq>".
+    other = "abcdef" if not first.id.startswith("abcdef") else "fedcba"
+    hub.publish("one", id=f"{other}-7")
+    two = hub.publish("two")
+    batch = b.hub("shaped").since(f"{other}-7")  # b does not follow: Redis says
+    assert [m.id for m in batch.messages] == [two.id] and not batch.resync
+    reader = Reader(b.hub("shaped"), last_event_id=f"{other}-7")
+    assert reader.wait(1) == [{"id": two.id, "event": None, "data": "two"}]
+
+
 def test_two_publishers_one_order_nothing_lost_or_doubled(brokers) -> None:  # type: ignore[no-untyped-def]
     a, b = brokers
     readers = [Reader(a.hub("race")), Reader(b.hub("race"))]

@@ -453,16 +453,19 @@ class ChannelHub(Hub):
             return UNKNOWN_ID
         head = link.read(self.channel, None, 1)
         epoch, dash, digits = cursor.rpartition("-")
-        if dash and _is_seq(digits) and len(epoch) == 6 and _HEX.issuperset(epoch):
-            if epoch != head.epoch:
-                return OTHER_EPOCH
+        is_ours = dash and _is_seq(digits) and len(epoch) == 6 and _HEX.issuperset(epoch)
+        if is_ours and epoch == head.epoch:
             seq = int(digits)
             return (epoch, seq) if seq <= head.seq else UNKNOWN_ID
         # The ids hash is emptied with every new epoch: an id found there
         # belongs to this epoch or a later one (then the check at settling,
-        # against the replica's epoch, turns it into a resync).
+        # against the replica's epoch, turns it into a resync). It is looked
+        # up even for an id shaped like ours (<6 hex digits>-<n>) of another
+        # epoch: the application may have chosen it.
         found = link.seq_of(self.channel, cursor)
-        return UNKNOWN_ID if found is None else (head.epoch, found)
+        if found is not None:
+            return (head.epoch, found)
+        return OTHER_EPOCH if is_ours else UNKNOWN_ID
 
     # -- called by the receiver only (its greenlet or thread), never under a lock
 
