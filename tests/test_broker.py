@@ -21,6 +21,7 @@ from wsgi_detach import (
     BrokerUnavailable,
     DetachedBody,
     EventStream,
+    Message,
     RedisBroker,
 )
 from wsgi_detach._broker import ChannelHub
@@ -357,6 +358,31 @@ def test_frozen_redis_publish_fails_in_bound_then_delivery_resumes(
     finally:
         a.close()
         b.close()
+
+
+def test_a_fan_out_longer_than_the_probe_timeout_is_not_taken_for_a_dead_connection(
+    brokers,
+) -> None:  # type: ignore[no-untyped-def]
+    a, b = brokers
+    reader = Reader(b.hub("slow"))
+    wait_for(lambda: b.stats()["connected"])
+    body = DetachedBody(idle_timeout=30)
+
+    def slow(message: Message) -> bytes:  # a subscriber that takes long to encode for
+        time.sleep(0.05)
+        return f"{message.id}\n".encode()
+
+    b.hub("slow").subscribe(body, last_event_id=None, encode=slow)
+    sent = a.hub("slow").publish_many(range(40))  # 2 s of fan-out, probe_timeout 0.5 s
+    got = b""
+    for chunk in body:
+        got += bytes(chunk)
+        if got.count(b"\n") == 40:
+            break
+    assert got.decode().split() == [m.id for m in sent]
+    assert b.stats()["reconnects"] == 0
+    assert reader.ids() == [m.id for m in sent]
+    body.close()
 
 
 def test_one_receiving_connection_for_200_streams_over_5_channels(

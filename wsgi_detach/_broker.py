@@ -749,8 +749,11 @@ class RedisBroker:
             the script).
         pool_size: most publishing connections per process at once.
         probe_interval: seconds between the receiver's loop-back probes.
-        probe_timeout: seconds a probe may take before the receiving
-            connection is declared dead and replaced.
+        probe_timeout: seconds the receiver may wait on its connection for
+            a probe to come back before the connection is declared dead and
+            replaced. Only the time spent waiting counts, not the time spent
+            handing messages to subscribers: a receiver busy with a burst is
+            behind (``lag_ms`` says how far), not deaf.
         backoff_max: the cap of the receiver's reconnection backoff, in seconds.
         linger: seconds a process keeps following a channel after its last
             local subscriber left. 10 s: long-poll clients leave between
@@ -1016,13 +1019,21 @@ class _Receiver:
             self._next_scan = 0.0
             probe_token: str | None = None
             probe_sent = 0.0
+            probe_waited = 0.0  # seconds spent waiting for a push since the probe was sent
             next_probe = time.monotonic() + broker.probe_interval
             while self._running:
                 self._resubscribe(conn, link, followed)
                 for hub in broker._take_unsettled():
                     self._settle(hub)
+                before = time.monotonic()
                 push = conn.read(_TICK)
-                if push is not None:
+                if push is None:
+                    # The probe's deadline counts the time spent waiting for the
+                    # connection, not the time spent handing messages out: a
+                    # busy receiver (a burst to many subscribers) is behind,
+                    # not deaf, and reconnecting would only make it more so.
+                    probe_waited += time.monotonic() - before
+                else:
                     kind, name, payload = push
                     if kind == "message" and name == self._probe:
                         if probe_token is not None and payload.decode() == probe_token:
@@ -1041,13 +1052,14 @@ class _Receiver:
                     elif kind == "subscribe":
                         self._refill(link, name)
                 now = time.monotonic()
-                if probe_token is not None and now - probe_sent > broker.probe_timeout:
+                if probe_token is not None and probe_waited > broker.probe_timeout:
                     raise BrokerUnavailable(
                         f"the loop-back probe did not come back within {broker.probe_timeout}s"
                     )
                 if probe_token is None and now >= next_probe:
                     probe_token = secrets.token_hex(4)
                     probe_sent = now
+                    probe_waited = 0.0
                     next_probe = now + broker.probe_interval
                     if link.publish_probe(self._probe, probe_token) < 1:
                         raise BrokerUnavailable("Redis lost this process's subscription")
