@@ -637,6 +637,33 @@ def test_an_id_of_another_epoch_gets_its_resync_at_once_on_a_quiet_channel(
     assert hub.recent(0).messages == [] and [m.id for m in hub.recent().messages] == [sent.id]
 
 
+def test_ids_the_replica_cannot_place_are_resolved_by_the_caller_not_the_receiver(
+    brokers,
+) -> None:  # type: ignore[no-untyped-def]
+    a, b = brokers
+    hub = b.hub("ids")
+    first = Reader(hub)
+    wait_for(lambda: b.stats()["connected"])
+    a.hub("ids").publish("x", id="app-1")
+    first.wait(1)
+    # Garbage, and ids Redis must place: each subscribe() asks Redis itself
+    # and returns with the catch-up (or resync) queued, so a crowd of them
+    # never holds up the receiver, which delivers every channel's messages.
+    for cursor in ("nope", "abcdef-99", "app-2"):
+        body = DetachedBody(idle_timeout=30)
+        hub.subscribe(body, last_event_id=cursor)
+        assert body.buffered > 0, cursor
+        body.close()
+    bodies = [DetachedBody(idle_timeout=30) for _ in range(100)]
+    for i, body in enumerate(bodies):
+        hub.subscribe(body, last_event_id=f"garbage-{i}")
+        assert body.buffered > 0
+    sent = a.hub("ids").publish("y")
+    wait_for(lambda: sent.id in first.ids())
+    for body in bodies:
+        body.close()
+
+
 def test_a_malformed_notification_is_logged_and_read_from_the_stream(
     redis_server: RedisServer, brokers, caplog  # type: ignore[no-untyped-def]
 ) -> None:

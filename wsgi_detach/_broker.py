@@ -101,6 +101,9 @@ _HEX: Final = frozenset("0123456789abcdef")
 _TICK: Final = 0.05
 #: How often the receiver looks for channels that lost their last local user.
 _SCAN: Final = 1.0
+#: Most subscribers whose id the receiver asks Redis about per turn (one or
+#: two round trips each); the rest wait for its next turn, after a read.
+_RESOLVE_PER_TURN: Final = 32
 
 _NOT_YET: Final[Any] = object()  # a resolve that needs the replica (or Redis) to catch up
 
@@ -293,6 +296,22 @@ class ChannelHub(Hub):
             settled = self._synced and self._settle_locked(sub, pending)
             if not settled:
                 self._pending[sub] = pending
+            # A replica in sync that cannot place the id (an id of the
+            # application's older than it, of another epoch, or garbage):
+            # Redis says where it resumes, asked here, in the caller, so that
+            # many such ids cost their requests a round trip each, not the
+            # receiver (and every channel's delivery) a round trip per id.
+            ask_here = not settled and self._synced and bool(last_event_id)
+        if ask_here:
+            try:
+                self._resolve_remote([sub])
+            except BrokerUnavailable:
+                pass  # the receiver asks once Redis is back
+            with self._lock:
+                held = self._pending.get(sub)
+                if held is not None and self._synced and self._settle_locked(sub, held):
+                    del self._pending[sub]
+                settled = sub not in self._pending
         if not settled:
             self._broker._settle_soon(self)  # the receiver asks Redis where it resumes
         self._broker._follow()
@@ -1154,5 +1173,8 @@ class _Receiver:
     def _settle(self, hub: ChannelHub) -> None:
         ask = hub._settle()
         if ask:
-            hub._resolve_remote(ask)
+            # Bounded per turn: the receiver goes on reading between batches.
+            hub._resolve_remote(ask[:_RESOLVE_PER_TURN])
+            if len(ask) > _RESOLVE_PER_TURN:
+                self._broker._settle_soon(hub)
             hub._settle()
