@@ -752,7 +752,11 @@ class RedisBroker:
         url: ``redis://``, ``rediss://`` or ``unix://`` URL; default: the
             ``REDIS_URL`` environment variable.
         history: messages kept per channel, in Redis's stream and in each
-            process's replica: how far back a client can resume.
+            process's replica: how far back a client can resume. Give every
+            process the same: the stream keeps what its latest publisher
+            asked for (a setting changed in a deployment takes effect at
+            once). A process whose history is shorter still delivers every
+            message after a reconnection; only its replay reaches less far.
         ttl: seconds after a channel's last publish when Redis forgets it
             (its next id then has a new epoch); ``None``: never.
         prefix: the first part of every Redis key and channel name.
@@ -765,7 +769,8 @@ class RedisBroker:
             :class:`~wsgi_detach.BrokerUnavailable` within
             ``connect_timeout + 3 * socket_timeout`` (the pool's wait, one
             round trip, and one more when a restarted Redis no longer knows
-            the script).
+            the script), plus the name lookup of a host name in ``url``,
+            which the system's resolver bounds, not us.
         pool_size: most publishing connections per process at once.
         probe_interval: seconds between the receiver's loop-back probes.
         probe_timeout: seconds the receiver may wait on its connection for
