@@ -5,9 +5,9 @@ which costs far more than the hand-off itself, so a few microseconds in
 the body hide in the noise. This isolates them: C greenlets iterate C
 bodies (as pywsgi would) while one publisher puts a message into every
 body, N times. It prints microseconds per put and per put-plus-delivery,
-for ``DetachedBody`` (default and ``coalesce=0``) and for the seed's
-``gevent.queue.Queue``; ``--profile`` adds a cProfile of the body's run
-sorted by own time, to show where the difference goes.
+for ``DetachedBody`` (default and ``coalesce=0``) and for the
+``gevent.queue.Queue`` of Bottle's queue-as-body pattern; ``--profile`` adds a
+cProfile of the body's run sorted by own time, to show where the difference goes.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ MESSAGE = b"12345 1764000000000000000\n"
 
 def make(kind: str) -> tuple[Any, Callable[[Any], None], Callable[[Any], Iterable[bytes]]]:
     """(body, end, iterable) for one stream of ``kind``."""
-    if kind == "seed_queue":
+    if kind == "queue_body":
         q: Queue = Queue()
         return q, lambda b: b.put(StopIteration), lambda b: b
     from wsgi_detach import DetachedBody
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args(argv)
-    kinds = ("seed_queue", "wsgi_detach", "wsgi_detach_nocoalesce")
+    kinds = ("queue_body", "wsgi_detach", "wsgi_detach_nocoalesce")
     rows: dict[str, list[dict[str, float]]] = {k: [] for k in kinds}
     for _ in range(args.repeats):
         for kind in kinds:  # interleaved, like the server scenarios

@@ -21,7 +21,7 @@ for tracemalloc), after a warm-up of 20 streams opened and closed, as in the
 benchmark. Figures are per stream; nothing is asserted: a benchmark is not a
 test. Every wait is bounded and every client socket is closed at the end.
 
-    python -m bench.mem_idle                      # wsgi_detach and seed_queue, 500 streams
+    python -m bench.mem_idle                      # wsgi_detach and queue_body, 500 streams
     python -m bench.mem_idle --streams 1000 --top 40 --targets wsgi_detach
     BENCH_BEFORE=/tmp/b python -m bench.mem_idle --targets wsgi_detach,wsgi_detach_before
 """
@@ -45,7 +45,7 @@ from gevent import socket
 
 from bench import producer, system, wire
 
-TARGETS = ("wsgi_detach", "seed_queue", "wsgi_detach_before")
+TARGETS = ("wsgi_detach", "queue_body", "wsgi_detach_before")
 #: Streams opened and closed before the baseline, as the benchmark's idle
 #: scenario does: first requests load code and grow pools once per process.
 WARMUP = 20
@@ -75,12 +75,12 @@ def start_server(target: str) -> Any:
     """The target's /fanout server, listening on 127.0.0.1 (ephemeral port) and started."""
     from bench.targets import _pywsgi, detach
 
-    if target == "seed_queue":
+    if target == "queue_body":
         from gevent import pywsgi
 
-        from bench.targets import seed_queue
+        from bench.targets import queue_body
 
-        app = _pywsgi.App(seed_queue.Adapter())
+        app = _pywsgi.App(queue_body.Adapter())
         server = pywsgi.WSGIServer(detach.listener(), app, log=None)
     else:
         import wsgi_detach
@@ -120,7 +120,8 @@ def close_all(socks: list[socket.socket]) -> None:
 
 def wait_all_closed(server: Any) -> None:
     """Give the server up to ``TEARDOWN`` seconds to see the clients leave, so that
-    stopping it cuts off no stream (the seed's queues never notice: pywsgi kills them)."""
+    stopping it cuts off no stream (the queues of Bottle's queue-as-body pattern never
+    notice: pywsgi kills them)."""
     middleware = getattr(server, "middleware", None)
     if middleware is None:
         return
@@ -279,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.mem_idle", description=__doc__)
     parser.add_argument("--streams", type=int, default=500)
     parser.add_argument("--top", type=int, default=25, help="server-side lines to show")
-    parser.add_argument("--targets", default="wsgi_detach,seed_queue", help=", ".join(TARGETS))
+    parser.add_argument("--targets", default="wsgi_detach,queue_body", help=", ".join(TARGETS))
     parser.add_argument("--child", nargs=2, metavar=("TARGET", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:

@@ -44,7 +44,7 @@ def render(source: Path, out: Path) -> Path:
 
     for target, points in sorted(_fanout_series(results).items()):
         xs, ys = zip(*points)
-        style = "--" if target in ("seed_queue", "raw_limit") else "-"
+        style = "--" if target in ("queue_body", "raw_limit") else "-"
         left.plot(xs, ys, style, marker="o", label=target)
     left.set_xscale("log")
     left.set_yscale("log")

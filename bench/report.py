@@ -1,6 +1,6 @@
 """Turn collected runs into medians, a printed table, and JSON files.
 
-Every table carries ratios against ``seed_queue`` (what people do today)
+Every table carries ratios against ``queue_body`` (what people do today)
 and ``raw_limit`` (what this stack can do at all), because absolute
 numbers move from machine to machine while ratios mostly do not.
 """
@@ -16,7 +16,7 @@ from typing import Any
 from bench import stats
 from bench.targets import FANOUT, IDLE, LONGPOLL, THROUGHPUT, XTHREAD
 
-REFERENCES = ("seed_queue", "raw_limit")
+REFERENCES = ("queue_body", "raw_limit")
 
 #: Above this share of the machine's CPU used by other processes during a
 #: measurement, its row is flagged: on 2 cores that is a stolen core-tenth.

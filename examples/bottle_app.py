@@ -1,6 +1,6 @@
 """The Bottle primer's two routes, with ``DetachedBody`` where the primer used a gevent queue.
 
-Run (from a checkout): ``python -m examples.bottle_app`` and ``curl -N http://127.0.0.1:8080/fetch``.
+Run (from a checkout): ``python -m examples.bottle_app [--port 8080]`` and ``curl -N http://127.0.0.1:8080/fetch``.
 
 ``/stream`` is the primer's generator, unchanged: a gevent server plus
 monkey-patching is all it needs. ``/fetch`` is the primer's callback pattern;
@@ -16,7 +16,7 @@ from gevent import monkey; monkey.patch_all()  # noqa: E702, I001
 
 from time import sleep
 
-from bottle import default_app, response, route, run
+from bottle import default_app, response, route
 
 from examples._worker import SomeAsyncWorker
 from wsgi_detach import DetachedBody
@@ -47,4 +47,6 @@ def fetch():  # type: ignore[no-untyped-def]
 app = default_app()
 
 if __name__ == "__main__":
-    run(host="127.0.0.1", port=8080, server="gevent")
+    from examples._run import main
+
+    main(default_app(), path="/fetch", description="The Bottle primer's routes.")

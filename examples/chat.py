@@ -1,6 +1,6 @@
 """The long-polling/SSE chat: rooms, nicknames, a page with a little JavaScript.
 
-Run: ``python examples/chat.py`` (or ``python -m wsgi_detach._demo``), open
+Run: ``python examples/chat.py [--port 8000]`` (or ``python -m wsgi_detach demo``), open
 http://127.0.0.1:8000/ in two windows and type.
 
 The chat itself lives in the package (``wsgi_detach/_demo/``, with its HTML
@@ -15,7 +15,7 @@ from __future__ import annotations
 from wsgi_detach._demo import ChatApp, main
 
 #: Paths tests/test_examples.py requests from a served copy of this module.
-SMOKE_PATHS = ["/", "/api/rooms/smoke/history", "/api/rooms/smoke/events"]
+SMOKE_PATHS = ["/", "/api/rooms/lobby/history", "/api/rooms/lobby/events"]
 
 app = ChatApp()
 

@@ -5,7 +5,8 @@ The primer's ``SomeAsyncWorker`` calls ``on_data`` for each piece and
 into a DetachedBody, which is what the primer did with a queue, minus the
 queue's traps (a lying ``len()``, no ``close()``, no timeouts).
 
-Run:  python examples/fetch_raw.py   then   curl -N http://127.0.0.1:8080/fetch
+Run (from a checkout): ``python -m examples.fetch_raw [--port 8080]``, then
+``curl -N http://127.0.0.1:8080/fetch``.
 """
 
 from __future__ import annotations
@@ -58,14 +59,13 @@ def app(environ: dict[str, Any], start_response: Any) -> Any:
     body = DetachedBody(idle_timeout=30)
     worker = SomeAsyncWorker()
     worker.on_data(lambda chunk: body.put(chunk))
-    worker.on_finish(lambda: body.put(StopIteration))  # the seed's end marker still works
+    worker.on_finish(lambda: body.put(StopIteration))  # the queue pattern's end marker still works
     body.on_close(worker.stop)  # the client left: stop the worker, no orphaned producer
     worker.start()
     return body
 
 
 if __name__ == "__main__":
-    from gevent.pywsgi import WSGIServer
+    from examples._run import main
 
-    print("serving http://127.0.0.1:8080/fetch  (Ctrl-C to stop)")
-    WSGIServer(("127.0.0.1", 8080), app).serve_forever()
+    main(app, path="/fetch", description="A callback-fed body, no framework.")

@@ -1,6 +1,6 @@
 """The Bottle primer's ``/stream`` and ``/fetch`` on Flask, and an SSE stream at ``/events``.
 
-Run (from a checkout): ``python -m examples.flask_app`` and ``curl -N http://127.0.0.1:8080/fetch``.
+Run (from a checkout): ``python -m examples.flask_app [--port 8080]`` and ``curl -N http://127.0.0.1:8080/fetch``.
 
 Flask wraps whatever iterable a ``Response`` gets in its own iterator and
 calls the body's ``close()`` at the end of the request, so a
@@ -63,7 +63,6 @@ def events() -> Response:
 
 
 if __name__ == "__main__":
-    from gevent.pywsgi import WSGIServer
+    from examples._run import main
 
-    print("serving on http://127.0.0.1:8080/fetch", flush=True)
-    WSGIServer(("127.0.0.1", 8080), app).serve_forever()
+    main(app, path="/fetch", description="The Flask example.")

@@ -1,8 +1,8 @@
 """An SSE ticker: one OS thread publishes a tick a second; every browser tab sees it.
 
-Run: ``python examples/sse_ticker.py``, open http://127.0.0.1:8080/ in a few
-tabs, or ``curl -N http://127.0.0.1:8080/events``. Reload a tab: it resumes
-from its last tick (``Last-Event-ID``) instead of starting over.
+Run (from a checkout): ``python -m examples.sse_ticker [--port 8080]``, open
+http://127.0.0.1:8080/ in a few tabs, or ``curl -N http://127.0.0.1:8080/events``.
+Reload a tab: it resumes from its last tick (``Last-Event-ID``) instead of starting over.
 
 Plain WSGI: a :class:`~wsgi_detach.Hub` keeps the last 100 ticks, and
 ``hub.event_stream`` gives each request a subscribed ``EventStream``.
@@ -55,7 +55,6 @@ def app(environ: dict[str, Any], start_response: Any) -> Any:
 
 
 if __name__ == "__main__":
-    from gevent.pywsgi import WSGIServer
+    from examples._run import main
 
-    print("serving on http://127.0.0.1:8080/", flush=True)
-    WSGIServer(("127.0.0.1", 8080), app).serve_forever()
+    main(app, description="An SSE ticker.")

@@ -1,6 +1,7 @@
 """The primer's /stream, as a raw WSGI app: chunks written later by a greenlet.
 
-Run:  python examples/stream_raw.py   then   curl -N http://127.0.0.1:8080/stream
+Run (from a checkout): ``python -m examples.stream_raw [--port 8080]``, then
+``curl -N http://127.0.0.1:8080/stream``:
 START, MIDDLE and END appear one by one (3 s, then 5 s later), not all at the
 end. ``?scale=0.1`` makes the pauses ten times shorter.
 """
@@ -35,7 +36,6 @@ def app(environ: dict[str, Any], start_response: Any) -> Any:
 
 
 if __name__ == "__main__":
-    from gevent.pywsgi import WSGIServer
+    from examples._run import main
 
-    print("serving http://127.0.0.1:8080/stream  (Ctrl-C to stop)")
-    WSGIServer(("127.0.0.1", 8080), app).serve_forever()
+    main(app, path="/stream", description="A streamed body, no framework.")

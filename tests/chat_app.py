@@ -4,7 +4,8 @@
 the ``Last-Event-ID`` of every SSE request so far; ``/_test/drop?room=&how=``
 drops the room's SSE streams from the server side: ``finish`` ends them
 cleanly (as a drain does), ``reset`` fails them, so the connection is
-aborted without a terminating chunk. Everything else is the demo itself.
+aborted without a terminating chunk. Everything else is the demo itself,
+with a history of :data:`HISTORY` messages per room.
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ from urllib.parse import parse_qs
 from wsgi_detach import EventStream
 from wsgi_detach._demo import ChatApp
 
-chat = ChatApp()
+#: A short history, so that a test can make a client miss too much.
+HISTORY = 20
+chat = ChatApp(history=HISTORY)
 _EVENTS = re.compile(r"^/api/rooms/([a-z0-9_-]+)/events$")
 _lock = threading.Lock()
 _last_ids: dict[str, list[str | None]] = {}
@@ -35,6 +38,11 @@ def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
     if path.startswith("/_test/"):
         room = query["room"]
         hub = chat.room(room)
+        if hub is None:  # nobody posted there yet
+            body = json.dumps({"subscribers": 0, "polls": 0, "last_event_ids": []}).encode()
+            start_response("200 OK", [("Content-Type", "application/json"),
+                                      ("Content-Length", str(len(body)))])
+            return [body]
         if path == "/_test/drop":
             with _lock:
                 streams, _streams[room] = _streams.get(room, []), []

@@ -11,7 +11,7 @@ unchanged):
     one chunk, then silence: the producer has nothing to say, so only the
     server (or a heartbeat) can notice that the client left.
 ``/queue?n=&interval=``
-    the seed's trick verbatim: a ``gevent.queue.Queue`` filled by a worker,
+    Bottle's queue-as-body pattern verbatim: a ``gevent.queue.Queue`` filled by a worker,
     ended with ``StopIteration``, returned as the body.
 ``/soak?interval=``
     an endless stream that counts bodies made and ``on_close`` runs per body,

@@ -47,7 +47,7 @@ SERVERS: dict[str, str] = {
 CASES: dict[str, str] = {
     "stream": "chunks arrive as they are put, within 0.1 s (greenlet producer; worst lag)",
     "thread": "chunks put from a plain OS thread arrive within 50 ms (worst lag)",
-    "queue": "the seed's `gevent.queue.Queue` body (2 chunks ready at return) is served complete",
+    "queue": "Bottle's queue-as-body pattern (2 chunks ready at return) is served complete",
     "queue_raw": "... the same queue *without* the middleware",
     "len": "`len()` never truncates (one chunk queued at the first look)",
     "late_start": "status and headers decided by the producer after return",

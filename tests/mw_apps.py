@@ -1,8 +1,8 @@
 """Scenario apps behind DetachMiddleware, for the middleware, watcher, server and CLI tests.
 
 For: what the middleware does with each kind of response (ordinary, generator,
-detached, the seed's queue, failures, limits, drain). Not for: the conformance
-matrix (tests/matrix_apps.py, which also serves the same scenarios without the
+detached, Bottle's queue-as-body pattern, failures, limits, drain). Not for: the
+conformance matrix (tests/matrix_apps.py, which also serves the same scenarios without the
 middleware) or the frameworks (tests/framework_apps.py).
 
 :func:`make_app` builds one scenario app (dispatching on the path) behind a
@@ -175,13 +175,14 @@ def make_app(**options: Any) -> DetachMiddleware:
             return body
 
         if path.startswith("/queue"):
-            # The seed's trick, unchanged: a gevent queue ended by StopIteration.
+            # Bottle's queue-as-body pattern, unchanged: a gevent queue ended by StopIteration.
             start_response("200 OK", [("Content-Type", "text/plain")])
             queue: gevent.queue.Queue = gevent.queue.Queue()  # type: ignore[type-arg]
             if path == "/queue_one":
                 queue.put("first;")  # a server trusting len()==1 would stop here
             wrapped = path in ("/queue_wrapped", "/queue_idle")
-            # The seed puts str (Bottle encodes it); a bare ClosingIterator does not.
+            # Bottle's queue-as-body pattern puts str (Bottle encodes it); a bare
+            # ClosingIterator does not.
             items: list[object] = [f"item {i};".encode() if wrapped else f"item {i};"
                                    for i in range(n)]
             if path == "/queue_bad":

@@ -1,7 +1,7 @@
-"""_adopt: the seed's queue and detached bodies are found inside real frameworks' iterators.
+"""_adopt: Bottle's queue-as-body pattern and detached bodies are found in frameworks' iterators.
 
 Each framework is called in-process as the WSGI app it is, with a gevent
-queue (the seed's pattern) as the response body; the search must find that
+queue (Bottle's queue-as-body pattern) as the response body; the search must find that
 very queue in whatever the framework returns, and nothing in an ordinary
 response.
 """
@@ -135,7 +135,7 @@ def test_every_gevent_queue_kind_is_a_queue() -> None:
 
 
 def test_an_adopted_queue_on_a_threaded_server_leaves_no_pump_behind() -> None:
-    """Regression: on waitress, every abandoned seed-queue request left its pump
+    """Regression: on waitress, every abandoned queue-as-body request left its pump
     greenlet frozen in the request thread's hub (found by the soak/matrix work)."""
     with serve("waitress", "tests.matrix_apps:app") as server:
         for _ in range(10):
@@ -152,8 +152,8 @@ def test_an_adopted_queue_on_a_threaded_server_leaves_no_pump_behind() -> None:
 
 
 def test_a_private_queue_of_an_ordinary_generator_is_not_adopted() -> None:
-    """Finding 14: a generator draining a work queue filled before the app returned
-    was taken for the seed's pattern: counted in max_open (-> 503), given streaming
+    """a generator draining a work queue filled before the app returned
+    was taken for Bottle's queue-as-body pattern: counted in max_open (-> 503), given streaming
     headers, and a drain would have put StopIteration into the app's own queue."""
     from wsgi_detach import DetachMiddleware
 
@@ -186,7 +186,7 @@ def test_a_private_queue_of_an_ordinary_generator_is_not_adopted() -> None:
 
 @pytest.mark.parametrize("framework", ["flask", "django"])
 def test_the_same_queue_behind_a_framework_is_still_adopted(framework: str) -> None:
-    """Finding 14's other side: the seed's queue in a framework's wrapper is found."""
+    """The other side: Bottle's queue-as-body pattern in a framework's wrapper is found."""
     queue = _queue()
     result = FRAMEWORKS[framework](queue)
     try:

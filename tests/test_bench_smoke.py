@@ -1,7 +1,7 @@
 """The benchmark harness runs end to end at smoke size and writes the JSON it promises.
 
 It runs ``python -m bench --smoke`` in a subprocess on three targets (ours,
-the seed-queue baseline, the raw limit) and checks the shape of the
+the queue-body baseline, the raw limit) and checks the shape of the
 results and that no message was lost. It asserts no timing: numbers from
 a shared CI machine mean nothing, and a benchmark test that fails on a slow
 day teaches people to ignore it.
@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-TARGETS = ["wsgi_detach", "seed_queue", "raw_limit"]
+TARGETS = ["wsgi_detach", "queue_body", "raw_limit"]
 
 
 def run_module(*args: str) -> str:
@@ -39,7 +39,7 @@ def test_smoke_run_writes_expected_json(tmp_path: Path) -> None:
     stdout = run_module(
         "bench", "--smoke", "--targets", ",".join(TARGETS), "--results-dir", str(tmp_path)
     )
-    assert "/seed_queue" in stdout and "/raw_limit" in stdout  # ratio columns
+    assert "/queue_body" in stdout and "/raw_limit" in stdout  # ratio columns
     latest = json.loads((tmp_path / "latest.json").read_text())
     assert len(list(tmp_path.glob("bench-*.json"))) == 1
 
@@ -62,7 +62,7 @@ def test_smoke_run_writes_expected_json(tmp_path: Path) -> None:
     for scenario, cases in results.items():
         assert cases and "*" not in cases, (scenario, cases.get("*"))
         for case, per_target in cases.items():
-            players = {"wsgi_detach", "seed_queue"} if scenario == "xthread" else set(TARGETS)
+            players = {"wsgi_detach", "queue_body"} if scenario == "xthread" else set(TARGETS)
             assert set(per_target) == players, (scenario, case)
             for target, entry in per_target.items():
                 assert "failed_runs" not in entry, (scenario, case, target, entry["runs"])
@@ -78,7 +78,7 @@ def test_mem_idle_prints_bytes_per_stream_and_where_they_go() -> None:
     """``python -m bench.mem_idle`` at a tiny size: its table, owners and lines."""
     out = run_module("bench.mem_idle", "--streams", "20", "--top", "5")
     assert "RSS KiB" in out and "server KiB" in out
-    for target in ("wsgi_detach", "seed_queue"):
+    for target in ("wsgi_detach", "queue_body"):
         assert f"== {target}: server side by owner" in out
         assert f"== {target}: top 5 server-side lines" in out
     assert "wsgi_detach/_" in out  # some of our own lines made the wsgi_detach top 5

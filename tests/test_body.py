@@ -61,7 +61,7 @@ def test_a_wrong_chunk_type_fails_at_put_and_leaves_the_body_usable(bad: Any) ->
     assert drain(body) == [b"still fine"]
 
 
-def test_put_stopiteration_is_finish_like_the_seed() -> None:
+def test_put_stopiteration_is_finish_like_a_gevent_queue_body() -> None:
     body = DetachedBody()
     body.put("a")
     body.put(StopIteration)
@@ -646,7 +646,7 @@ def test_a_late_wake_up_of_the_reused_consumer_waiter_is_only_a_second_look() ->
     assert chunks == [b"one", b"two"]
 
 
-# ---------------------------------------------------------------- regressions from the review
+# ---------------------------------------------------------------------------- regressions
 
 
 def test_a_producer_killed_by_a_base_exception_fails_with_an_ordinary_one() -> None:

@@ -3,7 +3,7 @@ waits in an idle gevent hub, plain-thread consumers, and many producers at once.
 
 The trap these pin: ``gevent.queue.Queue.put()`` from a thread does not wake a
 hub asleep in epoll_wait, so on an idle pywsgi server the chunk is never
-delivered (PEP3333-NOTES). A DetachedBody must wake its consumer within
+delivered. A DetachedBody must wake its consumer within
 milliseconds whatever thread writes.
 """
 

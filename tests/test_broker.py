@@ -19,6 +19,7 @@ from tests.redis_server import RedisServer
 from wsgi_detach import (
     BrokerRefused,
     BrokerUnavailable,
+    ByteBudget,
     DetachedBody,
     EventStream,
     Message,
@@ -115,6 +116,27 @@ def test_resume_on_another_process_gets_exactly_what_was_missed(brokers) -> None
     assert resumed.ids() == [m.id for m in sent[2:]] + [later.id]
     marker = a.hub("room").publish("m6")  # nothing doubled arrives before it
     assert resumed.wait(5)[4]["id"] == marker.id and len(resumed.lines) == 5
+
+
+def test_a_resuming_stream_with_no_room_at_all_is_ended_not_left_silent(brokers) -> None:  # type: ignore[no-untyped-def]
+    # As with the in-process hub: with the shared budget full, a subscriber
+    # that can be given neither its catch-up nor a resync is ended, so that
+    # the browser reconnects, instead of staying open and silent.
+    a, _ = brokers
+    hub = a.hub("full")
+    first = hub.publish("x" * 50)
+    hub.publish("y" * 50)
+    budget = ByteBudget(300)
+    hog = DetachedBody(budget=budget)
+    hog.put_nowait(b"h" * 280)
+    stream = EventStream(heartbeat=None, budget=budget, last_event_id=first.id)
+    sub = hub.subscribe(stream)
+    wait_for(lambda: stream.state == "finished")
+    assert not sub.active and hub.subscribers == 0
+    assert list(stream) == [b": stream open\n"]
+    hog.close()
+    stream.close()
+    assert budget.used == 0
 
 
 def test_an_id_of_the_application_resumes_on_another_process(brokers) -> None:  # type: ignore[no-untyped-def]

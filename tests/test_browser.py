@@ -1,4 +1,4 @@
-"""The demo chat in headless Chromium: two pages talk; a dropped EventSource resumes exactly once.
+"""The demo chat in headless Chromium: pages talk, share one stream, resume, and explain failures.
 
 Chromium is driven through selenium and Debian's chromedriver. The tests are
 skipped, saying why, only where Chromium or its driver is not installed
@@ -116,17 +116,26 @@ def state(server: ServerProcess, room: str) -> dict[str, Any]:
     return requests.get(f"{server.url}/_test/state?room={room}", timeout=5).json()  # type: ignore[no-any-return]
 
 
+def make_room(server: ServerProcess, room: str, text: str = "made") -> dict[str, Any]:
+    """Post the room's first message (only a post makes a room)."""
+    sent = requests.post(f"{server.url}/api/rooms/{room}/messages",
+                         json={"nick": "srv", "text": text}, timeout=5)
+    assert sent.status_code == 201
+    return sent.json()  # type: ignore[no-any-return]
+
+
 def open_pair(browser: Any, server: ServerProcess, room: str, mode: str) -> tuple[Page, Page]:
+    make_room(server, room)
     pages = (
         Page(browser, f"{server.url}/?room={room}&nick=ann&mode={mode}", new_window=False),
         Page(browser, f"{server.url}/?room={room}&nick=bob&mode={mode}", new_window=True),
     )
-    if mode == "sse":
-        # EventSource's open event: the subscription was registered before it.
-        for page in pages:
-            assert wait_until(lambda p=page: p.js("return window.chatState.live"), timeout=5)
-    else:
-        assert wait_until(lambda: state(server, room)["polls"] == 2, timeout=5)
+    # The windows share one stream (the leader's): EventSource's open event
+    # comes after the subscription was registered.
+    for page in pages:
+        assert wait_until(lambda p=page: p.js("return window.chatState.live"), timeout=5)
+    key = "subscribers" if mode == "sse" else "polls"
+    assert wait_until(lambda: state(server, room)[key] == 1, timeout=5)
     return pages
 
 
@@ -161,6 +170,7 @@ def test_a_dropped_event_source_resumes_with_last_event_id_exactly_once(
     browser: Any, server: ServerProcess, how: str
 ) -> None:
     room = f"drop-{how}"
+    make_room(server, room)
     page = Page(browser, f"{server.url}/?room={room}&nick=ann&mode=sse", new_window=False)
     try:
         assert wait_until(lambda: page.js("return window.chatState.live"), timeout=5)
@@ -188,3 +198,177 @@ def test_a_dropped_event_source_resumes_with_last_event_id_exactly_once(
         assert page.js("return window.chatState.connects") == 2
     finally:
         page.close()
+
+
+def submit(page: Page, text: str) -> None:
+    """Put ``text`` in the message box and press Send (faster than typing it)."""
+    page.js("document.getElementById('text').value = arguments[0];"
+            "document.getElementById('send').click()", text)
+
+
+def error_line(page: Page) -> str:
+    return page.js("return document.getElementById('error').textContent")  # type: ignore[no-any-return]
+
+
+def test_seven_tabs_share_one_stream_and_can_still_send(
+    browser: Any, server: ServerProcess
+) -> None:
+    # A browser opens at most six HTTP/1.1 connections to one site: seven tabs
+    # with a stream each would leave no connection for a post.
+    room = "seven"
+    make_room(server, room)
+    pages = [
+        Page(browser, f"{server.url}/?room={room}&nick=tab{n}&mode=sse", new_window=n > 0)
+        for n in range(7)
+    ]
+    try:
+        for page in pages:
+            assert wait_until(lambda p=page: p.js("return window.chatState.live"), timeout=10)
+        assert wait_until(lambda: state(server, room)["subscribers"] == 1, timeout=10)
+        submit(pages[6], "from the seventh tab")
+        for page in pages:
+            page.wait_for("from the seventh tab", timeout=10)
+        assert pages[6].js("return document.getElementById('text').value") == ""
+
+        # The leading tab closes: another takes over from the last id it saw.
+        (leader,) = [p for p in pages if p.js("return window.chatState.leader")]
+        leader.close()
+        pages.remove(leader)
+        assert wait_until(
+            lambda: sum(bool(p.js("return window.chatState.leader")) for p in pages) == 1,
+            timeout=5,
+        )
+        assert wait_until(lambda: state(server, room)["subscribers"] == 1, timeout=10)
+        make_room(server, room, "after the leader left")
+        for page in pages:
+            page.wait_for("after the leader left", timeout=10)
+            assert [m["text"] for m in page.log()].count("after the leader left") == 1
+    finally:
+        for page in reversed(pages):
+            page.close()
+
+
+def test_a_refused_send_keeps_the_text_and_says_why(browser: Any, server: ServerProcess) -> None:
+    make_room(server, "refused")
+    page = Page(browser, f"{server.url}/?room=refused&nick=ann&mode=sse", new_window=False)
+    try:
+        assert wait_until(lambda: page.js("return window.chatState.live"), timeout=10)
+        long_text = "x" * 100_000  # a paste: not cut short, not sent
+        submit(page, long_text)
+        assert error_line(page) == (
+            "Not sent: 100000 characters; a message is at most 2000."
+        )
+        assert page.js("return document.getElementById('text').value") == long_text
+        # The server refuses what the page cannot check: its reason is shown.
+        page.js("document.getElementById('nick').value = 'n'.repeat(33)")
+        submit(page, "hello")
+        assert error_line(page) == "Not sent: a nickname is 1 to 32 characters."
+    finally:
+        page.close()
+
+
+def test_an_invalid_room_name_is_explained_not_retried(
+    browser: Any, server: ServerProcess
+) -> None:
+    page = Page(browser, f"{server.url}/?room=Bad%20Room&nick=ann", new_window=False)
+    try:
+        status = page.js("return document.getElementById('status').textContent")
+        assert status == "not connected: a room name is 1 to 32 of a-z, 0-9, - and _"
+        assert page.js("return window.chatState.mode") is None  # nothing was requested
+    finally:
+        page.close()
+
+
+def test_a_server_that_went_away_is_reported_and_the_text_kept(browser: Any) -> None:
+    with ServerProcess("detach-server", "tests.chat_app:app") as gone:
+        make_room(gone, "gone")
+        page = Page(browser, f"{gone.url}/?room=gone&nick=ann&mode=sse", new_window=False)
+        assert wait_until(lambda: page.js("return window.chatState.live"), timeout=10)
+    try:
+        submit(page, "anyone there?")
+        assert wait_until(lambda: error_line(page) != "", timeout=12)
+        assert error_line(page) == (
+            "Not sent, your text is kept: the server cannot be reached."
+        )
+        assert page.js("return document.getElementById('text').value") == "anyone there?"
+        assert wait_until(
+            lambda: "the server is not answering" in page.js(
+                "return document.getElementById('status').textContent"), timeout=10)
+    finally:
+        page.close()
+
+
+def test_the_nickname_is_kept_across_a_reload(browser: Any, server: ServerProcess) -> None:
+    page = Page(browser, f"{server.url}/?room=lobby", new_window=False)
+    try:
+        page.js("const nick = document.getElementById('nick'); nick.value = 'zoe';"
+                "nick.dispatchEvent(new Event('change'))")
+        page.driver.get(f"{server.url}/?room=lobby")
+        assert page.js("return document.getElementById('nick').value") == "zoe"
+    finally:
+        page.close()
+
+
+def test_the_whole_history_shows_and_the_resync_notice_stays(
+    browser: Any, server: ServerProcess
+) -> None:
+    from tests.chat_app import HISTORY
+
+    room = "whole"
+    for n in range(HISTORY):
+        make_room(server, room, f"old {n}")
+    page = Page(browser, f"{server.url}/?room={room}&nick=ann&mode=sse", new_window=False)
+    shown = ("return [...document.querySelectorAll('#messages li[data-id]')]"
+             ".map(li => li.lastChild.textContent)")
+    try:
+        assert wait_until(lambda: page.js("return window.chatState.live"), timeout=10)
+        assert page.js(shown) == [f"old {n}" for n in range(HISTORY)]
+
+        # Away for longer than the history: more messages than it keeps.
+        dropped = requests.get(f"{server.url}/_test/drop?room={room}&how=finish", timeout=10)
+        assert dropped.json() == {"dropped": 1}
+        for n in range(HISTORY + 5):
+            make_room(server, room, f"new {n}")
+        assert state(server, room)["subscribers"] == 0  # all of it fell in the gap
+
+        notices = ("return [...document.querySelectorAll('#messages li.notice')]"
+                   ".map(li => li.textContent)")
+        assert wait_until(
+            lambda: page.js(notices) == ["Missed too much while away; reloaded."], timeout=10)
+        assert page.js(shown) == [f"new {n}" for n in range(5, HISTORY + 5)]
+    finally:
+        page.close()
+
+
+def test_a_send_past_the_connection_limit_says_why_and_keeps_the_text(
+    browser: Any, server: ServerProcess
+) -> None:
+    # Six rooms, six streams: every connection a browser opens to one site.
+    # (Tabs of one room share a stream; tabs of different rooms cannot.)
+    rooms = [f"limit{n}" for n in range(6)]
+    for room in rooms:
+        make_room(server, room)
+    # An origin of its own (localhost, not 127.0.0.1): the connections the
+    # browser may still hold for the other tests' pages are not counted here.
+    origin = f"http://localhost:{server.port}"
+    pages = [Page(browser, f"{origin}/?room={room}&nick=ann&mode=sse", new_window=n > 0)
+             for n, room in enumerate(rooms)]
+    text = "return document.getElementById('text').value"
+    try:
+        for page in pages:
+            assert wait_until(lambda p=page: p.js("return window.chatState.live"), timeout=10)
+        submit(pages[0], "is anyone there?")
+        assert wait_until(lambda: error_line(pages[0]) != "", timeout=15)
+        assert error_line(pages[0]) == (
+            "Not sent, your text is kept: no answer within 10 s (is the server down? a browser "
+            "opens at most six connections to one site: close other tabs of this chat)."
+        )
+        assert pages[0].js(text) == "is anyone there?"
+        pages[5].close()  # a connection frees: the same text goes through
+        pages.pop()
+        submit(pages[0], "is anyone there?")
+        pages[0].wait_for("is anyone there?", timeout=10)
+        assert pages[0].js(text) == ""
+    finally:
+        for page in reversed(pages):
+            page.close()

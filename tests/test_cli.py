@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
+import requests
 
 from tests.client import Stream, events, get, get_json, wait_until
 from tests.servers import CHILD_ENV, ROOT, ServerProcess
@@ -75,7 +76,7 @@ def test_demo_serves_the_chat_behind_the_middleware() -> None:
     with ServerProcess("demo-command", "") as demo:
         page = get(demo.port, "/")
         assert page.status == 200 and b"new EventSource(" in page.body
-        with Stream(demo.port, "/api/rooms/cli/events") as stream:
+        with Stream(demo.port, "/api/rooms/lobby/events") as stream:
             head = stream.read_head()
             assert head.headers["content-type"] == "text/event-stream; charset=utf-8"
             assert (stream.read_chunk() or b"").startswith(b": stream open\n")
@@ -84,6 +85,78 @@ def test_demo_serves_the_chat_behind_the_middleware() -> None:
             demo.proc.send_signal(signal.SIGTERM)
             assert stream.read_all().complete
         assert demo.proc.wait(timeout=10) == 0
+
+
+def _run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "wsgi_detach", *args],
+        cwd=ROOT, env=CHILD_ENV, capture_output=True, text=True, timeout=30,
+    )
+
+
+def test_version() -> None:
+    from wsgi_detach import __version__
+
+    done = _run("--version")
+    assert (done.returncode, done.stdout) == (0, f"wsgi_detach {__version__}\n")
+
+
+@pytest.mark.parametrize("command", ["serve", "demo"])
+def test_a_busy_port_is_one_line_not_a_traceback(command: str) -> None:
+    with ServerProcess("demo-command", "") as busy:
+        app = ["tests.mw_apps:app"] if command == "serve" else []
+        done = _run(command, *app, "--port", str(busy.port))
+    assert done.returncode == 1
+    assert done.stderr == (
+        f"{command}: cannot listen on 127.0.0.1:{busy.port}: Address already in use: "
+        f"('127.0.0.1', {busy.port})\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--port", "70000"], "cannot listen on 127.0.0.1:70000: bind(): port must be 0-65535.\n"),
+        (["--host", "host.invalid"], "cannot listen on host.invalid:8000: "),
+    ],
+)
+def test_other_start_up_failures_are_one_line(args: list[str], message: str) -> None:
+    done = _run("demo", *args)
+    assert done.returncode == 1
+    assert done.stderr.startswith(f"demo: {message}") and done.stderr.count("\n") == 1
+
+
+def test_ctrl_c_stops_the_demo_quietly() -> None:
+    with ServerProcess("demo-command", "") as demo:
+        assert demo.proc is not None
+        demo.proc.send_signal(signal.SIGINT)
+        assert demo.proc.wait(timeout=10) == 0
+        assert demo.stderr_text() == ""
+
+
+def test_the_demo_on_loopback_answers_only_to_loopback_names() -> None:
+    # A page whose own name was made to resolve to 127.0.0.1 (DNS rebinding)
+    # would otherwise be the chat's "same origin".
+    with ServerProcess("demo-command", "") as demo:
+        for host, status in [("127.0.0.1", 200), ("localhost", 200), ("[::1]", 200),
+                             ("rebound.example", 421)]:
+            headers = {"Host": f"{host}:{demo.port}"}
+            response = requests.get(f"{demo.url}/api/rooms/lobby/history", headers=headers,
+                                    timeout=5)
+            assert response.status_code == status, host
+
+
+def test_ctrl_c_during_start_up_exits_without_a_traceback() -> None:
+    # The signal lands before Python has its handler (the default action ends
+    # the process), while it imports gevent and the package (130), or once the
+    # server is up (0): a quiet exit every time, never a traceback.
+    with subprocess.Popen(
+        [sys.executable, "-m", "wsgi_detach", "demo", "--port", "0", "--no-access-log"],
+        cwd=ROOT, env=CHILD_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    ) as proc:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=20) in (0, 130, -signal.SIGINT)
+        assert proc.stderr is not None and "Traceback" not in proc.stderr.read()
 
 
 def test_serve_honours_a_grace_above_one_second() -> None:
@@ -97,7 +170,7 @@ def test_serve_honours_a_grace_above_one_second() -> None:
 def _post_head(port: int, length: int) -> socket.socket:
     """A POST whose app is reading its body: the server said ``100 Continue``."""
     sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-    sock.sendall(f"POST /api/rooms/grace/messages HTTP/1.1\r\nHost: x\r\nContent-Type: "
+    sock.sendall(f"POST /api/rooms/grace/messages HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
                  f"application/json\r\nExpect: 100-continue\r\n"
                  f"Content-Length: {length}\r\n\r\n".encode())
     assert sock.recv(65536) == b"HTTP/1.1 100 Continue\r\n\r\n"

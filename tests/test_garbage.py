@@ -38,7 +38,7 @@ def servers() -> Iterator[dict[str, ServerProcess]]:
         (APPS[0], "/detached?n=3&interval=0"),
         # an ordinary response through the middleware
         (APPS[0], "/gen"),
-        # the seed's queue, adopted and pumped into a body
+        # the queue of Bottle's queue-as-body pattern, adopted and pumped into a body
         (APPS[0], "/queue_one?n=2&interval=0"),
         # a body that owns start_response
         (APPS[1], "/sse/echo"),

@@ -60,7 +60,7 @@ def test_fail_mid_stream_never_looks_complete(served: ServerProcess, via: str) -
     assert response.body == b"partial-1;partial-2;"
     if served.server == "wsgiref":
         # HTTP/1.0, close-delimited: a truncated body cannot be told from a
-        # complete one (PEP3333-NOTES rule 10). The middleware's job, not ours.
+        # complete one. The middleware's job, not ours.
         assert response.headers.get("transfer-encoding") is None
     else:
         assert response.headers["transfer-encoding"] == "chunked"

@@ -128,7 +128,7 @@ def case_queue(server: str, port: int) -> Cell:
     return Cell()
 
 
-#: How servers use a body's len() for Content-Length (PEP3333-NOTES): pywsgi
+#: How servers use a body's len() for Content-Length: pywsgi
 #: sums the chunks (draining the iterable); waitress and wsgiref send the
 #: first chunk's length when len() == 1 after it. A gevent queue's len() is
 #: its current size, so both send a wrong length.
@@ -137,7 +137,7 @@ LEN_ONE = ("waitress", "wsgiref")
 
 
 def case_queue_raw(server: str, port: int) -> Cell:
-    """The seed's queue without the middleware: asserts the documented breakage."""
+    """Bottle's queue-as-body pattern without the middleware: asserts the documented breakage."""
     n = 5
     # Two chunks wait in the queue when the server first looks at it.
     with Stream(port, f"/raw/queue?n={n}&queued=2&interval=0.02", timeout=1) as stream:

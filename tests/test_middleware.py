@@ -18,7 +18,14 @@ import pytest
 from tests.client import Stream, events, get, get_json, wait_until
 from tests.mw_apps import starts_in_first_iteration
 from tests.servers import ServerProcess, serve
-from wsgi_detach import DetachedBody, DetachMiddleware, EventStream, UsageError, detach
+from wsgi_detach import (
+    BodyOptions,
+    DetachedBody,
+    DetachMiddleware,
+    EventStream,
+    UsageError,
+    detach,
+)
 from wsgi_detach._middleware import python_next
 
 SERVERS = ["pywsgi", "wsgiref", "detach-server", "waitress"]
@@ -248,7 +255,9 @@ def test_start_response_inside_the_first_iteration_still_gets_the_headers(
         ("/queue_wrapped?n=2", b"item 0;item 1;"),
     ],
 )
-def test_the_seeds_queue_is_served_correctly(served: ServerProcess, path: str, body: bytes) -> None:
+def test_a_gevent_queue_body_is_served_correctly(
+    served: ServerProcess, path: str, body: bytes
+) -> None:
     response = get(served.port, path)
     assert (response.status, response.body, response.complete) == (200, body, True)
     assert "content-length" not in response.headers
@@ -271,7 +280,7 @@ def test_a_failure_before_the_first_chunk_is_a_5xx(
 
 def test_a_failure_after_the_first_chunk_aborts(served: ServerProcess) -> None:
     if served.server == "wsgiref":
-        pytest.skip("HTTP/1.0 close-delimited: a truncated body looks complete (PEP3333-NOTES 10)")
+        pytest.skip("HTTP/1.0 close-delimited: a truncated body looks complete")
     response = get(served.port, "/fail_mid")
     assert (response.status, response.body, response.complete) == (200, b"partial;", False)
 
@@ -417,7 +426,7 @@ def test_an_ordinary_request_leaves_no_reference_cycle() -> None:
         gc.enable()
 
 
-# ---------------------------------------------------------------------- review regressions
+# -----------------------------------------------------------------------regressions
 
 
 def _run_wsgiref(app: Any) -> bytes:
@@ -428,6 +437,23 @@ def _run_wsgiref(app: Any) -> bytes:
     out, errors = io.BytesIO(), io.StringIO()
     SimpleHandler(io.BytesIO(), out, errors, _environ(), multithread=False).run(app)
     return out.getvalue()
+
+
+def test_a_str_timeout_chunk_goes_out_in_the_encoding_detach_chose() -> None:
+    """The middleware's timeout_chunk is text: a detach() that changes the
+    encoding sends it in that encoding, not in the middleware's."""
+
+    def app(environ: dict[str, Any], start_response: Any) -> Any:
+        start_response("200 OK", [("Content-Type", "text/plain; charset=utf-8")])
+        return detach(environ, encoding="utf-8", idle_timeout=0.05)
+
+    middleware = DetachMiddleware(app, timeout_chunk="caf\u00e9", encoding="latin-1")
+    assert _run_wsgiref(middleware).endswith(b"\r\n\r\ncaf\xc3\xa9")
+    merged = BodyOptions(timeout_chunk="caf\u00e9", encoding="latin-1").merge({"encoding": "utf-8"})
+    assert merged.timeout_chunk == b"caf\xc3\xa9"
+    with pytest.raises(UnicodeEncodeError):
+        BodyOptions(timeout_chunk="\u20ac").merge({"encoding": "latin-1"})
+    assert BodyOptions(timeout_chunk=b"\xe9").merge({"encoding": "utf-8"}).timeout_chunk == b"\xe9"
 
 
 class _Inner:
@@ -445,7 +471,7 @@ class _Inner:
 
 
 def test_a_start_response_that_raises_ends_the_detached_response() -> None:
-    """Finding 1: wsgiref asserts on a hop-by-hop header when the held head is
+    """wsgiref asserts on a hop-by-hop header when the held head is
     flushed; the body, its max_open slot and the inner iterable leaked."""
     made: list[_Inner] = []
 
@@ -464,7 +490,7 @@ def test_a_start_response_that_raises_ends_the_detached_response() -> None:
 
 
 def test_a_start_response_that_raises_closes_an_ordinary_response() -> None:
-    """Finding 1, the pass-through path: the server never got the iterable."""
+    """The pass-through path: the server never got the iterable."""
     body = _Closing([b"x"])
 
     def app(environ: dict[str, Any], start_response: Any) -> Any:
@@ -476,7 +502,7 @@ def test_a_start_response_that_raises_closes_an_ordinary_response() -> None:
 
 
 def test_a_watch_that_raises_ends_the_detached_response() -> None:
-    """Finding 1: an exception from watch() leaked the body like a refused head."""
+    """an exception from watch() leaked the body like a refused head."""
     import os
 
     from wsgi_detach._watchers import SOCKET_KEY
@@ -500,7 +526,7 @@ def test_a_watch_that_raises_ends_the_detached_response() -> None:
 
 
 def test_drain_on_signal_without_a_hub_drains_then_dies_by_the_signal() -> None:
-    """Finding 2: on a server without a gevent hub (waitress, wsgiref, cheroot) the
+    """on a server without a gevent hub (waitress, wsgiref, cheroot) the
     drain ran in a thread, whose signal.signal() raised: SIGTERM was swallowed."""
     import subprocess
     import sys
@@ -548,7 +574,7 @@ def test_drain_on_signal_without_a_hub_drains_then_dies_by_the_signal() -> None:
 
 
 def test_a_second_start_response_without_exc_info_raises() -> None:
-    """Finding 16 (PEP 3333): behind the middleware the second call silently
+    """PEP 3333: behind the middleware the second call silently
     replaced the held head; without it the server raises."""
 
     def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
@@ -563,7 +589,7 @@ def test_a_second_start_response_without_exc_info_raises() -> None:
 
 
 def test_detach_after_the_app_returned_is_refused() -> None:
-    """Finding 13: detach() inside the iterator (Flask's stream_with_context) was
+    """detach() inside the iterator (Flask's stream_with_context) was
     accepted, counted in max_open and never released."""
 
     def app(environ: dict[str, Any], start_response: Any) -> Iterator[bytes]:

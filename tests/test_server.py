@@ -181,7 +181,7 @@ def test_detach_handler_merges_head_data_and_terminator(
 
 
 def test_head_gets_the_head_alone_and_ends_the_stream() -> None:
-    """Finding 12: pywsgi sends a body even for HEAD; an endless detached stream
+    """pywsgi sends a body even for HEAD; an endless detached stream
     streamed forever after the HEAD headers, holding its producer and slot."""
     import socket
 

@@ -195,7 +195,7 @@ def test_a_wrapped_queue_is_ended_when_its_client_leaves(served: ServerProcess) 
 
 
 def test_a_descriptor_epoll_refuses_is_left_unwatched(tmp_path: Any) -> None:
-    """Finding 1: the fd was stored before epoll.register, which raised out of watch()."""
+    """the fd was stored before epoll.register, which raised out of watch()."""
     from wsgi_detach import _watchers
 
     with open(tmp_path / "regular", "w") as regular:  # epoll refuses regular files (EPERM)
@@ -216,7 +216,7 @@ def test_a_descriptor_epoll_refuses_is_left_unwatched(tmp_path: Any) -> None:
 def test_a_half_closed_client_sees_an_aborted_response(
     served: ServerProcess, pipelined: bool
 ) -> None:
-    """Finding 5: a client that half-closes and keeps reading was taken for gone and
+    """a client that half-closes and keeps reading was taken for gone and
     got a clean end (terminating chunk): a truncated response that looked complete.
     pywsgi reads a pipelined request ahead, so FIONREAD did not protect that case."""
     if pipelined and served.server == "waitress":
@@ -241,7 +241,7 @@ def test_a_half_closed_client_sees_an_aborted_response(
 
 
 def test_a_slow_on_close_delays_no_other_detection() -> None:
-    """Finding 11: on a threaded server (no hub in the request thread) every body's
+    """on a threaded server (no hub in the request thread) every body's
     on_close ran in the one watcher thread, one after another: a 1 s callback
     (an unsubscribe RPC, say) delayed noticing every other departure by 1 s."""
     from wsgi_detach import DetachMiddleware, detach

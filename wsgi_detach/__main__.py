@@ -52,7 +52,10 @@ def _load(spec: str) -> Any:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from wsgi_detach import __version__
+
     parser = argparse.ArgumentParser(prog="python -m wsgi_detach")
+    parser.add_argument("--version", action="version", version=f"wsgi_detach {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser(
@@ -92,8 +95,9 @@ def _server_options(command: argparse.ArgumentParser, *, grace: float) -> None:
     )
     command.add_argument(
         "--farewell",
-        help="last chunk sent to every open stream on shutdown; backslash escapes "
-        "are decoded, e.g. 'retry: 1000\\n\\n'",
+        help="last chunk sent as is to every open stream on shutdown, so only for apps "
+        "whose streams share one format; backslash escapes are decoded, e.g. "
+        "'retry: 1000\\n\\n' when every stream is server-sent events",
     )
     command.add_argument("--idle-timeout", type=float, help="default idle_timeout of bodies")
     command.add_argument("--heartbeat", type=float, help="default heartbeat of bodies (seconds)")
@@ -169,14 +173,21 @@ def _serve(
         **_timeout_settings(args),
         **options,
     )
-    server.start()
+    try:
+        server.start()
+    except (OSError, OverflowError) as exc:  # a busy port, an unknown host, a port > 65535
+        raise SystemExit(
+            f"{args.command}: cannot listen on {args.host}:{args.port}: "
+            f"{getattr(exc, 'strerror', None) or exc}"
+        ) from None
+    # Handlers first: whoever reads the line below may signal at once.
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        gevent.signal_handler(signum, _stopper(server, before_stop))
     print(
         f"wsgi_detach: serving {label} on http://{args.host}:{server.server_port} "
         f"(gevent.pywsgi; SIGTERM drains for {args.grace}s)",
         flush=True,
     )
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        gevent.signal_handler(signum, _stopper(server, before_stop))
     server.serve_forever()
     return 0
 
@@ -193,10 +204,10 @@ def _stopper(server: Any, before_stop: Optional[Callable[[], object]]) -> Callab
 def main(argv: Optional[list[str]] = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "demo":
-        from wsgi_detach._demo import ChatApp
+        from wsgi_detach._demo import ChatApp, loopback_hosts
 
         try:
-            chat = ChatApp(redis_url=args.redis)
+            chat = ChatApp(redis_url=args.redis, hosts=loopback_hosts(args.host))
         except (ValueError, ImportError) as exc:  # a bad --redis URL, or no redis-py
             raise SystemExit(f"demo: {exc}") from None
         # On SIGTERM the chat ends its streams and polls cleanly first, so
@@ -206,4 +217,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # Ctrl-C before the server's own handler is in place
+        sys.exit(130)

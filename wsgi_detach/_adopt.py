@@ -1,5 +1,5 @@
-"""Recognise detached responses the middleware did not create: the seed's gevent queue, and
-bodies hidden inside a framework's own iterator.
+"""Recognise detached responses the middleware did not create: the gevent queue of
+Bottle's queue-as-body pattern, and bodies hidden inside a framework's own iterator.
 
 Use: :class:`~wsgi_detach.DetachMiddleware` calls :func:`find_inside` on the
 iterable an app returned, and :func:`feed` to serve a bare
@@ -8,11 +8,11 @@ iterable an app returned, and :func:`feed` to serve a bare
 Why the queue needs a body in front of it: served as it is, a queue exposes
 ``__len__`` (pywsgi and waitress then derive a wrong Content-Length), yields
 whatever was put (``str``, ``None``), has no ``close()`` and no timeouts
-(PEP3333-NOTES "What the seed's trick does on real servers"). A pump greenlet
+(the server compatibility matrix in the docs shows each server's failure). A pump greenlet
 moves each item into a body, so every promise of the body holds, and a
 producer that puts a wrong type fails the response instead of corrupting it.
-The pump lives in the serving thread's hub, next to the producers of the
-seed's pattern (greenlets spawned by the app); a producer on a plain OS
+The pump lives in the serving thread's hub, next to the producers of
+Bottle's queue-as-body pattern (greenlets spawned by the app); a producer on a plain OS
 thread cannot wake a gevent queue at all, and should use ``detach()``.
 
 Why a bounded search of the object graph for framework wrappers: Werkzeug's
@@ -26,8 +26,8 @@ response's body) and gives up after :data:`SEARCH_LIMIT` objects, so an
 ordinary response pays a few microseconds. A *queue* counts only when the
 path to it runs through containers, ``functools``/``itertools`` objects and
 those frameworks' own objects and generators: an app's own generator or
-object that drains a private work queue is an ordinary response, not the
-seed's pattern (a raw app returns the queue itself). A :class:`DetachedBody`
+object that drains a private work queue is an ordinary response, not
+Bottle's queue-as-body pattern (a raw app returns the queue itself). A :class:`DetachedBody`
 counts wherever it is found. A queue found this way is
 iterated by the framework, not by us: the middleware can count it, add
 streaming headers and end it on a disconnect, but not enforce timeouts or
@@ -79,7 +79,7 @@ Found = Union[DetachedBody, SimpleQueue, Channel]
 
 
 def is_queue(obj: object) -> bool:
-    """True for the seed's body: any gevent queue (``Queue``, ``JoinableQueue``, ``Channel``...)."""
+    """True for the body of Bottle's queue-as-body pattern: any gevent queue (``Queue``...)."""
     return isinstance(obj, (SimpleQueue, Channel))
 
 
@@ -113,7 +113,7 @@ def find_inside(iterable: object) -> Found | None:
     return None
 
 
-#: Modules whose objects may stand between a response and the seed's queue:
+#: Modules whose objects may stand between a response and Bottle's queue-as-body pattern:
 #: containers and function tools, and the frameworks whose wrappers we know
 #: (Werkzeug's ClosingIterator and its encoding generator, Bottle's
 #: _closeiter, Django's StreamingHttpResponse and its ``map``, WebOb).
@@ -135,7 +135,7 @@ def _plumbing(obj: object) -> bool:
 def feed(body: DetachedBody, queue: SimpleQueue | Channel) -> Callable[[], None]:
     """Move what producers put into ``queue`` into ``body``, until ``StopIteration``.
 
-    The pump is a greenlet of the *calling* thread's hub, where the seed's
+    The pump is a greenlet of the *calling* thread's hub, where the pattern's
     producers live (greenlets the app spawned): a gevent queue cannot wake a
     greenlet of another thread. It finishes the body at ``StopIteration``,
     fails it on a wrong chunk type, and is killed when the body closes, so a
@@ -145,7 +145,7 @@ def feed(body: DetachedBody, queue: SimpleQueue | Channel) -> Callable[[], None]
     server iterates the body: once the request ends, a greenlet left in that
     hub would be frozen for good. So when the body is closed on the pump's
     own thread (the server's ``close()``), the kill runs the hub right there
-    until the pump is gone. The seed's own producer greenlets on such a
+    until the pump is gone. The pattern's own producer greenlets on such a
     thread are frozen all the same -- nothing can run them -- which is why
     ``detach()`` and ``body.spawn()`` are the way to produce on threaded
     servers.

@@ -76,6 +76,7 @@ from ._broadcast import (
     Subscription,
     _check_given_id,
     _drop,
+    _end_unserved,
     _ndjson,
     _resync_chunk,
     _run,
@@ -150,6 +151,9 @@ class ChannelHub(Hub):
         self._synced = False  # the replica follows the stream (the receiver is subscribed)
         self._pending: dict[Subscription, _Pending] = {}
         self._after: dict[Subscription, int] = {}  # the last seq each subscriber was given
+        # Bodies given neither catch-up nor resync (the shared budget is
+        # full): ended, outside the lock, by _end_unserved (see there).
+        self._unserved: list[tuple[DetachedBody, BufferFull]] = []
 
     # ------------------------------------------------------------------ reading
 
@@ -316,6 +320,7 @@ class ChannelHub(Hub):
             self._broker._settle_soon(self)  # the receiver asks Redis where it resumes
         self._broker._follow()
         body.on_close(sub.cancel)
+        self._end_unserved()
         return sub
 
     def poll(self, cursor: str | None, callback: Callable[[Batch], object]) -> Batch | None:
@@ -434,8 +439,11 @@ class ChannelHub(Hub):
                 except BufferFull:
                     resync = Batch([], batch.cursor, True, BACKLOG)
                     body.put_nowait(_resync_chunk(resync, pending.is_sse))
-        except (BodyClosed, BufferFull):
+        except BodyClosed:
             return True  # nobody to deliver to
+        except BufferFull as exc:
+            self._unserved.append((body, exc))
+            return True
         self._subscribers[sub] = None
         self._after[sub] = self._r_seq
         return True
@@ -511,6 +519,7 @@ class ChannelHub(Hub):
                 if batch.messages or batch.resync:
                     del self._polls[callback]
                     answers.append((callback, batch))
+        self._end_unserved()
         for callback, batch in answers:
             _run(callback, batch)
         return ask
@@ -531,12 +540,16 @@ class ChannelHub(Hub):
                     continue
                 del self._pending[sub]
                 self._resync_locked(sub, pending.is_sse, found)
+        self._end_unserved()
 
     def _resync_locked(self, sub: Subscription, is_sse: bool, reason: str) -> None:
         try:
             sub.body.put_nowait(_resync_chunk(Batch([], self._cursor(), True, reason), is_sse))
-        except (BodyClosed, BufferFull):
+        except (BodyClosed, BufferFull) as exc:
             self._subscribers.pop(sub, None)
+            self._after.pop(sub, None)
+            if isinstance(exc, BufferFull):
+                self._unserved.append((sub.body, exc))
             return
         self._subscribers[sub] = None
         self._after[sub] = self._r_seq
@@ -580,6 +593,7 @@ class ChannelHub(Hub):
             self._r_seq = max(self._r_seq, seq)
             self._synced = True
             subscribers = [(sub, self._after.get(sub, 0)) for sub in self._subscribers]
+        self._end_unserved()
         if fresh and subscribers:
             self._deliver_many(fresh, subscribers)
 
@@ -627,6 +641,13 @@ class ChannelHub(Hub):
             log.error("encode=%r raised; that subscriber is dropped", sub.encode, exc_info=error)
         for sub, why in dropped:
             _drop(sub.body, why, self._max_pending)
+
+    def _end_unserved(self) -> None:
+        """End, outside the lock, the bodies that could be given nothing (see ``_end_unserved``)."""
+        with self._lock:
+            unserved, self._unserved = self._unserved, []
+        for body, full in unserved:
+            _end_unserved(body, full)
 
     def _unsync_if_idle(self) -> bool:
         """Stop following the channel if nobody here needs it; True if stopped."""

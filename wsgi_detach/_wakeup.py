@@ -23,8 +23,7 @@ Why not ``gevent.queue.Queue`` or ``gevent.event.Event``: a greenlet blocked in
 a hub that has nothing else to do sleeps in ``epoll_wait``; a plain thread that
 calls ``Queue.put()`` changes Python objects but does not wake that system call,
 so the greenlet runs only when some unrelated event happens (never, on an idle
-pywsgi server; see PEP3333-NOTES "Waking a waiting greenlet from another OS
-thread"). Nor gevent's ``loop.run_callback_threadsafe``: it appends to the
+pywsgi server). Nor gevent's ``loop.run_callback_threadsafe``: it appends to the
 loop's callback list and then adjusts the loop's reference count and prepare
 watcher from the calling thread ("XXX: This may not be threadsafe", says its
 source). Under a burst of cross-thread wake-ups (a thousand clients leaving

@@ -4,9 +4,8 @@ Why this exists
 ---------------
 A WSGI server learns that a client left only when a write fails, so a
 detached stream that is waiting for its producer holds its connection, its
-greenlet or thread and its producer forever (PEP3333-NOTES "Disconnect
-detection"). Some servers expose the connection in the environ, and there we
-can watch it while the stream is idle:
+greenlet or thread and its producer forever. Some servers expose the connection
+in the environ, and there we can watch it while the stream is idle:
 
 ==============================  ==========================================  ============
 server                          what it exposes                             how we watch

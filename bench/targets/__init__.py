@@ -41,8 +41,8 @@ TARGETS: dict[str, Target] = {
             "detach() in DetachMiddleware on DetachServer, Hub fan-out (what has landed)",
         ),
         Target(
-            "seed_queue",
-            "bench.targets.seed_queue",
+            "queue_body",
+            "bench.targets.queue_body",
             "serve",
             PUSH | {XTHREAD},
             "gevent Queue body in a generator, put(StopIteration) ends it",
@@ -84,11 +84,11 @@ TARGETS: dict[str, Target] = {
         ),
         # Opt-in probes (not in DEFAULT): each isolates one effect.
         Target(
-            "seed_queue_nodelay",
-            "bench.targets.seed_queue",
+            "queue_body_nodelay",
+            "bench.targets.queue_body",
             "serve",
             PUSH,
-            "seed_queue with a pywsgi handler that sets TCP_NODELAY",
+            "queue_body with a pywsgi handler that sets TCP_NODELAY",
             (("nodelay", True),),
         ),
         Target(
@@ -144,7 +144,7 @@ TARGETS: dict[str, Target] = {
 #: Run when --targets is not given (the *_nodelay and *_nocoalesce probes are opt-in).
 DEFAULT = (
     "wsgi_detach",
-    "seed_queue",
+    "queue_body",
     "generator",
     "tornado",
     "starlette",

@@ -11,12 +11,24 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .chat import ChatApp
+from .chat import LOOPBACK_HOSTS, ChatApp
 
-__all__ = ["ChatApp", "main", "serve"]
+__all__ = ["ChatApp", "loopback_hosts", "main", "serve"]
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
+
+
+def loopback_hosts(host: str) -> tuple[str, ...] | None:
+    """The host names to accept when bound to ``host``: the loopback names if it is a
+    loopback address (see :class:`ChatApp`'s ``hosts``), else any."""
+    import ipaddress
+
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    return LOOPBACK_HOSTS if loopback else None
 
 
 def serve(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> None:
@@ -31,27 +43,30 @@ def serve(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> None:
 
     from wsgi_detach import make_server
 
-    chat = ChatApp()
+    chat = ChatApp(hosts=loopback_hosts(host))
     server = make_server(chat, host, port, grace=1.0, log=None)
-    server.start()
-    print(
-        f"wsgi_detach demo chat on http://{host}:{server.server_port}/  (Ctrl-C to stop)",
-        flush=True,
-    )
+    try:
+        server.start()
+    except (OSError, OverflowError) as exc:  # a busy port, an unknown host, a port > 65535
+        sys.exit(f"cannot listen on {host}:{port}: {getattr(exc, 'strerror', None) or exc}")
 
     def stop() -> None:  # in a new greenlet: the drain may block
         chat.disconnect_all()  # streams end cleanly, polls get an empty answer
         server.stop()
 
     for signum in (signal.SIGTERM, signal.SIGINT):
-        gevent.signal_handler(signum, stop)
+        gevent.signal_handler(signum, stop)  # before the line: a reader may signal at once
+    print(
+        f"wsgi_detach demo chat on http://{host}:{server.server_port}/  (Ctrl-C to stop)",
+        flush=True,
+    )
     server.serve_forever()
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m wsgi_detach._demo", description="Serve the demo chat."
-    )
+def main(argv: list[str] | None = None, prog: str | None = None) -> None:
+    """Parse ``--host``/``--port`` and serve; ``prog`` names the command in ``--help``
+    (by default the script's own file name)."""
+    parser = argparse.ArgumentParser(prog=prog, description="Serve the demo chat.")
     parser.add_argument("--host", default=DEFAULT_HOST, help=f"default {DEFAULT_HOST}")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"default {DEFAULT_PORT}")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)

@@ -2,4 +2,4 @@
 
 from wsgi_detach._demo import main
 
-main()
+main(prog="python -m wsgi_detach._demo")

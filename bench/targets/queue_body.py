@@ -1,4 +1,4 @@
-"""Target ``seed_queue``: the Bottle primer's trick on gevent.pywsgi.
+"""Target ``queue_body``: the Bottle primer's trick on gevent.pywsgi.
 
 A ``gevent.queue.Queue`` is the body; ``put(StopIteration)`` ends it. The
 queue is wrapped in a plain generator because pywsgi trusts ``len()`` on a
@@ -23,7 +23,7 @@ from bench.targets import _pywsgi
 
 
 class QueueStream:
-    """A seed-style queue body plus the hooks the shared app needs."""
+    """A queue body (Bottle's queue-as-body pattern) plus the hooks the shared app needs."""
 
     def __init__(self, maxsize: int | None) -> None:
         self.queue: Queue = Queue(maxsize)
