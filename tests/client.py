@@ -1,10 +1,12 @@
-"""A raw HTTP/1.1 client on blocking sockets that records when each chunk arrived.
+"""The public testing kit's streaming client, as the integration tests call it.
 
 The integration tests need what ordinary clients hide: arrival times of
 chunks, whether a chunked response ended with its terminating zero chunk (the
 only way a client can tell a complete stream from an aborted one over
-HTTP/1.1), and the ability to leave abruptly. Every read is bounded by a
-socket timeout.
+HTTP/1.1), and the ability to leave abruptly. :class:`wsgi_detach.testing.Stream`
+does all of it; :class:`Stream` here only keeps these tests' calling
+conventions (a port, the head read on demand, a :class:`Response`). Every read
+is bounded.
 
 Also the test side of the scenario apps' endpoints (:func:`get_json`,
 :func:`events`, :func:`wait_event`) and :func:`wait_until`, the one bounded
@@ -15,14 +17,17 @@ from __future__ import annotations
 
 import json
 import socket
-import struct
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from wsgi_detach import testing
+
 
 @dataclass
 class Response:
+    """What a :class:`Stream` received, in the shape these tests read it."""
+
     status: int = 0
     headers: dict[str, str] = field(default_factory=dict)
     chunks: list[tuple[float, bytes]] = field(default_factory=list)  # (monotonic, data)
@@ -34,8 +39,13 @@ class Response:
         return b"".join(data for _, data in self.chunks)
 
 
-class Stream:
-    """One request on its own connection; read the response step by step."""
+class Stream(testing.Stream):
+    """The kit's :class:`wsgi_detach.testing.Stream` with these tests' calling conventions.
+
+    A port (and host) instead of a URL, a 10 s default bound, the head read
+    on demand (``read_head()``, or the first ``read_chunk()``), and the
+    response as a :class:`Response`.
+    """
 
     def __init__(
         self,
@@ -47,109 +57,33 @@ class Stream:
         http10: bool = False,
         headers: dict[str, str] | None = None,
     ) -> None:
-        self.sock = socket.create_connection((host, port), timeout=timeout)
-        self.response = Response(started=time.monotonic())
-        self._buf = b""
-        version = "HTTP/1.0" if http10 else "HTTP/1.1"
-        lines = [f"GET {path} {version}", f"Host: {host}:{port}"]
-        lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
-        self.sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
-        self._mode = ""
-        self._remaining = 0
+        authority = f"[{host}]" if ":" in host else host
+        super().__init__(f"http://{authority}:{port}", path, timeout=timeout, http10=http10,
+                         headers=headers, wait_head=False)
 
-    # -- low-level reading
-    def _fill(self) -> bool:
-        data = self.sock.recv(65536)
-        if not data:
-            return False
-        self._buf += data
-        return True
+    @property
+    def response(self) -> Response:
+        return Response(
+            status=self.status,
+            headers=self.headers,
+            chunks=[(a.at, a.data) for a in self.arrivals],
+            complete=self.complete,
+            started=self.started,
+        )
 
-    def _line(self) -> bytes | None:
-        while b"\r\n" not in self._buf:
-            if not self._fill():
-                return None
-        line, _, self._buf = self._buf.partition(b"\r\n")
-        return line
-
-    def read_head(self) -> Response:
-        status = self._line()
-        if status is None:
-            raise ConnectionError("connection closed before a status line")
-        self.response.status = int(status.split()[1])
-        while True:
-            line = self._line()
-            if line is None:
-                raise ConnectionError("connection closed inside the headers")
-            if not line:
-                break
-            name, _, value = line.decode("latin-1").partition(":")
-            self.response.headers[name.strip().lower()] = value.strip()
-        headers = self.response.headers
-        if headers.get("transfer-encoding", "").lower() == "chunked":
-            self._mode = "chunked"
-        elif "content-length" in headers:
-            self._mode = "length"
-            self._remaining = int(headers["content-length"])
-            if self._remaining == 0:
-                self.response.complete = True
-        else:
-            self._mode = "close"
+    def read_head(self, timeout: float | None = None) -> Response:  # type: ignore[override]
+        super().read_head(timeout)
         return self.response
 
     def read_chunk(self) -> bytes | None:
         """The next piece of body as it arrived; None at the end (complete or not)."""
-        if not self._mode:
-            self.read_head()
-        if self.response.complete:
-            return None
-        if self._mode == "chunked":
-            size_line = self._line()
-            if size_line is None:
-                return None  # aborted: no terminating chunk
-            size = int(size_line.split(b";")[0], 16)
-            if size == 0:
-                self._line()
-                self.response.complete = True
-                return None
-            while len(self._buf) < size + 2:
-                if not self._fill():
-                    return None
-            data, self._buf = self._buf[:size], self._buf[size + 2 :]
-        else:
-            if not self._buf and not self._fill():
-                if self._mode == "close":
-                    self.response.complete = True  # indistinguishable, HTTP/1.0 style
-                return None
-            data, self._buf = self._buf, b""
-            if self._mode == "length":
-                data = data[: self._remaining]
-                self._remaining -= len(data)
-                if self._remaining == 0:
-                    self.response.complete = True
-        self.response.chunks.append((time.monotonic(), data))
-        return data
+        return self.next_chunk()
 
-    def read_all(self) -> Response:
-        if not self._mode:
-            self.read_head()
-        while self.read_chunk() is not None:
+    def read_all(self, timeout: float | None = None) -> Response:  # type: ignore[override]
+        """Read to the end; each wait bounded by the stream's timeout."""
+        while self.next_chunk() is not None:
             pass
         return self.response
-
-    def reset(self) -> None:
-        """Leave abruptly: RST instead of FIN (SO_LINGER 0)."""
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        self.sock.close()
-
-    def close(self) -> None:
-        self.sock.close()
-
-    def __enter__(self) -> Stream:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.sock.close()
 
 
 def get(port: int, path: str = "/", **kwargs: object) -> Response:
@@ -169,14 +103,16 @@ def get_json(port: int, path: str) -> Any:
 
 
 def wait_until(predicate, timeout: float = 5.0, interval: float = 0.01) -> bool:  # type: ignore[no-untyped-def]
-    """Poll a cross-process condition, bounded; returns whether it came true."""
-    give_up = time.monotonic() + timeout
-    while True:
-        if predicate():
-            return True
-        if time.monotonic() >= give_up:
-            return False
-        time.sleep(interval)
+    """Poll a cross-process condition, bounded; returns whether it came true.
+
+    :func:`wsgi_detach.testing.wait_until` raises instead; these tests
+    assert on the result with their own message.
+    """
+    try:
+        testing.wait_until(predicate, timeout, interval=interval)
+    except testing.WaitTimeout:
+        return False
+    return True
 
 
 def events(port: int, key: str) -> list[str]:

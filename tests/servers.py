@@ -6,8 +6,9 @@ every request; a violation raises in the server and breaks the test), binds an
 ephemeral port on 127.0.0.1, prints ``LISTENING <port>`` once a request sent
 after it is served at once, and serves until SIGTERM. The parent side is
 :class:`ServerProcess` (or :func:`serve`, which also asserts at the end that
-the validator objected to nothing), which starts the child, waits (bounded)
-for that line and stops it by its PID.
+the validator objected to nothing): the public testing kit's
+``ProcessServer``, which starts the child, waits (bounded) for that line and
+stops it by its PID.
 
 Server kinds (:data:`SERVERS`): gevent.pywsgi plain, monkey-patched, with
 ``DetachHandler`` and as ``wsgi_detach.make_server`` builds it (with and
@@ -52,16 +53,14 @@ import json
 import os
 import re
 import signal
-import subprocess
 import sys
-import tempfile
-import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from tests.client import get_json
+from wsgi_detach.testing import ProcessServer
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -105,17 +104,24 @@ _READY = re.compile(r"^(?:LISTENING |wsgi_detach: serving .+? on http://127\.0\.
 THREADS = 64
 
 
-class ServerProcess:
+class ServerProcess(ProcessServer):
     """A WSGI server of kind ``server`` (see :data:`SERVERS`) in a child process.
 
-    Use as a context manager, or ``start()`` and ``stop()``; ``port`` and
-    ``url`` say where it listens, ``proc`` is the child (to signal it).
-    ``args`` are command-line arguments for the ``*-command`` kinds.
+    The public testing kit's :class:`~wsgi_detach.testing.ProcessServer`
+    (start, bounded wait for the ready line, stop by PID, the child's log),
+    with this suite's own children: ``python -m tests.servers KIND APP``, or
+    the CLI under test for the ``*-command`` kinds. Use as a context
+    manager, or ``start()`` and ``stop()``; ``port`` and ``url`` say where it
+    listens, ``proc`` is the child (to signal it). ``args`` are command-line
+    arguments for the ``*-command`` kinds.
     """
 
     #: Every ServerProcess started in this test process, in order (for the
     #: failure reports in tests/conftest.py, which show their stderr).
-    launched: list[ServerProcess] = []  # noqa: RUF012 (one shared record)
+    launched: ClassVar[list[ServerProcess]] = []  # type: ignore[assignment]
+    KINDS = SERVERS
+    READY = _READY
+    cwd = str(ROOT)
 
     def __init__(
         self,
@@ -125,58 +131,20 @@ class ServerProcess:
         env: dict[str, str] | None = None,
         args: Sequence[str] = (),
     ) -> None:
-        if server not in SERVERS:
-            raise ValueError(f"unknown server {server!r}; choose from {', '.join(SERVERS)}")
         if args and not server.endswith("-command"):
             raise ValueError(f"args are for the *-command kinds, not {server!r}")
         if (server == "demo-command") != (app == ""):
             raise ValueError("the demo-command kind, and only it, takes no app: pass ''")
-        self.server = server
-        self.app = app
-        self._env = env or {}
+        super().__init__(server, app, env=dict(CHILD_ENV, **(env or {})))
         self._args = list(args)
-        self.proc: subprocess.Popen[str] | None = None
-        self.port = 0
-        self._stderr = tempfile.TemporaryFile(mode="w+", prefix="wsgi-detach-server-")
-        self._final_stderr = ""
 
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def _command(self) -> list[str]:
+    def command(self) -> list[str]:
         if self.server.endswith("-command"):
             command = self.server.removesuffix("-command")
             app = [self.app] if self.app else []
             return [sys.executable, "-m", "wsgi_detach", command, *app, *self._args,
                     "--port", "0", "--no-access-log"]
-        return [sys.executable, "-m", "tests.servers", self.server, self.app]
-
-    def start(self, timeout: float = 20.0) -> ServerProcess:
-        ServerProcess.launched.append(self)
-        self.proc = subprocess.Popen(
-            self._command(),
-            cwd=ROOT,
-            env=dict(CHILD_ENV, **self._env),
-            stdout=subprocess.PIPE,
-            stderr=self._stderr,
-            text=True,
-        )
-        assert self.proc.stdout is not None
-        give_up = time.monotonic() + timeout
-        while time.monotonic() < give_up:
-            line = self.proc.stdout.readline()
-            if not line:
-                break
-            ready = _READY.match(line)
-            if ready:
-                self.port = int(ready.group(1))
-                return self
-        code = self.proc.poll()
-        self.stop()
-        what = f"exited with {code}" if code is not None else f"did not start within {timeout}s"
-        raise RuntimeError(f"{self.server} serving {self.app} {what}; its stderr:\n"
-                           f"{self.stderr_text()}")
+        return [sys.executable, "-m", "tests.servers", self.server, str(self.app)]
 
     def info(self) -> dict[str, Any]:
         """The child's ``/_server`` report (see the module docstring)."""
@@ -186,43 +154,9 @@ class ServerProcess:
             raise RuntimeError(self.post_mortem(f"/_server failed: {exc!r}")) from exc
         return result
 
-    def post_mortem(self, what: str) -> str:
-        """``what``, with the child's exit status and the end of its stderr."""
-        code = None if self.proc is None else self.proc.poll()
-        tail = "\n".join(self.stderr_text().splitlines()[-30:])
-        return f"{what}; {self.server} exit status {code}; its stderr ends:\n{tail}"
-
-    def stop(self) -> None:
-        """Stop the child by its PID; keep what it printed to stderr, close the files."""
-        proc = self.proc
-        if proc is not None and proc.poll() is None:
-            # gunicorn's arbiter stops gracefully on SIGTERM, waiting for open
-            # streams to end; SIGINT is its quick shutdown.
-            quick = signal.SIGINT if self.server.startswith("gunicorn-") else signal.SIGTERM
-            proc.send_signal(quick)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
-        if proc is not None and proc.stdout is not None:
-            proc.stdout.close()
-        if not self._stderr.closed:
-            self._final_stderr = self.stderr_text()
-            self._stderr.close()
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
     def stderr_text(self) -> str:
         """What the server printed to stderr so far (its tracebacks, warnings)."""
-        if self._stderr.closed:
-            return self._final_stderr
-        self._stderr.flush()
-        self._stderr.seek(0)
-        return self._stderr.read()
+        return self.log()
 
     def validation_problems(self) -> list[str]:
         """Lines where wsgiref.validate objected (AssertionError) or warned (WSGIWarning).
@@ -238,8 +172,9 @@ class ServerProcess:
     def __enter__(self) -> ServerProcess:
         return self.start()
 
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+    def start(self, timeout: float = 20.0) -> ServerProcess:
+        super().start(timeout)
+        return self
 
 
 @contextmanager

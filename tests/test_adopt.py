@@ -135,7 +135,7 @@ def test_every_gevent_queue_kind_is_a_queue() -> None:
 
 
 def test_an_adopted_queue_on_a_threaded_server_leaves_no_pump_behind() -> None:
-    """Regression: on waitress, every abandoned seed-queue request left its pump
+    """Regression: on waitress, every abandoned queue-as-body request left its pump
     greenlet frozen in the request thread's hub (found by the soak/matrix work)."""
     with serve("waitress", "tests.matrix_apps:app") as server:
         for _ in range(10):

@@ -61,7 +61,7 @@ def test_a_wrong_chunk_type_fails_at_put_and_leaves_the_body_usable(bad: Any) ->
     assert drain(body) == [b"still fine"]
 
 
-def test_put_stopiteration_is_finish_like_the_seed() -> None:
+def test_put_stopiteration_is_finish_like_a_gevent_queue_body() -> None:
     body = DetachedBody()
     body.put("a")
     body.put(StopIteration)

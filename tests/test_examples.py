@@ -5,9 +5,12 @@ it is added. An example module exposes a WSGI ``app``; it may list the paths
 to request in ``SMOKE_PATHS``, else the paths of the ``http://127.0.0.1:PORT/...``
 URLs its docstring tells the reader to open, else ``/``. Each path must answer 200
 and send a first non-empty chunk within a few seconds (streams are not read
-to the end). Modules starting with ``_`` are helpers, not examples.
+to the end). Modules starting with ``_`` are helpers, not examples; modules
+starting with ``test_`` are testing recipes, which tests/test_recipes.py runs
+with pytest as a user would.
 
-Served by gevent.pywsgi after ``monkey.patch_all()``: the Bottle example
+Served by gevent.pywsgi after ``monkey.patch_all()`` (wsgi_detach.testing's
+``serve(..., monkey_patch=True)``): the Bottle example
 patches at import, as the primer does, and patching first is what it needs.
 """
 
@@ -19,14 +22,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.client import Stream
-from tests.servers import ServerProcess
+from wsgi_detach.testing import Stream, serve
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
 def _examples() -> list[str]:
-    names = [p.stem for p in EXAMPLES.glob("*.py") if not p.name.startswith("_")]
+    names = [
+        p.stem for p in EXAMPLES.glob("*.py") if not p.name.startswith(("_", "test_"))
+    ]
     names += [p.name for p in EXAMPLES.iterdir() if (p / "__init__.py").is_file()]
     return sorted(names)
 
@@ -55,12 +59,11 @@ def test_the_examples_are_found() -> None:
 
 @pytest.mark.parametrize("name", _examples())
 def test_example_serves(name: str) -> None:
-    with ServerProcess("pywsgi-patched", f"examples.{name}:app") as server:
+    with serve(f"examples.{name}:app", "pywsgi", monkey_patch=True) as server:
         for path in _smoke_paths(name):
-            with Stream(server.port, path, timeout=5) as stream:
-                head = stream.read_head()
-                assert head.status == 200, f"{name}: GET {path} answered {head.status}"
-                chunk = stream.read_chunk()
+            with Stream(server, path, timeout=5) as stream:
+                assert stream.status == 200, f"{name}: GET {path} answered {stream.status}"
+                chunk = stream.next_chunk()
                 assert chunk, f"{name}: GET {path} sent no body"
 
 

@@ -11,8 +11,8 @@ whatever was put (``str``, ``None``), has no ``close()`` and no timeouts
 (the server compatibility matrix in the docs shows each server's failure). A pump greenlet
 moves each item into a body, so every promise of the body holds, and a
 producer that puts a wrong type fails the response instead of corrupting it.
-The pump lives in the serving thread's hub, next to the producers of the
-seed's pattern (greenlets spawned by the app); a producer on a plain OS
+The pump lives in the serving thread's hub, next to the producers of
+Bottle's queue-as-body pattern (greenlets spawned by the app); a producer on a plain OS
 thread cannot wake a gevent queue at all, and should use ``detach()``.
 
 Why a bounded search of the object graph for framework wrappers: Werkzeug's
@@ -26,8 +26,8 @@ response's body) and gives up after :data:`SEARCH_LIMIT` objects, so an
 ordinary response pays a few microseconds. A *queue* counts only when the
 path to it runs through containers, ``functools``/``itertools`` objects and
 those frameworks' own objects and generators: an app's own generator or
-object that drains a private work queue is an ordinary response, not the
-seed's pattern (a raw app returns the queue itself). A :class:`DetachedBody`
+object that drains a private work queue is an ordinary response, not
+Bottle's queue-as-body pattern (a raw app returns the queue itself). A :class:`DetachedBody`
 counts wherever it is found. A queue found this way is
 iterated by the framework, not by us: the middleware can count it, add
 streaming headers and end it on a disconnect, but not enforce timeouts or

@@ -64,11 +64,13 @@ from typing import TYPE_CHECKING, Any, Callable, Final
 from ._adopt import feed, find_inside, is_queue
 from ._body import (
     DEFAULT_OPTIONS,
+    NO_BUDGET,
     REGISTER_KEY,
     BodyOptions,
     Chunk,
     DetachedBody,
     error_response,
+    rebase,
     register,
 )
 from ._budget import ByteBudget
@@ -129,7 +131,10 @@ def detach(environ: WSGIEnvironment, **overrides: Any) -> DetachedBody:
     """Create a :class:`DetachedBody` for this request, with the middleware's defaults.
 
     ``overrides`` replace single defaults (``idle_timeout``, ``heartbeat``,
-    ``max_buffer``, ``start_response``...). The body is registered in
+    ``max_buffer``, ``start_response``...); ``options=BodyOptions(...)``
+    replaces the middleware's options as a whole (other keywords still win
+    over it), except the budget, which stays the middleware's
+    ``max_buffered`` one. The body is registered in
     ``environ["wsgi_detach.bodies"]``, so the middleware treats the response
     as detached and closes the body when the request ends even if a
     framework wraps it. Call it while the app handles the request (not from
@@ -147,7 +152,8 @@ def detach(environ: WSGIEnvironment, **overrides: Any) -> DetachedBody:
         UsageError: the app is not wrapped in :class:`DetachMiddleware`.
         Unavailable: ``max_open`` responses are open or the server is
             draining; let it propagate, the middleware answers 503.
-        TypeError: an unknown option.
+        TypeError: an unknown option; ``budget=``, or a BodyOptions with a
+            budget of its own (the middleware's is the one shared budget).
     """
     try:
         registrar = environ[DETACH_KEY]
@@ -400,8 +406,10 @@ class DetachMiddleware:
         except TypeError:  # an unhashable value
             key, options = None, None
         if options is None:
+            overrides = dict(overrides)
+            base = rebase(overrides.pop("options", None), self.options, "detach()")
             _refuse_budget("detach()", overrides)
-            options = self.options.merge(overrides, "detach()")
+            options = base.merge(overrides, "detach()")
             if key is not None and len(self._derived_options) < _DERIVED_MAX:
                 self._derived_options[key] = options
         return options
@@ -418,10 +426,7 @@ class DetachMiddleware:
 
 def _refuse_budget(who: str, options: dict[str, Any]) -> None:
     if "budget" in options:
-        raise TypeError(
-            f"{who} takes no budget: the middleware's max_buffered is the one budget "
-            f"shared by its bodies"
-        )
+        raise TypeError(NO_BUDGET.format(who=who))
 
 
 def _say_farewell(stream: object, farewell: Chunk) -> None:

@@ -1,7 +1,7 @@
 """The one WSGI app shared by every gevent.pywsgi target.
 
 Why shared: the pywsgi targets differ only in the *body* (our
-``DetachedBody``, a seed-style gevent queue, a plain generator). Routing,
+``DetachedBody``, a gevent queue as in Bottle's queue-as-body pattern, a plain generator). Routing,
 subscriber bookkeeping and the producer schedule live here once, and each
 target supplies a :class:`Stream` factory.
 

@@ -23,7 +23,7 @@ from bench.targets import _pywsgi
 
 
 class QueueStream:
-    """A seed-style queue body plus the hooks the shared app needs."""
+    """A queue body (Bottle's queue-as-body pattern) plus the hooks the shared app needs."""
 
     def __init__(self, maxsize: int | None) -> None:
         self.queue: Queue = Queue(maxsize)

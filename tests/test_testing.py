@@ -1,0 +1,360 @@
+"""The testing kit (wsgi_detach.testing) against every server it offers, and its failure paths.
+
+Each server kind serves tests/kit_apps.py (in a thread, or a subprocess for
+gunicorn and for the subprocess variant of pywsgi-detach); the same scenario
+runs on each: the head at once, SSE events with ids, a reset noticed by the
+server at its next write (``outcome == "disconnected"``), a reconnect that
+resumes with ``Last-Event-ID``, long-poll JSON, and stats back to zero. The
+failure paths: a server that does not start (it exits, or it hangs), a
+stream that never sends, a connection reset or closed in the middle of a
+chunk, a wait on the server side that runs out -- each with a message that
+says what happened.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests import kit_apps
+from wsgi_detach.testing import (
+    SERVERS,
+    EventSource,
+    LiveServer,
+    ServerDidNotStart,
+    Stream,
+    WaitTimeout,
+    get,
+    get_json,
+    parse_sse,
+    serve,
+    wait_until,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+#: (server, in a subprocess) pairs: every kind in a thread where it can run
+#: in one, gunicorn in a subprocess, and the default kind in both.
+#: Servers where a client that leaves an idle response is noticed at once
+#: (wsgi_detach watches the connection): the others notice at their next write.
+NOTICES_IDLE = {"pywsgi-detach", "detach-server", "waitress", "gunicorn-gevent",
+                "gunicorn-gthread"}
+
+CASES = [(kind, kind.startswith("gunicorn-")) for kind in SERVERS] + [("pywsgi-detach", True)]
+
+
+def _case_id(case: tuple[str, bool]) -> str:
+    return f"{case[0]}-{'process' if case[1] else 'thread'}"
+
+
+@pytest.fixture(scope="module", params=CASES, ids=_case_id)
+def server(request: pytest.FixtureRequest) -> Iterator[LiveServer]:
+    kind, process = request.param
+    app: object = "tests.kit_apps:app" if process else kit_apps.app
+    if kind == "detach-server" and not process:
+        # Its stop() drains the middleware for good: a fresh one per server.
+        app = kit_apps.plain_app
+    with serve(app, kind, process=process) as live:
+        yield live
+
+
+def publish(server: LiveServer, data: str) -> str:
+    """Publish through the app (works whether the hub is in this process or not)."""
+    return get(server, f"/publish?data={data}").body.decode()
+
+
+def wait_subscribed(server: LiveServer, count: int) -> None:
+    """Wait until ``count`` SSE streams are open on the server (seen through its stats)."""
+    wait_until(lambda: server.stats().open >= count, 5,
+               message=lambda: f"{count} streams did not open: {server.stats()}")
+
+
+def test_head_at_once_then_chunks_with_arrival_times(server: LiveServer) -> None:
+    with Stream(server, "/mute", timeout=5) as stream:
+        assert stream.status == 200
+        assert stream.headers["content-type"] == "text/plain"
+        assert stream.head_at >= stream.started
+        assert stream.next_chunk() == b"started\n"
+        assert stream.arrivals[0].at >= stream.head_at
+        with pytest.raises(WaitTimeout, match=r"the next (chunk|piece of the body) did not "
+                           r"arrive within 0\.\d+s; GET /mute \(status 200\): "
+                           r"1 chunks / 8 bytes so far"):
+            stream.next_chunk(timeout=0.3)
+    # Seen at once where the server watches idle connections; elsewhere
+    # the body's idle_timeout ends it.
+    expected = "disconnected" if server.server in NOTICES_IDLE else "timed_out"
+    server.wait_closed(stream, outcome=expected)
+
+
+def test_sse_reset_resume_and_stats_back_to_zero(server: LiveServer) -> None:
+    with EventSource(server, "/events", timeout=5) as source:
+        wait_subscribed(server, 1)
+        first = publish(server, "one")
+        publish(server, "two")
+        assert [e.data for e in source.take(2)] == ["one", "two"]
+        assert source.events[0].last_event_id == first
+        assert source.parser.retry == 50
+        left = source.stream
+        left.reset()
+        # The server notices the reset at its next write, on every server.
+        publish(server, "three")
+        closed = server.wait_closed(left, outcome="disconnected")
+        assert closed.on_close_at is not None and closed.closed_at is not None
+        publish(server, "four")
+        assert [e.data for e in source.take(2)] == ["three", "four"]
+        assert source.sent_ids == [None, source.events[1].last_event_id]
+        assert server.exchange(source.stream).last_event_id == source.events[1].last_event_id
+    # The client closed the last stream; a server that cannot see that sees
+    # it at the next heartbeat.
+    server.wait_idle()
+
+
+def test_long_poll_json(server: LiveServer) -> None:
+    now = get_json(server, "/poll?cursor=")  # "from now": waits
+    assert now["messages"] == [] and now["cursor"]
+    cursor = publish(server, "a")
+    after = get_json(server, f"/poll?cursor={now['cursor']}")
+    assert [m["data"] for m in after["messages"]] == ["a"]
+    assert after["cursor"] == cursor
+
+
+def test_a_stream_that_never_sends_times_out_with_a_clear_message(server: LiveServer) -> None:
+    with pytest.raises(WaitTimeout, match=r"the status line \(sent with the first non-empty "
+                       r"chunk\) did not arrive within 0\.\d+s; GET /silent"):
+        Stream(server, "/silent", timeout=0.5)
+    # The client gave up first; a server that cannot see that times the body
+    # out, and as the head never went out, answers 504.
+    silent = server.wait_closed("/silent")
+    assert (silent.outcome, silent.status) in {("disconnected", None),
+                                               ("timed_out", "504 Gateway Timeout")}
+
+
+def test_a_server_side_wait_that_runs_out_says_what_it_saw(server: LiveServer) -> None:
+    with Stream(server, "/mute") as stream:
+        with pytest.raises(WaitTimeout, match=r"(?s)GET /mute was not closed: Exchange\(.*"
+                           r"status='200 OK'.*\(waited 0\.2s\)"):
+            server.wait_closed(stream, timeout=0.2)
+
+
+# ---------------------------------------------------------------------- failure paths
+
+
+def test_a_server_that_exits_at_start_shows_its_log() -> None:
+    with pytest.raises(ServerDidNotStart, match=r"(?s)pywsgi-detach exited with 1 .*"
+                       r"AttributeError: module 'tests.kit_apps' has no attribute 'missing'"):
+        with serve("tests.kit_apps:missing", process=True):
+            pass
+
+
+def test_a_server_that_does_not_start_in_time_shows_its_log(tmp_path: Path) -> None:
+    (tmp_path / "slow_to_import.py").write_text(textwrap.dedent("""
+        import sys, time
+        print("loading the app slowly", file=sys.stderr, flush=True)
+        time.sleep(30)
+        app = None
+    """))
+    started = time.monotonic()
+    with pytest.raises(ServerDidNotStart, match=r"(?s)waitress did not start within 1\.0s "
+                       r"\(running\).*loading the app slowly"):
+        with serve("slow_to_import:app", "waitress", process=True, timeout=1.0,
+                   env={"PYTHONPATH": str(tmp_path)}):
+            pass
+    assert time.monotonic() - started < 15  # stopped by its PID, not waited for
+
+
+def test_a_thread_server_that_cannot_start_says_why() -> None:
+    def app(environ: object, start_response: object) -> list[bytes]:
+        return []
+
+    with pytest.raises(ValueError, match=r"gunicorn-gevent runs in a subprocess only"):
+        with serve(app, "gunicorn-gevent", process=False):
+            pass
+    with pytest.raises(TypeError, match=r"a server subprocess imports its app: pass "
+                       r"'module:name'"):
+        with serve(lambda e, s: [], process=True):
+            pass
+    with pytest.raises(ValueError, match=r"unknown server 'tornado'; choose from "):
+        with serve(app, "tornado"):
+            pass
+
+
+def _raw_server(script: bytes, end: str) -> tuple[int, threading.Thread]:
+    """A one-connection server that answers ``script`` and then ends with FIN or RST."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def run() -> None:
+        with listener:
+            conn, _ = listener.accept()
+            conn.recv(65536)
+            conn.sendall(script)
+            time.sleep(0.05)
+            if end == "reset":
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            conn.close()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return port, thread
+
+
+HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+
+@pytest.mark.parametrize("end", ["reset", "closed"])
+def test_a_connection_ended_mid_chunk_is_not_a_complete_body(end: str) -> None:
+    chunk = b"data: one\n\n"
+    cut = b"20\r\ndata: cut"  # a 32-byte chunk, 9 bytes of it sent
+    port, thread = _raw_server(HEAD + b"%x\r\n%s\r\n" % (len(chunk), chunk) + cut, end)
+    with Stream(port, "/", timeout=5) as stream:
+        assert stream.next_event().data == "one"  # type: ignore[union-attr]
+        assert stream.next_chunk() is None
+        assert not stream.complete
+        assert stream.ending == end
+        assert stream.body == chunk
+    thread.join(5)
+
+
+def test_a_complete_chunked_body_is_complete() -> None:
+    port, thread = _raw_server(HEAD + b"3\r\nabc\r\n0\r\n\r\n", "closed")
+    with Stream(port, "/") as stream:
+        assert stream.read_all() == b"abc"
+        assert stream.complete and stream.ending == "complete"
+    thread.join(5)
+
+
+def test_half_close_keeps_the_response_coming_on_plain_pywsgi() -> None:
+    with serve(kit_apps.app, "pywsgi") as server:
+        with EventSource(server, "/events") as source:
+            wait_subscribed(server, 1)
+            source.stream.half_close()
+            kit_apps.hub.publish("after half-close")
+            assert source.take(1)[0].data == "after half-close"
+            assert len(source.connections) == 1
+
+
+def test_a_stalled_small_buffer_client_backs_the_server_up() -> None:
+    """With small_buffer, a stalled reader makes the body buffer after a few hundred KiB at most."""
+    with serve(kit_apps.app, "pywsgi-detach") as server:
+        with Stream(server, "/events", small_buffer=True) as stream:
+            wait_subscribed(server, 1)
+            stream.stall()
+            chunk = "x" * 4096
+            wait_until(lambda: kit_apps.hub.publish(chunk) and server.stats().buffered > 0,
+                       10, message=lambda: f"the server never buffered: {server.stats()}")
+            sent = kit_apps.hub.cursor
+        assert int(sent.split("-")[1]) < 1000
+
+
+def test_sse_parser_keeps_the_id_and_drops_the_half_event_across_a_reconnect() -> None:
+    parser = parse_sse(b"retry: 70\nid: 7\ndata: whole\n\ndata: half")
+    assert [e.data for e in parser.events] == ["whole"]
+    parser.reconnected()
+    parser.feed(b"data: next\n\n")
+    assert [(e.data, e.last_event_id) for e in parser.events] == [("whole", "7"), ("next", "7")]
+    assert parser.retry == 70
+
+
+def test_the_kit_works_in_a_monkey_patched_test_process() -> None:
+    """The same client and thread server after gevent.monkey.patch_all() (a greenlet 'thread')."""
+    script = textwrap.dedent("""
+        from gevent import monkey
+        monkey.patch_all()
+        from tests import kit_apps
+        from wsgi_detach.testing import EventSource, serve, wait_until
+        with serve(kit_apps.app, "pywsgi-detach") as server:
+            with EventSource(server, "/events") as source:
+                wait_until(lambda: kit_apps.hub.subscribers == 1, 5)
+                kit_apps.hub.publish("patched")
+                assert source.take(1)[0].data == "patched"
+                source.stream.reset()
+                kit_apps.hub.publish("again")
+                server.wait_closed(source.connections[0], outcome="disconnected")
+                assert source.take(1)[0].data == "again"
+        print("OK")
+    """)
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert done.stdout.strip() == "OK", done.stderr
+
+
+def test_the_plugin_serves_and_reports_the_server_log(tmp_path: Path) -> None:
+    """Enabled with -p and listed in a conftest too (registered once); a failure shows the log."""
+    plugin = "wsgi_detach.testing.pytest_plugin"
+    (tmp_path / "conftest.py").write_text(f"pytest_plugins = [{plugin!r}]\n")
+    (tmp_path / "test_user.py").write_text(textwrap.dedent("""
+        import logging
+
+        def app(environ, start_response):
+            logging.getLogger("wsgi_detach").error("the app says hello to the log")
+            start_response("200 OK", [("Content-Type", "text/plain")])
+            return [b"hi"]
+
+        def test_passes(serve_app, open_stream, wsgi_server_kind):
+            assert wsgi_server_kind == "waitress"
+            server = serve_app(app)
+            assert open_stream(server, "/").read_all() == b"hi"
+
+        def test_fails(serve_app, open_stream):
+            server = serve_app(app, "wsgiref")
+            open_stream(server, "/").read_all()
+            assert False, "on purpose"
+    """))
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "wsgi_detach.testing.pytest_plugin",
+         "--wsgi-detach-server", "waitress", "-p", "no:cacheprovider", "-q", str(tmp_path)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+    )
+    assert "1 failed, 1 passed" in done.stdout, done.stdout + done.stderr
+    assert "wsgi_detach server wsgiref on port" in done.stdout
+    assert "the app says hello to the log" in done.stdout
+
+
+def test_the_entry_point_with_p_and_a_conftest_registers_the_plugin_once(tmp_path: Path) -> None:
+    """Installed with its entry point, and also named by -p and by pytest_plugins: one plugin."""
+    plugin = "wsgi_detach.testing.pytest_plugin"
+    dist = tmp_path / "site" / "kit_entry_point-0.dist-info"
+    dist.mkdir(parents=True)
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: kit-entry-point\nVersion: 0\n")
+    (dist / "entry_points.txt").write_text(f"[pytest11]\n{plugin} = {plugin}\n")
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "conftest.py").write_text(f"pytest_plugins = [{plugin!r}]\n")
+    (project / "test_user.py").write_text(textwrap.dedent("""
+        def test_fixtures_are_there(serve_app, open_stream, event_source):
+            pass
+    """))
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", plugin, "-p", "no:cacheprovider",
+         "--trace-config", "-q", str(project)],
+        cwd=project, capture_output=True, text=True, timeout=120,
+        env=dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path / "site"), str(ROOT)])),
+    )
+    assert "1 passed" in done.stdout, done.stdout + done.stderr
+    assert done.stdout.count(f"PLUGIN registered: <module '{plugin}'") == 1, done.stdout
+
+
+def test_a_chatty_app_in_a_subprocess_never_blocks_on_its_stdout(tmp_path: Path) -> None:
+    """Its stdout is copied into the log after the ready line too, not left to fill a pipe."""
+    (tmp_path / "chatty.py").write_text(textwrap.dedent("""
+        def app(environ, start_response):
+            print("x" * 100_000, flush=True)  # more than a pipe holds
+            start_response("200 OK", [("Content-Type", "text/plain")])
+            return [b"said it"]
+    """))
+    with serve("chatty:app", "wsgiref", process=True,
+               env={"PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])}) as server:
+        for _ in range(3):
+            assert get(server, "/", timeout=5).body == b"said it"
+        wait_until(lambda: server.log().count("x" * 100_000) == 3, 5)

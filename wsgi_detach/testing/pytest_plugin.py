@@ -1,0 +1,121 @@
+"""pytest fixtures for :mod:`wsgi_detach.testing`.
+
+Registered as the ``pytest11`` entry point ``wsgi_detach.testing.pytest_plugin``
+(the module's own name, so that ``-p wsgi_detach.testing.pytest_plugin`` or a
+``pytest_plugins`` line naming it never registers it twice), which pytest
+loads where the package is installed with the ``testing`` extra (which
+brings pytest and the servers); elsewhere enable it with ``-p
+wsgi_detach.testing.pytest_plugin``, disable it with ``-p
+no:wsgi_detach.testing.pytest_plugin``. It imports nothing of gevent until a
+fixture is used, so it does not disturb a conftest that monkey-patches first.
+
+Fixtures:
+
+* ``wsgi_server_kind`` -- the server the other fixtures default to:
+  ``--wsgi-detach-server`` on the command line, else ``pywsgi-detach``.
+* ``serve_app`` -- ``serve_app(app, server=None, **options)`` starts a
+  :class:`~wsgi_detach.testing.LiveServer` (see :func:`~wsgi_detach.testing.serve`)
+  that is stopped when the test ends.
+* ``open_stream`` -- ``open_stream(server, path, **options)``: a
+  :class:`~wsgi_detach.testing.Stream` closed when the test ends.
+* ``event_source`` -- ``event_source(server, path, **options)``: an
+  :class:`~wsgi_detach.testing.EventSource` closed when the test ends.
+
+When a test fails, its report shows the log of every server it started.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator, Iterator
+from contextlib import ExitStack
+from typing import TYPE_CHECKING, Any, Callable
+
+import pytest
+
+if TYPE_CHECKING:
+    from wsgi_detach.testing import EventSource, LiveServer, Stream
+
+_DEFAULT_SERVER = "pywsgi-detach"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("wsgi_detach", "wsgi_detach testing kit")
+    group.addoption(
+        "--wsgi-detach-server",
+        default=_DEFAULT_SERVER,
+        help="the server serve_app uses by default (one of wsgi_detach.testing.SERVERS; "
+        f"default {_DEFAULT_SERVER})",
+    )
+
+
+@pytest.fixture
+def wsgi_server_kind(request: pytest.FixtureRequest) -> str:
+    """The server ``serve_app`` uses when not told: ``--wsgi-detach-server``."""
+    kind: str = request.config.getoption("--wsgi-detach-server")
+    return kind
+
+
+@pytest.fixture
+def serve_app(wsgi_server_kind: str) -> Iterator[Callable[..., LiveServer]]:
+    """``serve_app(app, server=None, **options)``: a started server, stopped after the test."""
+    from wsgi_detach.testing import serve
+
+    with ExitStack() as stack:
+
+        def start(app: Any, server: str | None = None, **options: Any) -> LiveServer:
+            return stack.enter_context(serve(app, server or wsgi_server_kind, **options))
+
+        yield start
+
+
+@pytest.fixture
+def open_stream() -> Iterator[Callable[..., Stream]]:
+    """``open_stream(target, path="/", **options)``: a Stream, closed after the test."""
+    from wsgi_detach.testing import Stream
+
+    with ExitStack() as stack:
+
+        def open_(target: Any, path: str = "/", **options: Any) -> Stream:
+            return stack.enter_context(Stream(target, path, **options))
+
+        yield open_
+
+
+@pytest.fixture
+def event_source() -> Iterator[Callable[..., EventSource]]:
+    """``event_source(target, path="/", **options)``: an EventSource, closed after the test."""
+    from wsgi_detach.testing import EventSource
+
+    with ExitStack() as stack:
+
+        def open_(target: Any, path: str = "/", **options: Any) -> EventSource:
+            return stack.enter_context(EventSource(target, path, **options))
+
+        yield open_
+
+
+_first_launched = pytest.StashKey[int]()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    from wsgi_detach.testing import LiveServer
+
+    item.stash[_first_launched] = len(LiveServer.launched)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """A failed test's report shows the logs of the servers it started."""
+    report = yield
+    if report.failed and _first_launched in item.stash:
+        from wsgi_detach.testing import LiveServer
+
+        for server in LiveServer.launched[item.stash[_first_launched]:]:
+            report.sections.append(
+                (f"wsgi_detach server {server.server} on port {server.port} log",
+                 server.log()[-10000:] or "(nothing)")
+            )
+    return report
