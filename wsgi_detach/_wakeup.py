@@ -179,25 +179,32 @@ _inboxes: weakref.WeakKeyDictionary[Any, _Inbox] = weakref.WeakKeyDictionary()
 _inboxes_lock = allocate_lock()
 
 
+def _nobody() -> None:
+    """A dead weak reference's answer."""
+
+
 def _inbox(hub: Any) -> _Inbox:
     """The hub's inbox; create it only from the hub's own thread."""
     last_hub, last_inbox = _last_inbox[0]
     if last_hub() is hub:
-        return last_inbox  # type: ignore[no-any-return]
+        inbox: _Inbox | None = last_inbox()
+        if inbox is not None:
+            return inbox
     inbox = _inboxes.get(hub)
     if inbox is None:
         with _inboxes_lock:
             inbox = _inboxes.get(hub)
             if inbox is None:
                 inbox = _inboxes[hub] = _Inbox(hub)
-    _last_inbox[0] = (weakref.ref(hub), inbox)  # one tuple, replaced whole
+    _last_inbox[0] = (weakref.ref(hub), weakref.ref(inbox))  # one tuple, replaced whole
     return inbox
 
 
 #: The last hub asked for and its inbox: a request asks twice for its own
 #: hub's (its waiter, its disconnect watch), and a weak dictionary's look-up
-#: makes a weak reference each time. Weak too, so that it keeps no hub alive.
-_last_inbox: list[tuple[Callable[[], Any], Any]] = [(lambda: None, None)]
+#: makes a weak reference each time. Weak too, so that it keeps no hub or
+#: inbox alive.
+_last_inbox: list[tuple[Callable[[], Any], Callable[[], Any]]] = [(_nobody, _nobody)]
 
 
 def hub_poster() -> Callable[..., None] | None:
