@@ -8,7 +8,7 @@ bounded. The ``unbounded`` variant sets a cap larger than anything the test
 publishes, so the stalled client is never dropped; the test is expected to
 fail on it.
 
-Run it: ``python -m pytest -p wsgi_detach.testing.pytest_plugin
+Run it: ``python -m pytest -p wsgi_detach_pytest.plugin
 examples/test_recipe_slow_client.py``. As an app it serves its feed on
 http://127.0.0.1:8000/feed.
 """

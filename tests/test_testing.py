@@ -288,10 +288,79 @@ def test_the_kit_works_in_a_monkey_patched_test_process() -> None:
     assert done.stdout.strip() == "OK", done.stderr
 
 
-def test_the_plugin_serves_and_reports_the_server_log(tmp_path: Path) -> None:
-    """Enabled with -p and listed in a conftest too (registered once); a failure shows the log."""
-    plugin = "wsgi_detach.testing.pytest_plugin"
-    (tmp_path / "conftest.py").write_text(f"pytest_plugins = [{plugin!r}]\n")
+def run_pytest(project: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """pytest in a subprocess with only the plugins named here (no installed entry point)."""
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *args],
+        cwd=project, capture_output=True, text=True, timeout=120,
+        env=dict(os.environ, PYTHONPATH=str(ROOT), PYTEST_DISABLE_PLUGIN_AUTOLOAD="1", **env),
+    )
+
+
+NOTHING_IMPORTED = textwrap.dedent("""
+    import sys
+    assert "gevent" not in sys.modules and "wsgi_detach" not in sys.modules, sorted(sys.modules)
+""")
+
+
+def test_the_package_registers_the_inert_module_as_its_entry_point() -> None:
+    setup = (ROOT / "setup.cfg").read_text()
+    assert "pytest11 =\n    wsgi_detach_pytest = wsgi_detach_pytest\n" in setup
+
+
+def test_the_entry_point_alone_adds_nothing_to_an_unrelated_suite(tmp_path: Path) -> None:
+    """Loaded as the entry point is, not enabled: no option, no fixture, no gevent import."""
+    (tmp_path / "conftest.py").write_text(NOTHING_IMPORTED)
+    (tmp_path / "test_unrelated.py").write_text(NOTHING_IMPORTED + textwrap.dedent("""
+        def test_nothing_of_ours_was_imported():
+            assert "gevent" not in sys.modules and "wsgi_detach" not in sys.modules
+    """))
+    done = run_pytest(tmp_path, "-p", "wsgi_detach_pytest", "-q")
+    assert "1 passed" in done.stdout, done.stdout + done.stderr
+    fixtures = run_pytest(tmp_path, "-p", "wsgi_detach_pytest", "--fixtures")
+    assert fixtures.returncode == 0, fixtures.stdout + fixtures.stderr
+    assert "serve_app" not in fixtures.stdout and "open_stream" not in fixtures.stdout
+    help_ = run_pytest(tmp_path, "-p", "wsgi_detach_pytest", "--help")
+    assert "--wsgi-detach-server" not in help_.stdout
+    assert "wsgi_detach_testing" in help_.stdout  # the switch that enables it
+
+
+ENABLED_SUITE = textwrap.dedent("""
+    import sys
+
+    def app(environ, start_response):
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"hi"]
+
+    def test_fixtures_serve(serve_app, open_stream, event_source, wsgi_server_kind):
+        assert wsgi_server_kind == "wsgiref"
+        assert open_stream(serve_app(app), "/").read_all() == b"hi"
+""")
+
+
+@pytest.mark.parametrize("how", ["ini", "env", "-p", "pytest_plugins", "all at once"])
+def test_the_plugin_is_enabled_by_ini_env_p_or_conftest(tmp_path: Path, how: str) -> None:
+    """Each switch enables it once, before option parsing, importing no gevent before a fixture."""
+    plugin = "wsgi_detach_pytest.plugin"
+    conftest = NOTHING_IMPORTED
+    args = ["-p", "wsgi_detach_pytest", "--wsgi-detach-server", "wsgiref", "--trace-config", "-q"]
+    env = {}
+    if how in ("ini", "all at once"):
+        (tmp_path / "pytest.ini").write_text("[pytest]\nwsgi_detach_testing = true\n")
+    if how in ("env", "all at once"):
+        env["WSGI_DETACH_TESTING"] = "1"
+    if how in ("-p", "all at once"):
+        args = ["-p", plugin, *args]
+    if how in ("pytest_plugins", "all at once"):
+        conftest += f"pytest_plugins = [{plugin!r}]\n"
+    (tmp_path / "conftest.py").write_text(conftest)
+    (tmp_path / "test_user.py").write_text(ENABLED_SUITE)
+    done = run_pytest(tmp_path, *args, **env)
+    assert "1 passed" in done.stdout, done.stdout + done.stderr
+    assert done.stdout.count(f"PLUGIN registered: <module '{plugin}'") == 1, done.stdout
+
+
+def test_the_plugin_reports_the_server_log_of_a_failed_test(tmp_path: Path) -> None:
     (tmp_path / "test_user.py").write_text(textwrap.dedent("""
         import logging
 
@@ -310,39 +379,11 @@ def test_the_plugin_serves_and_reports_the_server_log(tmp_path: Path) -> None:
             open_stream(server, "/").read_all()
             assert False, "on purpose"
     """))
-    done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-p", "wsgi_detach.testing.pytest_plugin",
-         "--wsgi-detach-server", "waitress", "-p", "no:cacheprovider", "-q", str(tmp_path)],
-        cwd=tmp_path, capture_output=True, text=True, timeout=120,
-        env=dict(os.environ, PYTHONPATH=str(ROOT)),
-    )
+    done = run_pytest(tmp_path, "-p", "wsgi_detach_pytest.plugin",
+                      "--wsgi-detach-server", "waitress", "-q")
     assert "1 failed, 1 passed" in done.stdout, done.stdout + done.stderr
     assert "wsgi_detach server wsgiref on port" in done.stdout
     assert "the app says hello to the log" in done.stdout
-
-
-def test_the_entry_point_with_p_and_a_conftest_registers_the_plugin_once(tmp_path: Path) -> None:
-    """Installed with its entry point, and also named by -p and by pytest_plugins: one plugin."""
-    plugin = "wsgi_detach.testing.pytest_plugin"
-    dist = tmp_path / "site" / "kit_entry_point-0.dist-info"
-    dist.mkdir(parents=True)
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: kit-entry-point\nVersion: 0\n")
-    (dist / "entry_points.txt").write_text(f"[pytest11]\n{plugin} = {plugin}\n")
-    project = tmp_path / "project"
-    project.mkdir()
-    (project / "conftest.py").write_text(f"pytest_plugins = [{plugin!r}]\n")
-    (project / "test_user.py").write_text(textwrap.dedent("""
-        def test_fixtures_are_there(serve_app, open_stream, event_source):
-            pass
-    """))
-    done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-p", plugin, "-p", "no:cacheprovider",
-         "--trace-config", "-q", str(project)],
-        cwd=project, capture_output=True, text=True, timeout=120,
-        env=dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path / "site"), str(ROOT)])),
-    )
-    assert "1 passed" in done.stdout, done.stdout + done.stderr
-    assert done.stdout.count(f"PLUGIN registered: <module '{plugin}'") == 1, done.stdout
 
 
 def test_a_chatty_app_in_a_subprocess_never_blocks_on_its_stdout(tmp_path: Path) -> None:
