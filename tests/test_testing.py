@@ -21,10 +21,12 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from tests import kit_apps
 from wsgi_detach.testing import (
@@ -32,6 +34,7 @@ from wsgi_detach.testing import (
     EventSource,
     LiveServer,
     ServerDidNotStart,
+    SSEParser,
     Stream,
     WaitTimeout,
     get,
@@ -263,6 +266,56 @@ def test_sse_parser_keeps_the_id_and_drops_the_half_event_across_a_reconnect() -
     parser.feed(b"data: next\n\n")
     assert [(e.data, e.last_event_id) for e in parser.events] == [("whole", "7"), ("next", "7")]
     assert parser.retry == 70
+
+
+def test_sse_parser_forgets_the_id_of_an_event_cut_off_by_a_reconnect() -> None:
+    """Only a dispatched event sets the last event id; an undispatched one's id is dropped."""
+    parser = parse_sse(b"id: 1\ndata: a\n\nid: 2\ndata: b")
+    assert parser.last_event_id == "1"
+    parser.reconnected()
+    parser.feed(b"data: c\n\n")
+    assert [(e.data, e.last_event_id) for e in parser.events] == [("a", "1"), ("c", "1")]
+    assert parser.last_event_id == "1"
+
+
+def test_event_source_never_claims_an_event_it_did_not_receive() -> None:
+    """A server that drops mid-event: the reconnects resume after the last whole event."""
+    answers = iter([b"retry: 10\nid: 1\ndata: a\n\nid: 2\ndata: b",
+                    b"data: c\n\n", b"data: d\n\n"])
+
+    def app(environ: dict[str, object], start_response: Callable[..., object]) -> list[bytes]:
+        start_response("200 OK", [("Content-Type", "text/event-stream")])
+        return [next(answers, b"")]
+
+    with serve(app, "pywsgi") as server, EventSource(server, "/") as source:
+        assert [(e.data, e.last_event_id) for e in source.take(3)] == [
+            ("a", "1"), ("c", "1"), ("d", "1")]
+        assert source.sent_ids == [None, "1", "1"]
+
+
+def test_sse_parser_dispatches_a_cr_ended_event_at_once() -> None:
+    assert [e.data for e in parse_sse(b"data: x\r\r").events] == ["x"]
+    parser = SSEParser()
+    assert [e.data for e in parser.feed(b"data: y\r")] == []
+    assert [e.data for e in parser.feed(b"\r")] == ["y"]  # no more bytes needed
+    assert [e.data for e in parser.feed(b"\ndata: z\r\n\r\n")] == ["z"]  # that LF ends nothing
+
+
+_SSE_DATA = st.text(st.characters(codec="utf-8", blacklist_characters="\r\n\0"), max_size=5)
+
+
+@given(
+    st.lists(st.tuples(_SSE_DATA, st.sampled_from(["1", "", "x y"]),
+                       st.sampled_from(["\n", "\r", "\r\n"])), min_size=1, max_size=4),
+    st.lists(st.integers(0, 200), max_size=6),
+)
+def test_sse_parser_round_trips_any_line_ending_and_chunking(
+    events: list[tuple[str, str, str]], cuts: list[int]
+) -> None:
+    """Events written with LF, CR or CRLF line ends, cut anywhere: all dispatched, as written."""
+    wire = "".join(f"id: {id_}{end}data: {data}{end}{end}" for data, id_, end in events).encode()
+    parser = parse_sse(wire, [c for c in cuts if c <= len(wire)])
+    assert [(e.data, e.last_event_id) for e in parser.events] == [(d, i) for d, i, _ in events]
 
 
 def test_the_kit_works_in_a_monkey_patched_test_process() -> None:

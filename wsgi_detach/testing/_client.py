@@ -577,6 +577,8 @@ class EventSource:
         return min(ms / 1000, self.max_retry)
 
     def _connect(self, give_up: float) -> None:
+        if self.connections:
+            self.stream.close()  # it ended; its socket is no longer needed
         headers = dict(self._headers, Accept="text/event-stream", **{"Cache-Control": "no-cache"})
         last_id = self.parser.last_event_id or None
         if last_id is not None:
