@@ -13,6 +13,7 @@ says what happened.
 
 from __future__ import annotations
 
+import _thread
 import os
 import socket
 import struct
@@ -33,9 +34,11 @@ from wsgi_detach.testing import (
     SERVERS,
     EventSource,
     LiveServer,
+    ProcessServer,
     ServerDidNotStart,
     SSEParser,
     Stream,
+    ThreadServer,
     WaitTimeout,
     get,
     get_json,
@@ -173,6 +176,48 @@ def test_a_server_that_does_not_start_in_time_shows_its_log(tmp_path: Path) -> N
                    env={"PYTHONPATH": str(tmp_path)}):
             pass
     assert time.monotonic() - started < 15  # stopped by its PID, not waited for
+
+
+@pytest.mark.parametrize("kind", ["pywsgi-detach", "pywsgi", "waitress", "wsgiref"])
+def test_a_thread_server_given_up_on_closes_instead_of_serving(kind: str) -> None:
+    """A start that runs out of time leaves no thread serving a port nobody will stop."""
+    with pytest.raises(ServerDidNotStart, match=rf"{kind} did not start within 0s"):
+        with serve(kit_apps.app, kind, timeout=0):
+            pass
+    given_up = LiveServer.launched[-1]
+    assert isinstance(given_up, ThreadServer) and given_up._thread is not None
+    given_up._thread.join(10)
+    assert not given_up._thread.is_alive()
+    assert not given_up.running
+    assert "start() had given up on it" in given_up.log()
+
+
+def test_an_interrupt_while_a_subprocess_starts_stops_the_child(tmp_path: Path) -> None:
+    (tmp_path / "slow_to_import.py").write_text("import time\ntime.sleep(30)\napp = None\n")
+    interrupt = threading.Timer(1.0, _thread.interrupt_main)
+    interrupt.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with serve("slow_to_import:app", "pywsgi", process=True,
+                       env={"PYTHONPATH": str(tmp_path)}):
+                pass
+    finally:
+        interrupt.cancel()
+    child = LiveServer.launched[-1]
+    assert isinstance(child, ProcessServer) and child.proc is not None
+    assert child.proc.poll() is not None  # stopped by its PID before the exception left serve()
+
+
+def test_a_subprocess_whose_server_fails_before_listening_fails_at_once(tmp_path: Path) -> None:
+    """The error is in the message at once, not after the start timeout and a SIGKILL."""
+    (tmp_path / "waitress.py").write_text('raise ImportError("no waitress here")\n')
+    started = time.monotonic()
+    with pytest.raises(ServerDidNotStart, match=r"(?s)waitress exited with 1 .*"
+                       r"ImportError: no waitress here.*the server thread failed"):
+        with serve("tests.kit_apps:app", "waitress", process=True, timeout=15,
+                   env={"PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])}):
+            pass
+    assert time.monotonic() - started < 10
 
 
 def test_a_thread_server_that_cannot_start_says_why() -> None:

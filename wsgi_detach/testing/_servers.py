@@ -34,7 +34,7 @@ import threading
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import fields
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Union
+from typing import IO, TYPE_CHECKING, Any, Callable, ClassVar, Union
 
 from .._middleware import DetachMiddleware, DetachStats
 from ._client import CLIENT_ID_HEADER, Stream, get_json, wait_until
@@ -337,7 +337,11 @@ class _GeventRunner(_Runner):
         self._watcher = watcher
         try:
             server.start()
-            ready(server.server_port)
+            try:
+                ready(server.server_port)
+            except BaseException:
+                server.close()
+                raise
             server.serve_forever()
         finally:
             watcher.close()
@@ -389,8 +393,8 @@ class _WsgirefRunner(_Runner):
                         pass
 
         self._stop = stop
-        ready(server.server_port)
         try:
+            ready(server.server_port)
             server.serve_forever(poll_interval=0.05)
         finally:
             server.server_close()
@@ -414,7 +418,12 @@ class _WaitressRunner(_Runner):
             channel_request_lookahead=1,
         )
         self._server = server
-        ready(server.effective_port)
+        try:
+            ready(server.effective_port)
+        except BaseException:
+            server.close()
+            server.task_dispatcher.shutdown(timeout=2)
+            raise
         server.run()  # until the map is empty (see stop)
         server.task_dispatcher.shutdown(timeout=2)
 
@@ -455,6 +464,10 @@ def _observed(app: Any, kind: str, wrap: Sequence[Callable[[Any], Any]]) -> tupl
     return observer, observer
 
 
+class _Abandoned(Exception):
+    """Raised in a server thread that became ready after start() gave up on it."""
+
+
 class ThreadServer(LiveServer):
     """A server in a thread of the test process (a greenlet, if it is monkey-patched).
 
@@ -482,21 +495,38 @@ class ThreadServer(LiveServer):
 
     def start(self, timeout: float = 20.0) -> ThreadServer:
         type(self).launched.append(self)
-        app = load(self.app) if isinstance(self.app, str) else self.app
-        served, self.observer = _observed(app, self.server, self._wrap)
+        try:
+            return self._start(timeout)
+        except BaseException:
+            self.stop()  # whatever got started, on every way out (an interrupt too)
+            raise
+
+    def _start(self, timeout: float) -> ThreadServer:
         for name in _LOGGERS:
             logging.getLogger(name).addHandler(self._log)
+        app = load(self.app) if isinstance(self.app, str) else self.app
+        served, self.observer = _observed(app, self.server, self._wrap)
         runner = self._runner = _RUNNERS[self.server](served, self.server, self._log, self._grace)
         started = threading.Event()
         failed: list[BaseException] = []
+        guard = threading.Lock()
+        abandoned = threading.Event()
+        ports: list[int] = []
 
         def ready(port: int) -> None:
-            self.port = port
+            # Once start() has given up, the server closes instead of serving:
+            # nothing would ever stop it.
+            with guard:
+                if abandoned.is_set():
+                    raise _Abandoned
+                ports.append(port)
             started.set()
 
         def run() -> None:
             try:
                 runner.run(ready)
+            except _Abandoned:
+                self._log.write("the server closed: start() had given up on it\n")
             except BaseException as exc:
                 failed.append(exc)
                 self._log.write(f"the server thread raised {exc!r}\n")
@@ -506,11 +536,16 @@ class ThreadServer(LiveServer):
         self._thread = threading.Thread(target=run, name=f"wsgi_detach.testing {self.server}",
                                         daemon=True)
         self._thread.start()
-        if not started.wait(timeout) or failed:
+        try:
+            started.wait(timeout)
+        finally:
+            with guard:
+                abandoned.set()
+                self.running = bool(ports) and not failed
+        if not self.running:
             what = f"raised {failed[0]!r}" if failed else f"did not start within {timeout}s"
-            self._detach_log()
             raise ServerDidNotStart(self.post_mortem(f"{self.server} {what}"))
-        self.running = True
+        self.port = ports[0]
         return self
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -594,9 +629,7 @@ class ProcessServer(LiveServer):
         self._monkey_patch = monkey_patch
         self._env = env
         self.proc: subprocess.Popen[str] | None = None
-        # Appending (O_APPEND), so that the child's stderr and the stdout
-        # lines copied here never overwrite each other whatever the offset.
-        self._output = tempfile.TemporaryFile(mode="a+", prefix="wsgi-detach-server-")
+        self._output: IO[str] | None = None  # the log file, from start() to stop()
         self._output_guard = threading.Lock()
         self._final_output = ""
         self._reader: threading.Thread | None = None
@@ -616,12 +649,22 @@ class ProcessServer(LiveServer):
 
     def start(self, timeout: float = 20.0) -> ProcessServer:
         type(self).launched.append(self)
+        try:
+            return self._start(timeout)
+        except BaseException:
+            self.stop()  # the child, on every way out (an interrupt too)
+            raise
+
+    def _start(self, timeout: float) -> ProcessServer:
+        # Appending (O_APPEND), so that the child's stderr and the stdout
+        # lines copied here never overwrite each other whatever the offset.
+        output = self._output = tempfile.TemporaryFile(mode="a+", prefix="wsgi-detach-server-")
         self.proc = subprocess.Popen(
             self.command(),
             cwd=self.cwd,
             env=child_environment(self._env),
             stdout=subprocess.PIPE,
-            stderr=self._output,
+            stderr=output,
             text=True,
         )
         stdout = self.proc.stdout
@@ -640,8 +683,9 @@ class ProcessServer(LiveServer):
                     ready.set()
                     continue
                 with self._output_guard:
-                    self._output.write(line)
-                    self._output.flush()
+                    if not output.closed:
+                        output.write(line)
+                        output.flush()
             ready.set()  # the output ended: the child exited (or is about to)
 
         reader = self._reader = threading.Thread(target=read_output, daemon=True)
@@ -658,9 +702,7 @@ class ProcessServer(LiveServer):
                 what = f"exited with {self.proc.wait(timeout=5)}"
             except subprocess.TimeoutExpired:
                 what = "closed its output without starting"
-        message = self.post_mortem(f"{self.server} {what}")
-        self.stop()
-        raise ServerDidNotStart(message)
+        raise ServerDidNotStart(self.post_mortem(f"{self.server} {what}"))
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop the child by its PID (SIGTERM; gunicorn: SIGINT), SIGKILL after ``timeout``."""
@@ -683,14 +725,14 @@ class ProcessServer(LiveServer):
             proc.stdout.close()
         final = self.log()
         with self._output_guard:
-            if not self._output.closed:
+            if self._output is not None and not self._output.closed:
                 self._final_output = final
                 self._output.close()
 
     def log(self) -> str:
         """What the child printed to stderr (and stdout) so far."""
         with self._output_guard:
-            if self._output.closed:
+            if self._output is None or self._output.closed:
                 return self._final_output
             self._output.flush()
             self._output.seek(0)
@@ -781,7 +823,7 @@ def serve(
         if monkey_patch or env:
             raise ValueError("monkey_patch and env are for a server subprocess (process=True)")
         live = ThreadServer(server, app, wrap=wrap, grace=grace)
-    live.start(timeout)
+    live.start(timeout)  # on failure (an interrupt too) it stops what it started
     try:
         yield live
     finally:
