@@ -338,6 +338,20 @@ def test_event_source_never_claims_an_event_it_did_not_receive() -> None:
         assert source.sent_ids == [None, "1", "1"]
 
 
+def test_event_source_says_it_did_not_reconnect_when_the_retry_outlasts_the_wait() -> None:
+    def app(environ: dict[str, object], start_response: Callable[..., object]) -> list[bytes]:
+        start_response("200 OK", [("Content-Type", "text/event-stream")])
+        return [b"retry: 3000\ndata: one\n\n"]
+
+    with serve(app, "pywsgi") as server, EventSource(server, "/") as source:
+        assert source.take(1)[0].data == "one"
+        with pytest.raises(WaitTimeout, match=r"^0 of 1 events within 1\.5s: \[\]; "
+                           r"then no event within 1\.\d+s over 1 connections; the stream ended "
+                           r"and the reconnection delay \(2\.0s\) was longer than the "
+                           r"1\.\d\ds left, so it did not reconnect"):
+            source.take(1, timeout=1.5)
+
+
 def test_sse_parser_dispatches_a_cr_ended_event_at_once() -> None:
     assert [e.data for e in parse_sse(b"data: x\r\r").events] == ["x"]
     parser = SSEParser()

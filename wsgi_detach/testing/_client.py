@@ -609,6 +609,7 @@ class EventSource:
         """
         bound = self.timeout if timeout is None else timeout
         give_up = time.monotonic() + bound
+        why = ""
         while not self.closed and len(self.events) <= self._returned:
             stream = self.stream
             if not stream.ending:
@@ -624,7 +625,10 @@ class EventSource:
                 continue
             # The stream ended: wait the reconnection time, then resume.
             wait = self.retry
-            if time.monotonic() + wait >= give_up:
+            left = give_up - time.monotonic()
+            if wait >= left:
+                why = (f"; the stream ended and the reconnection delay ({wait}s) was longer "
+                       f"than the {max(left, 0):.2f}s left, so it did not reconnect")
                 break
             time.sleep(wait)
             self._connect(give_up)
@@ -633,20 +637,25 @@ class EventSource:
             return self.events[self._returned - 1]
         if self.closed:
             return None
-        raise WaitTimeout(f"no event within {bound}s over {len(self.connections)} connections; "
-                          f"the current one: {self.stream._seen()}; events so far: "
+        raise WaitTimeout(f"no event within {bound:.3g}s over {len(self.connections)} connections"
+                          f"{why}; the current one: {self.stream._seen()}; events so far: "
                           f"{self.events}")
 
     def take(self, count: int, timeout: float | None = None) -> list[SSEEvent]:
-        """The next ``count`` events, within ``timeout`` in all (reconnecting as needed)."""
+        """The next ``count`` events, within ``timeout`` in all (reconnecting as needed).
+
+        Raises:
+            WaitTimeout: fewer arrived in time; the message says how many, and why.
+        """
         bound = self.timeout if timeout is None else timeout
         give_up = time.monotonic() + bound
         got: list[SSEEvent] = []
         while len(got) < count:
-            left = give_up - time.monotonic()
-            if left <= 0:
-                raise WaitTimeout(f"{len(got)} of {count} events within {bound}s: {got}")
-            event = self.next_event(left)
+            try:
+                event = self.next_event(max(give_up - time.monotonic(), 0.0))
+            except WaitTimeout as exc:
+                raise WaitTimeout(f"{len(got)} of {count} events within {bound:.3g}s: {got}; "
+                                  f"then {exc}") from None
             if event is None:
                 raise AssertionError(f"the source was closed (204) after {len(got)} of "
                                      f"{count} events: {got}")
