@@ -352,6 +352,34 @@ def test_event_source_says_it_did_not_reconnect_when_the_retry_outlasts_the_wait
             source.take(1, timeout=1.5)
 
 
+def _dies_mid_body(environ: dict[str, object], start_response: Callable[..., object]
+                   ) -> Iterator[bytes]:
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    yield b"part one\n"
+    raise RuntimeError("the app dies mid-body")
+
+
+@pytest.mark.parametrize(("kind", "ending"), [("pywsgi", "eof"), ("pywsgi-detach", "reset")])
+def test_a_close_delimited_body_is_never_reported_complete(kind: str, ending: str) -> None:
+    """Ended by a FIN, a body without a length may be whole or cut: "eof", not complete."""
+    with serve(_dies_mid_body, kind) as server, Stream(server, "/", http10=True) as stream:
+        assert stream.read_all() == b"part one\n"
+        assert (stream.ending, stream.complete) == (ending, False)
+
+
+@pytest.mark.parametrize(("method", "status"), [("HEAD", "200 OK"), ("GET", "204 No Content"),
+                                                ("GET", "304 Not Modified")])
+def test_a_response_without_a_body_ends_with_its_head(method: str, status: str) -> None:
+    def app(environ: dict[str, object], start_response: Callable[..., object]) -> Iterator[bytes]:
+        start_response(status, [("Content-Type", "text/plain")])
+        yield b""
+
+    with serve(app, "pywsgi") as server:
+        with Stream(server, "/", method=method, timeout=3) as stream:
+            assert stream.read_all(timeout=1) == b""
+            assert (stream.ending, stream.complete) == ("complete", True)
+
+
 def test_sse_parser_dispatches_a_cr_ended_event_at_once() -> None:
     assert [e.data for e in parse_sse(b"data: x\r\r").events] == ["x"]
     parser = SSEParser()

@@ -126,9 +126,13 @@ class Stream:
     Each chunk is one HTTP chunk of a chunked response (one ``recv()`` for
     other framings), recorded with its arrival time in :attr:`arrivals`.
     The end of the body is reported, never guessed: :attr:`complete` is true
-    only after the terminating zero chunk (or all of ``Content-Length``);
-    :attr:`ending` says how it ended (``"complete"``, ``"closed"``: the
-    server closed the connection early, ``"reset"``: it reset it).
+    only after the terminating zero chunk, all of ``Content-Length``, or the
+    head of a response that has no body (to ``HEAD``, a 1xx, 204 or 304);
+    :attr:`ending` says how it ended (``"complete"``; ``"closed"``: the
+    server closed the connection early; ``"reset"``: it reset it; ``"eof"``:
+    a body delimited by the end of the connection ended with a FIN -- all the
+    client can see of a whole body, and of one the server gave up on, so
+    not ``complete``).
 
     Misbehaving on purpose: :meth:`stall`, :meth:`half_close`, :meth:`reset`,
     :meth:`vanish`. Use as a context manager, or :meth:`close` it.
@@ -174,6 +178,7 @@ class Stream:
         host, port = _address(target)
         self.timeout = timeout
         self.what = f"{method} {path}"
+        self._method = method
         self.client_id = str(next(_next_id))
         #: Every piece of the body so far, with its arrival time.
         self.arrivals: list[Arrival] = []
@@ -185,8 +190,9 @@ class Stream:
         #: Response headers, names lower-cased (a repeated header: the last value).
         self.headers: dict[str, str] = {}
         self.complete = False
-        #: ``""`` while the body is being read; then ``"complete"``, ``"closed"``
-        #: or ``"reset"`` (see the class docs), or ``"left"`` after the client closed it.
+        #: ``""`` while the body is being read; then ``"complete"``, ``"closed"``,
+        #: ``"reset"`` or ``"eof"`` (see the class docs), or ``"left"`` after the
+        #: client closed it.
         self.ending = ""
         self.parser = SSEParser()
         self._events_seen = 0
@@ -295,7 +301,12 @@ class Stream:
             name, _, value = line.decode("latin-1").partition(":")
             self.headers[name.strip().lower()] = value.strip()
         self.head_at = time.monotonic()
-        if self.headers.get("transfer-encoding", "").lower() == "chunked":
+        if self._method == "HEAD" or self.status in (204, 304) or self.status < 200:
+            # RFC 9112 section 6.3: these responses end with their head,
+            # whatever their headers say.
+            self._mode = "none"
+            self._end("complete")
+        elif self.headers.get("transfer-encoding", "").lower() == "chunked":
             self._mode = "chunked"
         elif "content-length" in self.headers:
             self._mode = "length"
@@ -354,8 +365,9 @@ class Stream:
             return data
         if not self._buf and not self._fill(give_up, "the next piece of the body"):
             # Without a length, the end of the connection is the end of the
-            # body (HTTP/1.0 style): complete unless it was a reset.
-            self._end("complete" if self._mode == "close" else "closed")
+            # body (HTTP/1.0 style), whether the server finished it or gave
+            # up on it: "eof", which proves nothing, unless it was a reset.
+            self._end("eof" if self._mode == "close" else "closed")
             return None
         data, self._buf = self._buf, b""
         if self._mode == "length":
@@ -392,7 +404,8 @@ class Stream:
             AssertionError: the body did not end complete, or is not JSON.
         """
         data = self.read_all(timeout)
-        if not self.complete:
+        # A close-delimited body ("eof") is taken: a cut one fails to parse.
+        if not self.complete and self.ending != "eof":
             raise AssertionError(f"{self.what}: the body ended {self.ending}, not complete: "
                                  f"{data[:200]!r}")
         try:
