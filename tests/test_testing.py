@@ -32,6 +32,7 @@ from hypothesis import strategies as st
 from tests import kit_apps
 from wsgi_detach.testing import (
     SERVERS,
+    SMALL_SNDBUF,
     EventSource,
     LiveServer,
     ProcessServer,
@@ -206,6 +207,35 @@ def test_an_interrupt_while_a_subprocess_starts_stops_the_child(tmp_path: Path) 
     child = LiveServer.launched[-1]
     assert isinstance(child, ProcessServer) and child.proc is not None
     assert child.proc.poll() is not None  # stopped by its PID before the exception left serve()
+
+
+@pytest.mark.parametrize("kind", ["pywsgi-detach", "pywsgi", "wsgiref"])
+def test_a_stalled_small_buffer_client_holds_up_a_small_send_buffer_server_at_kilobytes(
+    kind: str
+) -> None:
+    """send_buffer=SMALL_SNDBUF: the server's writes block after ~14 KiB, not megabytes."""
+    written = [0]
+
+    def app(environ: dict[str, object], start_response: Callable[..., object]
+            ) -> Iterator[bytes]:
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        for _ in range(16 * 1024):  # 16 MiB at most
+            yield b"x" * 1024
+            written[0] += 1024
+
+    with serve(app, kind, send_buffer=SMALL_SNDBUF) as server:
+        with Stream(server, "/", small_buffer=True) as stream:
+            stream.stall()
+            # The writes stop when the buffers are full: wait for no progress
+            # over 0.3 s (a measurement, so it has to be timed), bounded.
+            last = -1
+            deadline = time.monotonic() + 10
+            while written[0] != last and time.monotonic() < deadline:
+                last = written[0]
+                time.sleep(0.3)
+            assert written[0] == last, "the server never stopped writing"
+            assert written[0] <= 64 * 1024, f"{written[0]} bytes written to a stalled client"
+            stream.reset()
 
 
 def test_a_subprocess_whose_server_fails_before_listening_fails_at_once(tmp_path: Path) -> None:

@@ -49,6 +49,7 @@ from ._observe import CONTROL_PREFIX, BodyRecord, Exchange, Observer
 from ._servers import (
     PROCESS_ONLY,
     SERVERS,
+    SMALL_SNDBUF,
     LiveServer,
     ProcessServer,
     ServerDidNotStart,
@@ -63,6 +64,7 @@ __all__ = [
     "PROCESS_ONLY",
     "SERVERS",
     "SMALL_RCVBUF",
+    "SMALL_SNDBUF",
     "Arrival",
     "BodyRecord",
     "EventSource",

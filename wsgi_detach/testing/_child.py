@@ -53,7 +53,8 @@ def _serve(config: dict[str, Any]) -> None:
     from ._servers import _RUNNERS
 
     kind = config["server"]
-    runner = _RUNNERS[kind](_wrapped(config), kind, sys.stderr, config["grace"])
+    runner = _RUNNERS[kind](_wrapped(config), kind, sys.stderr, config["grace"],
+                            config.get("send_buffer", 0))
     patched = config["monkey_patch"]
     if not patched:
         # Every thread the server starts inherits the mask, so SIGTERM is

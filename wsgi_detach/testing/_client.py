@@ -42,9 +42,11 @@ __all__ = [
 #: the stream that made them.
 CLIENT_ID_HEADER = "X-Wsgi-Detach-Testing-Id"
 
-#: The receive buffer of a stream opened with ``small_buffer=True``: small,
-#: so that a stalled reader fills the server's side within a few kilobytes
-#: instead of the megabytes Linux grows a loopback buffer to.
+#: The receive buffer of a stream opened with ``small_buffer=True`` (Linux
+#: doubles it). It bounds only the client's side: the server's send buffer
+#: grows by itself to megabytes on loopback (about 3 MiB is written to a
+#: stalled reader before the server's writes block) unless the server sets
+#: it, as ``serve(..., send_buffer=SMALL_SNDBUF)`` does (then about 14 KiB).
 SMALL_RCVBUF = 4096
 
 _next_id = iter(range(1, 1 << 62))
@@ -145,8 +147,9 @@ class Stream:
         body: a request body (sent with ``Content-Length``).
         timeout: the default bound, in seconds, of every wait on this stream.
         small_buffer: shrink the receive buffer (:data:`SMALL_RCVBUF`) before
-            connecting, so that a stalled reader makes the server's writes
-            back up after a few kilobytes.
+            connecting. The server's writes to a stalled reader back up after
+            a few kilobytes only if the server's send buffer is small too
+            (``serve(..., send_buffer=SMALL_SNDBUF)``); else after megabytes.
         http10: send an HTTP/1.0 request (no chunked encoding in the answer).
         wait_head: ``False``: return once the request is sent, and read the
             head with :meth:`read_head` (or the first read of the body).
@@ -460,9 +463,10 @@ class Stream:
         """Stop reading: from now on the client reads nothing until the test reads again.
 
         Nothing is sent; the connection stays open and the server's writes
-        back up once the socket buffers are full (open the stream with
-        ``small_buffer=True`` to make that a few kilobytes). Returns the
-        stream, for ``Stream(...).stall()``.
+        back up once the socket buffers are full: about 14 KiB with
+        ``small_buffer=True`` and a server started with
+        ``send_buffer=SMALL_SNDBUF``, about 3 MiB with ``small_buffer`` alone
+        (Linux, loopback). Returns the stream, for ``Stream(...).stall()``.
         """
         self.stalled_at = time.monotonic()
         return self

@@ -79,6 +79,12 @@ _READY = re.compile(r"^LISTENING (\d+)\s*$")
 AppSpec = Union[str, "WSGIApplication"]
 
 
+#: A small ``send_buffer`` for :func:`serve` (Linux doubles it): with a client
+#: that stalls with ``small_buffer=True``, about 14 KiB reach the socket
+#: buffers before the server's writes block.
+SMALL_SNDBUF = 4096
+
+
 class ServerDidNotStart(RuntimeError):
     """The server did not accept connections within the bound, or exited first.
 
@@ -288,11 +294,23 @@ _LOGGERS = ("wsgi_detach", "waitress", "gunicorn.error")
 class _Runner:
     """Runs one server kind: ``run`` serves in the calling thread, ``stop`` from any other."""
 
-    def __init__(self, app: WSGIApplication, kind: str, log: Any, grace: float) -> None:
+    def __init__(self, app: WSGIApplication, kind: str, log: Any, grace: float,
+                 send_buffer: int = 0) -> None:
         self.app = app
         self.kind = kind
         self.log = log
         self.grace = grace
+        self.send_buffer = send_buffer
+
+    def limit(self, listener: socket.socket) -> None:
+        """Set ``SO_SNDBUF`` on the listening socket; accepted connections inherit it.
+
+        Set, it also stops the kernel from growing the buffer by itself: on
+        loopback an unset send buffer grows to megabytes under a reader that
+        stalls.
+        """
+        if self.send_buffer:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.send_buffer)
 
     def run(self, ready: Callable[[int], None]) -> None:
         raise NotImplementedError
@@ -338,6 +356,7 @@ class _GeventRunner(_Runner):
         try:
             server.start()
             try:
+                self.limit(server.socket)
                 ready(server.server_port)
             except BaseException:
                 server.close()
@@ -394,6 +413,7 @@ class _WsgirefRunner(_Runner):
 
         self._stop = stop
         try:
+            self.limit(server.socket)
             ready(server.server_port)
             server.serve_forever(poll_interval=0.05)
         finally:
@@ -419,6 +439,7 @@ class _WaitressRunner(_Runner):
         )
         self._server = server
         try:
+            self.limit(server.socket)
             ready(server.effective_port)
         except BaseException:
             server.close()
@@ -482,12 +503,14 @@ class ThreadServer(LiveServer):
         *,
         wrap: Sequence[Callable[[Any], Any]] = (),
         grace: float = 1.0,
+        send_buffer: int = 0,
     ) -> None:
         super().__init__(server, app)
         if server in PROCESS_ONLY:
             raise ValueError(f"{server} runs in a subprocess only: serve(..., process=True)")
         self._wrap = list(wrap)
         self._grace = grace
+        self._send_buffer = send_buffer
         self._log = _LogBuffer()
         self._thread: threading.Thread | None = None
         self._runner: _Runner | None = None
@@ -506,7 +529,8 @@ class ThreadServer(LiveServer):
             logging.getLogger(name).addHandler(self._log)
         app = load(self.app) if isinstance(self.app, str) else self.app
         served, self.observer = _observed(app, self.server, self._wrap)
-        runner = self._runner = _RUNNERS[self.server](served, self.server, self._log, self._grace)
+        runner = self._runner = _RUNNERS[self.server](served, self.server, self._log, self._grace,
+                                                     self._send_buffer)
         started = threading.Event()
         failed: list[BaseException] = []
         guard = threading.Lock()
@@ -620,12 +644,16 @@ class ProcessServer(LiveServer):
         grace: float = 1.0,
         monkey_patch: bool = False,
         env: dict[str, str] | None = None,
+        send_buffer: int = 0,
     ) -> None:
         if not isinstance(app, str):
             app = _spec_of(app)
+        if send_buffer and server.startswith("gunicorn-"):
+            raise ValueError("send_buffer is not available on gunicorn (its workers listen)")
         super().__init__(server, app)
         self._wrap = list(wrap)
         self._grace = grace
+        self._send_buffer = send_buffer
         self._monkey_patch = monkey_patch
         self._env = env
         self.proc: subprocess.Popen[str] | None = None
@@ -644,7 +672,8 @@ class ProcessServer(LiveServer):
     def command(self) -> list[str]:
         """The child's command line."""
         config = {"server": self.server, "app": self.app, "wrap": self._wrap,
-                  "grace": self._grace, "monkey_patch": self._monkey_patch}
+                  "grace": self._grace, "monkey_patch": self._monkey_patch,
+                  "send_buffer": self._send_buffer}
         return [sys.executable, "-m", "wsgi_detach.testing._child", json.dumps(config)]
 
     def start(self, timeout: float = 20.0) -> ProcessServer:
@@ -789,6 +818,7 @@ def serve(
     wrap: Sequence[Any] = (),
     monkey_patch: bool = False,
     env: dict[str, str] | None = None,
+    send_buffer: int = 0,
 ) -> Iterator[LiveServer]:
     """Serve ``app`` on ``server`` on a free port of 127.0.0.1 while the block runs.
 
@@ -806,6 +836,14 @@ def serve(
         monkey_patch: subprocess only: ``gevent.monkey.patch_all()`` in the
             child before anything else is imported.
         env: extra environment variables for the subprocess.
+        send_buffer: ``SO_SNDBUF`` of the server's connections, in bytes (the
+            kernel doubles it; 0: the system's, which on loopback grows to
+            megabytes). With :data:`SMALL_SNDBUF` and a client that stalls
+            with ``small_buffer=True``, the server's writes block after
+            about 14 KiB on Linux instead of about 3 MiB, so a test of what
+            the app does with a slow client is bounded by the app's own
+            limits. Not on gunicorn; waitress takes it but buffers what the
+            app writes itself, so nothing holds its app up.
 
     Example::
 
@@ -818,11 +856,11 @@ def serve(
     live: LiveServer
     if process:
         live = ProcessServer(server, app, wrap=wrap, grace=grace, monkey_patch=monkey_patch,
-                             env=env)
+                             env=env, send_buffer=send_buffer)
     else:
         if monkey_patch or env:
             raise ValueError("monkey_patch and env are for a server subprocess (process=True)")
-        live = ThreadServer(server, app, wrap=wrap, grace=grace)
+        live = ThreadServer(server, app, wrap=wrap, grace=grace, send_buffer=send_buffer)
     live.start(timeout)  # on failure (an interrupt too) it stops what it started
     try:
         yield live
