@@ -530,6 +530,25 @@ def test_the_plugin_is_enabled_by_ini_env_p_or_conftest(tmp_path: Path, how: str
     assert done.stdout.count(f"PLUGIN registered: <module '{plugin}'") == 1, done.stdout
 
 
+def test_the_plugin_keeps_only_the_current_tests_servers(tmp_path: Path) -> None:
+    """A long suite does not keep every server it started (and its log) until the end."""
+    (tmp_path / "test_user.py").write_text(textwrap.dedent("""
+        import pytest
+        from wsgi_detach.testing import LiveServer
+
+        def app(environ, start_response):
+            start_response("200 OK", [("Content-Type", "text/plain")])
+            return [b"hi"]
+
+        @pytest.mark.parametrize("n", range(3))
+        def test_one_server_each(serve_app, n):
+            serve_app(app, "wsgiref")
+            assert len(LiveServer.launched) == 1
+    """))
+    done = run_pytest(tmp_path, "-p", "wsgi_detach_pytest.plugin", "-q")
+    assert "3 passed" in done.stdout, done.stdout + done.stderr
+
+
 def test_the_plugin_reports_the_server_log_of_a_failed_test(tmp_path: Path) -> None:
     (tmp_path / "test_user.py").write_text(textwrap.dedent("""
         import logging

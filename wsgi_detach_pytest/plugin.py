@@ -96,18 +96,16 @@ def event_source() -> Iterator[Callable[..., EventSource]]:
         yield open_
 
 
-_first_launched = pytest.StashKey[int]()
-
-
 def _launched() -> list[LiveServer]:
     # Without importing the kit: if it is not imported, nothing was launched.
     servers = sys.modules.get("wsgi_detach.testing._servers")
-    return [] if servers is None else list(servers.LiveServer.launched)
+    return [] if servers is None else servers.LiveServer.launched
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item: pytest.Item) -> None:
-    item.stash[_first_launched] = len(_launched())
+    # The servers of earlier tests are let go: a long suite keeps none of them.
+    _launched().clear()
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -117,8 +115,8 @@ def pytest_runtest_makereport(
     """A failed test's report shows the logs of the servers it started."""
     outcome = yield
     report: pytest.TestReport = outcome.get_result()
-    if report.failed and _first_launched in item.stash:
-        for server in _launched()[item.stash[_first_launched]:]:
+    if report.failed:
+        for server in _launched():
             report.sections.append(
                 (f"wsgi_detach server {server.server} on port {server.port} log",
                  server.log()[-10000:] or "(nothing)")

@@ -114,8 +114,9 @@ class LiveServer:
     :class:`~wsgi_detach.testing.WaitTimeout` with what it saw.
     """
 
-    #: Every server started in this process, in order (the pytest plugin
-    #: shows the logs of those a failed test started).
+    #: Every server started in this process, in order; the pytest plugin
+    #: empties it before each test (so that a long suite does not keep every
+    #: server and its log) and shows the logs of those a failed test started.
     launched: ClassVar[list[LiveServer]] = []
     #: The server kinds this class runs.
     KINDS: ClassVar[Mapping[str, str]] = SERVERS
