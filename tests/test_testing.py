@@ -182,9 +182,17 @@ def test_a_server_that_does_not_start_in_time_shows_its_log(tmp_path: Path) -> N
 @pytest.mark.parametrize("kind", ["pywsgi-detach", "pywsgi", "waitress", "wsgiref"])
 def test_a_thread_server_given_up_on_closes_instead_of_serving(kind: str) -> None:
     """A start that runs out of time leaves no thread serving a port nobody will stop."""
-    with pytest.raises(ServerDidNotStart, match=rf"{kind} did not start within 0s"):
-        with serve(kit_apps.app, kind, timeout=0):
-            pass
+    # A thread may get ready before start() looks, even with no time at all:
+    # then try again (bounded).
+    for _ in range(50):
+        try:
+            with serve(kit_apps.app, kind, timeout=0):
+                pass
+        except ServerDidNotStart as exc:
+            assert f"{kind} did not start within 0s" in str(exc)
+            break
+    else:
+        raise AssertionError("every start beat a timeout of 0 s")
     given_up = LiveServer.launched[-1]
     assert isinstance(given_up, ThreadServer) and given_up._thread is not None
     given_up._thread.join(10)
