@@ -7,6 +7,7 @@ would. The multi-process tests are in tests/test_scale_out.py.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import threading
@@ -446,3 +447,27 @@ def test_without_redis_server_the_tests_skip_unless_required(monkeypatch) -> Non
     monkeypatch.setenv(REQUIRE_ENV, "1")
     with pytest.raises(pytest.fail.Exception, match="WSGI_DETACH_REQUIRE_REDIS=1 requires it"):
         require_redis()
+
+
+def test_a_channel_nobody_uses_leaves_no_hub_and_a_fresh_hub_resumes(brokers) -> None:  # type: ignore[no-untyped-def]
+    """A process that touches many channels once keeps none of them: hubs are held
+    while used (a reference, or followed until ``linger``), then go with their
+    subscription and their history copy; a later ``hub()`` reads the channel afresh."""
+    a, b = brokers
+    for n in range(500):  # reads of channels nobody publishes to
+        assert b.hub(f"junk{n}").recent().messages == []
+    assert len(b._hubs) == 0
+    sent = [a.hub("room").publish({"n": n}) for n in range(3)]
+    reader = Reader(b.hub("room"), last_event_id=sent[0].id)
+    assert [line["id"] for line in reader.wait(2)] == [m.id for m in sent[1:]]
+    wait_for(lambda: b.stats()["channels"] == 1)
+    reader.close()
+    del reader
+    wait_for(lambda: b.stats()["channels"] == 0)  # unsubscribed after the linger
+    gc.collect()  # the closed body and its subscription form a cycle
+    assert len(b._hubs) == 0  # and nothing holds the hub or its replica
+    later = a.hub("room").publish({"n": 3})
+    fresh = Reader(b.hub("room"), last_event_id=sent[2].id)
+    assert [line["id"] for line in fresh.wait(1)] == [later.id]
+    assert b.hub("room").recent().messages[-1].id == later.id
+    fresh.close()

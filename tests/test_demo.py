@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import io
 import json
+import time
 import tracemalloc
 from collections.abc import Iterator
 from typing import Any
@@ -15,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.client import Stream
+from tests.redis_server import RedisServer
 from tests.servers import ServerProcess
 from tests.sse_reference import Parser
 from wsgi_detach import DetachedBody
@@ -176,6 +178,67 @@ def test_memory_stays_under_the_cap_under_a_flood(rooms: int, per_room: int, tex
     assert app.rooms <= 500 and app.kept_bytes <= cap
     # The charge covers what the rooms and messages really cost.
     assert used <= cap, (used, app.rooms)
+
+
+def _wait(predicate: Any, timeout: float = 10.0) -> None:
+    give_up = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < give_up, "condition not met in time"
+        time.sleep(0.01)
+
+
+def _get(app: ChatApp, path: str) -> str:
+    environ: dict[str, Any] = {
+        "REQUEST_METHOD": "GET", "PATH_INFO": path, "wsgi.input": io.BytesIO(),
+    }
+    statuses: list[str] = []
+    b"".join(app(environ, lambda status, headers, exc_info=None: statuses.append(status)))
+    return statuses[0]
+
+
+def _watch_once(app: ChatApp, room: str) -> None:
+    """A stream takes ``room`` up, gets what it missed (the copy is filled), goes away."""
+    hub = app.room(room, watch=True)
+    assert hub is not None
+    body = DetachedBody()
+    hub.subscribe(body, last_event_id=hub.recent(2).messages[0].id)
+    _wait(lambda: body.buffered)
+    assert app.kept_bytes >= 50 * 2 * 12_000  # charged, though another process posted
+    body.close()
+
+
+def test_redis_mode_memory_stays_under_the_cap(redis_server: RedisServer) -> None:
+    """Rooms filled by another process and watched here are charged here: this
+    process keeps a copy of a watched room's history; rooms and broker hubs
+    it only read leave nothing behind."""
+    cap = 4 << 20
+    other = ChatApp(redis_url=redis_server.url, history=50, max_bytes=1 << 30)
+    text = "\u00e9" * 2000  # 12 000 bytes of JSON: 50 of them, ~1.3 MiB a room
+    for n in range(8):
+        assert {_post(other, f"full{n}", text) for _ in range(50)} == {"201 Created"}
+    gc.collect()
+    tracemalloc.start()
+    try:
+        app = ChatApp(redis_url=redis_server.url, history=50, max_bytes=cap)
+        broker = app._broker
+        assert broker is not None
+        broker.linger = 0.2  # how long a channel nobody watches is still followed
+        before = tracemalloc.get_traced_memory()[0]
+        assert {_get(app, f"/api/rooms/junk{n}/history") for n in range(300)} == {"200 OK"}
+        assert app.rooms == 1 and len(broker._hubs) <= 1  # the lobby's
+        for n in range(8):
+            _watch_once(app, f"full{n}")
+            assert app.kept_bytes <= cap
+        _wait(lambda: broker.stats()["channels"] == 0)
+        gc.collect()
+        used = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+        other._broker.close()  # type: ignore[union-attr]
+    assert app.rooms < 8 and app.kept_bytes <= cap  # rooms nobody watched made way
+    assert len(broker._hubs) <= app.rooms  # evicted rooms' hubs are gone
+    assert used <= cap, (used, app.rooms)
+    broker.close()
 
 
 def test_idle_rooms_are_evicted_and_the_lobby_stays() -> None:

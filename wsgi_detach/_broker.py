@@ -58,6 +58,7 @@ import os
 import random
 import secrets
 import time
+import weakref
 from collections import deque
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Callable, Final
@@ -280,7 +281,7 @@ class ChannelHub(Hub):
                 self._pending[sub] = pending
         if not settled:
             self._broker._settle_soon(self)  # the receiver asks Redis where it resumes
-        self._broker._follow()
+        self._broker._follow(self)
         body.on_close(sub.cancel)
         return sub
 
@@ -307,7 +308,7 @@ class ChannelHub(Hub):
                 return batch
         with self._lock:
             self._polls[callback] = cursor
-        self._broker._follow()
+        self._broker._follow(self)
         return None
 
     def disconnect_all(self) -> int:
@@ -583,11 +584,20 @@ class ChannelHub(Hub):
             _drop(sub.body, why, self._max_pending)
 
     def _unsync_if_idle(self) -> bool:
-        """Stop following the channel if nobody here needs it; True if stopped."""
+        """Stop following the channel if nobody here needs it; True if stopped.
+
+        The replica goes with it: unfollowed it would only go stale, and a
+        process that knows many channels must not keep a history copy of each.
+        Followed again, the channel is read afresh from Redis (one read).
+        """
         with self._lock:
             if self._local_users():
                 return False
             self._synced = False
+            self._replica.clear()
+            self._given.clear()
+            self._r_epoch = ""
+            self._r_seq = 0
             return True
 
     def _unsync(self) -> None:
@@ -720,7 +730,12 @@ class RedisBroker:
         self.backoff_max = float(backoff_max)
         self.linger = float(linger)
         self._lock = allocate_lock()
-        self._hubs: dict[str, ChannelHub] = {}
+        # Hubs are held weakly here: a hub lives while the application holds
+        # it or this process follows its channel (``_held``, until ``linger``
+        # after its last local user). A process that touches many channels
+        # once (a read of each) keeps none of them.
+        self._hubs: weakref.WeakValueDictionary[str, ChannelHub] = weakref.WeakValueDictionary()
+        self._held: dict[str, ChannelHub] = {}  # channels followed, or asked to be
         self._unsettled: set[str] = set()  # channels with pending subscribers to place
         self._dirty = False  # a channel may want following: the receiver looks now
         self._pid = 0
@@ -728,7 +743,15 @@ class RedisBroker:
         self._receiver: _Receiver | None = None
 
     def hub(self, channel: str) -> ChannelHub:
-        """The hub of ``channel`` in this broker (the same object for the same name)."""
+        """The hub of ``channel`` in this broker (the same object for the same name).
+
+        The broker keeps a hub only while something uses it: the application
+        holds a reference, or this process follows the channel (a local
+        subscriber or long-poll, and ``linger`` seconds after the last one).
+        Then the hub, its receiving subscription and its local copy of the
+        history go away, and a later ``hub(channel)`` makes a fresh one that
+        reads the channel from Redis: ids and cursors stay valid across that.
+        """
         if not isinstance(channel, str) or not channel or "\n" in channel or len(channel) > 200:
             raise ValueError(
                 f"channel must be a one-line str of 1 to 200 characters, got {channel!r}"
@@ -784,8 +807,13 @@ class RedisBroker:
                 link = self._link_
         return link
 
-    def _follow(self) -> None:
-        """Make sure this process's receiver runs, and looks for channels to follow at once."""
+    def _follow(self, hub: ChannelHub) -> None:
+        """Make sure this process's receiver runs, and looks for channels to follow at once.
+
+        ``hub`` has a new local user: it is held until the receiver lets it go.
+        """
+        with self._lock:
+            self._held[hub.channel] = hub
         self._link()
         self._dirty = True
         receiver = self._receiver
@@ -804,7 +832,13 @@ class RedisBroker:
     def _take_unsettled(self) -> list[ChannelHub]:
         with self._lock:
             names, self._unsettled = self._unsettled, set()
-            return [self._hubs[name] for name in names]
+            hubs = [self._hubs.get(name) for name in names]
+            return [hub for hub in hubs if hub is not None]
+
+    def _let_go(self, name: str) -> None:
+        """The receiver no longer follows ``name``: the hub lives on only if someone holds it."""
+        with self._lock:
+            self._held.pop(name, None)
 
     def _channels(self) -> list[ChannelHub]:
         with self._lock:
@@ -904,8 +938,7 @@ class _Receiver:
             next_probe = time.monotonic() + broker.probe_interval
             while self._running:
                 self._resubscribe(conn, link, followed)
-                for hub in broker._take_unsettled():
-                    self._settle(hub)
+                self._settle_unsettled()  # not a loop here: its variable would hold a hub
                 push = conn.read(_TICK)
                 if push is not None:
                     kind, name, payload = push
@@ -951,6 +984,8 @@ class _Receiver:
             return
         self._broker._dirty = False
         self._next_scan = now + _SCAN
+        with self._broker._lock:  # before ``wanted``: a hub is held only after its user is in
+            held = set(self._broker._held)
         wanted = {hub.channel: hub for hub in self._broker._channels() if hub._local_users()}
         for name in wanted.keys() - followed:
             conn.send("SUBSCRIBE", link.notify_channel(name))
@@ -962,8 +997,12 @@ class _Receiver:
                 conn.send("UNSUBSCRIBE", link.notify_channel(name))
                 followed.discard(name)
                 del idle[name]
+                self._broker._let_go(name)
         for name in wanted.keys() & idle.keys():
             del idle[name]
+        # Asked to be followed, but its users left first (or the connection was lost).
+        for name in held - followed - wanted.keys():
+            self._broker._let_go(name)
 
     def _refill(self, link: Link, notify_channel: str) -> None:
         """Subscribed (again): read what the replica lacks from the stream, then settle."""
@@ -1006,6 +1045,10 @@ class _Receiver:
             self._refill(link, notify_channel)
             return
         self._settle(hub)
+
+    def _settle_unsettled(self) -> None:
+        for hub in self._broker._take_unsettled():
+            self._settle(hub)
 
     def _settle(self, hub: ChannelHub) -> None:
         ask = hub._settle()

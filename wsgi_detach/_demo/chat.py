@@ -42,6 +42,10 @@ its memory is bounded by design rather than by the good manners of clients:
   over it first evicts the least recently used rooms nobody is watching; if
   that is not enough it gets ``503``. A room's history is a ring of
   ``history`` messages, so a room that is full costs no more as it goes on.
+  In Redis mode this process keeps a copy of a room's history only while it
+  streams or polls the room (and the broker's ``linger`` after), filled by
+  every process's posts: a watched room is charged what its copy holds,
+  measured when it is taken up and at each request to it here.
 * Bodies are read only up to ``_MAX_POST`` bytes (``413`` beyond), JSON is
   parsed with a nesting limit, every field has a type and a size.
 
@@ -64,7 +68,7 @@ from importlib import resources
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import parse_qs, urlsplit
 
-from wsgi_detach import BrokerUnavailable, Hub, RedisBroker, long_poll
+from wsgi_detach import BrokerUnavailable, Hub, Message, RedisBroker, long_poll
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -108,13 +112,20 @@ class _HTTPError(Exception):
 
 
 class _Room:
-    """A hub and what its kept messages cost (``sizes`` mirrors the hub's history ring)."""
+    """A hub and what its kept messages cost (``sizes`` mirrors the hub's history ring).
 
-    __slots__ = ("bytes", "hub", "sizes", "used")
+    In Redis mode the hub's history is the channel's, posted to by every
+    process: ``costs`` then holds what each message in it was charged (by
+    id), measured from the hub each time this process posts to the room or
+    takes it up.
+    """
+
+    __slots__ = ("bytes", "costs", "hub", "sizes", "used")
 
     def __init__(self, hub: Hub, history: int) -> None:
         self.hub = hub
         self.sizes: deque[int] = deque(maxlen=history)
+        self.costs: dict[str, int] = {}
         self.bytes = _ROOM_OVERHEAD
         self.used = time.monotonic()
 
@@ -193,18 +204,27 @@ class ChatApp:
             if room is not None:
                 room.used = time.monotonic()
                 self._rooms.move_to_end(name)
-                return room.hub
-            if self._broker is None:
+            elif self._broker is None:
                 return None
+        if room is not None:
+            if self._broker is not None and (watch or room.watched):
+                self._measure(name, room.hub)
+            return room.hub
         # Asked outside our lock: a real lock must not be held across network I/O.
+        assert self._broker is not None
         hub = self._broker.hub(name)
-        if not watch and not hub.recent(1).messages:
+        kept = hub.recent(None if watch else 1).messages
+        if not watch and not kept:
             return None
+        # Watched, this process keeps a copy of the room's history: charged now.
+        costs = {message.id: _message_cost(message) for message in kept} if watch else {}
         with self._lock:
-            if name not in self._rooms:
-                self._make_room_for(_ROOM_OVERHEAD, keep=name, new=True)
-                self._rooms[name] = _Room(hub, self._history)
+            room = self._rooms.get(name)
+            if room is None:
+                self._make_room_for(_ROOM_OVERHEAD + sum(costs.values()), keep=name, new=True)
+                room = self._rooms[name] = _Room(hub, self._history)
                 self._bytes += _ROOM_OVERHEAD
+            self._charge(room, costs)
         return hub
 
     def _new_hub(self, name: str) -> Hub:
@@ -285,13 +305,14 @@ class ChatApp:
         )
 
     def _post(self, name: str, data: dict[str, Any]) -> str:
-        cost = _cost(data)
+        # In Redis mode the post is charged when the room is measured after it.
+        cost = _cost(data) if self._broker is None else 0
         with self._lock:
             now = time.monotonic()
             self._evict_idle(now)
             room = self._rooms.get(name)
             freed = 0
-            if room is not None and len(room.sizes) == room.sizes.maxlen:
+            if cost and room is not None and len(room.sizes) == room.sizes.maxlen:
                 freed = room.sizes[0]  # the oldest message falls out of the ring
             new = _ROOM_OVERHEAD if room is None else 0
             self._make_room_for(cost - freed + new, keep=name, new=room is None)
@@ -302,7 +323,8 @@ class ChatApp:
             self._rooms.move_to_end(name)
             room.bytes += cost - freed
             self._bytes += cost - freed
-            room.sizes.append(cost)
+            if cost:
+                room.sizes.append(cost)
             hub = room.hub
         # Outside our lock: publish answers long-polls in this thread, and a
         # real lock must not be held across anything that may yield.
@@ -311,7 +333,43 @@ class ChatApp:
         # every process delivers anyway.
         own_id = None if self._broker is not None else self._new_id(name)
         message = hub.publish(data, event="chat", id=own_id)
+        if self._broker is not None and (hub.subscribers or hub.pending_polls):
+            self._measure(name, hub)
         return message.id
+
+    def _measure(self, name: str, hub: Hub) -> None:
+        """Redis mode: charge a watched room for what its hub keeps, whoever posted it.
+
+        While a room is watched here, this process keeps a copy of its history,
+        which every process's posts fill. Measured outside our lock (it may
+        read Redis), charged under it; a room that grew through other
+        processes' posts makes way by evicting rooms nobody watches.
+        """
+        with self._lock:
+            room = self._rooms.get(name)
+            known = {} if room is None else room.costs
+        costs = {}
+        for message in hub.recent().messages:
+            cost = known.get(message.id)
+            costs[message.id] = _message_cost(message) if cost is None else cost
+        with self._lock:
+            room = self._rooms.get(name)
+            if room is None or room.hub is not hub:
+                return  # evicted meanwhile
+            grown = sum(costs.values()) - sum(room.costs.values())
+            if grown > 0:
+                try:
+                    self._make_room_for(grown, keep=name, new=False)
+                except _HTTPError:
+                    pass  # only watched rooms left: charged anyway, the next post gets 503
+            self._charge(room, costs)
+
+    def _charge(self, room: _Room, costs: dict[str, int]) -> None:
+        """Replace a Redis-mode room's charge for its messages by ``costs`` (under our lock)."""
+        delta = sum(costs.values()) - sum(room.costs.values())
+        room.costs = costs
+        room.bytes += delta
+        self._bytes += delta
 
     def _evict_idle(self, now: float) -> None:
         for name, room in list(self._rooms.items()):
@@ -443,6 +501,15 @@ def _cost(data: dict[str, Any]) -> int:
         sys.getsizeof(data["nick"]) + sys.getsizeof(data["text"])
         + 2 * (encoded + 50) + _MESSAGE_OVERHEAD
     )
+
+
+def _message_cost(message: Message) -> int:
+    """What a message a Redis-mode hub keeps costs: its strings (the data parsed from
+    the JSON text, which is kept too), the SSE bytes, and a fixed overhead."""
+    data = message.data
+    strings = sum(sys.getsizeof(v) for v in data.values() if isinstance(v, str)) if isinstance(
+        data, dict) else sys.getsizeof(data)
+    return strings + 2 * (len(message.text) + 50) + _MESSAGE_OVERHEAD
 
 
 def _query(environ: WSGIEnvironment) -> dict[str, str]:
