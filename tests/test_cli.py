@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import select
 import signal
 import socket
 import subprocess
@@ -124,6 +125,42 @@ def test_other_start_up_failures_are_one_line(args: list[str], message: str) -> 
     done = _run("demo", *args)
     assert done.returncode == 1
     assert done.stderr.startswith(f"demo: {message}") and done.stderr.count("\n") == 1
+
+
+def _start_up_line(*args: str, env: dict[str, str]) -> str:
+    """The demo's first line on stdout (it is then stopped)."""
+    with subprocess.Popen(
+        [sys.executable, "-m", "wsgi_detach", "demo", "--port", "0", "--no-access-log", *args],
+        cwd=ROOT, env=dict(CHILD_ENV, **env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True,
+    ) as proc:
+        assert proc.stdout is not None
+        try:
+            ready, _, _ = select.select([proc.stdout], [], [], 20)
+            return proc.stdout.readline() if ready else ""
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=10)
+
+
+def test_redis_mode_is_asked_for_never_taken_from_the_environment() -> None:
+    # REDIS_URL set for another program leaves the in-process demo as it is;
+    # the start-up line says where the rooms are.
+    nowhere = {"REDIS_URL": "redis://user:secret@127.0.0.1:1/0"}
+    line = _start_up_line(env=nowhere)
+    assert line.startswith("wsgi_detach: serving the demo chat (rooms in this process) on ")
+    line = _start_up_line("--redis", env=nowhere)  # alone: REDIS_URL
+    assert line.startswith(
+        "wsgi_detach: serving the demo chat (rooms in Redis at redis://127.0.0.1:1/0) on "
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "wsgi_detach", "demo", "--redis", "--port", "0"], cwd=ROOT,
+        env={k: v for k, v in CHILD_ENV.items() if k != "REDIS_URL"}, capture_output=True,
+        text=True, timeout=30, check=False,
+    )
+    assert (done.returncode, done.stderr) == (
+        1, "demo: --redis without a URL takes $REDIS_URL, which is not set\n"
+    )
 
 
 def test_ctrl_c_stops_the_demo_quietly() -> None:
