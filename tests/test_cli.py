@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import select
 import signal
 import socket
@@ -181,6 +182,43 @@ def test_the_demo_on_loopback_answers_only_to_loopback_names() -> None:
             response = requests.get(f"{demo.url}/api/rooms/lobby/history", headers=headers,
                                     timeout=5)
             assert response.status_code == status, host
+
+
+def _nginx_recipe() -> tuple[str, str]:
+    """docs/deployment.md's demo command behind nginx, and its nginx block."""
+    page = (ROOT / "docs" / "deployment.md").read_text()
+    command = re.search(r"^python -m wsgi_detach demo .*$", page, re.MULTILINE)
+    block = re.search(r"```nginx\n(.*?)```", page, re.DOTALL)
+    assert command is not None and block is not None
+    return command.group(0), block.group(1)
+
+
+def test_the_demo_behind_the_documented_nginx_recipe() -> None:
+    # What nginx sends upstream with the recipe's "proxy_set_header Host
+    # $host": the public name without the port it listens on, and the
+    # browser's Origin as is (with that port when it is not 443).
+    command, nginx = _nginx_recipe()
+    assert "proxy_set_header Host $host;" in nginx
+    args = command.split()[4:]
+    assert args[args.index("--allow-host") + 1] == "chat.example.com"
+    args[args.index("--port") + 1] = "0"
+    with ServerProcess("demo-command", "", args=args) as demo:
+        post = f"{demo.url}/api/rooms/lobby/messages"
+        for origin, status in [
+            ("https://chat.example.com", 201),
+            ("https://chat.example.com:8443", 201),
+            ("https://evil.example", 403),
+        ]:
+            headers = {"Host": "chat.example.com", "Origin": origin,
+                       "Sec-Fetch-Site": "same-origin" if status == 201 else "cross-site"}
+            sent = requests.post(post, json={"nick": "a", "text": "hi"}, headers=headers,
+                                 timeout=5)
+            assert sent.status_code == status, origin
+        # A page on another name the proxy does not serve still gets 421.
+        response = requests.get(f"{demo.url}/", headers={"Host": "rebound.example"}, timeout=5)
+        assert response.status_code == 421
+        page = requests.get(f"{demo.url}/", headers={"Host": "chat.example.com"}, timeout=5)
+        assert page.status_code == 200
 
 
 def test_ctrl_c_during_start_up_exits_without_a_traceback() -> None:

@@ -71,6 +71,14 @@ def _parser() -> argparse.ArgumentParser:
     # A short grace: the chat's streams never end by themselves, so Ctrl-C
     # would otherwise wait the whole grace before cutting them.
     _server_options(demo, grace=1.0)
+    demo.add_argument(
+        "--allow-host",
+        metavar="NAME",
+        action="append",
+        default=[],
+        help="a host name the chat is reached by through a reverse proxy, e.g. "
+        "chat.example.com: answered to, and its pages may post (repeatable)",
+    )
     # Explicit, never from the environment alone: a REDIS_URL set for some
     # other program must not turn the in-process demo into one that needs
     # redis-py and a Redis server.
@@ -237,7 +245,9 @@ def main(argv: Optional[list[str]] = None) -> int:
 
         url = _redis_url(args.redis)
         try:
-            chat = ChatApp(redis_url=url, hosts=loopback_hosts(args.host))
+            chat = ChatApp(
+                redis_url=url, hosts=loopback_hosts(args.host), proxied_hosts=args.allow_host
+            )
             where = _where(url)
         except (ValueError, ImportError) as exc:  # a bad --redis URL, or no redis-py
             raise SystemExit(f"demo: {exc}") from None

@@ -153,6 +153,11 @@ class ChatApp:
             commands pass the loopback names, so that a web page whose own
             name was made to point at 127.0.0.1 (DNS rebinding) cannot use
             the chat as its same origin.
+        proxied_hosts: names the chat is reached by through a reverse proxy
+            (``chat.example.com``): answered to whatever ``hosts`` says, and
+            a page served under one of them, on any port or scheme, may post
+            (the proxy's ``Host`` and the browser's ``Origin`` then differ
+            only by the port the proxy listens on).
     """
 
     def __init__(
@@ -165,8 +170,10 @@ class ChatApp:
         room_idle: float = 900.0,
         redis_url: str | None = None,
         hosts: Iterable[str] | None = None,
+        proxied_hosts: Iterable[str] = (),
     ) -> None:
-        self._hosts = None if hosts is None else frozenset(h.lower() for h in hosts)
+        self._proxied = frozenset(h.lower() for h in proxied_hosts)
+        self._hosts = None if hosts is None else frozenset(h.lower() for h in hosts) | self._proxied
         self._history = history
         self._broker = None if redis_url is None else RedisBroker(redis_url, history=history)
         self._retry_ms = retry_ms
@@ -280,7 +287,7 @@ class ChatApp:
         name, action = match.groups()
         _allow(method, _ALLOW[action])
         if action == "messages":
-            _check_same_origin(environ)
+            _check_same_origin(environ, self._proxied)
             message = self._post(name, _read_message(environ))
             return _json(start_response, {"id": message}, "201 Created")
         query = _query(environ)
@@ -403,12 +410,14 @@ def _allow(method: str, allowed: str) -> None:
         raise _HTTPError("405 Method Not Allowed", f"use {allowed}", [("Allow", allowed)])
 
 
-def _check_same_origin(environ: WSGIEnvironment) -> None:
+def _check_same_origin(environ: WSGIEnvironment, proxied: frozenset[str]) -> None:
     """Refuse a post a browser sends from another site's page.
 
     Browsers send ``Origin`` with every cross-origin POST and
     ``Sec-Fetch-Site`` with every request; tools such as curl send neither
-    and are let through (they could forge both anyway).
+    and are let through (they could forge both anyway). ``proxied``: host
+    names whose pages may post whatever the ``Host`` header (a reverse proxy
+    may rewrite it, or drop the port it listens on).
     """
     site = environ.get("HTTP_SEC_FETCH_SITE")
     if site not in (None, "same-origin", "none"):
@@ -417,10 +426,13 @@ def _check_same_origin(environ: WSGIEnvironment) -> None:
     if origin is not None:
         host = environ.get("HTTP_HOST", "")
         try:
-            origin_host = urlsplit(origin).netloc
+            parts = urlsplit(origin)
+            origin_host, origin_name = parts.netloc, parts.hostname
         except ValueError:
-            origin_host = ""
-        if not host or origin_host.lower() != host.lower():
+            origin_host = origin_name = ""
+        if origin_name and origin_name.lower() in proxied:
+            pass  # one of our public names, seen through a proxy
+        elif not host or origin_host.lower() != host.lower():
             raise _HTTPError("403 Forbidden", "post from the chat's own page")
     content_type = environ.get("CONTENT_TYPE", "").split(";")[0].strip().lower()
     if content_type != "application/json":
