@@ -77,7 +77,7 @@ DEEP = b'{"nick": "a", "text": ' + b"[" * 3000 + b"]" * 3000 + b"}"
         ("POST", "/api/rooms/r/messages", b'{"nick": "a", "text": "' + b"x" * 2001 + b'"}',
          JSON, 400, "text is longer than 2000 characters"),
         ("POST", "/api/rooms/r/messages", b'{"nick": "a", "text": "' + b"x" * 100_000 + b'"}',
-         JSON, 413, "send a JSON body of at most 16384 bytes"),
+         JSON, 413, "send a JSON body of at most 32768 bytes"),
         ("POST", "/api/rooms/r/messages", b'{"nick": "a", "text": "hi"}', {}, 415,
          "send Content-Type: application/json"),
         ("POST", "/api/rooms/r/messages", b'{"nick": "a", "text": "hi"}',
@@ -119,7 +119,8 @@ def test_bad_requests_get_a_4xx_json_error(
     response = requests.request(method, chat + path, data=body, headers=headers, timeout=5)
     assert (response.status_code, response.json()) == (status, {"error": error})
     if status == 405:
-        assert response.headers["Allow"] == ("POST" if "messages" in path else "GET")
+        allowed = "POST" if "messages" in path else "GET, HEAD" if path == "/" else "GET"
+        assert response.headers["Allow"] == allowed
 
 
 def test_a_same_origin_post_from_a_browser_is_accepted(chat: str) -> None:
@@ -178,6 +179,26 @@ def test_memory_stays_under_the_cap_under_a_flood(rooms: int, per_room: int, tex
     assert app.rooms <= 500 and app.kept_bytes <= cap
     # The charge covers what the rooms and messages really cost.
     assert used <= cap, (used, app.rooms)
+
+
+def test_the_longest_message_fits_however_it_is_escaped(chat: str) -> None:
+    # 2000 emoji, JSON-escaped as surrogate pairs (12 bytes each), and the longest nick.
+    text = "\U0001f600" * 2000
+    for ensure_ascii in (True, False):
+        body = json.dumps({"nick": "\U0001f600" * 32, "text": text}, ensure_ascii=ensure_ascii)
+        sent = requests.post(f"{chat}/api/rooms/emoji/messages", data=body.encode(),
+                             headers={"Content-Type": "application/json"}, timeout=5)
+        assert sent.status_code == 201, (ensure_ascii, len(body), sent.text)
+
+
+def test_head_of_the_page_is_its_get_without_the_body(chat: str) -> None:
+    page = requests.get(f"{chat}/", timeout=5)
+    head = requests.head(f"{chat}/", timeout=5)
+    assert head.status_code == 200 and head.content == b""
+    assert head.headers["content-length"] == page.headers["content-length"]
+    assert head.headers["content-type"] == page.headers["content-type"]
+    refused = requests.delete(f"{chat}/", timeout=5)
+    assert (refused.status_code, refused.headers["allow"]) == (405, "GET, HEAD")
 
 
 def _wait(predicate: Any, timeout: float = 10.0) -> None:

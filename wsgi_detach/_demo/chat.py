@@ -9,7 +9,8 @@ for long-polling. No framework, no monkey-patching.
 HTTP API (``<room>``: 1--32 of ``a-z 0-9 - _``):
 
 =======================================  =========================================
-``GET /``                                the page (``?room=&nick=&mode=sse|poll``)
+``GET /``                                the page (``?room=&nick=&mode=sse|poll``;
+                                         ``HEAD`` too)
 ``GET /api/rooms/<room>/history``        ``{"messages": [...], "cursor": ...}``; a
                                          room nobody posted to: no messages,
                                          cursor ``null``
@@ -86,8 +87,10 @@ _ALLOW: Final = {"history": "GET", "messages": "POST", "events": "GET", "poll": 
 _CURSOR: Final = re.compile(r"[!-~]{1,128}")
 _MAX_NICK: Final = 32
 _MAX_TEXT: Final = 2000
-#: A 2000-character message, JSON-escaped at 6 bytes a character, fits.
-_MAX_POST: Final = 16 * 1024
+#: A 2000-character message and a 32-character nick fit, JSON-escaped at 12
+#: bytes a character (a character beyond the BMP, an emoji, is a surrogate
+#: pair: ``\ud83d\ude00``), as ``JSON.stringify`` does not but other clients may.
+_MAX_POST: Final = 32 * 1024
 #: Deeper JSON than a message needs is refused before it is parsed: Python's
 #: parser recurses once per level.
 _MAX_DEPTH: Final = 8
@@ -272,7 +275,8 @@ class ChatApp:
         if self._hosts is not None and _host_name(environ) not in self._hosts:
             raise _HTTPError("421 Misdirected Request", "this chat does not answer to that host")
         if path == "/":
-            _allow(method, "GET")
+            if method != "HEAD":  # HEAD: GET's head, no body
+                _allow(method, "GET", "GET, HEAD")
             headers = [
                 ("Content-Type", "text/html; charset=utf-8"),
                 ("Content-Length", str(len(self._page))),
@@ -280,7 +284,7 @@ class ChatApp:
                 ("X-Content-Type-Options", "nosniff"),
             ]
             start_response("200 OK", headers)
-            return [self._page]
+            return [] if method == "HEAD" else [self._page]
         match = _ROOM.fullmatch(path)
         if match is None:
             raise _HTTPError("404 Not Found", f"no such page: {path!r}")
@@ -405,9 +409,11 @@ class ChatApp:
         room.hub.disconnect_all()  # nobody is watching; a poll racing in gets an empty answer
 
 
-def _allow(method: str, allowed: str) -> None:
+def _allow(method: str, allowed: str, allow_header: str | None = None) -> None:
     if method != allowed:
-        raise _HTTPError("405 Method Not Allowed", f"use {allowed}", [("Allow", allowed)])
+        raise _HTTPError(
+            "405 Method Not Allowed", f"use {allowed}", [("Allow", allow_header or allowed)]
+        )
 
 
 def _check_same_origin(environ: WSGIEnvironment, proxied: frozenset[str]) -> None:
