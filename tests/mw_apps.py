@@ -94,9 +94,9 @@ def make_app(**options: Any) -> DetachMiddleware:
                 gevent.spawn(drain)
             return json_response(start_response, "draining", "202 Accepted")
 
-        if path == "/read":  # reads the request body in pieces, answers its length
-            read = 0
-            while piece := environ["wsgi.input"].read(65536):
+        if path == "/read":  # reads the request body in pieces (?piece=BYTES), answers its length
+            read, size = 0, int(params.get("piece", "65536"))
+            while piece := environ["wsgi.input"].read(size):
                 read += len(piece)
             return json_response(start_response, {"read": read})
 
@@ -173,6 +173,37 @@ def make_app(**options: Any) -> DetachMiddleware:
             body.put(b"x" * 4_000_000)
             body.fail(RuntimeError("producer broke after a big chunk (expected by the test)"))
             return body
+
+        if path == "/block_then_read":  # blocks the event loop ?block= seconds, then reads
+            monkey.get_original("time", "sleep")(float(params["block"]))  # not cooperative
+            read = len(environ["wsgi.input"].read(int(environ["CONTENT_LENGTH"])))
+            return json_response(start_response, {"read": read})
+
+        if path == "/big_open":  # more than the socket buffers hold, then the body stays open
+            start_response("200 OK", [("Content-Type", "text/plain")])
+            body = detach(environ, idle_timeout=30)
+            body.put(b"x" * 4_000_000)
+            return body
+
+        if path == "/slow_gen":  # an ordinary (not detached) body: n chunks, interval apart
+            start_response("200 OK", [("Content-Type", "text/plain")])
+
+            def slowly() -> Any:
+                for i in range(n):
+                    yield f"chunk {i};".encode()
+                    gevent.sleep(interval)
+
+            return slowly()
+
+        if path == "/read_late":  # streams, then reads the request body mid-response
+            start_response("200 OK", [("Content-Type", "text/plain")])
+
+            def read_late() -> Any:
+                yield b"started;"
+                environ["wsgi.input"].read(10)
+                yield b"read"
+
+            return read_late()
 
         if path.startswith("/queue"):
             # Bottle's queue-as-body pattern, unchanged: a gevent queue ended by StopIteration.

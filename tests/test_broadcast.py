@@ -16,7 +16,17 @@ from hypothesis import strategies as st
 from tests.client import Stream, wait_until
 from tests.servers import ServerProcess
 from tests.sse_reference import Parser, parse
-from wsgi_detach import DetachedBody, EventStream, Hub, Message, SlowSubscriber, UsageError
+from wsgi_detach import (
+    Batch,
+    BufferFull,
+    ByteBudget,
+    DetachedBody,
+    EventStream,
+    Hub,
+    Message,
+    SlowSubscriber,
+    UsageError,
+)
 
 
 def drain(body: DetachedBody) -> bytes:
@@ -526,14 +536,87 @@ def test_explicit_and_assigned_ids_mix_in_one_order() -> None:
     assert [m.data for m in hub.since("b-1").messages] == ["c"]
 
 
-def test_an_explicit_id_that_fell_out_of_the_history_gets_a_resync() -> None:
+def test_an_explicit_id_resolves_like_a_hub_id_at_the_edge_of_the_history() -> None:
+    # The message that just fell out is still a place to resume from (nothing
+    # after it was lost), whoever chose its id; one further back is a resync.
+    for ids in (["a", "b", "c", "d"], [None, None, None, None]):
+        hub = Hub(history=2)
+        sent = [hub.publish(f"m{i}", id=ids[i]) for i in range(3)]
+        assert [m.data for m in hub.since(sent[0].id).messages] == ["m1", "m2"]
+        assert [m.data for m in hub.since(sent[1].id).messages] == ["m2"]
+        hub.publish("m3", id=ids[3])
+        assert [m.data for m in hub.since(sent[1].id).messages] == ["m2", "m3"]
+        assert hub.since(sent[0].id).resync
+
+
+def test_a_caught_up_long_poll_with_an_explicit_id_and_a_history_of_one_gets_the_next() -> None:
+    for make in (lambda i: None, lambda i: f"row-{i}"):
+        hub = Hub(history=1)
+        first = hub.publish("a", id=make(0))
+        got: list[Batch] = []
+        assert hub.poll(first.id, got.append) is None
+        hub.publish("b", id=make(1))
+        assert [(m.data, got[0].resync) for m in got[0].messages] == [("b", False)]
+
+
+def test_an_id_reused_after_it_fell_out_of_the_history_is_still_refused() -> None:
+    # A client that last saw the first "x" would resume after the second one
+    # and silently skip everything in between: the hub refuses the reuse as
+    # long as it remembers the id, and answers that client with the reason.
+    hub = Hub(history=3)
+    hub.publish("old x", id="x")
+    for i in range(5):
+        hub.publish(f"missed {i}")
+    with pytest.raises(ValueError, match=r"id 'x' was already published"):
+        hub.publish("new x", id="x")
+    assert [m.data for m in hub.recent().messages] == ["missed 2", "missed 3", "missed 4"]
+    batch = hub.since("x")
+    assert (batch.messages, batch.resync, batch.reason) == ([], True, "older than the history")
+
+
+def test_application_ids_are_remembered_for_a_bounded_window_beyond_the_history() -> None:
+    # history + max(history, REMEMBERED_IDS) messages: then forgotten, and
+    # memory stays bounded however many ids are published.
     hub = Hub(history=2)
-    hub.publish("x", id="x")
-    hub.publish("y", id="y")
-    hub.publish("z", id="z")
-    assert hub.since("x").reason == "unknown id"
-    assert [m.data for m in hub.since("y").messages] == ["z"]
-    hub.publish("x again", id="x")  # forgotten once it fell out: usable again
+    hub.publish("first", id="first")
+    for i in range(1001):
+        hub.publish(i, id=f"n{i}")
+    assert hub.since("first").reason == "older than the history"
+    with pytest.raises(ValueError, match="already published"):
+        hub.publish("again", id="first")
+    hub.publish("one more")
+    assert hub.since("first").reason == "unknown id"
+    hub.publish("first, reused", id="first")  # forgotten: the application's own lookout
+    assert len(hub._store._given) == 1001  # type: ignore[attr-defined]
+
+
+def test_a_resuming_stream_with_no_room_at_all_is_ended_not_left_silent() -> None:
+    # Other bodies' unsent bytes fill the shared budget: neither the catch-up
+    # nor a resync fits. An EventSource never reconnects from a stream that
+    # stays open, so the stream ends (cleanly: the browser comes back with the
+    # same Last-Event-ID); a plain body fails (its client sees it incomplete).
+    hub = Hub()
+    first = hub.publish("x" * 50)
+    hub.publish("y" * 50)
+    budget = ByteBudget(300)
+    hog = DetachedBody(budget=budget)
+    hog.put_nowait(b"h" * 280)
+    stream = EventStream(heartbeat=None, budget=budget, last_event_id=first.id)
+    assert not hub.subscribe(stream).active
+    assert stream.state == "finished"
+    assert list(stream) == [b": stream open\n"]
+    plain = DetachedBody(budget=budget)
+    assert not hub.subscribe(plain, last_event_id=first.id).active
+    with pytest.raises(BufferFull, match="shared budget of 300 bytes"):
+        next(plain)
+    assert hub.subscribers == 0
+    hog.close()
+    again = EventStream(heartbeat=None, budget=budget, last_event_id=first.id)
+    assert hub.subscribe(again).active  # room again: the reconnect gets its catch-up
+    assert [e.data for e in parse(drain(again)).events] == ["y" * 50]
+    for body in (stream, plain, again):
+        body.close()
+    assert budget.used == 0
 
 
 def test_retry_goes_out_with_its_event() -> None:
@@ -555,13 +638,15 @@ def test_retry_goes_out_with_its_event() -> None:
         ({"id": "a\nb"}, ValueError, r"id must be a single line"),
         ({"id": "a\r"}, ValueError, r"id must be a single line"),
         ({"id": "a\0b"}, ValueError, r"id must not contain NUL"),
+        ({"id": "row-2 "}, ValueError, r"id must not start or end with whitespace"),
         ({"id": ""}, ValueError, r"id must not be empty"),
         ({"id": "x" * 257}, ValueError, r"id must be at most 256 characters"),
         ({"id": True}, TypeError, r"id must be a str or int, got bool"),
         ({"id": 1.5}, TypeError, r"id must be a str or int, got float"),
-        ({"id": "dup"}, ValueError, r"id 'dup' was already published and is still in the history"),
+        ({"id": "dup"}, ValueError, r"id .dup. was already published \(within the last 2000 "),
         ({"id": "{epoch}-77"}, ValueError, r"has the form of the ids this hub assigns itself"),
         ({"retry": -1}, ValueError, r"retry must be >= 0 milliseconds, got -1"),
+        ({"retry": 10**5000}, ValueError, r"retry must be at most 2147483647 ms"),
         ({"retry": True}, TypeError, r"retry must be an int of milliseconds, got bool"),
         ({"retry": 1.0}, TypeError, r"retry must be an int of milliseconds, got float"),
         ({"retry": "10"}, TypeError, r"retry must be an int of milliseconds, got str"),
@@ -606,6 +691,19 @@ def test_comment_reaches_every_event_stream_and_is_never_an_event() -> None:
     assert hub.recent().messages == []
     with pytest.raises(TypeError, match="a comment must be a str, got bytes"):
         hub.comment(b"x")  # type: ignore[arg-type]
+
+
+def test_comment_goes_to_exactly_the_subscribers_encoded_as_sse() -> None:
+    # By encoding, not by type: a comment line in an NDJSON body would be a
+    # line that is not JSON, and a plain body carrying SSE is an event stream.
+    hub = Hub()
+    ndjson_stream = EventStream(heartbeat=None)
+    hub.subscribe(ndjson_stream, encode=lambda m: (json.dumps(m.as_dict()) + "\n").encode())
+    sse_plain = DetachedBody()
+    hub.subscribe(sse_plain, encode=Message.sse)
+    assert hub.comment("hello") == 1
+    assert drain(ndjson_stream) == b": stream open\n"
+    assert drain(sse_plain) == b": hello\n"
 
 
 def test_a_comment_over_max_pending_drops_that_subscriber_like_a_message() -> None:

@@ -18,7 +18,14 @@ import pytest
 from tests.client import Stream, events, get, get_json, wait_until
 from tests.mw_apps import starts_in_first_iteration
 from tests.servers import ServerProcess, serve
-from wsgi_detach import DetachedBody, DetachMiddleware, EventStream, UsageError, detach
+from wsgi_detach import (
+    BodyOptions,
+    DetachedBody,
+    DetachMiddleware,
+    EventStream,
+    UsageError,
+    detach,
+)
 from wsgi_detach._middleware import python_next
 
 SERVERS = ["pywsgi", "wsgiref", "detach-server", "waitress"]
@@ -430,6 +437,23 @@ def _run_wsgiref(app: Any) -> bytes:
     out, errors = io.BytesIO(), io.StringIO()
     SimpleHandler(io.BytesIO(), out, errors, _environ(), multithread=False).run(app)
     return out.getvalue()
+
+
+def test_a_str_timeout_chunk_goes_out_in_the_encoding_detach_chose() -> None:
+    """The middleware's timeout_chunk is text: a detach() that changes the
+    encoding sends it in that encoding, not in the middleware's."""
+
+    def app(environ: dict[str, Any], start_response: Any) -> Any:
+        start_response("200 OK", [("Content-Type", "text/plain; charset=utf-8")])
+        return detach(environ, encoding="utf-8", idle_timeout=0.05)
+
+    middleware = DetachMiddleware(app, timeout_chunk="caf\u00e9", encoding="latin-1")
+    assert _run_wsgiref(middleware).endswith(b"\r\n\r\ncaf\xc3\xa9")
+    merged = BodyOptions(timeout_chunk="caf\u00e9", encoding="latin-1").merge({"encoding": "utf-8"})
+    assert merged.timeout_chunk == b"caf\xc3\xa9"
+    with pytest.raises(UnicodeEncodeError):
+        BodyOptions(timeout_chunk="\u20ac").merge({"encoding": "latin-1"})
+    assert BodyOptions(timeout_chunk=b"\xe9").merge({"encoding": "utf-8"}).timeout_chunk == b"\xe9"
 
 
 class _Inner:

@@ -4,8 +4,10 @@ drained and given back, whoever built it -- and a body abandoned half-way leaks 
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import time
+import weakref
 from collections.abc import Iterator
 from typing import Any
 from urllib.parse import quote
@@ -18,6 +20,7 @@ from tests.servers import ServerProcess, serve
 from tests.sse_reference import Parser
 from wsgi_detach import (
     BodyOptions,
+    ByteBudget,
     DetachedBody,
     DetachMiddleware,
     EventStream,
@@ -155,6 +158,67 @@ def test_the_middleware_hands_out_one_options_value() -> None:
     assert seen[0] is seen[1] is middleware.options  # shared, never copied per request
     with pytest.raises(TypeError, match="DetachMiddleware takes no budget"):
         DetachMiddleware(app, budget=None)
+
+
+def test_detach_event_stream_and_hub_event_stream_take_options_and_no_budget() -> None:
+    """options=BodyOptions(...) is taken wherever body options are; a budget of
+    one's own is refused under the middleware, as keyword or inside options."""
+    hub = Hub()
+    mine = BodyOptions(idle_timeout=7, max_buffer=5000, timeout_chunk="bye")
+    made: list[DetachedBody] = []
+    refusals: list[str] = []
+
+    def app(environ: dict[str, Any], start_response: Any) -> Any:
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        made.append(detach(environ, options=mine, heartbeat=3))
+        made.append(EventStream(environ, options=mine))
+        made.append(hub.event_stream(environ, options=mine, deadline=60))
+        for build in (
+            lambda: detach(environ, options=BodyOptions(budget=ByteBudget(10))),
+            lambda: EventStream(environ, budget=ByteBudget(10)),
+            lambda: EventStream(environ, options=BodyOptions(budget=ByteBudget(10))),
+            lambda: hub.event_stream(environ, budget=ByteBudget(10)),
+            lambda: detach(environ, options={"idle_timeout": 1}),
+        ):
+            with pytest.raises(TypeError) as refused:
+                build()
+            refusals.append(str(refused.value))
+        for body in made:
+            body.finish()
+        return made[0]
+
+    middleware = DetachMiddleware(app, idle_timeout=99, max_buffered=MAX_BUFFERED)
+    middleware(_environ(), _start_response).close()  # type: ignore[attr-defined]
+    plain, stream, subscribed = made
+    assert (plain._idle_timeout, plain._max_buffer, plain._heartbeat) == (7.0, 5000, 3.0)
+    assert plain._timeout_chunk == b"bye"
+    assert (stream._idle_timeout, stream._max_buffer, stream._timeout_chunk) == (7.0, 5000, None)
+    assert stream._encoding == "utf-8" and stream._heartbeat == 15.0
+    assert (subscribed._idle_timeout, subscribed._deadline) == (7.0, 60.0)
+    assert all(body._budget is middleware.budget for body in made)
+    assert refusals == [
+        "detach() takes no budget: the middleware's max_buffered is the one budget "
+        "shared by its bodies",
+        *["EventStream takes no budget: the middleware's max_buffered is the one budget "
+          "shared by its bodies"] * 3,
+        "options must be a BodyOptions, got dict",
+    ]
+    assert middleware.stats().buffered == 0
+
+
+def test_event_stream_options_are_derived_without_keeping_a_middleware_alive() -> None:
+    def app(environ: dict[str, Any], start_response: Any) -> Any:
+        stream = EventStream(environ, start_response, heartbeat=None)
+        stream.finish()
+        return stream
+
+    middleware = DetachMiddleware(app, idle_timeout=5)
+    for _ in range(2):
+        middleware(_environ(), _start_response).close()  # type: ignore[attr-defined]
+    gone = weakref.ref(middleware.options)
+    del middleware
+    gc.collect()
+    assert gone() is None
 
 
 def test_a_refused_event_stream_is_closed_before_anything_is_charged() -> None:

@@ -345,6 +345,52 @@ def test_a_keep_alive_connection_idle_past_the_head_timeout_closes_quietly(
     assert timed_server.stderr_text().count("INFO") == before  # the ordinary end: no INFO line
 
 
+def test_each_wait_gets_the_whole_timeout(timed_server: ServerProcess) -> None:
+    """Regression: one timer per connection, stopped and started again, resumed what
+    was left of the previous wait, so the timeouts were budgets over all of a
+    connection's waits: body reads each well within body_timeout, or keep-alive
+    gaps each well within head_timeout, were cut once they summed above it."""
+    port = timed_server.port
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        # Six 100-byte pieces 0.3 s apart, each awaited by its own read: 1.8 s in all.
+        sock.sendall(b"POST /read?piece=100 HTTP/1.1\r\nHost: x\r\nContent-Length: 600\r\n\r\n")
+        for _ in range(6):
+            time.sleep(0.3)  # the client's pace, not a synchronisation
+            sock.sendall(b"z" * 100)
+        answer = _recv_until(sock, b'{"read": 600}')
+        assert answer.startswith(b"HTTP/1.1 200 OK\r\n"), answer
+        # Then five keep-alive requests, each 0.3 s after the previous answer.
+        for _ in range(5):
+            time.sleep(0.3)
+            sock.sendall(b"GET /plain HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert _recv_until(sock, b"hello world").startswith(b"HTTP/1.1 200 OK\r\n")
+
+
+def _recv_until(sock: socket.socket, end: bytes) -> bytes:
+    """What arrives until it ends with ``end``; fails if the connection ends first."""
+    received = b""
+    while not received.endswith(end):
+        more = sock.recv(65536)
+        assert more, f"the connection ended after {received!r}"
+        received += more
+    return received
+
+
+def test_a_wait_after_the_app_blocked_the_event_loop_gets_the_whole_timeout(
+    timed_server: ServerProcess,
+) -> None:
+    """The event loop caches the time; an app that blocks it (a CPU-bound call, an
+    unpatched library) leaves that time stale. A timer armed on the stale time
+    would end the next read early, so the handler reads the clock as it arms it."""
+    with socket.create_connection(("127.0.0.1", timed_server.port), timeout=10) as sock:
+        sock.sendall(b"POST /block_then_read?block=1 HTTP/1.1\r\nHost: x\r\n"
+                     b"Content-Length: 5\r\n\r\n")
+        time.sleep(1.2)  # the body comes 0.2 s into the read that begins after the block
+        sock.sendall(b"hello")
+        answer = _recv_until(sock, b'{"read": 5}')
+    assert answer.startswith(b"HTTP/1.1 200 OK\r\n"), answer
+
+
 def test_at_max_connections_the_longest_waiting_idle_connection_makes_room() -> None:
     """Silent clients cannot lock others out by filling the places; a stream is never
     the one closed."""
@@ -409,6 +455,74 @@ def test_the_reset_waits_until_what_was_put_has_left() -> None:
         received, how = _read_to_the_end(sock)
     body = received.partition(b"\r\n\r\n")[2]
     assert (len(body), body.count(b"x"), how) == (4_000_000, 4_000_000, "reset")
+
+
+@pytest.mark.parametrize(("path", "version", "ending"), [
+    ("/slow_gen?n=50&interval=0.1", "HTTP/1.0", "reset"),  # an ordinary response
+    ("/big_open", "HTTP/1.0", "reset"),  # a detached one, its client reading slowly
+    ("/slow_gen?n=50&interval=0.1", "HTTP/1.1", "eof"),  # chunked: the missing terminator tells
+])
+def test_a_close_delimited_response_cut_at_the_grace_ends_with_a_reset(
+    path: str, version: str, ending: str
+) -> None:
+    """Regression: a request outliving the grace is ended with a ConnectionResetError
+    thrown into its handler, which pywsgi takes for a departed client and closes with
+    a FIN: a close-delimited response cut there looked complete. A detached stream
+    whose client reads slowly is cut there too (its handler is waiting in a send)."""
+    with ServerProcess("detach-server", "tests.mw_apps:app") as server, \
+            socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        sock.sendall(f"GET {path} {version}\r\nHost: x\r\n\r\n".encode())
+        assert sock.recv(1)  # the response has begun
+        assert server.proc is not None
+        server.proc.send_signal(signal.SIGTERM)
+        assert server.proc.wait(timeout=10) == 0  # the grace (0.5 s) ran out, the server left
+        received, how = _read_to_the_end(sock)
+    assert b"chunk 1;" in received or b"xxxx" in received, received[:200]
+    assert how == ending
+
+
+def test_a_complete_response_whose_close_fails_ends_as_plain_pywsgi_ends_it(
+    wire_servers: tuple[int, int],
+) -> None:
+    """Regression: an error from close() after the whole body was sent made an
+    HTTP/1.0 response end with a reset, where plain pywsgi ends the complete
+    response with a FIN."""
+    endings = []
+    for port in wire_servers:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(b"GET /close_raises HTTP/1.0\r\nHost: x\r\n\r\n")
+            received, how = _read_to_the_end(sock)
+        endings.append((received.partition(b"\r\n\r\n")[2], how))
+    assert endings == [(b"all of the body", "eof")] * 2
+
+
+def test_a_body_timeout_after_the_head_ends_a_close_delimited_response_with_a_reset(
+    timed_server: ServerProcess,
+) -> None:
+    """Regression: when body_timeout fired in a read made after the head was sent, the
+    close-delimited response ended with a FIN and looked complete."""
+    with socket.create_connection(("127.0.0.1", timed_server.port), timeout=10) as sock:
+        sock.sendall(b"POST /read_late HTTP/1.0\r\nHost: x\r\nContent-Length: 10\r\n\r\nab")
+        received, how = _read_to_the_end(sock)
+    assert (received.partition(b"\r\n\r\n")[2], how) == (b"started;", "reset")
+
+
+@pytest.mark.parametrize("http10", [True, False])
+def test_a_stream_cut_at_the_grace_is_one_warning_line(http10: bool) -> None:
+    """Regression: a detached stream the drain cut at the grace logged the Unavailable
+    it failed with as a full traceback."""
+    with ServerProcess("detach-server", "tests.mw_apps:app", env={"TEST_LOG_LEVEL": "INFO"}) \
+            as server, Stream(server.port, "/detached?n=1000&interval=0.1", http10=http10) \
+            as stream:
+        stream.read_head()
+        assert server.proc is not None
+        server.proc.send_signal(signal.SIGTERM)
+        assert server.proc.wait(timeout=10) == 0
+        log = server.stderr_text()
+    assert "Traceback" not in log and "Unavailable" not in log, log
+    assert log.count("WARNING wsgi_detach: stopping: 1 detached responses outlived the 0.5s "
+                     "grace\n") == 1, log
 
 
 def test_the_http_limits_are_on_by_default() -> None:

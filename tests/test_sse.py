@@ -20,18 +20,19 @@ from wsgi_detach import BufferFull, DetachMiddleware, EventStream, encode_commen
 
 # -- strategies: any text for data, weighted toward what the format gives meaning
 # to (line breaks, colons, spaces, NUL, a BOM); single-line text for event; id
-# without NUL too.
+# without NUL too, nor whitespace at either end (refused: it would not come
+# back as Last-Event-ID).
 tricky = st.sampled_from(["\r", "\n", "\r\n", ":", " ", "\0", "\ufeff", "data:", "\u2028"])
 any_text = st.lists(st.one_of(tricky, st.text(max_size=5)), max_size=8).map("".join)
 single_line = any_text.map(lambda s: s.replace("\r", "").replace("\n", ""))
-an_id = single_line.map(lambda s: s.replace("\0", ""))
+an_id = single_line.map(lambda s: s.replace("\0", "").strip())
 events = st.lists(
     st.fixed_dictionaries(
         {"data": any_text},
         optional={
             "event": single_line,
             "id": an_id,
-            "retry": st.integers(min_value=0, max_value=10**12),
+            "retry": st.integers(min_value=0, max_value=2**31 - 1),
         },
     ),
     max_size=8,
@@ -87,7 +88,12 @@ def test_multiline_unicode_and_fields_on_the_wire() -> None:
         ({"event": "a\rb"}, ValueError, r"event must be a single line"),
         ({"id": "1\r\n2"}, ValueError, r"id must be a single line"),
         ({"id": "a\0b"}, ValueError, r"id must not contain NUL: the client ignores such an id"),
+        ({"id": " row-1"}, ValueError, r"id must not start or end with whitespace: .*' row-1'"),
+        ({"id": "row-1\t"}, ValueError, r"id must not start or end with whitespace"),
+        ({"id": "\u3000"}, ValueError, r"id must not start or end with whitespace"),
         ({"retry": -1}, ValueError, r"retry must be >= 0 milliseconds, got -1"),
+        ({"retry": 2**31}, ValueError, r"retry must be at most 2147483647 ms.*, got 2147483648"),
+        ({"retry": 10**5000}, ValueError, r"at most 2147483647 ms.*, got an int of 16610 bits"),
         ({"retry": 1.5}, TypeError, r"retry must be an int of milliseconds, got float"),
         ({"retry": True}, TypeError, r"retry must be an int of milliseconds, got bool"),
         ({"id": 1.0}, TypeError, r"id must be a str or int, got float"),
@@ -199,6 +205,9 @@ def test_last_event_id_header_reaches_the_stream(server: ServerProcess) -> None:
 def test_a_bad_retry_is_refused_at_construction() -> None:
     with pytest.raises(ValueError, match="retry must be >= 0 milliseconds, got -5"):
         EventStream(retry=-5)
+    with pytest.raises(ValueError, match="retry must be at most 2147483647 ms"):
+        EventStream(retry=2**31)
+    assert b"retry: 2147483647\n" in next(EventStream(retry=2**31 - 1, heartbeat=None))
     assert next(EventStream(retry=0, heartbeat=None)) == b": stream open\nretry: 0\n\n"
 
 

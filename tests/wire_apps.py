@@ -60,6 +60,14 @@ class _Liar:
         return self.sent
 
 
+class _CloseRaises:
+    def __iter__(self) -> Iterator[bytes]:
+        yield b"all of the body"
+
+    def close(self) -> None:
+        raise RuntimeError("close() failed after the whole body (expected by the test)")
+
+
 def _later(body: DetachedBody, chunks: list[bytes], last: bytes | None) -> None:
     for chunk in chunks:
         gevent.sleep(0.01)
@@ -150,6 +158,9 @@ def plain(environ: dict[str, Any], start_response: Start) -> Any:
         body = detach(environ)
         gevent.spawn(_later, body, [], b"message")
         return body
+    if path == "/close_raises":  # the whole body, then its close() fails
+        start_response("200 OK", TEXT)
+        return _CloseRaises()
     if path == "/twice":  # a second start_response without exc_info (PEP 3333: an error)
         start_response("200 OK", TEXT)
         start_response("201 Created", TEXT)

@@ -165,7 +165,7 @@ def _timeout_options(command: argparse.ArgumentParser) -> None:
     command.add_argument(
         "--max-connections", type=int, metavar="N",
         help="most connections open at once, more wait in the backlog; 0: no cap "
-        "(default: the open-files limit less 64)",
+        "(default: the open-files limit less 64, or half of it under 128)",
     )
 
 

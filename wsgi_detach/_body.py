@@ -1098,10 +1098,18 @@ class BodyOptions:
     heartbeat_chunk: bytes = b"\n"
     max_buffer: int | None = None
     encoding: str = "utf-8"
-    #: Given as any :data:`Chunk`, kept as bytes (a str encoded with ``encoding``).
+    #: Given as any :data:`Chunk`, kept as bytes (a str encoded with ``encoding``,
+    #: and encoded again when :meth:`merge` changes the encoding).
     timeout_chunk: Chunk | None = None
     coalesce: int = _DEFAULT_COALESCE
     budget: ByteBudget | None = None
+    # The timeout_chunk as given, when it was a str, for merge() to encode anew.
+    _timeout_text: str | None = dataclasses.field(default=None, init=False, repr=False)
+    # Options derived from these for an EventStream, by heartbeat (see
+    # wsgi_detach._sse): they live and die with this value.
+    _derived: dict[float | None, BodyOptions] = dataclasses.field(
+        default_factory=dict, init=False, repr=False
+    )
 
     def __post_init__(self) -> None:
         for name in ("idle_timeout", "deadline", "heartbeat"):
@@ -1110,6 +1118,8 @@ class BodyOptions:
         _check_max_buffer(self.max_buffer)
         _check_encoding(self.encoding)
         if self.timeout_chunk is not None:
+            if isinstance(self.timeout_chunk, str):
+                object.__setattr__(self, "_timeout_text", self.timeout_chunk)
             object.__setattr__(self, "timeout_chunk", _to_bytes(self.timeout_chunk, self.encoding))
         _check_coalesce(self.coalesce)
         _check_budget(self.budget)
@@ -1128,10 +1138,47 @@ class BodyOptions:
             raise TypeError(
                 f"{who} got unknown options {sorted(unknown)}; it takes {sorted(OPTION_NAMES)}"
             )
+        if (
+            "encoding" in overrides
+            and "timeout_chunk" not in overrides
+            and self._timeout_text is not None
+        ):
+            # A str timeout_chunk is text: it goes out in the body's encoding,
+            # whichever level chose each (a middleware's chunk, a detach()'s
+            # encoding), never in the bytes of an encoding the body does not use.
+            overrides = {**overrides, "timeout_chunk": self._timeout_text}
         return dataclasses.replace(self, **overrides)
 
 
+def rebase(given: object, base: BodyOptions, who: str) -> BodyOptions:
+    """The options a body registered with ``base`` starts from when given ``options=given``.
+
+    ``base`` is the middleware's options (its budget included) or the
+    defaults; ``given`` (``None``: keep ``base``) replaces them, except that
+    under a middleware the budget stays its ``max_buffered`` budget: bytes
+    charged to another one would escape the cap.
+
+    Raises:
+        TypeError: ``given`` is not a BodyOptions, or carries a budget of
+            its own under a middleware.
+    """
+    if given is None:
+        return base
+    if not isinstance(given, BodyOptions):
+        raise TypeError(f"options must be a BodyOptions, got {type(given).__name__}")
+    if base.budget is None or given.budget is base.budget:
+        return given
+    if given.budget is not None:
+        raise TypeError(NO_BUDGET.format(who=who))
+    return given.merge({"budget": base.budget})
+
+
+#: Why a body registered with a middleware takes no budget of its own.
+NO_BUDGET: Final = (
+    "{who} takes no budget: the middleware's max_buffered is the one budget shared by its bodies"
+)
+
 #: The names of the :class:`BodyOptions` fields.
-OPTION_NAMES: Final = frozenset(field.name for field in dataclasses.fields(BodyOptions))
+OPTION_NAMES: Final = frozenset(f.name for f in dataclasses.fields(BodyOptions) if f.init)
 #: The options of a body built with no arguments.
 DEFAULT_OPTIONS: Final = BodyOptions()

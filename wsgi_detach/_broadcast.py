@@ -35,10 +35,19 @@ hub assigns ``"<epoch>-<seq>"``, where ``epoch`` is random per hub, so that an
 id kept by a browser across a server restart is recognised as foreign
 instead of being mistaken for a recent one. Either kind is accepted back as
 ``Last-Event-ID``, as ``event_stream(last_event_id=...)`` or as a long-poll
-cursor, and resumes right after its message. An application id is refused
-while a message with the same id is still in the history (a client resuming
-from it could not tell the two apart); once it has fallen out, the hub no
-longer knows it.
+cursor, and resumes right after its message.
+
+An application's id must be unique in its feed, as SSE ids are meant to be:
+a client resuming from an id that names two messages would resume after
+the wrong one and silently skip what it missed. :class:`History` enforces
+it for as long as it remembers the id -- the history plus as many messages
+again, at least :data:`REMEMBERED_IDS` -- by refusing the second
+``publish`` with ``ValueError``; an id reused after that is accepted
+(memory stays bounded), and a client still holding the old one resumes
+after the new one: reusing ids is then the application's bug, which the
+hub cannot see. A client whose id is remembered but older than the
+history gets the resync reason ``"older than the history"``; one the hub
+no longer remembers gets ``"unknown id"``.
 
 Storage
 -------
@@ -238,6 +247,11 @@ OTHER_EPOCH: Final = "from another epoch"
 TOO_OLD: Final = "older than the history"
 BACKLOG: Final = "backlog too large"
 
+#: How many messages, at least, beyond the history a :class:`History` still
+#: knows the application's ids of (more when the history is longer): 1000
+#: ids of at most MAX_ID_LENGTH characters cost well under 1 MiB.
+REMEMBERED_IDS: Final = 1000
+
 #: The longest id a client may hand back, and so the longest one the hub
 #: sends: a header or query value beyond it is not one of ours (and is not
 #: looked up or parsed).
@@ -253,7 +267,13 @@ class MessageStore(Protocol):
     """Where a :class:`Hub` numbers, keeps and finds its messages; see "Storage" above.
 
     The hub calls every method under its own lock, so an implementation
-    needs no lock of its own -- and must not block or yield.
+    needs no lock of its own -- and must not block or yield. That rules out
+    a store that asks the network (a database, Redis) on each call: the
+    Redis broker is therefore not a store but a hub of its own,
+    :class:`~wsgi_detach.ChannelHub`, which numbers messages in Redis
+    outside any lock and keeps a local replica that it reads under its lock.
+    A store is for another in-memory layout (a history bounded in bytes, an
+    index of your own), not for sharing a feed between processes.
     """
 
     @property
@@ -288,18 +308,38 @@ class MessageStore(Protocol):
 class History:
     """The in-process :class:`MessageStore`: a ring buffer of the last ``size`` messages.
 
-    Ids the application chose are indexed while their message is kept, so
-    that a client that echoes one resumes right after it; the hub's own ids
-    are parsed instead, strictly (see :meth:`resolve`).
+    Ids the application chose are indexed for the latest ``size + max(size,
+    REMEMBERED_IDS)`` messages, so that a client that echoes one resumes
+    right after it (the message that just fell out included, as for the
+    hub's own ids), an older one gets "older than the history", and an id
+    published again within that window is refused; the hub's own ids are
+    parsed instead, strictly (see :meth:`resolve`).
     """
 
-    __slots__ = ("_given", "_items", "_prefix", "_seq", "cursor", "epoch")
+    __slots__ = (
+        "_given",
+        "_given_order",
+        "_items",
+        "_prefix",
+        "_remember",
+        "_seq",
+        "cursor",
+        "epoch",
+    )
 
     def __init__(self, size: int) -> None:
         self.epoch = secrets.token_hex(_EPOCH_LENGTH // 2)
         self._prefix = self.epoch + "-"
         self._items: deque[Message] = deque(maxlen=size)
-        self._given: dict[str, int] = {}  # application-chosen ids still kept -> seq
+        # Application-chosen ids -> seq, for the latest `_remember` messages:
+        # the history, the message that just fell out (still a place to
+        # resume from, as it is for the hub's own ids, whose position is
+        # parsed rather than looked up), and as many again, at least
+        # REMEMBERED_IDS, before it -- so that a reused id is refused and an
+        # old one answered "older than the history" well after it fell out.
+        self._given: dict[str, int] = {}
+        self._given_order: deque[tuple[str, int]] = deque()  # the same, oldest first
+        self._remember = size + max(size, REMEMBERED_IDS)
         self._seq = 0
         self.cursor = self._prefix + "0"
 
@@ -326,8 +366,8 @@ class History:
         else:
             if id in self._given:
                 raise ValueError(
-                    f"id {id!r} was already published and is still in the history: a client "
-                    f"resuming from it could not tell the two apart"
+                    f"id {id!r} was already published (within the last {self._remember} "
+                    f"messages): a client resuming from it could not tell the two apart"
                 )
             if id.startswith(self._prefix):
                 raise ValueError(
@@ -335,11 +375,13 @@ class History:
                     f"({self._prefix}<n>); pick another, or let the hub number the message"
                 )
         message = Message(seq, id, data, event, retry, text)
-        if self._given and len(items) == items.maxlen:
-            self._given.pop(items[0].id, None)  # falls out of the history now
         items.append(message)
+        given, order = self._given, self._given_order
         if not id.startswith(self._prefix):
-            self._given[id] = seq
+            given[id] = seq
+            order.append((id, seq))
+        while order and order[0][1] <= seq - self._remember:
+            del given[order.popleft()[0]]  # no longer indexed (ids are unique in the index)
         self._seq = seq
         self.cursor = id
         return message
@@ -357,7 +399,7 @@ class History:
             return UNKNOWN_ID
         seq = self._given.get(client_id)
         if seq is not None:
-            return seq
+            return TOO_OLD if seq < self._oldest() - 1 else seq
         epoch, dash, digits = client_id.rpartition("-")
         if not dash or not _is_seq(digits):
             return UNKNOWN_ID
@@ -507,9 +549,12 @@ class Hub:
                 ``event`` is not a str, ``id`` not a str or int, ``retry``
                 not an int (bool, float and str are refused).
             ValueError: ``event`` or ``id`` contains CR or LF; ``id``
-                contains NUL, is empty, longer than :data:`MAX_ID_LENGTH`,
-                already in the history, or of the hub's own
-                ``<epoch>-<n>`` form; ``retry`` is negative.
+                contains NUL, starts or ends with whitespace, is empty,
+                longer than :data:`MAX_ID_LENGTH`,
+                already published among the messages the hub remembers
+                (see "Ids" in the module docs), or of the hub's own
+                ``<epoch>-<n>`` form; ``retry`` is negative or above
+                :data:`~wsgi_detach._sse.MAX_RETRY` (2**31 - 1).
         """
         event, given_id, retry = check_fields(event, id, retry)
         if given_id is not None:
@@ -523,13 +568,17 @@ class Hub:
         return message
 
     def comment(self, text: str = "") -> int:
-        """Send an SSE comment to every subscribed :class:`EventStream`; returns how many.
+        """Send an SSE comment to every subscriber that gets SSE; returns how many.
 
-        A comment is never an event: ``EventSource`` handlers do not see it,
-        nothing is numbered or kept, and a reconnecting client does not get
-        it again. Each line of ``text`` (split at CR, LF or CRLF) becomes a
-        comment line of its own, so a line break cannot turn the rest into
-        an event. Plain-body subscribers get nothing. A comment may overtake
+        That is every subscription whose ``encode`` is SSE's
+        (:meth:`Message.sse`, the default for an :class:`EventStream`),
+        whatever the body: a comment line is only meaningful in an event
+        stream, so a subscriber given NDJSON or a custom encoding gets
+        nothing. A comment is never an event: ``EventSource`` handlers do
+        not see it, nothing is numbered or kept, and a reconnecting client
+        does not get it again. Each line of ``text`` (split at CR, LF or
+        CRLF) becomes a comment line of its own, so a line break cannot turn
+        the rest into an event. A comment may overtake
         a message that a concurrent :meth:`publish` is still encoding; it
         counts against ``max_pending`` like a message.
 
@@ -540,7 +589,7 @@ class Hub:
         dropped: list[tuple[Subscription, str]] = []
         with self._lock:
             reached = 0
-            for sub in [s for s in self._subscribers if isinstance(s.body, EventStream)]:
+            for sub in [s for s in self._subscribers if s.encode is Message.sse]:
                 why = self._put_locked(sub, chunk)
                 if why is None:
                     reached += 1
@@ -605,7 +654,11 @@ class Hub:
         If ``last_event_id`` names a message still in the history, the
         messages after it are queued first, in the same atomic step, so none
         is lost or duplicated; if it fell out of the history, a resync event
-        is queued instead. By default an :class:`EventStream` uses its own
+        is queued instead. If not even the resync fits (the shared
+        ``max_buffered`` budget is full), the body is ended rather than left
+        open and silent: an EventStream cleanly, so the browser reconnects
+        and resumes later; any other body as failed. The subscription
+        returned is then inactive. By default an :class:`EventStream` uses its own
         :attr:`~EventStream.last_event_id` (the ``Last-Event-ID`` header).
 
         The subscription ends by itself when the body closes.
@@ -639,8 +692,15 @@ class Hub:
                         resync = Batch([], batch.cursor, True, BACKLOG)
                         body.put_nowait(_resync_chunk(resync, is_sse))
                 self._subscribers[sub] = None
-            except (BodyClosed, BufferFull):
+            except BodyClosed:
                 return sub  # nobody to deliver to; inactive
+            except BufferFull as exc:
+                unserved: BufferFull | None = exc
+            else:
+                unserved = None
+        if unserved is not None:
+            _end_unserved(body, unserved)
+            return sub  # inactive
         body.on_close(sub.cancel)
         return sub
 
@@ -815,6 +875,24 @@ def _drop(body: DetachedBody, why: str, max_pending: int) -> None:
     else:
         behind = f"subscriber fell more than max_pending={max_pending} bytes behind; dropped"
         body.fail(SlowSubscriber(behind))
+
+
+def _end_unserved(body: DetachedBody, full: BufferFull) -> None:
+    """End a body that could be given neither its catch-up nor a resync (no room at all).
+
+    That happens when the shared ``max_buffered`` budget is exhausted by
+    other bodies. Left open, the body would get nothing but heartbeats, and
+    an EventSource never reconnects from a stream that stays open: it would
+    stay silent for good. Forcing the bytes in past the budget would break
+    the memory bound the budget exists for. So an :class:`EventStream` ends
+    cleanly -- the browser reconnects after its ``retry`` delay with the same
+    ``Last-Event-ID`` and gets its catch-up once there is room -- and a plain
+    body fails, so that its client sees an incomplete response.
+    """
+    if isinstance(body, EventStream):
+        body.finish()
+    else:
+        body.fail(full)
 
 
 def _run(callback: Callable[[Batch], object], batch: Batch) -> None:

@@ -64,11 +64,13 @@ from typing import TYPE_CHECKING, Any, Callable, Final
 from ._adopt import feed, find_inside, is_queue
 from ._body import (
     DEFAULT_OPTIONS,
+    NO_BUDGET,
     REGISTER_KEY,
     BodyOptions,
     Chunk,
     DetachedBody,
     error_response,
+    rebase,
     register,
 )
 from ._budget import ByteBudget
@@ -127,7 +129,10 @@ def detach(environ: WSGIEnvironment, **overrides: Any) -> DetachedBody:
     """Create a :class:`DetachedBody` for this request, with the middleware's defaults.
 
     ``overrides`` replace single defaults (``idle_timeout``, ``heartbeat``,
-    ``max_buffer``, ``start_response``...). The body is registered in
+    ``max_buffer``, ``start_response``...); ``options=BodyOptions(...)``
+    replaces the middleware's options as a whole (other keywords still win
+    over it), except the budget, which stays the middleware's
+    ``max_buffered`` one. The body is registered in
     ``environ["wsgi_detach.bodies"]``, so the middleware treats the response
     as detached and closes the body when the request ends even if a
     framework wraps it. Call it while the app handles the request (not from
@@ -145,7 +150,8 @@ def detach(environ: WSGIEnvironment, **overrides: Any) -> DetachedBody:
         UsageError: the app is not wrapped in :class:`DetachMiddleware`.
         Unavailable: ``max_open`` responses are open or the server is
             draining; let it propagate, the middleware answers 503.
-        TypeError: an unknown option.
+        TypeError: an unknown option; ``budget=``, or a BodyOptions with a
+            budget of its own (the middleware's is the one shared budget).
     """
     try:
         registrar = environ[DETACH_KEY]
@@ -393,10 +399,7 @@ class DetachMiddleware:
 
 def _refuse_budget(who: str, options: dict[str, Any]) -> None:
     if "budget" in options:
-        raise TypeError(
-            f"{who} takes no budget: the middleware's max_buffered is the one budget "
-            f"shared by its bodies"
-        )
+        raise TypeError(NO_BUDGET.format(who=who))
 
 
 def _say_farewell(stream: object, farewell: Chunk) -> None:
@@ -518,6 +521,7 @@ class _Request:
         start_response = None
         if overrides:
             start_response = overrides.pop("start_response", None)
+            options = rebase(overrides.pop("options", None), options, "detach()")
             _refuse_budget("detach()", overrides)
             options = options.merge(overrides, "detach()")
         body = DetachedBody(options=options, start_response=start_response)

@@ -51,7 +51,7 @@ from gevent.pywsgi import WSGIHandler, WSGIServer
 from gevent.socket import socket as _GeventSocket
 
 from ._body import Chunk
-from ._errors import RequestTimeout
+from ._errors import RequestTimeout, Unavailable
 from ._middleware import DetachMiddleware, python_next
 from ._speedups import SpeedUps
 from ._watchers import SOCKET_KEY
@@ -114,6 +114,15 @@ class _Closing(ConnectionAbortedError):
         super().__init__(errno.ECONNABORTED, why)
 
 
+class _Cut(ConnectionResetError):
+    """Thrown into a handler whose request outlived the server's grace (see ``end_request``)."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            errno.ECONNRESET, "the server is stopping and the request outlived its grace"
+        )
+
+
 class _TimedReader:
     """The request body's reads, each ended by the server's ``body_timeout``.
 
@@ -156,6 +165,22 @@ def _make_room(connections: set[StockDetachHandler]) -> None:
     log.log(level, "closed the connection from %s to make room: the server is at "
             "max_connections and it had sent no complete request head", _peer(oldest))
     get_hub().loop.run_callback(oldest._throw, _Closing("the server is full"), True)
+
+
+def _wait_timer(seconds: float) -> Any:
+    """A libev timer that ends one wait of a connection, armed with ``again()`` for each wait.
+
+    Each wait gets the whole ``seconds``, however long the earlier waits were:
+    a keep-alive connection idle 15 s between each of its requests is as
+    fresh at the tenth as at the first. That takes ``again()`` on a timer
+    whose repeat is ``seconds`` (libev's ``ev_timer_again`` re-arms it to the
+    repeat): ``start()`` after ``stop()`` would resume what was left of the
+    previous wait, making the timeout a budget over all the connection's
+    waits. ``again()`` costs what ``stop()``/``start()`` does, a third of a
+    fresh timer per wait. ``update=True`` reads the clock first, so a loop
+    that an app blocked does not shorten the wait.
+    """
+    return get_hub().loop.timer(seconds, seconds, ref=False)
 
 
 def _unsent(sock: Any) -> int:
@@ -225,9 +250,9 @@ class StockDetachHandler(WSGIHandler):  # type: ignore[misc]  # gevent ships no 
         self._greenlet = getcurrent()
         head_timeout = getattr(server, "head_timeout", None)
         if head_timeout:
-            # One timer per connection, started for each request head and
+            # One timer per connection, armed for each request head and
             # stopped once it is in: a libev timer, no greenlet, no Timeout.
-            self._head_timer = get_hub().loop.timer(head_timeout, ref=False)
+            self._head_timer = _wait_timer(head_timeout)
         connections = getattr(server, "connections", None)
         if connections is not None:
             connections.add(self)
@@ -274,13 +299,25 @@ class StockDetachHandler(WSGIHandler):  # type: ignore[misc]  # gevent ships no 
         The request's greenlet gets a ``ConnectionResetError`` where it
         waits, as if the client had left: an app reading the body sees it
         there, and pywsgi closes the connection without an error page or a
-        traceback, as it does for a departed client.
+        traceback, as it does for a departed client. pywsgi takes that error
+        for the client's doing and would end the connection with a FIN, so
+        an unfinished close-delimited response is set to end with a reset
+        here, at once: the grace is over, no waiting for the send queue.
         """
-        error = ConnectionResetError(
-            errno.ECONNRESET, "the server is stopping and the request outlived its grace"
-        )
         self._abandon_input()
-        get_hub().loop.run_callback(self._throw, error, False)
+        get_hub().loop.run_callback(self._cut)
+
+    def _cut(self) -> None:
+        """``end_request``'s work in the hub: decided on the state the handler is in now."""
+        glet = self._greenlet
+        if glet is None:
+            return
+        if self._aborted_visibly():
+            try:
+                self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ZERO)
+            except (AttributeError, OSError):  # the socket is already gone
+                pass
+        glet.throw(_Cut())
 
     def _abandon_input(self) -> None:
         """Do not read the rest of this request's body: the connection closes after it.
@@ -323,7 +360,7 @@ class StockDetachHandler(WSGIHandler):  # type: ignore[misc]  # gevent ships no 
             return None  # the server is stopping: no further request on this connection
         timer = self._head_timer
         if timer is not None:
-            timer.start(self._head_expired)
+            timer.again(self._head_expired, update=True)  # the full head_timeout: see _wait_timer
         self._awaiting_head = True
         self._waiting_since = time.monotonic()
         try:
@@ -339,6 +376,7 @@ class StockDetachHandler(WSGIHandler):  # type: ignore[misc]  # gevent ships no 
         if timer is not None:
             timer.stop()
         self._served = True
+        self._complete = False
         environ: dict[str, Any] = super().get_environ()
         environ[SOCKET_KEY] = self.socket
         if getattr(self.server, "body_timeout", None):
@@ -354,8 +392,8 @@ class StockDetachHandler(WSGIHandler):  # type: ignore[misc]  # gevent ships no 
             raise RequestTimeout(f"the request body did not arrive within {timeout}s")
         timer = self._body_timer
         if timer is None:
-            timer = self._body_timer = get_hub().loop.timer(timeout, ref=False)
-        timer.start(self._body_expired, getcurrent())
+            timer = self._body_timer = _wait_timer(timeout)
+        timer.again(self._body_expired, getcurrent(), update=True)  # the full timeout, each read
         try:
             return read(*args)
         finally:
@@ -373,22 +411,35 @@ class StockDetachHandler(WSGIHandler):  # type: ignore[misc]  # gevent ships no 
         reader.throw(RequestTimeout(f"the request body did not arrive within {timeout}s"))
 
     def handle_error(self, t: Any, v: Any, tb: Any) -> None:
-        if not isinstance(v, RequestTimeout):
+        if isinstance(v, Unavailable) and getattr(self.server, "stopping", False):
+            # The drain cut this stream at the grace: stop() says so in one
+            # WARNING line for all of them; not a fault of the app, no traceback.
+            self._send_error_response_if_possible(500)  # what follows as for any error
+        elif not isinstance(v, RequestTimeout):
             super().handle_error(t, v, tb)
-            if self._delimited_by_close():
-                self._reset_when_flushed()
-            return
-        # The client's doing, and logged where it happened: no traceback.
-        # RFC 9110 15.5.9: 408, then the connection closes.
-        self.close_connection = True
-        if not self.response_length and not self.headers_sent:
-            try:
-                self.start_response("408 Request Timeout", list(_TIMEOUT_HEADERS))
-                self.write(b"")
-            except OSError:
-                pass
+        else:
+            # The client's doing, and logged where it happened: no traceback.
+            # RFC 9110 15.5.9: 408, then the connection closes.
+            self.close_connection = True
+            if not self.response_length and not self.headers_sent:
+                try:
+                    self.start_response("408 Request Timeout", list(_TIMEOUT_HEADERS))
+                    self.write(b"")
+                except OSError:
+                    pass
+        if self._aborted_visibly():
+            self._reset_when_flushed()
 
     # ------------------------------------------------------------------ aborting
+
+    #: The response's body was sent whole (its iteration ended and the last
+    #: bytes went out); set per request. An error after it (in ``close()``)
+    #: leaves a complete response: it ends as plain pywsgi ends it.
+    _complete = False
+
+    def _aborted_visibly(self) -> bool:
+        """Whether the response under way must end with a reset: close-delimited and unfinished."""
+        return not self._complete and not self._awaiting_head and self._delimited_by_close()
 
     def _delimited_by_close(self) -> bool:
         """Whether the response under way is ended by closing the connection (and has begun).
@@ -423,10 +474,15 @@ class StockDetachHandler(WSGIHandler):  # type: ignore[misc]  # gevent ships no 
         if sock is None:
             return
         self.close_connection = True
+        give_up = time.monotonic() + _FLUSH_BEFORE_RESET
         try:
-            give_up = time.monotonic() + _FLUSH_BEFORE_RESET
             while _unsent(sock) and time.monotonic() < give_up:
                 gevent_sleep(_FLUSH_POLL)
+        except _Cut:  # the grace ran out meanwhile: the reset goes now (end_request set it)
+            return
+        except OSError:  # the kernel cannot say (not a TCP socket): reset without waiting
+            pass
+        try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ZERO)
         except OSError:  # already gone (or not a socket that lingers): nothing to tell
             pass
@@ -489,6 +545,7 @@ class StockDetachHandler(WSGIHandler):  # type: ignore[misc]  # gevent ships no 
                 self._send(b"", True)
             elif self.response_use_chunked:
                 self._sendall(_LAST_CHUNK)
+        self._complete = True
 
     def _send_head_only(self) -> None:
         # HEAD gets GET's head and no body (RFC 9110 9.3.2). pywsgi sends the
@@ -737,8 +794,9 @@ def make_server(
             after a 408. ``None``: no limit.
         max_connections: most connections open at once; a newcomer beyond it
             closes the connection that has waited longest for a request head,
-            or (none waiting) waits in the listen backlog. ``"auto"``: the
-            open-files limit less 64 (none where there is no limit);
+            or (none waiting) waits in the listen backlog. ``"auto"``:
+            ``max(soft - 64, soft // 2, 1)`` for the soft open-files limit
+            ``soft`` (none where there is no limit);
             ``None``: no cap.
         speedups: parse requests with :mod:`wsgi_detach._speedups` (``False``:
             pywsgi's own request path; the same bytes, slower -- to bisect a

@@ -28,15 +28,16 @@ Encoding rules, from the WHATWG HTML standard, section "Server-sent events",
 
 from __future__ import annotations
 
-import functools
 import re
 from typing import TYPE_CHECKING, Any, Final
 
 from ._body import (
     DEFAULT_OPTIONS,
+    NO_BUDGET,
     REGISTER_KEY,
     BodyOptions,
     DetachedBody,
+    rebase,
     register,
 )
 
@@ -80,6 +81,13 @@ def _single_line(name: str, value: object, types: tuple[type, ...] = (str,)) -> 
     return text
 
 
+#: The longest ``retry`` accepted, in milliseconds (2**31 - 1, about 24.8
+#: days): the longest delay a JavaScript timer waits (a longer one fires at
+#: once), which is what an EventSource polyfill's reconnection runs on; a
+#: longer delay means "do not come back", which closing the stream says.
+MAX_RETRY: Final = 2**31 - 1
+
+
 def check_fields(
     event: object = None, id: object = None, retry: object = None
 ) -> tuple[str | None, str | None, int | None]:
@@ -93,8 +101,9 @@ def check_fields(
         TypeError: ``event`` is not a str, ``id`` not a str or int, ``retry``
             not an int (a bool, a float or a str are refused: the parser
             ignores a ``retry`` that is not all digits).
-        ValueError: ``event`` or ``id`` contains CR or LF, ``id`` a NUL, or
-            ``retry`` is negative.
+        ValueError: ``event`` or ``id`` contains CR or LF, ``id`` a NUL or
+            starts or ends with whitespace, or ``retry`` is negative or above
+            :data:`MAX_RETRY`.
     """
     event_text = None if event is None else _single_line("event", event)
     id_text = None
@@ -103,6 +112,14 @@ def check_fields(
         if "\0" in id_text:
             raise ValueError(
                 f"id must not contain NUL: the client ignores such an id ({id_text!r})"
+            )
+        if id_text[:1].isspace() or id_text[-1:].isspace():
+            # The client hands the id back in the Last-Event-ID header, and
+            # servers strip the whitespace around a header value (RFC 9110
+            # section 5.5): such an id would come back as another one.
+            raise ValueError(
+                f"id must not start or end with whitespace: it would not come back "
+                f"as Last-Event-ID ({id_text!r})"
             )
     return event_text, id_text, None if retry is None else _retry_ms(retry)
 
@@ -128,8 +145,9 @@ def encode_event(
     Raises:
         TypeError: ``data`` is not a str (``json.dumps`` objects first), or a
             field has the wrong type.
-        ValueError: ``event`` or ``id`` contains a line break, ``id`` a NUL,
-            or ``retry`` is negative.
+        ValueError: ``event`` or ``id`` contains a line break, ``id`` a NUL
+            or whitespace at either end, or ``retry`` is negative or above
+            :data:`MAX_RETRY`.
 
     >>> encode_event("a\\nb", event="tick", id=7)
     b'id: 7\\nevent: tick\\ndata: a\\ndata: b\\n\\n'
@@ -170,6 +188,12 @@ def _retry_ms(retry: object) -> int:
         raise TypeError(f"retry must be an int of milliseconds, got {type(retry).__name__}")
     if retry < 0:
         raise ValueError(f"retry must be >= 0 milliseconds, got {retry}")
+    if retry > MAX_RETRY:
+        # Never str() an arbitrary int: past 4300 digits that raises too.
+        shown = str(retry) if retry.bit_length() <= 64 else f"an int of {retry.bit_length()} bits"
+        raise ValueError(
+            f"retry must be at most {MAX_RETRY} ms (about 24.8 days), got {shown}"
+        )
     return retry
 
 
@@ -190,24 +214,36 @@ def read_last_event_id(environ: WSGIEnvironment) -> str | None:
         return str(raw)
 
 
-@functools.lru_cache(maxsize=64)
 def _sse_options(base: BodyOptions, heartbeat: float | None) -> BodyOptions:
     """``base`` (the middleware's options, or the defaults) as an event stream needs them.
 
     SSE fixes the encoding and the heartbeat's chunk, has its own heartbeat,
     and a ``timeout_chunk`` meant for plain streams would be raw text in an
-    event stream. Cached: ``base`` is one object per middleware (compared by
-    identity), so a stream opened with no options of its own makes none.
+    event stream. Cached on ``base`` itself (one object per middleware), so
+    that a stream opened with no options of its own makes none, and the
+    cache goes away with the options (a module-level cache would keep every
+    middleware's budget alive).
     """
-    return base.merge(
-        {
-            "encoding": "utf-8",
-            "heartbeat_chunk": HEARTBEAT,
-            "timeout_chunk": None,
-            "heartbeat": heartbeat,
-        },
-        "EventStream",
-    )
+    cache = base._derived
+    derived = cache.get(heartbeat)
+    if derived is None:
+        derived = base.merge(
+            {
+                "encoding": "utf-8",
+                "heartbeat_chunk": HEARTBEAT,
+                "timeout_chunk": None,
+                "heartbeat": heartbeat,
+            },
+            "EventStream",
+        )
+        if len(cache) >= _SSE_CACHE_SIZE:
+            cache.clear()  # heartbeats chosen per request: stay bounded
+        cache[heartbeat] = derived
+    return derived
+
+
+#: How many heartbeat values one options value keeps derived SSE options for.
+_SSE_CACHE_SIZE: Final = 16
 
 
 class EventStream(DetachedBody):
@@ -259,11 +295,17 @@ class EventStream(DetachedBody):
         last_event_id: overrides the header, e.g. from a query parameter on
             the first connect (``EventSource`` cannot set headers).
         options: the other :class:`DetachedBody` options (``idle_timeout``,
-            ``deadline``, ``max_buffer``, ``coalesce``, ...).
+            ``deadline``, ``max_buffer``, ``coalesce``, ...), or
+            ``options=BodyOptions(...)`` in place of the middleware's (or the
+            default) options, keywords still winning over it; SSE derives
+            from it as from the middleware's. Under the middleware the
+            budget is always its ``max_buffered`` one.
 
     Raises:
         TypeError: ``encoding`` or ``heartbeat_chunk`` was given; SSE fixes
-            both (UTF-8, a comment line).
+            both (UTF-8, a comment line). ``budget=`` (or a BodyOptions with
+            a budget of its own) under :class:`DetachMiddleware`: its
+            ``max_buffered`` budget is the one shared by its bodies.
         Unavailable: under :class:`DetachMiddleware`, ``max_open`` streams
             are open or the server is draining; let it propagate, the
             middleware answers 503. The stream is closed first.
@@ -291,6 +333,10 @@ class EventStream(DetachedBody):
         # Under DetachMiddleware: its registrar, with its options and budget.
         registrar = None if environ is None else environ.get(REGISTER_KEY)
         base = DEFAULT_OPTIONS if registrar is None else registrar.options
+        if registrar is not None and "budget" in options:
+            raise TypeError(NO_BUDGET.format(who="EventStream"))
+        if "options" in options:
+            base = rebase(options.pop("options"), base, "EventStream")
         if heartbeat is None or type(heartbeat) in (int, float):
             merged = _sse_options(base, heartbeat).merge(options, "EventStream")
         else:  # a bad value, which merge names: not a cache key
