@@ -119,8 +119,8 @@ class _Room:
 
     In Redis mode the hub's history is the channel's, posted to by every
     process: ``costs`` then holds what each message in it was charged (by
-    id), measured from the hub each time this process posts to the room or
-    takes it up.
+    id), measured from the hub when this process takes the room up to watch
+    it, and at each request to the room while it is watched here.
     """
 
     __slots__ = ("bytes", "costs", "hub", "sizes", "used")
@@ -360,7 +360,11 @@ class ChatApp:
             room = self._rooms.get(name)
             known = {} if room is None else room.costs
         costs = {}
-        for message in hub.recent().messages:
+        try:
+            kept = hub.recent().messages  # the local copy, or Redis before it is filled
+        except BrokerUnavailable:
+            return  # Redis is down: measured at the next request (a post already went)
+        for message in kept:
             cost = known.get(message.id)
             costs[message.id] = _message_cost(message) if cost is None else cost
         with self._lock:
