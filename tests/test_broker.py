@@ -7,6 +7,7 @@ would. The multi-process tests are in tests/test_scale_out.py.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import threading
@@ -16,8 +17,17 @@ from collections.abc import Iterator
 import pytest
 
 from tests.redis_server import RedisServer
-from wsgi_detach import BrokerUnavailable, ByteBudget, DetachedBody, EventStream, RedisBroker
+from wsgi_detach import (
+    BrokerRefused,
+    BrokerUnavailable,
+    ByteBudget,
+    DetachedBody,
+    EventStream,
+    Message,
+    RedisBroker,
+)
 from wsgi_detach._broker import ChannelHub
+from wsgi_detach._redis import READ_TTL
 
 # Short timeouts, so that the fault tests take seconds (the bounds they check
 # are computed from these).
@@ -105,8 +115,8 @@ def test_resume_on_another_process_gets_exactly_what_was_missed(brokers) -> None
     later = b.hub("room").publish("m5")
     resumed.wait(4)
     assert resumed.ids() == [m.id for m in sent[2:]] + [later.id]
-    time.sleep(0.2)  # nothing doubled arrives after
-    assert len(resumed.lines) == 4
+    marker = a.hub("room").publish("m6")  # nothing doubled arrives before it
+    assert resumed.wait(5)[4]["id"] == marker.id and len(resumed.lines) == 5
 
 
 def test_a_resuming_stream_with_no_room_at_all_is_ended_not_left_silent(brokers) -> None:  # type: ignore[no-untyped-def]
@@ -139,6 +149,20 @@ def test_an_id_of_the_application_resumes_on_another_process(brokers) -> None:  
     assert [m.id for m in batch.messages] == ["order-2"] and not batch.resync
     with pytest.raises(ValueError, match="already published"):
         b.hub("orders").publish("again", id="order-2")
+
+
+def test_an_application_id_shaped_like_an_epoch_id_resumes(brokers) -> None:  # type: ignore[no-untyped-def]
+    a, b = brokers
+    hub = a.hub("shaped")
+    first = hub.publish("zero")
+    # Not the channel's epoch, so allowed; shaped like "<epoch>-<seq>".
+    other = "abcdef" if not first.id.startswith("abcdef") else "fedcba"
+    hub.publish("one", id=f"{other}-7")
+    two = hub.publish("two")
+    batch = b.hub("shaped").since(f"{other}-7")  # b does not follow: Redis says
+    assert [m.id for m in batch.messages] == [two.id] and not batch.resync
+    reader = Reader(b.hub("shaped"), last_event_id=f"{other}-7")
+    assert reader.wait(1) == [{"id": two.id, "event": None, "data": "two"}]
 
 
 def test_two_publishers_one_order_nothing_lost_or_doubled(brokers) -> None:  # type: ignore[no-untyped-def]
@@ -222,30 +246,107 @@ def test_redis_restarted_empty_gives_a_resync(redis_server: RedisServer) -> None
     a = RedisBroker(redis_server.url, **FAST)
     b = RedisBroker(redis_server.url, **FAST)
     try:
-        reader = Reader(b.hub("r"))
+        hub = b.hub("r")
+        reader = Reader(hub)
         old = [a.hub("r").publish(i).id for i in range(3)]
         reader.wait(3)
         redis_server.restart(keep_data=False)
         wait_for(lambda: b.stats()["connected"] and b.stats()["reconnects"] >= 1)
         new = a.hub("r").publish("after")
-        assert new.id.split("-")[0] != old[0].split("-")[0]  # a new epoch
-        lines = reader.wait(4)
-        assert lines[3]["event"] == "resync"
-        notice: dict[str, str] = lines[3]["data"]  # type: ignore[assignment]
-        assert notice["reason"] == "from another epoch"
-        # Either the resync's cursor already covers "after" (the client reloads
-        # it with its state) or "after" follows live: never both, never neither.
-        if notice["cursor"] != new.id:
-            assert notice["cursor"] == new.id.split("-")[0] + "-0"
-            assert reader.wait(5)[4]["id"] == new.id
-        time.sleep(0.2)
-        assert len(reader.lines) == (4 if notice["cursor"] == new.id else 5)
+        epoch = new.id.split("-")[0]
+        assert epoch != old[0].split("-")[0]  # a new epoch
+        assert reader.wait(5)[3:] == [
+            {"id": f"{epoch}-0", "event": "resync",
+             "data": {"reason": "from another epoch", "cursor": f"{epoch}-0"}},
+            {"id": new.id, "event": None, "data": "after"},
+        ]
+        # Redis loses the channel again, this time while the receiving
+        # connection stays up (as after an eviction, a TTL or a failover):
+        # the new epoch's first messages reach the subscribers after the
+        # resync, and stay in this process's history.
+        redis_server.command("FLUSHALL")
+        new1, new2 = a.hub("r").publish("new1"), a.hub("r").publish("new2")
+        epoch2 = new1.id.split("-")[0]
+        assert epoch2 != epoch
+        assert reader.wait(8)[5:] == [
+            {"id": f"{epoch2}-0", "event": "resync",
+             "data": {"reason": "from another epoch", "cursor": f"{epoch2}-0"}},
+            {"id": new1.id, "event": None, "data": "new1"},
+            {"id": new2.id, "event": None, "data": "new2"},
+        ]
+        assert [m.data for m in hub.recent().messages] == ["new1", "new2"]
+        assert [m.data for m in hub.since(new1.id).messages] == ["new2"]
+        late = Reader(hub, last_event_id=new1.id)
+        assert late.wait(1) == [{"id": new2.id, "event": None, "data": "new2"}]
+        # Nothing doubled: a later message is the next line of both.
+        last = a.hub("r").publish("last")
+        assert reader.wait(9)[8]["id"] == last.id and late.wait(2)[1]["id"] == last.id
+        assert len(reader.lines) == 9 and len(late.lines) == 2
         # An id from before the loss is never taken for one of the new epoch.
         batch = a.hub("r").since(old[0])
         assert batch.resync and batch.messages == []
     finally:
         a.close()
         b.close()
+
+
+def test_a_longer_stream_elsewhere_is_read_whole_after_a_reconnect(
+    redis_server: RedisServer,
+) -> None:
+    # The publisher keeps 100 messages, the serving process only 10: after a
+    # reconnect, the serving process reads everything it missed, not just its
+    # own history's worth, and sends no resync since nothing is lost.
+    publisher = RedisBroker(redis_server.url, history=100, **FAST)
+    server = RedisBroker(redis_server.url, history=10, **FAST)
+    try:
+        reader = Reader(server.hub("h"))
+        wait_for(lambda: server.stats()["connected"])
+        publisher.hub("h").publish("m0")
+        reader.wait(1)
+        redis_server.command("CLIENT", "KILL", "TYPE", "pubsub")
+        sent = publisher.hub("h").publish_many(f"m{i}" for i in range(1, 31))
+        reader.wait(31)
+        last = publisher.hub("h").publish("m31")
+        wait_for(lambda: last.id in reader.ids())
+        assert [line["data"] for line in reader.lines] == [f"m{i}" for i in range(32)]
+        assert len(server.hub("h").recent().messages) == 10
+        # Read from Redis by a process that does not follow the channel,
+        # since() returns at most its history, and a cursor to go on from.
+        batch = server.hub("h").since(sent[0].id)
+        assert batch.resync and batch.messages == []  # older than its history: it says so
+        other = RedisBroker(redis_server.url, history=10, **FAST)
+        try:
+            batch = other.hub("h").since(sent[0].id)
+            assert [m.data for m in batch.messages] == [f"m{i}" for i in range(2, 12)]
+            assert batch.cursor == sent[10].id
+            batch = other.hub("h").since(batch.cursor)
+            assert [m.data for m in batch.messages] == [f"m{i}" for i in range(12, 22)]
+        finally:
+            other.close()
+    finally:
+        publisher.close()
+        server.close()
+
+
+def test_a_gap_the_stream_no_longer_holds_gives_a_resync_then_what_it_holds(
+    redis_server: RedisServer,
+) -> None:
+    publisher = RedisBroker(redis_server.url, history=5, **FAST)
+    server = RedisBroker(redis_server.url, history=50, **FAST)
+    try:
+        reader = Reader(server.hub("t"))
+        wait_for(lambda: server.stats()["connected"])
+        publisher.hub("t").publish("m0")
+        reader.wait(1)
+        redis_server.command("CLIENT", "KILL", "TYPE", "pubsub")
+        sent = publisher.hub("t").publish_many(f"m{i}" for i in range(1, 21))
+        lines = reader.wait(7)
+        assert lines[1] == {"id": sent[14].id, "event": "resync",
+                            "data": {"reason": "older than the history", "cursor": sent[14].id}}
+        assert [line["data"] for line in lines[2:]] == [f"m{i}" for i in range(16, 21)]
+    finally:
+        publisher.close()
+        server.close()
 
 
 def test_frozen_redis_publish_fails_in_bound_then_delivery_resumes(
@@ -263,8 +364,9 @@ def test_frozen_redis_publish_fails_in_bound_then_delivery_resumes(
             with pytest.raises(BrokerUnavailable):
                 a.hub("f").publish("frozen")
             assert time.monotonic() - started < PUBLISH_BOUND + 0.5
-            time.sleep(FAST["probe_interval"] + FAST["probe_timeout"] + 0.5)
-            assert not b.stats()["connected"]
+            # Deaf within probe_interval + probe_timeout (and a tick or two).
+            wait_for(lambda: not b.stats()["connected"],
+                     FAST["probe_interval"] + FAST["probe_timeout"] + 1.0)
         finally:
             redis_server.thaw()
         thawed = time.monotonic()
@@ -280,6 +382,32 @@ def test_frozen_redis_publish_fails_in_bound_then_delivery_resumes(
     finally:
         a.close()
         b.close()
+
+
+def test_a_fan_out_longer_than_the_probe_timeout_is_not_taken_for_a_dead_connection(
+    brokers,
+) -> None:  # type: ignore[no-untyped-def]
+    a, b = brokers
+    reader = Reader(b.hub("slow"))
+    wait_for(lambda: b.stats()["connected"])
+    body = DetachedBody(idle_timeout=30)
+
+    def slow(message: Message) -> bytes:  # a subscriber that takes long to encode for
+        time.sleep(0.05)
+        return f"{message.id}\n".encode()
+
+    b.hub("slow").subscribe(body, last_event_id=None, encode=slow)
+    sent = a.hub("slow").publish_many(range(40))  # 2 s of fan-out, probe_timeout 0.5 s
+    got = b""
+    for chunk in body:
+        got += bytes(chunk)
+        if got.count(b"\n") == 40:
+            break
+    assert got.decode().split() == [m.id for m in sent]
+    assert b.stats()["reconnects"] == 0
+    reader.wait(40)
+    assert reader.ids() == [m.id for m in sent]
+    body.close()
 
 
 def test_one_receiving_connection_for_200_streams_over_5_channels(
@@ -326,6 +454,26 @@ def test_configuration_errors_name_the_parameter() -> None:
         RedisBroker("redis://localhost").hub("a\nb")
 
 
+def test_every_key_of_a_channel_shares_one_hash_slot(redis_server: RedisServer) -> None:
+    from redis.crc import key_slot
+
+    broker = RedisBroker(redis_server.url, **FAST)
+    try:
+        for bad in ("}room", "a}b", "{x}", "room{"):
+            with pytest.raises(ValueError, match=r"channel must be .* without '\{' or '\}'"):
+                broker.hub(bad)
+        with pytest.raises(ValueError, match="prefix must be a one-line str without"):
+            RedisBroker(redis_server.url, prefix="app{1}")
+        for name in ("room", "salle é 1", "a:b", "x" * 200):
+            broker.hub(name).publish("x", id="own")  # the ids hash exists too
+            keys = redis_server.command("KEYS", f"wsgi_detach:{{{name}}}*")
+            assert len(keys) == 3
+            slots = {key_slot(k.encode()) for k in [*keys, f"wsgi_detach:{{{name}}}"]}
+            assert slots == {key_slot(name.encode())}
+    finally:
+        broker.close()
+
+
 def test_clients_resuming_at_once_cost_one_read_of_the_channel(redis_server: RedisServer) -> None:
     publisher = RedisBroker(redis_server.url, **FAST)
     fresh = RedisBroker(redis_server.url, **FAST)  # a process that does not follow "busy" yet
@@ -359,6 +507,141 @@ def test_publish_many_is_pipelined_and_in_order(brokers) -> None:  # type: ignor
     assert a.hub("batch").publish_many([]) == []
 
 
+def test_redis_out_of_memory_raises_broker_refused_saying_what_was_published(
+    redis_server: RedisServer, brokers
+) -> None:  # type: ignore[no-untyped-def]
+    a, b = brokers
+    reader = Reader(b.hub("oom"))
+    wait_for(lambda: b.stats()["connected"])
+    hub = a.hub("oom")
+    hub.publish("warm")
+    used = int(redis_server.command("INFO", "memory")["used_memory"])
+    redis_server.command("CONFIG", "SET", "maxmemory", str(used + 300_000))
+    try:
+        items = [f"{i}:" + "x" * 10_000 for i in range(100)]
+        with pytest.raises(BrokerRefused, match=r"maxmemory.*published\)$") as caught:
+            hub.publish_many(items)
+        refused = caught.value
+        assert isinstance(refused, BrokerUnavailable) and refused.maybe_applied is False
+        published = refused.published
+        assert published is not None and len(published) == 100
+        done = [m for m in published if m is not None]
+        assert 0 < len(done) < 100
+        # Not always a prefix (Redis's memory use moves while it runs them):
+        # each item says for itself, and the published ones are numbered in order.
+        assert [m.seq for m in done] == sorted(m.seq for m in done)
+        assert [m.data for m in done] == [d for d, m in zip(items, published) if m is not None]
+        assert redis_server.command("XLEN", "wsgi_detach:{oom}:log") == len(done) + 1
+        with pytest.raises(BrokerRefused, match="maxmemory") as one:
+            hub.publish("one more")
+        assert one.value.maybe_applied is False and one.value.published is None
+        assert redis_server.command("XLEN", "wsgi_detach:{oom}:log") == len(done) + 1
+    finally:
+        redis_server.command("CONFIG", "SET", "maxmemory", "0")
+    # The caller retries what was not published: each item arrives once.
+    rest = hub.publish_many(items[i] for i, m in enumerate(published) if m is None)
+    assert len(rest) == 100 - len(done)
+    lines = reader.wait(101)
+    assert [line["id"] for line in lines[1:]] == [m.id for m in done + rest]
+    assert sorted(str(line["data"]) for line in lines[1:]) == sorted(items)
+
+
+def test_a_read_only_replica_refuses_publish_as_broker_refused(
+    redis_server: RedisServer, brokers
+) -> None:  # type: ignore[no-untyped-def]
+    a, _ = brokers
+    a.hub("ro").publish("before")
+    redis_server.command("REPLICAOF", "127.0.0.1", "1")  # a master that is not there
+    try:
+        with pytest.raises(BrokerRefused, match="read only replica") as caught:
+            a.hub("ro").publish("after")
+        assert caught.value.maybe_applied is False
+    finally:
+        redis_server.command("REPLICAOF", "NO", "ONE")
+
+
+def test_a_bad_stream_entry_is_logged_once_and_skipped_without_reconnecting(
+    redis_server: RedisServer, brokers, caplog
+) -> None:  # type: ignore[no-untyped-def]
+    a, b = brokers
+    a.hub("bad").publish("ok")
+    # An entry our publish script would never write: its text is not JSON.
+    redis_server.command("HINCRBY", "wsgi_detach:{bad}:meta", "seq", 1)
+    redis_server.command("XADD", "wsgi_detach:{bad}:log", "2-0", "i", "", "e", "", "j", "1",
+                         "r", "", "d", "{not json")
+    with caplog.at_level(logging.INFO, logger="wsgi_detach"):
+        reader = Reader(b.hub("bad"), last_event_id=a.hub("bad").cursor.replace("-2", "-0"))
+        after = a.hub("bad").publish("after")
+        assert [line["data"] for line in reader.wait(2)] == ["ok", "after"]
+        assert b.hub("bad").since(after.id.replace("-3", "-1")).messages[0].id == after.id
+    assert b.stats()["reconnects"] == 0 and b.stats()["connected"]
+    skipped = [r for r in caplog.records if "is not JSON" in r.getMessage()]
+    assert len(skipped) == 1
+    assert skipped[0].getMessage().startswith("skipped message ")
+    assert "of channel 'bad'" in skipped[0].getMessage()
+
+
+def test_a_session_refused_after_subscribing_backs_off_and_logs_once(
+    redis_server: RedisServer, caplog
+) -> None:  # type: ignore[no-untyped-def]
+    # Pub/Sub works but the stream cannot be read (as while Redis loads its
+    # data after a restart): the receiver must back off, not reconnect in a
+    # tight loop, and must not report itself connected in between.
+    a = RedisBroker(redis_server.url, **FAST)
+    b = RedisBroker(redis_server.url, **FAST)
+    try:
+        a.hub("load").publish("m1")
+        redis_server.command("ACL", "SETUSER", "default", "-eval", "-evalsha")
+        try:
+            with caplog.at_level(logging.INFO, logger="wsgi_detach"):
+                reader = Reader(b.hub("load"))
+                wait_for(lambda: b.stats()["reconnects"] >= 1)
+                started, first = time.monotonic(), b.stats()["reconnects"]
+                seen_connected = False
+                while time.monotonic() - started < 2.0:
+                    seen_connected = seen_connected or b.stats()["connected"]
+                    time.sleep(0.005)
+                attempts = b.stats()["reconnects"] - first
+        finally:
+            redis_server.command("ACL", "SETUSER", "default", "+@all")
+        assert not seen_connected
+        # Backoff 0.05 s doubling to backoff_max (0.5 s), jittered down to half:
+        # at most 8 attempts in 2 s; a reset at every attempt makes about 50.
+        assert attempts <= 9, attempts
+        lost = [r for r in caplog.records if "lost" in r.getMessage()]
+        assert len(lost) == 1 and "NoPermissionError" in lost[0].getMessage()
+        assert not [r for r in caplog.records if "connection back" in r.getMessage()]
+        wait_for(lambda: b.stats()["connected"])
+        later = a.hub("load").publish("m2")
+        wait_for(lambda: later.id in reader.ids())
+        back = [r for r in caplog.records if "connection back" in r.getMessage()]
+        assert len(back) == 1
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_channel_record_made_by_a_read_expires(redis_server: RedisServer) -> None:
+    # Reads of names nobody publishes on (client-chosen room names) must not
+    # grow Redis without bound.
+    with_ttl = RedisBroker(redis_server.url, ttl=30, **FAST)
+    without = RedisBroker(redis_server.url, **FAST)
+    try:
+        with_ttl.hub("read-ttl").recent()
+        assert 0 < redis_server.command("TTL", "wsgi_detach:{read-ttl}:meta") <= 30
+        cursor = without.hub("read-only").cursor
+        assert 0 < redis_server.command("TTL", "wsgi_detach:{read-only}:meta") <= READ_TTL
+        # The first publish keeps the epoch the read named, and the channel's
+        # own lifetime: none without ttl, ttl with it.
+        assert without.hub("read-only").publish("x").id == cursor.replace("-0", "-1")
+        assert redis_server.command("TTL", "wsgi_detach:{read-only}:meta") == -1
+        with_ttl.hub("read-ttl").publish("x")
+        assert 0 < redis_server.command("TTL", "wsgi_detach:{read-ttl}:log") <= 30
+    finally:
+        with_ttl.close()
+        without.close()
+
+
 def test_an_id_of_another_epoch_gets_its_resync_at_once_on_a_quiet_channel(
     brokers, caplog  # type: ignore[no-untyped-def]
 ) -> None:
@@ -377,6 +660,33 @@ def test_an_id_of_another_epoch_gets_its_resync_at_once_on_a_quiet_channel(
     batch = hub.poll(stale, lambda batch: None)  # a long-poll likewise, at once
     assert batch is not None and batch.resync and batch.reason == "from another epoch"
     assert hub.recent(0).messages == [] and [m.id for m in hub.recent().messages] == [sent.id]
+
+
+def test_ids_the_replica_cannot_place_are_resolved_by_the_caller_not_the_receiver(
+    brokers,
+) -> None:  # type: ignore[no-untyped-def]
+    a, b = brokers
+    hub = b.hub("ids")
+    first = Reader(hub)
+    wait_for(lambda: b.stats()["connected"])
+    a.hub("ids").publish("x", id="app-1")
+    first.wait(1)
+    # Garbage, and ids Redis must place: each subscribe() asks Redis itself
+    # and returns with the catch-up (or resync) queued, so a crowd of them
+    # never holds up the receiver, which delivers every channel's messages.
+    for cursor in ("nope", "abcdef-99", "app-2"):
+        body = DetachedBody(idle_timeout=30)
+        hub.subscribe(body, last_event_id=cursor)
+        assert body.buffered > 0, cursor
+        body.close()
+    bodies = [DetachedBody(idle_timeout=30) for _ in range(100)]
+    for i, body in enumerate(bodies):
+        hub.subscribe(body, last_event_id=f"garbage-{i}")
+        assert body.buffered > 0
+    sent = a.hub("ids").publish("y")
+    wait_for(lambda: sent.id in first.ids())
+    for body in bodies:
+        body.close()
 
 
 def test_a_malformed_notification_is_logged_and_read_from_the_stream(
@@ -467,3 +777,27 @@ def test_without_redis_server_the_tests_skip_unless_required(monkeypatch) -> Non
     monkeypatch.setenv(REQUIRE_ENV, "1")
     with pytest.raises(pytest.fail.Exception, match="WSGI_DETACH_REQUIRE_REDIS=1 requires it"):
         require_redis()
+
+
+def test_a_channel_nobody_uses_leaves_no_hub_and_a_fresh_hub_resumes(brokers) -> None:  # type: ignore[no-untyped-def]
+    """A process that touches many channels once keeps none of them: hubs are held
+    while used (a reference, or followed until ``linger``), then go with their
+    subscription and their history copy; a later ``hub()`` reads the channel afresh."""
+    a, b = brokers
+    for n in range(500):  # reads of channels nobody publishes to
+        assert b.hub(f"junk{n}").recent().messages == []
+    assert len(b._hubs) == 0
+    sent = [a.hub("room").publish({"n": n}) for n in range(3)]
+    reader = Reader(b.hub("room"), last_event_id=sent[0].id)
+    assert [line["id"] for line in reader.wait(2)] == [m.id for m in sent[1:]]
+    wait_for(lambda: b.stats()["channels"] == 1)
+    reader.close()
+    del reader
+    wait_for(lambda: b.stats()["channels"] == 0)  # unsubscribed after the linger
+    gc.collect()  # the closed body and its subscription form a cycle
+    assert len(b._hubs) == 0  # and nothing holds the hub or its replica
+    later = a.hub("room").publish({"n": 3})
+    fresh = Reader(b.hub("room"), last_event_id=sent[2].id)
+    assert [line["id"] for line in fresh.wait(1)] == [later.id]
+    assert b.hub("room").recent().messages[-1].id == later.id
+    fresh.close()

@@ -43,8 +43,8 @@ def chat(request: pytest.FixtureRequest, redis_url: str) -> Iterator[list[int]]:
     """Ports of the processes serving the chat (the same port twice under gunicorn -w 2)."""
     env = {"REDIS_URL": redis_url}
     if request.param == "two-demo-processes":
-        # One takes REDIS_URL, the other the --redis option.
-        with ServerProcess("demo-command", "", env=env) as a, ServerProcess(
+        # One takes --redis alone (REDIS_URL), the other --redis URL.
+        with ServerProcess("demo-command", "", env=env, args=["--redis"]) as a, ServerProcess(
             "demo-command", "", args=["--redis", redis_url]
         ) as b:
             yield [a.port, b.port]
@@ -339,3 +339,42 @@ def test_the_demo_refuses_a_url_that_is_not_redis() -> None:
         "demo: url must start with one of redis://, rediss://, unix://, "
         "got 'http://127.0.0.1:6379'"
     )
+
+
+def test_the_demo_answers_503_when_redis_refuses_a_post(redis: RedisServer) -> None:
+    # Redis full (maxmemory with noeviction): Redis's fault, not the client's.
+    import io
+    from wsgiref.util import setup_testing_defaults
+    from wsgiref.validate import validator
+
+    from wsgi_detach._demo.chat import ChatApp
+
+    chat = ChatApp(redis_url=redis.url)
+    app = validator(chat)
+    body = b'{"nick":"a","text":"hi"}'
+
+    def post() -> tuple[str, bytes]:
+        seen: list[str] = []
+        environ = {
+            "REQUEST_METHOD": "POST", "PATH_INFO": "/api/rooms/full/messages",
+            "CONTENT_TYPE": "application/json", "CONTENT_LENGTH": str(len(body)),
+            "SCRIPT_NAME": "", "QUERY_STRING": "", "wsgi.input": io.BytesIO(body),
+        }
+        setup_testing_defaults(environ)
+        result = app(environ, lambda status, headers, exc_info=None: seen.append(status))
+        try:
+            return seen[0], b"".join(result)
+        finally:
+            result.close()  # type: ignore[attr-defined]
+
+    try:
+        assert post()[0] == "201 Created"
+        redis.command("CONFIG", "SET", "maxmemory", "1")
+        try:
+            status, answer = post()
+        finally:
+            redis.command("CONFIG", "SET", "maxmemory", "0")
+        assert status == "503 Service Unavailable"
+        assert b"maxmemory" in answer
+    finally:
+        chat._broker.close()  # type: ignore[union-attr]

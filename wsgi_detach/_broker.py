@@ -58,6 +58,7 @@ import os
 import random
 import secrets
 import time
+import weakref
 from collections import deque
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Callable, Final
@@ -81,7 +82,7 @@ from ._broadcast import (
     _resync_chunk,
     _run,
 )
-from ._errors import BodyClosed, BrokerUnavailable, BufferFull
+from ._errors import BodyClosed, BrokerRefused, BrokerUnavailable, BufferFull
 from ._sse import EventStream, check_fields
 from ._wakeup import allocate_lock, spawn_greenlet, start_real_thread
 
@@ -102,6 +103,9 @@ _HEX: Final = frozenset("0123456789abcdef")
 _TICK: Final = 0.05
 #: How often the receiver looks for channels that lost their last local user.
 _SCAN: Final = 1.0
+#: Most subscribers whose id the receiver asks Redis about per turn (one or
+#: two round trips each); the rest wait for its next turn, after a read.
+_RESOLVE_PER_TURN: Final = 32
 
 _NOT_YET: Final[Any] = object()  # a resolve that needs the replica (or Redis) to catch up
 
@@ -176,7 +180,7 @@ class ChannelHub(Hub):
         count = self._size if n is None else min(n, self._size)
         head = self._broker._link().read(self.channel, None, max(count, 1))
         records = head.records[-count:] if count else []
-        return Batch([_message(r) for r in records], f"{head.epoch}-{head.seq}")
+        return Batch(_readables(records, self.channel), f"{head.epoch}-{head.seq}")
 
     def since(self, cursor: str | int | None) -> Batch:
         if cursor is not None and not isinstance(cursor, str):
@@ -211,6 +215,9 @@ class ChannelHub(Hub):
         Raises:
             BrokerUnavailable: Redis did not answer within the broker's bound
                 (``maybe_applied`` says whether it may have published).
+            BrokerRefused: Redis answered with an error (out of memory, a
+                read-only replica, still loading): a :class:`BrokerUnavailable`
+                too, with Redis's ``reply``.
             TypeError, ValueError: as :meth:`Hub.publish`; an ``id`` still in
                 the channel's history is refused by Redis, atomically.
         """
@@ -234,6 +241,10 @@ class ChannelHub(Hub):
         Raises:
             BrokerUnavailable: as :meth:`publish`; with ``maybe_applied``
                 True, any prefix of the batch may have been published.
+            BrokerRefused: Redis refused some items (out of memory midway,
+                say): its ``published`` has one entry per item, the
+                :class:`~wsgi_detach.Message` of each published one and
+                ``None`` for the others, so that a retry sends only those.
             TypeError, ValueError: a bad ``event``, or an item that is
                 neither a str nor JSON-serialisable (before anything is sent).
         """
@@ -245,7 +256,15 @@ class ChannelHub(Hub):
         ]
         if not texts:
             return []
-        records = self._broker._link().publish_many(self.channel, texts, event=event)
+        try:
+            records = self._broker._link().publish_many(self.channel, texts, event=event)
+        except BrokerRefused as exc:
+            if exc.published is not None:
+                exc.published = [
+                    None if record is None else _message(record, d)
+                    for record, d in zip(exc.published, data)
+                ]
+            raise
         return [_message(record, d) for record, d in zip(records, data)]
 
     def comment(self, text: str = "") -> int:
@@ -282,9 +301,25 @@ class ChannelHub(Hub):
             settled = self._synced and self._settle_locked(sub, pending)
             if not settled:
                 self._pending[sub] = pending
+            # A replica in sync that cannot place the id (an id of the
+            # application's older than it, of another epoch, or garbage):
+            # Redis says where it resumes, asked here, in the caller, so that
+            # many such ids cost their requests a round trip each, not the
+            # receiver (and every channel's delivery) a round trip per id.
+            ask_here = not settled and self._synced and bool(last_event_id)
+        if ask_here:
+            try:
+                self._resolve_remote([sub])
+            except BrokerUnavailable:
+                pass  # the receiver asks once Redis is back
+            with self._lock:
+                held = self._pending.get(sub)
+                if held is not None and self._synced and self._settle_locked(sub, held):
+                    del self._pending[sub]
+                settled = sub not in self._pending
         if not settled:
             self._broker._settle_soon(self)  # the receiver asks Redis where it resumes
-        self._broker._follow()
+        self._broker._follow(self)
         body.on_close(sub.cancel)
         self._end_unserved()
         return sub
@@ -312,7 +347,7 @@ class ChannelHub(Hub):
                 return batch
         with self._lock:
             self._polls[callback] = cursor
-        self._broker._follow()
+        self._broker._follow(self)
         return None
 
     def disconnect_all(self) -> int:
@@ -432,7 +467,12 @@ class ChannelHub(Hub):
         first = head.records[0].seq if head.records else head.seq + 1
         if first != seq + 1:
             return Batch([], now, True, TOO_OLD)  # trimmed
-        return Batch([_message(r) for r in head.records], now)
+        if head.records and head.records[-1].seq < head.seq:
+            # More than one read's worth (another process keeps a longer
+            # stream): the cursor is the last one returned, not the head, so
+            # that the next call gets the rest.
+            now = f"{head.epoch}-{head.records[-1].seq}"
+        return Batch(_readables(head.records, self.channel), now)
 
     def _remote_seq(self, cursor: str) -> tuple[str, int] | str:
         """Where ``cursor`` resumes according to Redis: (epoch, seq), or why it cannot."""
@@ -441,16 +481,19 @@ class ChannelHub(Hub):
             return UNKNOWN_ID
         head = link.read(self.channel, None, 1)
         epoch, dash, digits = cursor.rpartition("-")
-        if dash and _is_seq(digits) and len(epoch) == 6 and _HEX.issuperset(epoch):
-            if epoch != head.epoch:
-                return OTHER_EPOCH
+        is_ours = dash and _is_seq(digits) and len(epoch) == 6 and _HEX.issuperset(epoch)
+        if is_ours and epoch == head.epoch:
             seq = int(digits)
             return (epoch, seq) if seq <= head.seq else UNKNOWN_ID
         # The ids hash is emptied with every new epoch: an id found there
         # belongs to this epoch or a later one (then the check at settling,
-        # against the replica's epoch, turns it into a resync).
+        # against the replica's epoch, turns it into a resync). It is looked
+        # up even for an id shaped like ours (<6 hex digits>-<n>) of another
+        # epoch: the application may have chosen it.
         found = link.seq_of(self.channel, cursor)
-        return UNKNOWN_ID if found is None else (head.epoch, found)
+        if found is not None:
+            return (head.epoch, found)
+        return OTHER_EPOCH if is_ours else UNKNOWN_ID
 
     # -- called by the receiver only (its greenlet or thread), never under a lock
 
@@ -512,43 +555,47 @@ class ChannelHub(Hub):
         self._subscribers[sub] = None
         self._after[sub] = self._r_seq
 
-    def _apply(self, epoch: str, seq: int, records: list[Record], *, complete: bool) -> None:
+    def _apply(
+        self,
+        epoch: str,
+        seq: int,
+        records: list[Record],
+        *,
+        restart: bool = False,
+        reason: str | None = None,
+    ) -> None:
         """Bring the replica to (``epoch``, ``seq``) with ``records`` and deliver what is new.
 
-        ``complete``: the records reach back to the replica's end (or this is
-        the first fill); otherwise the replica starts afresh, and the local
-        subscribers get a resync.
+        By default ``records`` continue the replica. ``restart``: the replica
+        starts afresh from them (the latest history), with nobody here yet to
+        deliver to. ``reason``: the stream no longer continues the replica
+        (Redis lost the channel, or trimmed what this process had not read);
+        the replica starts afresh just before ``records``, the local
+        subscribers get a resync with that cursor, then ``records``.
         """
         fresh: list[Message] = []
-        resync_reason: str | None = None
         with self._lock:
-            first = not self._r_epoch
-            if epoch != self._r_epoch or not complete:
-                if not first:
-                    resync_reason = OTHER_EPOCH if epoch != self._r_epoch else TOO_OLD
+            if restart or reason is not None:
                 self._replica.clear()
                 self._given.clear()
                 self._r_epoch = epoch
-                for record in records:
-                    self._keep_locked(_message(record))
-                self._r_seq = seq
-            else:
-                for record in records:
-                    if record.seq <= self._r_seq:
-                        continue  # a duplicate
-                    message = _message(record)
+                self._r_seq = records[0].seq - 1 if records else seq
+                if reason is not None:
+                    for sub in list(self._subscribers):
+                        self._resync_locked(sub, isinstance(sub.body, EventStream), reason)
+            for record in records:
+                if record.seq <= self._r_seq:
+                    continue  # a duplicate
+                self._r_seq = record.seq
+                message = _readable(record, self.channel)
+                if message is not None:
                     self._keep_locked(message)
-                    self._r_seq = record.seq
                     fresh.append(message)
-                self._r_seq = max(self._r_seq, seq)
+            self._r_seq = max(self._r_seq, seq)
             self._synced = True
-            if resync_reason is not None:
-                for sub in list(self._subscribers):
-                    is_sse = isinstance(sub.body, EventStream)
-                    self._resync_locked(sub, is_sse, resync_reason)
             subscribers = [(sub, self._after.get(sub, 0)) for sub in self._subscribers]
         self._end_unserved()
-        if fresh:
+        if fresh and subscribers:
             self._deliver_many(fresh, subscribers)
 
     def _keep_locked(self, message: Message) -> None:
@@ -604,11 +651,20 @@ class ChannelHub(Hub):
             _end_unserved(body, full)
 
     def _unsync_if_idle(self) -> bool:
-        """Stop following the channel if nobody here needs it; True if stopped."""
+        """Stop following the channel if nobody here needs it; True if stopped.
+
+        The replica goes with it: unfollowed it would only go stale, and a
+        process that knows many channels must not keep a history copy of each.
+        Followed again, the channel is read afresh from Redis (one read).
+        """
         with self._lock:
             if self._local_users():
                 return False
             self._synced = False
+            self._replica.clear()
+            self._given.clear()
+            self._r_epoch = ""
+            self._r_seq = 0
             return True
 
     def _unsync(self) -> None:
@@ -616,10 +672,81 @@ class ChannelHub(Hub):
             self._synced = False
 
 
+#: Entries read per round trip when a gap is filled.
+_PAGE: Final = 1000
+#: The most entries one gap fill delivers (a process that was away that long
+#: gets a resync and the latest history instead): bounds the memory and the
+#: time the receiver spends on one channel.
+_MAX_GAP: Final = 100 * _PAGE
+
+
+def _read_gap(
+    link: Link, channel: str, epoch: str, seq: int, size: int
+) -> tuple[str, int, list[Record], str | None]:
+    """Everything the stream holds after (``epoch``, ``seq``): epoch, last seq, records, reason.
+
+    ``reason`` is None when the records continue from ``seq``; otherwise why
+    they do not (the subscribers get a resync first): OTHER_EPOCH when Redis
+    lost the channel (the new epoch's stream is read from its start), TOO_OLD
+    when it trimmed entries not read yet, or the gap is beyond ``_MAX_GAP``
+    (then the latest ``size`` records).
+    """
+    reason: str | None = None
+    for _ in range(3):  # a channel lost again while it is read: start over
+        head = link.read(channel, seq, _PAGE)
+        if head.epoch != epoch:
+            epoch, seq, reason = head.epoch, 0, OTHER_EPOCH
+            head = link.read(channel, 0, _PAGE)
+            if head.epoch != epoch:
+                continue
+        records = list(head.records)
+        if (records[0].seq if records else head.seq + 1) != seq + 1:
+            reason = reason or TOO_OLD  # trimmed before this process read it
+        last = head.seq
+        while records and records[-1].seq < last:
+            if len(records) >= _MAX_GAP:
+                head = link.read(channel, None, size)
+                if head.epoch != epoch:
+                    break
+                return epoch, head.seq, head.records, reason or TOO_OLD
+            page = link.read(channel, records[-1].seq, _PAGE)
+            if page.epoch != epoch:
+                break
+            if not page.records or page.records[0].seq != records[-1].seq + 1:
+                records, reason = page.records, reason or TOO_OLD  # trimmed while read
+            else:
+                records.extend(page.records)
+            last = page.seq
+        else:
+            return epoch, last, records, reason
+    raise BrokerUnavailable(f"Redis lost channel {channel!r} again and again while it was read")
+
+
 def _is_seq(digits: str) -> bool:
     return 0 < len(digits) <= 19 and digits.isascii() and digits.isdigit() and (
         digits[0] != "0" or digits == "0"
     )
+
+
+def _readable(record: Record, channel: str) -> Message | None:
+    """The record's message, or None (logged) for an entry whose text is not the JSON it claims.
+
+    Our publish script writes only valid entries; a bad one was written by
+    something else. It is skipped, never retried: reading it again would
+    fail again.
+    """
+    try:
+        return _message(record)
+    except ValueError as exc:
+        log.error(
+            "skipped message %s-%s of channel %r: its text is not JSON (%s)",
+            record.epoch, record.seq, channel, exc,
+        )
+        return None
+
+
+def _readables(records: list[Record], channel: str) -> list[Message]:
+    return [m for m in (_readable(r, channel) for r in records) if m is not None]
 
 
 def _message(record: Record, data: Any = _NOT_YET) -> Message:
@@ -656,7 +783,11 @@ class RedisBroker:
         url: ``redis://``, ``rediss://`` or ``unix://`` URL; default: the
             ``REDIS_URL`` environment variable.
         history: messages kept per channel, in Redis's stream and in each
-            process's replica: how far back a client can resume.
+            process's replica: how far back a client can resume. Give every
+            process the same: the stream keeps what its latest publisher
+            asked for (a setting changed in a deployment takes effect at
+            once). A process whose history is shorter still delivers every
+            message after a reconnection; only its replay reaches less far.
         ttl: seconds after a channel's last publish when Redis forgets it
             (its next id then has a new epoch); ``None``: never.
         prefix: the first part of every Redis key and channel name.
@@ -669,11 +800,15 @@ class RedisBroker:
             :class:`~wsgi_detach.BrokerUnavailable` within
             ``connect_timeout + 3 * socket_timeout`` (the pool's wait, one
             round trip, and one more when a restarted Redis no longer knows
-            the script).
+            the script), plus the name lookup of a host name in ``url``,
+            which the system's resolver bounds, not us.
         pool_size: most publishing connections per process at once.
         probe_interval: seconds between the receiver's loop-back probes.
-        probe_timeout: seconds a probe may take before the receiving
-            connection is declared dead and replaced.
+        probe_timeout: seconds the receiver may wait on its connection for
+            a probe to come back before the connection is declared dead and
+            replaced. Only the time spent waiting counts, not the time spent
+            handing messages to subscribers: a receiver busy with a burst is
+            behind (``lag_ms`` says how far), not deaf.
         backoff_max: the cap of the receiver's reconnection backoff, in seconds.
         linger: seconds a process keeps following a channel after its last
             local subscriber left. 10 s: long-poll clients leave between
@@ -716,6 +851,8 @@ class RedisBroker:
         ):
             if not isinstance(seconds, (int, float)) or not seconds > 0:
                 raise ValueError(f"{name} must be a positive number of seconds, got {seconds!r}")
+        if not isinstance(prefix, str) or "{" in prefix or "}" in prefix or "\n" in prefix:
+            raise ValueError(f"prefix must be a one-line str without '{{' or '}}', got {prefix!r}")
         if ttl is not None and not ttl > 0:
             raise ValueError(f"ttl must be a positive number of seconds or None, got {ttl!r}")
         try:
@@ -741,7 +878,12 @@ class RedisBroker:
         self.backoff_max = float(backoff_max)
         self.linger = float(linger)
         self._lock = allocate_lock()
-        self._hubs: dict[str, ChannelHub] = {}
+        # Hubs are held weakly here: a hub lives while the application holds
+        # it or this process follows its channel (``_held``, until ``linger``
+        # after its last local user). A process that touches many channels
+        # once (a read of each) keeps none of them.
+        self._hubs: weakref.WeakValueDictionary[str, ChannelHub] = weakref.WeakValueDictionary()
+        self._held: dict[str, ChannelHub] = {}  # channels followed, or asked to be
         self._unsettled: set[str] = set()  # channels with pending subscribers to place
         self._dirty = False  # a channel may want following: the receiver looks now
         self._pid = 0
@@ -749,10 +891,27 @@ class RedisBroker:
         self._receiver: _Receiver | None = None
 
     def hub(self, channel: str) -> ChannelHub:
-        """The hub of ``channel`` in this broker (the same object for the same name)."""
-        if not isinstance(channel, str) or not channel or "\n" in channel or len(channel) > 200:
+        """The hub of ``channel`` in this broker (the same object for the same name).
+
+        The broker keeps a hub only while something uses it: the application
+        holds a reference, or this process follows the channel (a local
+        subscriber or long-poll, and ``linger`` seconds after the last one).
+        Then the hub, its receiving subscription and its local copy of the
+        history go away, and a later ``hub(channel)`` makes a fresh one that
+        reads the channel from Redis: ids and cursors stay valid across that.
+        """
+        # Braces are refused: the channel is its keys' {hash tag}, which ends
+        # at the first "}", so every key of a channel shares one Cluster slot.
+        if (
+            not isinstance(channel, str)
+            or not 0 < len(channel) <= 200
+            or "\n" in channel
+            or "{" in channel
+            or "}" in channel
+        ):
             raise ValueError(
-                f"channel must be a one-line str of 1 to 200 characters, got {channel!r}"
+                "channel must be a one-line str of 1 to 200 characters without '{' or '}', "
+                f"got {channel!r}"
             )
         with self._lock:
             hub = self._hubs.get(channel)
@@ -765,7 +924,9 @@ class RedisBroker:
     def stats(self) -> dict[str, Any]:
         """Whether the receiver is connected, and how far behind it is (this process).
 
-        ``connected``; ``channels`` followed; ``reconnects`` so far;
+        ``connected``: the receiving connection is up and proved healthy
+        (its loop-back probe came back, after the channels' reads);
+        ``channels`` followed; ``reconnects`` so far;
         ``last_error``; ``lag_ms``: the last loop-back probe's round trip
         (a probe waits behind every message already on its way, so it
         measures how far behind the receiver is); ``probe_age_s``: how long
@@ -805,8 +966,13 @@ class RedisBroker:
                 link = self._link_
         return link
 
-    def _follow(self) -> None:
-        """Make sure this process's receiver runs, and looks for channels to follow at once."""
+    def _follow(self, hub: ChannelHub) -> None:
+        """Make sure this process's receiver runs, and looks for channels to follow at once.
+
+        ``hub`` has a new local user: it is held until the receiver lets it go.
+        """
+        with self._lock:
+            self._held[hub.channel] = hub
         self._link()
         self._dirty = True
         receiver = self._receiver
@@ -825,7 +991,13 @@ class RedisBroker:
     def _take_unsettled(self) -> list[ChannelHub]:
         with self._lock:
             names, self._unsettled = self._unsettled, set()
-            return [self._hubs[name] for name in names]
+            hubs = [self._hubs.get(name) for name in names]
+            return [hub for hub in hubs if hub is not None]
+
+    def _let_go(self, name: str) -> None:
+        """The receiver no longer follows ``name``: the hub lives on only if someone holds it."""
+        with self._lock:
+            self._held.pop(name, None)
 
     def _channels(self) -> list[ChannelHub]:
         with self._lock:
@@ -895,7 +1067,11 @@ class _Receiver:
             for hub in self._broker._channels():
                 hub._unsync()
             if self.connected:
-                delay = 0.05  # it had worked: this is a new outage, start the backoff afresh
+                # The session had proved healthy (its probe came back, after its
+                # refills): this is a new outage, so the backoff starts afresh.
+                # A session that failed before that (Redis still loading, a
+                # command refused) keeps backing off.
+                delay = 0.05
             if self.last_error is None:  # once per outage, not once per attempt
                 log.warning(
                     "Redis receiving connection lost (%s); reconnecting with backoff", error
@@ -922,43 +1098,60 @@ class _Receiver:
             self._next_scan = 0.0
             probe_token: str | None = None
             probe_sent = 0.0
+            probe_waited = 0.0  # seconds spent waiting for a push since the probe was sent
             next_probe = time.monotonic() + broker.probe_interval
             while self._running:
                 self._resubscribe(conn, link, followed)
-                for hub in broker._take_unsettled():
-                    self._settle(hub)
+                self._settle_unsettled()  # not a loop here: its variable would hold a hub
+                before = time.monotonic()
                 push = conn.read(_TICK)
-                if push is not None:
+                if push is None:
+                    # The probe's deadline counts the time spent waiting for the
+                    # connection, not the time spent handing messages out: a
+                    # busy receiver (a burst to many subscribers) is behind,
+                    # not deaf, and reconnecting would only make it more so.
+                    probe_waited += time.monotonic() - before
+                else:
                     kind, name, payload = push
                     if kind == "message" and name == self._probe:
                         if probe_token is not None and payload.decode() == probe_token:
                             self.lag_ms = (time.monotonic() - probe_sent) * 1000
                             self._probed_at = time.monotonic()
                             probe_token = None
+                            if not self.connected:
+                                self._healthy(link)
                     elif kind == "message":
                         self._on_message(link, name, payload)
                     elif kind == "subscribe" and name == self._probe:
-                        if self.last_error is not None:
-                            log.warning("Redis receiving connection back (%s)", link.url)
-                        else:
-                            log.info("Redis receiving connection up (%s)", link.url)
-                        self.connected = True
-                        self.last_error = None
+                        # The first probe at once: its return (after the
+                        # refills of the channels subscribed before it) is
+                        # what proves the session healthy.
+                        next_probe = time.monotonic()
                     elif kind == "subscribe":
                         self._refill(link, name)
                 now = time.monotonic()
-                if probe_token is not None and now - probe_sent > broker.probe_timeout:
+                if probe_token is not None and probe_waited > broker.probe_timeout:
                     raise BrokerUnavailable(
                         f"the loop-back probe did not come back within {broker.probe_timeout}s"
                     )
                 if probe_token is None and now >= next_probe:
                     probe_token = secrets.token_hex(4)
                     probe_sent = now
+                    probe_waited = 0.0
                     next_probe = now + broker.probe_interval
                     if link.publish_probe(self._probe, probe_token) < 1:
                         raise BrokerUnavailable("Redis lost this process's subscription")
         finally:
             conn.close()
+
+    def _healthy(self, link: Link) -> None:
+        """The session's first probe came back: connected, logged once per transition."""
+        if self.last_error is not None:
+            log.warning("Redis receiving connection back (%s)", link.url)
+        else:
+            log.info("Redis receiving connection up (%s)", link.url)
+        self.connected = True
+        self.last_error = None
 
     def _resubscribe(self, conn: Subscriber, link: Link, followed: set[str]) -> None:
         """SUBSCRIBE the channels with local users, UNSUBSCRIBE those without.
@@ -972,6 +1165,8 @@ class _Receiver:
             return
         self._broker._dirty = False
         self._next_scan = now + _SCAN
+        with self._broker._lock:  # before ``wanted``: a hub is held only after its user is in
+            held = set(self._broker._held)
         wanted = {hub.channel: hub for hub in self._broker._channels() if hub._local_users()}
         for name in wanted.keys() - followed:
             conn.send("SUBSCRIBE", link.notify_channel(name))
@@ -983,23 +1178,35 @@ class _Receiver:
                 conn.send("UNSUBSCRIBE", link.notify_channel(name))
                 followed.discard(name)
                 del idle[name]
+                self._broker._let_go(name)
         for name in wanted.keys() & idle.keys():
             del idle[name]
+        # Asked to be followed, but its users left first (or the connection was lost).
+        for name in held - followed - wanted.keys():
+            self._broker._let_go(name)
 
     def _refill(self, link: Link, notify_channel: str) -> None:
-        """Subscribed (again): read what the replica lacks from the stream, then settle."""
+        """Subscribed (again), or a gap: read what the replica lacks from the stream, then settle.
+
+        Everything after the last seq delivered here is read (in pages), not
+        just this process's ``history``: another process may keep a longer
+        stream, and its messages must not be skipped. If the stream no longer
+        holds them (trimmed, or Redis lost the channel), the subscribers get
+        a resync, then whatever the stream holds from there.
+        """
         name = link.channel_of(notify_channel)
         if name is None:
             return
         hub = self._broker.hub(name)
         with hub._lock:
-            epoch, seq = hub._r_epoch, hub._r_seq
-        head = link.read(name, seq if epoch else None, hub._size)
-        complete = not epoch or (
-            head.epoch == epoch
-            and (head.seq == seq or (bool(head.records) and head.records[0].seq == seq + 1))
-        )
-        hub._apply(head.epoch, head.seq, head.records, complete=complete)
+            epoch, seq, followed = hub._r_epoch, hub._r_seq, bool(hub._subscribers)
+        if not epoch or not followed:
+            # Nobody here to deliver to: the replica is the latest history.
+            head = link.read(name, None, hub._size)
+            hub._apply(head.epoch, head.seq, head.records, restart=True)
+        else:
+            epoch, seq, records, reason = _read_gap(link, name, epoch, seq, hub._size)
+            hub._apply(epoch, seq, records, reason=reason)
         self._settle(hub)
 
     def _on_message(self, link: Link, notify_channel: str, payload: bytes) -> None:
@@ -1022,14 +1229,21 @@ class _Receiver:
         if record.epoch == epoch and record.seq <= seq:
             return  # a duplicate
         if record.epoch == epoch and record.seq == seq + 1:
-            hub._apply(epoch, record.seq, [record], complete=True)
+            hub._apply(epoch, record.seq, [record])
         else:  # a gap (a missed notification) or a new epoch: read it from the stream
             self._refill(link, notify_channel)
             return
         self._settle(hub)
 
+    def _settle_unsettled(self) -> None:
+        for hub in self._broker._take_unsettled():
+            self._settle(hub)
+
     def _settle(self, hub: ChannelHub) -> None:
         ask = hub._settle()
         if ask:
-            hub._resolve_remote(ask)
+            # Bounded per turn: the receiver goes on reading between batches.
+            hub._resolve_remote(ask[:_RESOLVE_PER_TURN])
+            if len(ask) > _RESOLVE_PER_TURN:
+                self._broker._settle_soon(hub)
             hub._settle()

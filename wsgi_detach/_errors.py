@@ -33,12 +33,14 @@ This module imports nothing of ours.
 from __future__ import annotations
 
 import errno
+from typing import Any
 
 __all__ = [
     "BodyAborted",
     "BodyClosed",
     "BodyEnded",
     "BodyTimeout",
+    "BrokerRefused",
     "BrokerUnavailable",
     "BufferFull",
     "DetachError",
@@ -166,3 +168,36 @@ class BrokerUnavailable(DetachError):
     def __init__(self, message: str, *, maybe_applied: bool = False) -> None:
         super().__init__(message)
         self.maybe_applied = maybe_applied
+
+
+class BrokerRefused(BrokerUnavailable):
+    """Redis answered, but refused the command.
+
+    Who caused it: the broker's state or configuration, not the caller nor the
+    network: Redis is out of memory (``maxmemory`` with ``noeviction``), is a
+    read-only replica (after a failover), is still loading its data after a
+    restart, or cannot persist (``MISCONF``). A :class:`BrokerUnavailable`,
+    so code that catches that one (the chat demo's 503) handles this one too.
+
+    Attributes:
+        reply: Redis's error reply, e.g. ``"OOM command not allowed when used
+            memory > 'maxmemory'."``.
+        maybe_applied: False when Redis refused before running anything (the
+            refusals above); True for an error Redis hit while running the
+            publish script, which may have written part of it.
+        published: for ``publish_many()``, one entry per item, in order: its
+            :class:`~wsgi_detach.Message` if Redis published it, ``None`` if
+            it did not (retry those only). ``None`` for a single publish.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        reply: str,
+        maybe_applied: bool = False,
+        published: list[Any] | None = None,
+    ) -> None:
+        super().__init__(message, maybe_applied=maybe_applied)
+        self.reply = reply
+        self.published = published

@@ -39,17 +39,45 @@ from typing import Any, Final, NamedTuple
 
 import redis
 from redis.backoff import NoBackoff
+from redis.exceptions import (
+    BusyLoadingError,
+    MasterDownError,
+    NoScriptError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    ResponseError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
-from ._errors import BrokerUnavailable
+from ._errors import BrokerRefused, BrokerUnavailable
 
 __all__ = ["Link", "Record", "Subscriber"]
 
 #: What a failed network step raises in redis-py: the connection is then unusable.
 _NETWORK_ERRORS: Final = (RedisConnectionError, RedisTimeoutError, OSError)
+
+#: Error replies with which Redis refuses a command before it writes anything:
+#: out of memory (in the publish script, at its first write: HINCRBY, or DEL
+#: for a new epoch), a read-only replica, loading its data, a replica without
+#: its master, an unknown script. redis-py raises its own class for each and
+#: strips the code from the text; the rest keep their code.
+_REFUSED_CLASSES: Final = (
+    OutOfMemoryError, ReadOnlyError, BusyLoadingError, MasterDownError, NoScriptError,
+)
+_REFUSED_CODES: Final = ("MISCONF", "BUSY", "NOREPLICAS")
+
+
+def refused(what: str, where: str, error: ResponseError) -> BrokerRefused:
+    """The :class:`BrokerRefused` for an error reply of Redis's."""
+    reply = str(error)
+    before = isinstance(error, _REFUSED_CLASSES) or reply.startswith(_REFUSED_CODES)
+    return BrokerRefused(
+        f"{what}: Redis at {where} refused ({type(error).__name__}): {reply}",
+        reply=reply,
+        maybe_applied=not before,
+    )
 
 # The publish script. KEYS: meta, log, ids. ARGV: notify channel, maxlen,
 # ttl (s, 0: none), a fresh epoch (used only if meta is missing), the
@@ -82,6 +110,8 @@ if ttl > 0 then
   redis.call('EXPIRE', KEYS[1], ttl)
   redis.call('EXPIRE', KEYS[2], ttl)
   redis.call('EXPIRE', KEYS[3], ttl)
+elseif seq == 1 then
+  redis.call('PERSIST', KEYS[1])
 end
 redis.call('PUBLISH', ARGV[1], table.concat(
   {epoch, seq, id, ARGV[6], ARGV[7], ARGV[8], ARGV[9]}, '\\n'))
@@ -92,13 +122,17 @@ return {'ok', epoch, seq}
 # seq (ARGV[1] >= 0: XRANGE from there; -1: the last ARGV[2] entries), all
 # in one atomic step, so that the entries belong to the epoch returned.
 # A missing meta is created with the fresh epoch ARGV[3], so that "now" has
-# a name before the first publish. KEYS: meta, log, ids.
+# a name before the first publish, and it expires after ARGV[4] seconds
+# unless a publish comes (which sets the channel's own ttl, or none): reads
+# of names nobody publishes on (client-chosen room names) must not grow Redis
+# without bound. KEYS: meta, log, ids.
 _READ: Final = """
 local epoch = redis.call('HGET', KEYS[1], 'epoch')
 if not epoch then
   epoch = ARGV[3]
   redis.call('DEL', KEYS[2], KEYS[3])
   redis.call('HSET', KEYS[1], 'epoch', epoch, 'seq', 0)
+  redis.call('EXPIRE', KEYS[1], ARGV[4])
 end
 local seq = redis.call('HGET', KEYS[1], 'seq')
 local after = tonumber(ARGV[1])
@@ -110,6 +144,13 @@ else
 end
 return {epoch, seq, entries}
 """
+
+
+#: Seconds a channel record made by a read (no publish yet) is kept when the
+#: broker has no ``ttl``: a day, far longer than a client waits for a first
+#: message in practice; if it expires first, that client gets a resync at the
+#: first message (an id of another epoch), never a wrong replay.
+READ_TTL: Final = 86400
 
 
 class Record(NamedTuple):
@@ -228,10 +269,17 @@ class Link:
     # ------------------------------------------------------------------ commands
 
     def _run(self, what: str, *args: Any) -> Any:
-        """One command on a pooled connection; never retried. See :meth:`_run_many`."""
+        """One command on a pooled connection; never retried. See :meth:`_run_many`.
+
+        Raises:
+            NoScriptError: for EVALSHA of a script Redis does not know.
+            BrokerRefused: any other error reply.
+        """
         (reply,) = self._run_many(what, [args])
-        if isinstance(reply, ResponseError):
+        if isinstance(reply, NoScriptError):
             raise reply
+        if isinstance(reply, ResponseError):
+            raise refused(what, self._where(), reply) from reply
         return reply
 
     def _run_many(self, what: str, commands: list[tuple[Any, ...]]) -> list[Any]:
@@ -335,31 +383,55 @@ class Link:
 
         Each is its own run of the publish script (numbered, appended and
         notified atomically), sent back to back on one connection.
+
+        Raises:
+            BrokerUnavailable: see :meth:`_run_many`.
+            BrokerRefused: Redis refused some of them (out of memory midway,
+                say); its ``published`` holds one record per item, None for
+                those not published.
         """
         keys = self._keys(channel)
 
-        def commands(sha: str) -> list[tuple[Any, ...]]:
+        def commands(sha: str, which: list[int]) -> list[tuple[Any, ...]]:
             return [
                 ("EVALSHA", sha, len(keys), *keys, self.notify_channel(channel), self._maxlen,
-                 self._ttl, secrets.token_hex(3), "", event or "", "1" if is_json else "0", "",
-                 text)
-                for text, is_json in items
+                 self._ttl, secrets.token_hex(3), "", event or "", "1" if items[i][1] else "0",
+                 "", items[i][0])
+                for i in which
             ]
 
-        sha = self._load(_PUBLISH)
-        replies = self._run_many("publish", commands(sha))
-        if any(isinstance(reply, NoScriptError) for reply in replies):
-            # Redis restarted between the load and the batch: none of it ran
-            # (a restart ends the connection first), so the batch is sent again.
+        replies: list[Any] = [None] * len(items)
+        todo = list(range(len(items)))
+        for _ in range(2):
+            sha = self._load(_PUBLISH)
+            for i, reply in zip(todo, self._run_many("publish", commands(sha, todo))):
+                replies[i] = reply
+            # Redis forgot the script (a restart, SCRIPT FLUSH) before these
+            # ran: they did not run, so they, and only they, are sent again.
+            todo = [i for i in todo if isinstance(replies[i], NoScriptError)]
+            if not todo:
+                break
             self._sha.pop(_PUBLISH, None)
-            replies = self._run_many("publish", commands(self._load(_PUBLISH)))
-        records = []
+        records: list[Record | None] = []
+        error: ResponseError | None = None
         for reply, (text, is_json) in zip(replies, items):
             if isinstance(reply, ResponseError):
-                raise reply
-            epoch, seq = _text(reply[1]), int(reply[2])
-            records.append(Record(epoch, seq, "", event or "", is_json, None, text))
-        return records
+                error = error or reply
+                records.append(None)
+            else:
+                epoch, seq = _text(reply[1]), int(reply[2])
+                records.append(Record(epoch, seq, "", event or "", is_json, None, text))
+        if error is not None:
+            exc = refused("publish", self._where(), error)
+            done = sum(record is not None for record in records)
+            exc.args = (f"{exc.args[0]} ({done} of {len(items)} published)",)
+            exc.published = records
+            exc.maybe_applied = any(
+                isinstance(reply, ResponseError) and refused("", "", reply).maybe_applied
+                for reply in replies
+            )
+            raise exc from error
+        return [record for record in records if record is not None]
 
     def _load(self, source: str) -> str:
         sha = self._sha.get(source)
@@ -379,6 +451,7 @@ class Link:
             -1 if after is None else after,
             count,
             secrets.token_hex(3),
+            self._ttl or READ_TTL,
         )
         epoch = _text(reply[0])
         records = [_record(epoch, entry) for entry in reply[2]]
@@ -443,7 +516,7 @@ class Subscriber:
             self._conn.disconnect()
             raise BrokerUnavailable(f"receiving connection: {exc}") from exc
         except ResponseError as exc:
-            raise BrokerUnavailable(f"receiving connection: Redis said {exc}") from exc
+            raise refused("receiving connection", self._link._where(), exc) from exc
         kind = _text(reply[0])
         payload = reply[2] if len(reply) > 2 else b""
         return kind, _text(reply[1]), payload if isinstance(payload, bytes) else b""
