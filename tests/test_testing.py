@@ -246,6 +246,15 @@ def test_a_stalled_small_buffer_client_holds_up_a_small_send_buffer_server_at_ki
             stream.reset()
 
 
+def test_a_bad_send_buffer_is_refused_where_it_is_given() -> None:
+    with pytest.raises(ValueError, match=r"send_buffer must be a number of bytes >= 0, got -1"):
+        with serve(kit_apps.app, "wsgiref", send_buffer=-1):
+            pass
+    with pytest.raises(ValueError, match=r"send_buffer is not available on gunicorn"):
+        with serve("tests.kit_apps:app", "gunicorn-gthread", send_buffer=4096):
+            pass
+
+
 def test_a_subprocess_whose_server_fails_before_listening_fails_at_once(tmp_path: Path) -> None:
     """The error is in the message at once, not after the start timeout and a SIGKILL."""
     (tmp_path / "waitress.py").write_text('raise ImportError("no waitress here")\n')

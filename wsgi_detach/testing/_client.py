@@ -44,7 +44,7 @@ CLIENT_ID_HEADER = "X-Wsgi-Detach-Testing-Id"
 
 #: The receive buffer of a stream opened with ``small_buffer=True`` (Linux
 #: doubles it). It bounds only the client's side: the server's send buffer
-#: grows by itself to megabytes on loopback (about 3 MiB is written to a
+#: grows by itself to megabytes on loopback (about 2.7 MiB is written to a
 #: stalled reader before the server's writes block) unless the server sets
 #: it, as ``serve(..., send_buffer=SMALL_SNDBUF)`` does (then about 14 KiB).
 SMALL_RCVBUF = 4096
@@ -465,7 +465,7 @@ class Stream:
         Nothing is sent; the connection stays open and the server's writes
         back up once the socket buffers are full: about 14 KiB with
         ``small_buffer=True`` and a server started with
-        ``send_buffer=SMALL_SNDBUF``, about 3 MiB with ``small_buffer`` alone
+        ``send_buffer=SMALL_SNDBUF``, about 2.7 MiB with ``small_buffer`` alone
         (Linux, loopback). Returns the stream, for ``Stream(...).stall()``.
         """
         self.stalled_at = time.monotonic()

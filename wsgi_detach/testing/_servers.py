@@ -841,7 +841,7 @@ def serve(
             kernel doubles it; 0: the system's, which on loopback grows to
             megabytes). With :data:`SMALL_SNDBUF` and a client that stalls
             with ``small_buffer=True``, the server's writes block after
-            about 14 KiB on Linux instead of about 3 MiB, so a test of what
+            about 14 KiB on Linux instead of about 2.7 MiB, so a test of what
             the app does with a slow client is bounded by the app's own
             limits. Not on gunicorn; waitress takes it but buffers what the
             app writes itself, so nothing holds its app up.
@@ -852,6 +852,8 @@ def serve(
             with Stream(server, "/events") as stream:
                 assert stream.next_event().data == "hello"
     """
+    if not isinstance(send_buffer, int) or send_buffer < 0:
+        raise ValueError(f"send_buffer must be a number of bytes >= 0, got {send_buffer!r}")
     if process is None:
         process = server in PROCESS_ONLY or monkey_patch
     live: LiveServer
