@@ -801,3 +801,90 @@ def test_a_channel_nobody_uses_leaves_no_hub_and_a_fresh_hub_resumes(brokers) ->
     assert [line["id"] for line in fresh.wait(1)] == [later.id]
     assert b.hub("room").recent().messages[-1].id == later.id
     fresh.close()
+
+
+def test_a_subscriber_arriving_while_a_new_epoch_is_read_gets_a_resync_not_a_gap(
+    redis_server: RedisServer,
+) -> None:
+    """Redis lost the channel (flush, failover, expiry) while this process had
+    nobody subscribed: the receiver reads the new epoch's latest history. A
+    request that subscribes during that read is placed against the old epoch;
+    it must get a resync and then every message of the new epoch, never a
+    silent gap where the new epoch's first seqs overlap the old one's."""
+    import redis
+
+    a = RedisBroker(redis_server.url, history=500, **dict(FAST, linger=60.0))
+    b = RedisBroker(redis_server.url, history=500, **dict(FAST, linger=60.0))
+    try:
+        for n in range(5):
+            a.hub("room").publish({"old": n})
+        hub = b.hub("room")  # held by the application, as a module-level hub would be
+        first = Reader(hub)
+        wait_for(lambda: b.stats()["connected"])
+        a.hub("room").publish({"old": 5})
+        first.wait(1)
+        first.close()
+        wait_for(lambda: hub.subscribers == 0)
+        link = b._link()
+        read = link.read
+        entered, go = threading.Event(), threading.Event()
+        boxes: list[Reader] = []
+
+        def held_read(channel, after, count):  # type: ignore[no-untyped-def]
+            if threading.current_thread() is not threading.main_thread() and not go.is_set():
+                entered.set()  # the receiver's read of the new epoch: a request arrives now
+                assert go.wait(10)
+            return read(channel, after, count)
+
+        link.read = held_read  # type: ignore[method-assign]
+        keys = redis.Redis.from_url(redis_server.url)
+        keys.delete(*keys.keys("*room*"))  # Redis lost the channel
+        try:
+            restarted = a.hub("room").publish({"new": 0})
+            assert entered.wait(10)
+            boxes.append(Reader(hub))
+        finally:
+            go.set()
+            keys.close()
+        late = boxes[0]
+        later = [a.hub("room").publish({"new": n}) for n in range(1, 9)]
+        late.wait(10)
+        assert late.lines[0]["event"] == "resync"
+        assert late.ids() == [restarted.id] + [m.id for m in later]
+        late.close()
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_waiting_poll_gets_a_resync_when_redis_loses_the_channel(
+    redis_server: RedisServer,
+) -> None:
+    """A long-poll waiting with a cursor of the old epoch is answered with a
+    resync as soon as the new epoch is seen, not left waiting for its timeout."""
+    import redis
+
+    a = RedisBroker(redis_server.url, history=500, **FAST)
+    b = RedisBroker(redis_server.url, history=500, **FAST)
+    try:
+        a.hub("room").publish({"old": 0})
+        hub = b.hub("room")
+        first = Reader(hub)
+        a.hub("room").publish({"old": 1})
+        first.wait(1)
+        answered: list[object] = []
+        got = threading.Event()
+        assert hub.poll(hub.cursor, lambda batch: (answered.append(batch), got.set())) is None
+        keys = redis.Redis.from_url(redis_server.url)
+        keys.delete(*keys.keys("*room*"))  # Redis lost the channel
+        keys.close()
+        restarted = a.hub("room").publish({"new": 0})
+        assert got.wait(10)
+        (batch,) = answered
+        assert batch.resync and batch.reason == "from another epoch"  # type: ignore[attr-defined]
+        assert hub.since(batch.cursor).messages == []  # type: ignore[attr-defined]
+        assert batch.cursor == restarted.id  # type: ignore[attr-defined]
+        first.close()
+    finally:
+        a.close()
+        b.close()

@@ -567,14 +567,41 @@ class ChannelHub(Hub):
         """Bring the replica to (``epoch``, ``seq``) with ``records`` and deliver what is new.
 
         By default ``records`` continue the replica. ``restart``: the replica
-        starts afresh from them (the latest history), with nobody here yet to
-        deliver to. ``reason``: the stream no longer continues the replica
+        starts afresh from them (the latest history), read while nobody here
+        was subscribed. ``reason``: the stream no longer continues the replica
         (Redis lost the channel, or trimmed what this process had not read);
         the replica starts afresh just before ``records``, the local
         subscribers get a resync with that cursor, then ``records``.
+
+        Whether anybody gets a resync is decided here, under the lock, from
+        the subscribers present now, not when the read began: a request may
+        subscribe while the receiver reads Redis, and it is placed against
+        the replica as it was. Every subscriber's ``_after`` is a seq of
+        ``_r_epoch``: when the epoch changes, each one present gets a resync
+        (which resets it), so none compares a new epoch's seqs with an old
+        one's and silently skips the new epoch's first messages.
         """
         fresh: list[Message] = []
+        answers: list[tuple[Callable[[Batch], object], Batch]] = []
         with self._lock:
+            continues = bool(self._r_epoch) and epoch == self._r_epoch and (
+                (records[0].seq if records else seq + 1) <= self._r_seq + 1
+            )
+            if restart and self._subscribers and not continues:
+                reason = OTHER_EPOCH if epoch != self._r_epoch else TOO_OLD
+            elif restart and self._subscribers:
+                restart = False  # subscribed meanwhile; the latest history continues theirs
+            if reason is None and not restart and self._r_epoch and epoch != self._r_epoch:
+                reason = OTHER_EPOCH  # a replica never continues across epochs
+            if self._r_epoch and epoch != self._r_epoch and self._polls:
+                # Polls waiting with a cursor of the old epoch: the new epoch
+                # cannot place it, so they are answered with a resync now.
+                old = self._r_epoch + "-"
+                for callback, cursor in list(self._polls.items()):
+                    if cursor.startswith(old) or cursor in self._given:
+                        del self._polls[callback]
+                        end = records[-1].seq if records else seq
+                        answers.append((callback, Batch([], f"{epoch}-{end}", True, OTHER_EPOCH)))
             if restart or reason is not None:
                 self._replica.clear()
                 self._given.clear()
@@ -595,6 +622,8 @@ class ChannelHub(Hub):
             self._synced = True
             subscribers = [(sub, self._after.get(sub, 0)) for sub in self._subscribers]
         self._end_unserved()
+        for callback, batch in answers:
+            _run(callback, batch)
         if fresh and subscribers:
             self._deliver_many(fresh, subscribers)
 
@@ -1201,7 +1230,8 @@ class _Receiver:
         with hub._lock:
             epoch, seq, followed = hub._r_epoch, hub._r_seq, bool(hub._subscribers)
         if not epoch or not followed:
-            # Nobody here to deliver to: the replica is the latest history.
+            # Nobody here to deliver to (yet: ``_apply`` looks again, under
+            # the lock, for a request that subscribed during the read).
             head = link.read(name, None, hub._size)
             hub._apply(head.epoch, head.seq, head.records, restart=True)
         else:
