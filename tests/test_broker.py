@@ -888,3 +888,58 @@ def test_a_waiting_poll_gets_a_resync_when_redis_loses_the_channel(
     finally:
         a.close()
         b.close()
+
+
+def test_a_subscriber_arriving_while_its_channel_is_let_go_keeps_the_hub_followed(
+    brokers,
+) -> None:  # type: ignore[no-untyped-def]
+    """The receiver unfollows a channel whose users left after the linger. A
+    request that subscribes just then must keep its hub held: a hub collected
+    while its channel is still followed would be replaced by a fresh one that
+    nobody fills, and its subscribers would hang."""
+    a, b = brokers
+    first = Reader(b.hub("room"))
+    wait_for(lambda: b.stats()["channels"] == 1)
+    first.close()
+    del first
+    boxes: list[Reader] = []
+    let_go = b._let_go
+
+    def racing_let_go(name: str) -> None:
+        if name == "room" and not boxes:
+            boxes.append(Reader(b.hub("room")))  # subscribes just before the hub is let go
+        let_go(name)
+
+    b._let_go = racing_let_go  # type: ignore[method-assign]
+    wait_for(lambda: bool(boxes))
+    racer = boxes.pop()
+    sent = a.hub("room").publish({"n": 1})
+    assert racer.wait(1)[-1]["id"] == sent.id
+    b.linger = 60.0  # the channel stays followed after its last user leaves
+    racer.close()
+    del racer
+    gc.collect()
+    fresh = Reader(b.hub("room"))
+    again = a.hub("room").publish({"n": 2})
+    assert fresh.wait(1, timeout=5)[-1]["id"] == again.id
+    fresh.close()
+
+
+def test_a_fresh_hub_for_a_channel_still_followed_is_filled(brokers) -> None:  # type: ignore[no-untyped-def]
+    """Whatever let a followed channel's hub be collected, the hub made afresh
+    for it is read from Redis: no subscribe confirmation will come to fill it,
+    and without a read its subscribers would wait forever."""
+    a, b = brokers
+    b.linger = 60.0  # the channel stays followed after its last user leaves
+    first = Reader(b.hub("room"))
+    wait_for(lambda: b.stats()["channels"] == 1)
+    first.close()
+    del first
+    b._let_go("room")  # nobody uses it now: the hub is let go while followed
+    gc.collect()
+    assert len(b._hubs) == 0 and b.stats()["channels"] == 1
+    sent = a.hub("room").publish({"n": 1})
+    fresh = Reader(b.hub("room"), last_event_id=sent.id)
+    again = a.hub("room").publish({"n": 2})
+    assert fresh.wait(1, timeout=5)[-1]["id"] == again.id
+    fresh.close()

@@ -1024,9 +1024,21 @@ class RedisBroker:
             return [hub for hub in hubs if hub is not None]
 
     def _let_go(self, name: str) -> None:
-        """The receiver no longer follows ``name``: the hub lives on only if someone holds it."""
+        """The receiver no longer follows ``name``: the hub lives on only if someone holds it.
+
+        Unless a user came meanwhile: a request may subscribe between the
+        receiver's look at the hub and this call. Decided under the lock that
+        :meth:`_follow` holds, so such a hub stays held (and is followed
+        again at the receiver's next look), never collected while used.
+        """
         with self._lock:
-            self._held.pop(name, None)
+            hub = self._held.get(name)
+            if hub is None:
+                return
+            with hub._lock:
+                if hub._local_users():
+                    return
+            del self._held[name]
 
     def _channels(self) -> list[ChannelHub]:
         with self._lock:
@@ -1053,6 +1065,7 @@ class _Receiver:
         self._probed_at: float | None = None
         self._followed: set[str] = set()
         self._idle_since: dict[str, float] = {}  # followed channels without local users
+        self._confirming: set[str] = set()  # SUBSCRIBE sent, its confirmation not read yet
         self._next_scan = 0.0
         self._sleep: Callable[[float], object] = time.sleep
         self._probe = f"{broker.prefix}:probe:{os.getpid()}:{secrets.token_hex(4)}"
@@ -1124,6 +1137,7 @@ class _Receiver:
             conn.send("SUBSCRIBE", self._probe)
             followed = self._followed
             followed.clear()
+            self._confirming.clear()
             self._next_scan = 0.0
             probe_token: str | None = None
             probe_sent = 0.0
@@ -1157,6 +1171,7 @@ class _Receiver:
                         # what proves the session healthy.
                         next_probe = time.monotonic()
                     elif kind == "subscribe":
+                        self._confirming.discard(link.channel_of(name) or "")
                         self._refill(link, name)
                 now = time.monotonic()
                 if probe_token is not None and probe_waited > broker.probe_timeout:
@@ -1200,6 +1215,13 @@ class _Receiver:
         for name in wanted.keys() - followed:
             conn.send("SUBSCRIBE", link.notify_channel(name))
             followed.add(name)
+            self._confirming.add(name)
+        for name in (wanted.keys() & followed) - self._confirming:
+            if not wanted[name]._synced:
+                # A hub made afresh for a channel followed already (its
+                # predecessor was collected): no confirmation will come to
+                # fill it, so it is read here.
+                self._refill(link, link.notify_channel(name))
         idle = self._idle_since
         for name in followed - wanted.keys():
             since = idle.setdefault(name, now)
