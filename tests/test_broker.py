@@ -943,3 +943,50 @@ def test_a_fresh_hub_for_a_channel_still_followed_is_filled(brokers) -> None:  #
     again = a.hub("room").publish({"n": 2})
     assert fresh.wait(1, timeout=5)[-1]["id"] == again.id
     fresh.close()
+
+
+def test_a_gap_trimmed_faster_than_it_is_read_ends_in_a_resync(
+    redis_server: RedisServer, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    """A publisher trimming the stream faster than the receiver reads a gap
+    (each page finds its first entry gone) does not hold the receiver: after
+    reading ``_MAX_GAP`` entries in all it resyncs the subscribers with the
+    latest history and goes on."""
+    import wsgi_detach._broker as broker_module
+
+    monkeypatch.setattr(broker_module, "_PAGE", 2)
+    monkeypatch.setattr(broker_module, "_MAX_GAP", 10)
+    a = RedisBroker(redis_server.url, history=500, **FAST)
+    b = RedisBroker(redis_server.url, history=500, **FAST)
+    try:
+        reader = Reader(b.hub("room"))
+        wait_for(lambda: b.stats()["connected"])
+        a.hub("room").publish("m0")
+        reader.wait(1)
+        link = b._link()
+        read = link.read
+        pages: list[int] = []
+
+        def racing_read(channel, after, count):  # type: ignore[no-untyped-def]
+            receiver = threading.current_thread() is not threading.main_thread()
+            if receiver and after is not None and len(pages) < 100:
+                pages.append(after)
+                # Ahead by more than a page per round trip, and the entry
+                # the page would start with trimmed away.
+                a.hub("room").publish_many(["v", "w", "x", "y", "z"])
+                redis_server.command("XDEL", "wsgi_detach:{room}:log", f"{after + 1}-0")
+            return read(channel, after, count)
+
+        link.read = racing_read  # type: ignore[method-assign]
+        redis_server.command("CLIENT", "KILL", "TYPE", "pubsub")  # a gap to read
+        wait_for(lambda: any(line["event"] == "resync" for line in reader.lines))
+        assert len(pages) < 10  # ten entries read, two a page, then the resync
+        resync = next(line for line in reader.lines if line["event"] == "resync")
+        assert resync["data"]["reason"] == "older than the history"  # type: ignore[index]
+        link.read = read  # type: ignore[method-assign]
+        marker = a.hub("room").publish("after")
+        wait_for(lambda: reader.lines[-1]["id"] == marker.id)
+        reader.close()
+    finally:
+        a.close()
+        b.close()

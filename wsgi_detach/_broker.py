@@ -719,6 +719,11 @@ def _read_gap(
     lost the channel (the new epoch's stream is read from its start), TOO_OLD
     when it trimmed entries not read yet, or the gap is beyond ``_MAX_GAP``
     (then the latest ``size`` records).
+
+    ``_MAX_GAP`` bounds the entries read in all, not only those kept: a
+    publisher that trims the stream faster than a page per round trip makes
+    each page start over ("trimmed while read"), and the receiver, which
+    serves every channel, must not chase it for ever.
     """
     reason: str | None = None
     for _ in range(3):  # a channel lost again while it is read: start over
@@ -732,8 +737,9 @@ def _read_gap(
         if (records[0].seq if records else head.seq + 1) != seq + 1:
             reason = reason or TOO_OLD  # trimmed before this process read it
         last = head.seq
+        seen = len(records)  # entries read, kept or not
         while records and records[-1].seq < last:
-            if len(records) >= _MAX_GAP:
+            if seen >= _MAX_GAP:
                 head = link.read(channel, None, size)
                 if head.epoch != epoch:
                     break
@@ -741,6 +747,7 @@ def _read_gap(
             page = link.read(channel, records[-1].seq, _PAGE)
             if page.epoch != epoch:
                 break
+            seen += len(page.records)
             if not page.records or page.records[0].seq != records[-1].seq + 1:
                 records, reason = page.records, reason or TOO_OLD  # trimmed while read
             else:
