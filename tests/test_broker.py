@@ -804,8 +804,8 @@ def test_a_channel_nobody_uses_leaves_no_hub_and_a_fresh_hub_resumes(brokers) ->
 
 
 def test_a_subscriber_arriving_while_a_new_epoch_is_read_gets_a_resync_not_a_gap(
-    redis_server: RedisServer,
-) -> None:
+    redis_server: RedisServer, brokers
+) -> None:  # type: ignore[no-untyped-def]
     """Redis lost the channel (flush, failover, expiry) while this process had
     nobody subscribed: the receiver reads the new epoch's latest history. A
     request that subscribes during that read is placed against the old epoch;
@@ -813,81 +813,72 @@ def test_a_subscriber_arriving_while_a_new_epoch_is_read_gets_a_resync_not_a_gap
     silent gap where the new epoch's first seqs overlap the old one's."""
     import redis
 
-    a = RedisBroker(redis_server.url, history=500, **dict(FAST, linger=60.0))
-    b = RedisBroker(redis_server.url, history=500, **dict(FAST, linger=60.0))
+    a, b = brokers
+    b.linger = 60.0  # the channel stays followed after its last user leaves
+    for n in range(5):
+        a.hub("room").publish({"old": n})
+    hub = b.hub("room")  # held by the application, as a module-level hub would be
+    first = Reader(hub)
+    wait_for(lambda: b.stats()["connected"])
+    a.hub("room").publish({"old": 5})
+    first.wait(1)
+    first.close()
+    wait_for(lambda: hub.subscribers == 0)
+    link = b._link()
+    read = link.read
+    entered, go = threading.Event(), threading.Event()
+    boxes: list[Reader] = []
+
+    def held_read(channel, after, count):  # type: ignore[no-untyped-def]
+        if threading.current_thread() is not threading.main_thread() and not go.is_set():
+            entered.set()  # the receiver's read of the new epoch: a request arrives now
+            assert go.wait(10)
+        return read(channel, after, count)
+
+    link.read = held_read  # type: ignore[method-assign]
+    keys = redis.Redis.from_url(redis_server.url)
+    keys.delete(*keys.keys("*room*"))  # Redis lost the channel
     try:
-        for n in range(5):
-            a.hub("room").publish({"old": n})
-        hub = b.hub("room")  # held by the application, as a module-level hub would be
-        first = Reader(hub)
-        wait_for(lambda: b.stats()["connected"])
-        a.hub("room").publish({"old": 5})
-        first.wait(1)
-        first.close()
-        wait_for(lambda: hub.subscribers == 0)
-        link = b._link()
-        read = link.read
-        entered, go = threading.Event(), threading.Event()
-        boxes: list[Reader] = []
-
-        def held_read(channel, after, count):  # type: ignore[no-untyped-def]
-            if threading.current_thread() is not threading.main_thread() and not go.is_set():
-                entered.set()  # the receiver's read of the new epoch: a request arrives now
-                assert go.wait(10)
-            return read(channel, after, count)
-
-        link.read = held_read  # type: ignore[method-assign]
-        keys = redis.Redis.from_url(redis_server.url)
-        keys.delete(*keys.keys("*room*"))  # Redis lost the channel
-        try:
-            restarted = a.hub("room").publish({"new": 0})
-            assert entered.wait(10)
-            boxes.append(Reader(hub))
-        finally:
-            go.set()
-            keys.close()
-        late = boxes[0]
-        later = [a.hub("room").publish({"new": n}) for n in range(1, 9)]
-        late.wait(10)
-        assert late.lines[0]["event"] == "resync"
-        assert late.ids() == [restarted.id] + [m.id for m in later]
-        late.close()
+        restarted = a.hub("room").publish({"new": 0})
+        assert entered.wait(10)
+        boxes.append(Reader(hub))
     finally:
-        a.close()
-        b.close()
+        go.set()
+        keys.close()
+    late = boxes[0]
+    later = [a.hub("room").publish({"new": n}) for n in range(1, 9)]
+    late.wait(10)
+    assert late.lines[0]["event"] == "resync"
+    assert late.ids() == [restarted.id] + [m.id for m in later]
+    late.close()
 
 
 def test_a_waiting_poll_gets_a_resync_when_redis_loses_the_channel(
-    redis_server: RedisServer,
-) -> None:
+    redis_server: RedisServer, brokers
+) -> None:  # type: ignore[no-untyped-def]
     """A long-poll waiting with a cursor of the old epoch is answered with a
     resync as soon as the new epoch is seen, not left waiting for its timeout."""
     import redis
 
-    a = RedisBroker(redis_server.url, history=500, **FAST)
-    b = RedisBroker(redis_server.url, history=500, **FAST)
-    try:
-        a.hub("room").publish({"old": 0})
-        hub = b.hub("room")
-        first = Reader(hub)
-        a.hub("room").publish({"old": 1})
-        first.wait(1)
-        answered: list[object] = []
-        got = threading.Event()
-        assert hub.poll(hub.cursor, lambda batch: (answered.append(batch), got.set())) is None
-        keys = redis.Redis.from_url(redis_server.url)
-        keys.delete(*keys.keys("*room*"))  # Redis lost the channel
-        keys.close()
-        restarted = a.hub("room").publish({"new": 0})
-        assert got.wait(10)
-        (batch,) = answered
-        assert batch.resync and batch.reason == "from another epoch"  # type: ignore[attr-defined]
-        assert hub.since(batch.cursor).messages == []  # type: ignore[attr-defined]
-        assert batch.cursor == restarted.id  # type: ignore[attr-defined]
-        first.close()
-    finally:
-        a.close()
-        b.close()
+    a, b = brokers
+    a.hub("room").publish({"old": 0})
+    hub = b.hub("room")
+    first = Reader(hub)
+    a.hub("room").publish({"old": 1})
+    first.wait(1)
+    answered: list[object] = []
+    got = threading.Event()
+    assert hub.poll(hub.cursor, lambda batch: (answered.append(batch), got.set())) is None
+    keys = redis.Redis.from_url(redis_server.url)
+    keys.delete(*keys.keys("*room*"))  # Redis lost the channel
+    keys.close()
+    restarted = a.hub("room").publish({"new": 0})
+    assert got.wait(10)
+    (batch,) = answered
+    assert batch.resync and batch.reason == "from another epoch"  # type: ignore[attr-defined]
+    assert hub.since(batch.cursor).messages == []  # type: ignore[attr-defined]
+    assert batch.cursor == restarted.id  # type: ignore[attr-defined]
+    first.close()
 
 
 def test_a_subscriber_arriving_while_its_channel_is_let_go_keeps_the_hub_followed(
@@ -946,7 +937,7 @@ def test_a_fresh_hub_for_a_channel_still_followed_is_filled(brokers) -> None:  #
 
 
 def test_a_gap_trimmed_faster_than_it_is_read_ends_in_a_resync(
-    redis_server: RedisServer, monkeypatch
+    redis_server: RedisServer, brokers, monkeypatch
 ) -> None:  # type: ignore[no-untyped-def]
     """A publisher trimming the stream faster than the receiver reads a gap
     (each page finds its first entry gone) does not hold the receiver: after
@@ -956,37 +947,32 @@ def test_a_gap_trimmed_faster_than_it_is_read_ends_in_a_resync(
 
     monkeypatch.setattr(broker_module, "_PAGE", 2)
     monkeypatch.setattr(broker_module, "_MAX_GAP", 10)
-    a = RedisBroker(redis_server.url, history=500, **FAST)
-    b = RedisBroker(redis_server.url, history=500, **FAST)
-    try:
-        reader = Reader(b.hub("room"))
-        wait_for(lambda: b.stats()["connected"])
-        a.hub("room").publish("m0")
-        reader.wait(1)
-        link = b._link()
-        read = link.read
-        pages: list[int] = []
+    a, b = brokers
+    reader = Reader(b.hub("room"))
+    wait_for(lambda: b.stats()["connected"])
+    a.hub("room").publish("m0")
+    reader.wait(1)
+    link = b._link()
+    read = link.read
+    pages: list[int] = []
 
-        def racing_read(channel, after, count):  # type: ignore[no-untyped-def]
-            receiver = threading.current_thread() is not threading.main_thread()
-            if receiver and after is not None and len(pages) < 100:
-                pages.append(after)
-                # Ahead by more than a page per round trip, and the entry
-                # the page would start with trimmed away.
-                a.hub("room").publish_many(["v", "w", "x", "y", "z"])
-                redis_server.command("XDEL", "wsgi_detach:{room}:log", f"{after + 1}-0")
-            return read(channel, after, count)
+    def racing_read(channel, after, count):  # type: ignore[no-untyped-def]
+        receiver = threading.current_thread() is not threading.main_thread()
+        if receiver and after is not None and len(pages) < 100:
+            pages.append(after)
+            # Ahead by more than a page per round trip, and the entry
+            # the page would start with trimmed away.
+            a.hub("room").publish_many(["v", "w", "x", "y", "z"])
+            redis_server.command("XDEL", "wsgi_detach:{room}:log", f"{after + 1}-0")
+        return read(channel, after, count)
 
-        link.read = racing_read  # type: ignore[method-assign]
-        redis_server.command("CLIENT", "KILL", "TYPE", "pubsub")  # a gap to read
-        wait_for(lambda: any(line["event"] == "resync" for line in reader.lines))
-        assert len(pages) < 10  # ten entries read, two a page, then the resync
-        resync = next(line for line in reader.lines if line["event"] == "resync")
-        assert resync["data"]["reason"] == "older than the history"  # type: ignore[index]
-        link.read = read  # type: ignore[method-assign]
-        marker = a.hub("room").publish("after")
-        wait_for(lambda: reader.lines[-1]["id"] == marker.id)
-        reader.close()
-    finally:
-        a.close()
-        b.close()
+    link.read = racing_read  # type: ignore[method-assign]
+    redis_server.command("CLIENT", "KILL", "TYPE", "pubsub")  # a gap to read
+    wait_for(lambda: any(line["event"] == "resync" for line in reader.lines))
+    assert len(pages) < 10  # ten entries read, two a page, then the resync
+    resync = next(line for line in reader.lines if line["event"] == "resync")
+    assert resync["data"]["reason"] == "older than the history"  # type: ignore[index]
+    link.read = read  # type: ignore[method-assign]
+    marker = a.hub("room").publish("after")
+    wait_for(lambda: reader.lines[-1]["id"] == marker.id)
+    reader.close()
