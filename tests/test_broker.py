@@ -876,8 +876,10 @@ def test_a_waiting_poll_gets_a_resync_when_redis_loses_the_channel(
     assert got.wait(10)
     (batch,) = answered
     assert batch.resync and batch.reason == "from another epoch"  # type: ignore[attr-defined]
-    assert hub.since(batch.cursor).messages == []  # type: ignore[attr-defined]
-    assert batch.cursor == restarted.id  # type: ignore[attr-defined]
+    # Its cursor is the new epoch's start: the next poll gets its first message.
+    epoch, _, seq = restarted.id.rpartition("-")
+    assert seq == "1" and batch.cursor == f"{epoch}-0"  # type: ignore[attr-defined]
+    assert [m.id for m in hub.since(batch.cursor).messages] == [restarted.id]  # type: ignore[attr-defined]
     first.close()
 
 

@@ -595,13 +595,15 @@ class ChannelHub(Hub):
                 reason = OTHER_EPOCH  # a replica never continues across epochs
             if self._r_epoch and epoch != self._r_epoch and self._polls:
                 # Polls waiting with a cursor of the old epoch: the new epoch
-                # cannot place it, so they are answered with a resync now.
+                # cannot place it, so they are answered with a resync now,
+                # whose cursor is just before ``records`` (the next poll
+                # gets them, as a subscriber gets them after its resync).
                 old = self._r_epoch + "-"
+                start = f"{epoch}-{records[0].seq - 1 if records else seq}"
                 for callback, cursor in list(self._polls.items()):
                     if cursor.startswith(old) or cursor in self._given:
                         del self._polls[callback]
-                        end = records[-1].seq if records else seq
-                        answers.append((callback, Batch([], f"{epoch}-{end}", True, OTHER_EPOCH)))
+                        answers.append((callback, Batch([], start, True, OTHER_EPOCH)))
             if restart or reason is not None:
                 self._replica.clear()
                 self._given.clear()
