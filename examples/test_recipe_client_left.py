@@ -6,7 +6,7 @@ thread left writing into a dead response. The ``deaf-producer`` variant
 ignores ``on_close`` and the errors of its writes; the test is expected to
 fail on it.
 
-Run it: ``python -m pytest -p wsgi_detach.testing.pytest_plugin
+Run it: ``python -m pytest -p wsgi_detach_pytest.plugin
 examples/test_recipe_client_left.py``. As an app it serves a counter on
 http://127.0.0.1:8000/count.
 """

@@ -8,7 +8,7 @@ bounded. The ``unbounded`` variant sets a cap larger than anything the test
 publishes, so the stalled client is never dropped; the test is expected to
 fail on it.
 
-Run it: ``python -m pytest -p wsgi_detach.testing.pytest_plugin
+Run it: ``python -m pytest -p wsgi_detach_pytest.plugin
 examples/test_recipe_slow_client.py``. As an app it serves its feed on
 http://127.0.0.1:8000/feed.
 """
@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from wsgi_detach import DetachMiddleware, Hub
-from wsgi_detach.testing import wait_until
+from wsgi_detach.testing import SMALL_SNDBUF, wait_until
 
 SMOKE_PATHS = ["/feed"]
 
@@ -28,6 +28,10 @@ SMOKE_PATHS = ["/feed"]
 MAX_PENDING = 64 * 1024
 #: Each message: 4 KiB, so that a stalled client falls behind quickly.
 PAYLOAD = "x" * 4096
+#: Published before the stalled client must be dropped: the cap, the ~14 KiB
+#: the socket buffers hold (``send_buffer=SMALL_SNDBUF``, ``small_buffer``),
+#: and room for a message more.
+BOUND = MAX_PENDING + 32 * 1024
 
 
 def make_app(hub: Hub) -> DetachMiddleware:
@@ -49,22 +53,25 @@ def test_a_stalled_client_is_dropped_and_the_fast_ones_get_everything(
     max_pending: int, serve_app: Any, open_stream: Any, event_source: Any
 ) -> None:
     hub = Hub(max_pending=max_pending)
-    server = serve_app(make_app(hub))
+    # Small socket buffers on both sides (the client's receive buffer, the
+    # server's send buffer), so that the stalled client holds the server's
+    # writes up after about 14 KiB: what waits for it beyond that is the hub's.
+    server = serve_app(make_app(hub), send_buffer=SMALL_SNDBUF)
     slow = open_stream(server, "/feed", small_buffer=True).stall()
     fast = [event_source(server, "/feed") for _ in range(2)]
     wait_until(lambda: hub.subscribers == 3, 5)
 
-    # Publish in batches the fast clients read before the next one, until the
-    # hub lets go of the stalled client (bounded: 8 MiB at most).
+    # Publish, the fast clients reading each message, until the hub lets go
+    # of the stalled client. It must within BOUND: its cap plus what the
+    # socket buffers took (about 14 KiB), with room for one more message.
     published: list[str] = []
-    for batch in range(200):
-        for n in range(10):
-            published.append(hub.publish(f"{batch}.{n} {PAYLOAD}").id)
+    while hub.subscribers == 3 and len(published) * len(PAYLOAD) < BOUND:
+        published.append(hub.publish(f"{len(published)} {PAYLOAD}").id)
         for source in fast:
-            source.take(10)
-        if hub.subscribers == 2:
-            break
-    assert hub.subscribers == 2, f"the stalled client was not dropped after {len(published)}"
+            source.take(1)
+    assert hub.subscribers == 2, (
+        f"the stalled client was not dropped after {len(published)} messages of "
+        f"{len(PAYLOAD)} bytes")
 
     # The fast clients got every message, in order, over one connection each.
     for source in fast:

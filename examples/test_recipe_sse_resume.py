@@ -6,7 +6,7 @@ duplicate. The ``no-history`` variant serves the same endpoint from a hub
 that keeps one message only, and the test is expected to fail on it: that
 is the test catching a broken guarantee.
 
-Run it: ``python -m pytest -p wsgi_detach.testing.pytest_plugin
+Run it: ``python -m pytest -p wsgi_detach_pytest.plugin
 examples/test_recipe_sse_resume.py``. As an app it serves its stream on
 http://127.0.0.1:8000/events.
 """

@@ -7,6 +7,7 @@ would. The multi-process tests are in tests/test_scale_out.py.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import threading
@@ -776,3 +777,206 @@ def test_without_redis_server_the_tests_skip_unless_required(monkeypatch) -> Non
     monkeypatch.setenv(REQUIRE_ENV, "1")
     with pytest.raises(pytest.fail.Exception, match="WSGI_DETACH_REQUIRE_REDIS=1 requires it"):
         require_redis()
+
+
+def test_a_channel_nobody_uses_leaves_no_hub_and_a_fresh_hub_resumes(brokers) -> None:  # type: ignore[no-untyped-def]
+    """A process that touches many channels once keeps none of them: hubs are held
+    while used (a reference, or followed until ``linger``), then go with their
+    subscription and their history copy; a later ``hub()`` reads the channel afresh."""
+    a, b = brokers
+    for n in range(500):  # reads of channels nobody publishes to
+        assert b.hub(f"junk{n}").recent().messages == []
+    assert len(b._hubs) == 0
+    sent = [a.hub("room").publish({"n": n}) for n in range(3)]
+    reader = Reader(b.hub("room"), last_event_id=sent[0].id)
+    assert [line["id"] for line in reader.wait(2)] == [m.id for m in sent[1:]]
+    wait_for(lambda: b.stats()["channels"] == 1)
+    reader.close()
+    del reader
+    wait_for(lambda: b.stats()["channels"] == 0)  # unsubscribed after the linger
+    gc.collect()  # the closed body and its subscription form a cycle
+    assert len(b._hubs) == 0  # and nothing holds the hub or its replica
+    later = a.hub("room").publish({"n": 3})
+    fresh = Reader(b.hub("room"), last_event_id=sent[2].id)
+    assert [line["id"] for line in fresh.wait(1)] == [later.id]
+    assert b.hub("room").recent().messages[-1].id == later.id
+    fresh.close()
+
+
+def test_a_subscriber_arriving_while_a_new_epoch_is_read_gets_a_resync_not_a_gap(
+    redis_server: RedisServer, brokers
+) -> None:  # type: ignore[no-untyped-def]
+    """Redis lost the channel (flush, failover, expiry) while this process had
+    nobody subscribed: the receiver reads the new epoch's latest history. A
+    request that subscribes during that read is placed against the old epoch;
+    it must get a resync and then every message of the new epoch, never a
+    silent gap where the new epoch's first seqs overlap the old one's."""
+    import redis
+
+    a, b = brokers
+    b.linger = 60.0  # the channel stays followed after its last user leaves
+    for n in range(5):
+        a.hub("room").publish({"old": n})
+    hub = b.hub("room")  # held by the application, as a module-level hub would be
+    first = Reader(hub)
+    wait_for(lambda: b.stats()["connected"])
+    a.hub("room").publish({"old": 5})
+    first.wait(1)
+    first.close()
+    wait_for(lambda: hub.subscribers == 0)
+    link = b._link()
+    read = link.read
+    entered, go = threading.Event(), threading.Event()
+    boxes: list[Reader] = []
+
+    def held_read(channel, after, count):  # type: ignore[no-untyped-def]
+        if threading.current_thread() is not threading.main_thread() and not go.is_set():
+            entered.set()  # the receiver's read of the new epoch: a request arrives now
+            assert go.wait(10)
+        return read(channel, after, count)
+
+    link.read = held_read  # type: ignore[method-assign]
+    keys = redis.Redis.from_url(redis_server.url)
+    keys.delete(*keys.keys("*room*"))  # Redis lost the channel
+    try:
+        restarted = a.hub("room").publish({"new": 0})
+        assert entered.wait(10)
+        boxes.append(Reader(hub))
+    finally:
+        go.set()
+        keys.close()
+    late = boxes[0]
+    later = [a.hub("room").publish({"new": n}) for n in range(1, 9)]
+    late.wait(10)
+    assert late.lines[0]["event"] == "resync"
+    assert late.ids() == [restarted.id] + [m.id for m in later]
+    late.close()
+
+
+def test_a_waiting_poll_gets_a_resync_when_redis_loses_the_channel(
+    redis_server: RedisServer, brokers
+) -> None:  # type: ignore[no-untyped-def]
+    """A long-poll waiting with a cursor of the old epoch is answered with a
+    resync as soon as the new epoch is seen, not left waiting for its timeout."""
+    import redis
+
+    a, b = brokers
+    a.hub("room").publish({"old": 0})
+    hub = b.hub("room")
+    first = Reader(hub)
+    a.hub("room").publish({"old": 1})
+    first.wait(1)
+    answered: list[object] = []
+    got = threading.Event()
+    assert hub.poll(hub.cursor, lambda batch: (answered.append(batch), got.set())) is None
+    keys = redis.Redis.from_url(redis_server.url)
+    keys.delete(*keys.keys("*room*"))  # Redis lost the channel
+    keys.close()
+    restarted = a.hub("room").publish({"new": 0})
+    assert got.wait(10)
+    (batch,) = answered
+    assert batch.resync and batch.reason == "from another epoch"  # type: ignore[attr-defined]
+    # Its cursor is the new epoch's start: the next poll gets its first message.
+    epoch, _, seq = restarted.id.rpartition("-")
+    assert seq == "1" and batch.cursor == f"{epoch}-0"  # type: ignore[attr-defined]
+    assert [m.id for m in hub.since(batch.cursor).messages] == [restarted.id]  # type: ignore[attr-defined]
+    first.close()
+
+
+def test_a_subscriber_arriving_while_its_channel_is_let_go_keeps_the_hub_followed(
+    brokers,
+) -> None:  # type: ignore[no-untyped-def]
+    """The receiver unfollows a channel whose users left after the linger. A
+    request that subscribes just then must keep its hub held: a hub collected
+    while its channel is still followed would be replaced by a fresh one that
+    nobody fills, and its subscribers would hang."""
+    a, b = brokers
+    first = Reader(b.hub("room"))
+    wait_for(lambda: b.stats()["channels"] == 1)
+    first.close()
+    del first
+    boxes: list[Reader] = []
+    let_go = b._let_go
+
+    def racing_let_go(name: str) -> None:
+        if name == "room" and not boxes:
+            boxes.append(Reader(b.hub("room")))  # subscribes just before the hub is let go
+        let_go(name)
+
+    b._let_go = racing_let_go  # type: ignore[method-assign]
+    wait_for(lambda: bool(boxes))
+    racer = boxes.pop()
+    sent = a.hub("room").publish({"n": 1})
+    assert racer.wait(1)[-1]["id"] == sent.id
+    b.linger = 60.0  # the channel stays followed after its last user leaves
+    racer.close()
+    del racer
+    gc.collect()
+    fresh = Reader(b.hub("room"))
+    again = a.hub("room").publish({"n": 2})
+    assert fresh.wait(1, timeout=5)[-1]["id"] == again.id
+    fresh.close()
+
+
+def test_a_fresh_hub_for_a_channel_still_followed_is_filled(brokers) -> None:  # type: ignore[no-untyped-def]
+    """Whatever let a followed channel's hub be collected, the hub made afresh
+    for it is read from Redis: no subscribe confirmation will come to fill it,
+    and without a read its subscribers would wait forever."""
+    a, b = brokers
+    b.linger = 60.0  # the channel stays followed after its last user leaves
+    first = Reader(b.hub("room"))
+    wait_for(lambda: b.stats()["channels"] == 1)
+    first.close()
+    del first
+    b._let_go("room")  # nobody uses it now: the hub is let go while followed
+    # Collected once the reader's thread has let go of its body (and the
+    # body its subscription, which holds the hub).
+    wait_for(lambda: gc.collect() >= 0 and len(b._hubs) == 0)
+    assert b.stats()["channels"] == 1
+    sent = a.hub("room").publish({"n": 1})
+    fresh = Reader(b.hub("room"), last_event_id=sent.id)
+    again = a.hub("room").publish({"n": 2})
+    assert fresh.wait(1, timeout=5)[-1]["id"] == again.id
+    fresh.close()
+
+
+def test_a_gap_trimmed_faster_than_it_is_read_ends_in_a_resync(
+    redis_server: RedisServer, brokers, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    """A publisher trimming the stream faster than the receiver reads a gap
+    (each page finds its first entry gone) does not hold the receiver: after
+    reading ``_MAX_GAP`` entries in all it resyncs the subscribers with the
+    latest history and goes on."""
+    import wsgi_detach._broker as broker_module
+
+    monkeypatch.setattr(broker_module, "_PAGE", 2)
+    monkeypatch.setattr(broker_module, "_MAX_GAP", 10)
+    a, b = brokers
+    reader = Reader(b.hub("room"))
+    wait_for(lambda: b.stats()["connected"])
+    a.hub("room").publish("m0")
+    reader.wait(1)
+    link = b._link()
+    read = link.read
+    pages: list[int] = []
+
+    def racing_read(channel, after, count):  # type: ignore[no-untyped-def]
+        receiver = threading.current_thread() is not threading.main_thread()
+        if receiver and after is not None and len(pages) < 100:
+            pages.append(after)
+            # Ahead by more than a page per round trip, and the entry
+            # the page would start with trimmed away.
+            a.hub("room").publish_many(["v", "w", "x", "y", "z"])
+            redis_server.command("XDEL", "wsgi_detach:{room}:log", f"{after + 1}-0")
+        return read(channel, after, count)
+
+    link.read = racing_read  # type: ignore[method-assign]
+    redis_server.command("CLIENT", "KILL", "TYPE", "pubsub")  # a gap to read
+    wait_for(lambda: any(line["event"] == "resync" for line in reader.lines))
+    assert len(pages) < 10  # ten entries read, two a page, then the resync
+    resync = next(line for line in reader.lines if line["event"] == "resync")
+    assert resync["data"]["reason"] == "older than the history"  # type: ignore[index]
+    link.read = read  # type: ignore[method-assign]
+    marker = a.hub("room").publish("after")
+    wait_for(lambda: reader.lines[-1]["id"] == marker.id)
+    reader.close()

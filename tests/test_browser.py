@@ -210,21 +210,30 @@ def error_line(page: Page) -> str:
     return page.js("return document.getElementById('error').textContent")  # type: ignore[no-any-return]
 
 
+def _one_connection(server: ServerProcess, room: str, mode: str) -> bool:
+    """The room has one stream (SSE), or one pending long-poll and no stream (poll)."""
+    now = state(server, room)
+    if mode == "sse":
+        return bool(now["subscribers"] == 1)
+    return bool((now["subscribers"], now["polls"]) == (0, 1))
+
+
+@pytest.mark.parametrize("mode", ["sse", "poll"])
 def test_seven_tabs_share_one_stream_and_can_still_send(
-    browser: Any, server: ServerProcess
+    browser: Any, server: ServerProcess, mode: str
 ) -> None:
     # A browser opens at most six HTTP/1.1 connections to one site: seven tabs
-    # with a stream each would leave no connection for a post.
-    room = "seven"
+    # with a stream (or a long-poll) each would leave no connection for a post.
+    room = f"seven-{mode}"
     make_room(server, room)
     pages = [
-        Page(browser, f"{server.url}/?room={room}&nick=tab{n}&mode=sse", new_window=n > 0)
+        Page(browser, f"{server.url}/?room={room}&nick=tab{n}&mode={mode}", new_window=n > 0)
         for n in range(7)
     ]
     try:
         for page in pages:
             assert wait_until(lambda p=page: p.js("return window.chatState.live"), timeout=10)
-        assert wait_until(lambda: state(server, room)["subscribers"] == 1, timeout=10)
+        assert wait_until(lambda: _one_connection(server, room, mode), timeout=10)
         submit(pages[6], "from the seventh tab")
         for page in pages:
             page.wait_for("from the seventh tab", timeout=10)
@@ -238,7 +247,7 @@ def test_seven_tabs_share_one_stream_and_can_still_send(
             lambda: sum(bool(p.js("return window.chatState.leader")) for p in pages) == 1,
             timeout=5,
         )
-        assert wait_until(lambda: state(server, room)["subscribers"] == 1, timeout=10)
+        assert wait_until(lambda: _one_connection(server, room, mode), timeout=10)
         make_room(server, room, "after the leader left")
         for page in pages:
             page.wait_for("after the leader left", timeout=10)

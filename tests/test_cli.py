@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import select
 import signal
 import socket
 import subprocess
@@ -126,6 +128,42 @@ def test_other_start_up_failures_are_one_line(args: list[str], message: str) -> 
     assert done.stderr.startswith(f"demo: {message}") and done.stderr.count("\n") == 1
 
 
+def _start_up_line(*args: str, env: dict[str, str]) -> str:
+    """The demo's first line on stdout (it is then stopped)."""
+    with subprocess.Popen(
+        [sys.executable, "-m", "wsgi_detach", "demo", "--port", "0", "--no-access-log", *args],
+        cwd=ROOT, env=dict(CHILD_ENV, **env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True,
+    ) as proc:
+        assert proc.stdout is not None
+        try:
+            ready, _, _ = select.select([proc.stdout], [], [], 20)
+            return proc.stdout.readline() if ready else ""
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=10)
+
+
+def test_redis_mode_is_asked_for_never_taken_from_the_environment() -> None:
+    # REDIS_URL set for another program leaves the in-process demo as it is;
+    # the start-up line says where the rooms are.
+    nowhere = {"REDIS_URL": "redis://user:secret@127.0.0.1:1/0"}
+    line = _start_up_line(env=nowhere)
+    assert line.startswith("wsgi_detach: serving the demo chat (rooms in this process) on ")
+    line = _start_up_line("--redis", env=nowhere)  # alone: REDIS_URL
+    assert line.startswith(
+        "wsgi_detach: serving the demo chat (rooms in Redis at redis://127.0.0.1:1/0) on "
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "wsgi_detach", "demo", "--redis", "--port", "0"], cwd=ROOT,
+        env={k: v for k, v in CHILD_ENV.items() if k != "REDIS_URL"}, capture_output=True,
+        text=True, timeout=30, check=False,
+    )
+    assert (done.returncode, done.stderr) == (
+        1, "demo: --redis without a URL takes $REDIS_URL, which is not set\n"
+    )
+
+
 def test_ctrl_c_stops_the_demo_quietly() -> None:
     with ServerProcess("demo-command", "") as demo:
         assert demo.proc is not None
@@ -144,6 +182,43 @@ def test_the_demo_on_loopback_answers_only_to_loopback_names() -> None:
             response = requests.get(f"{demo.url}/api/rooms/lobby/history", headers=headers,
                                     timeout=5)
             assert response.status_code == status, host
+
+
+def _nginx_recipe() -> tuple[str, str]:
+    """docs/deployment.md's demo command behind nginx, and its nginx block."""
+    page = (ROOT / "docs" / "deployment.md").read_text()
+    command = re.search(r"^python -m wsgi_detach demo .*$", page, re.MULTILINE)
+    block = re.search(r"```nginx\n(.*?)```", page, re.DOTALL)
+    assert command is not None and block is not None
+    return command.group(0), block.group(1)
+
+
+def test_the_demo_behind_the_documented_nginx_recipe() -> None:
+    # What nginx sends upstream with the recipe's "proxy_set_header Host
+    # $host": the public name without the port it listens on, and the
+    # browser's Origin as is (with that port when it is not 443).
+    command, nginx = _nginx_recipe()
+    assert "proxy_set_header Host $host;" in nginx
+    args = command.split()[4:]
+    assert args[args.index("--allow-host") + 1] == "chat.example.com"
+    args[args.index("--port") + 1] = "0"
+    with ServerProcess("demo-command", "", args=args) as demo:
+        post = f"{demo.url}/api/rooms/lobby/messages"
+        for origin, status in [
+            ("https://chat.example.com", 201),
+            ("https://chat.example.com:8443", 201),
+            ("https://evil.example", 403),
+        ]:
+            headers = {"Host": "chat.example.com", "Origin": origin,
+                       "Sec-Fetch-Site": "same-origin" if status == 201 else "cross-site"}
+            sent = requests.post(post, json={"nick": "a", "text": "hi"}, headers=headers,
+                                 timeout=5)
+            assert sent.status_code == status, origin
+        # A page on another name the proxy does not serve still gets 421.
+        response = requests.get(f"{demo.url}/", headers={"Host": "rebound.example"}, timeout=5)
+        assert response.status_code == 421
+        page = requests.get(f"{demo.url}/", headers={"Host": "chat.example.com"}, timeout=5)
+        assert page.status_code == 200
 
 
 def test_ctrl_c_during_start_up_exits_without_a_traceback() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import io
 import json
+import time
 import tracemalloc
 from collections.abc import Iterator
 from typing import Any
@@ -15,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.client import Stream
+from tests.redis_server import RedisServer
 from tests.servers import ServerProcess
 from tests.sse_reference import Parser
 from wsgi_detach import DetachedBody
@@ -75,7 +77,7 @@ DEEP = b'{"nick": "a", "text": ' + b"[" * 3000 + b"]" * 3000 + b"}"
         ("POST", "/api/rooms/r/messages", b'{"nick": "a", "text": "' + b"x" * 2001 + b'"}',
          JSON, 400, "text is longer than 2000 characters"),
         ("POST", "/api/rooms/r/messages", b'{"nick": "a", "text": "' + b"x" * 100_000 + b'"}',
-         JSON, 413, "send a JSON body of at most 16384 bytes"),
+         JSON, 413, "send a JSON body of at most 32768 bytes"),
         ("POST", "/api/rooms/r/messages", b'{"nick": "a", "text": "hi"}', {}, 415,
          "send Content-Type: application/json"),
         ("POST", "/api/rooms/r/messages", b'{"nick": "a", "text": "hi"}',
@@ -117,7 +119,8 @@ def test_bad_requests_get_a_4xx_json_error(
     response = requests.request(method, chat + path, data=body, headers=headers, timeout=5)
     assert (response.status_code, response.json()) == (status, {"error": error})
     if status == 405:
-        assert response.headers["Allow"] == ("POST" if "messages" in path else "GET")
+        allowed = "POST" if "messages" in path else "GET, HEAD" if path == "/" else "GET"
+        assert response.headers["Allow"] == allowed
 
 
 def test_a_same_origin_post_from_a_browser_is_accepted(chat: str) -> None:
@@ -176,6 +179,87 @@ def test_memory_stays_under_the_cap_under_a_flood(rooms: int, per_room: int, tex
     assert app.rooms <= 500 and app.kept_bytes <= cap
     # The charge covers what the rooms and messages really cost.
     assert used <= cap, (used, app.rooms)
+
+
+def test_the_longest_message_fits_however_it_is_escaped(chat: str) -> None:
+    # 2000 emoji, JSON-escaped as surrogate pairs (12 bytes each), and the longest nick.
+    text = "\U0001f600" * 2000
+    for ensure_ascii in (True, False):
+        body = json.dumps({"nick": "\U0001f600" * 32, "text": text}, ensure_ascii=ensure_ascii)
+        sent = requests.post(f"{chat}/api/rooms/emoji/messages", data=body.encode(),
+                             headers={"Content-Type": "application/json"}, timeout=5)
+        assert sent.status_code == 201, (ensure_ascii, len(body), sent.text)
+
+
+def test_head_of_the_page_is_its_get_without_the_body(chat: str) -> None:
+    page = requests.get(f"{chat}/", timeout=5)
+    head = requests.head(f"{chat}/", timeout=5)
+    assert head.status_code == 200 and head.content == b""
+    assert head.headers["content-length"] == page.headers["content-length"]
+    assert head.headers["content-type"] == page.headers["content-type"]
+    refused = requests.delete(f"{chat}/", timeout=5)
+    assert (refused.status_code, refused.headers["allow"]) == (405, "GET, HEAD")
+
+
+def _wait(predicate: Any, timeout: float = 10.0) -> None:
+    give_up = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < give_up, "condition not met in time"
+        time.sleep(0.01)
+
+
+def _get(app: ChatApp, path: str) -> str:
+    environ: dict[str, Any] = {
+        "REQUEST_METHOD": "GET", "PATH_INFO": path, "wsgi.input": io.BytesIO(),
+    }
+    statuses: list[str] = []
+    b"".join(app(environ, lambda status, headers, exc_info=None: statuses.append(status)))
+    return statuses[0]
+
+
+def _watch_once(app: ChatApp, room: str) -> None:
+    """A stream takes ``room`` up, gets what it missed (the copy is filled), goes away."""
+    hub = app.room(room, watch=True)
+    assert hub is not None
+    body = DetachedBody()
+    hub.subscribe(body, last_event_id=hub.recent(2).messages[0].id)
+    _wait(lambda: body.buffered)
+    assert app.kept_bytes >= 50 * 2 * 12_000  # charged, though another process posted
+    body.close()
+
+
+def test_redis_mode_memory_stays_under_the_cap(redis_server: RedisServer) -> None:
+    """Rooms filled by another process and watched here are charged here: this
+    process keeps a copy of a watched room's history; rooms and broker hubs
+    it only read leave nothing behind."""
+    cap = 4 << 20
+    other = ChatApp(redis_url=redis_server.url, history=50, max_bytes=1 << 30)
+    text = "\u00e9" * 2000  # 12 000 bytes of JSON: 50 of them, ~1.3 MiB a room
+    for n in range(8):
+        assert {_post(other, f"full{n}", text) for _ in range(50)} == {"201 Created"}
+    gc.collect()
+    tracemalloc.start()
+    try:
+        app = ChatApp(redis_url=redis_server.url, history=50, max_bytes=cap)
+        broker = app._broker
+        assert broker is not None
+        broker.linger = 0.2  # how long a channel nobody watches is still followed
+        before = tracemalloc.get_traced_memory()[0]
+        assert {_get(app, f"/api/rooms/junk{n}/history") for n in range(300)} == {"200 OK"}
+        assert app.rooms == 1 and len(broker._hubs) <= 1  # the lobby's
+        for n in range(8):
+            _watch_once(app, f"full{n}")
+            assert app.kept_bytes <= cap
+        _wait(lambda: broker.stats()["channels"] == 0)
+        gc.collect()
+        used = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+        other._broker.close()  # type: ignore[union-attr]
+    assert app.rooms < 8 and app.kept_bytes <= cap  # rooms nobody watched made way
+    assert len(broker._hubs) <= app.rooms  # evicted rooms' hubs are gone
+    assert used <= cap, (used, app.rooms)
+    broker.close()
 
 
 def test_idle_rooms_are_evicted_and_the_lobby_stays() -> None:

@@ -23,7 +23,7 @@ RECIPES = sorted(p.name for p in (ROOT / "examples").glob("test_recipe_*.py"))
 
 def run(recipe: str, *extra: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "pytest", "-p", "wsgi_detach.testing.pytest_plugin",
+        [sys.executable, "-m", "pytest", "-p", "wsgi_detach_pytest.plugin",
          "-p", "no:cacheprovider", "-q", "-rxX", *extra, f"examples/{recipe}"],
         cwd=ROOT, capture_output=True, text=True, timeout=240,
         env=dict(os.environ, PYTHONPATH=str(ROOT)),

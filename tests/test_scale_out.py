@@ -43,8 +43,8 @@ def chat(request: pytest.FixtureRequest, redis_url: str) -> Iterator[list[int]]:
     """Ports of the processes serving the chat (the same port twice under gunicorn -w 2)."""
     env = {"REDIS_URL": redis_url}
     if request.param == "two-demo-processes":
-        # One takes REDIS_URL, the other the --redis option.
-        with ServerProcess("demo-command", "", env=env) as a, ServerProcess(
+        # One takes --redis alone (REDIS_URL), the other --redis URL.
+        with ServerProcess("demo-command", "", env=env, args=["--redis"]) as a, ServerProcess(
             "demo-command", "", args=["--redis", redis_url]
         ) as b:
             yield [a.port, b.port]

@@ -13,6 +13,7 @@ says what happened.
 
 from __future__ import annotations
 
+import _thread
 import os
 import socket
 import struct
@@ -21,18 +22,24 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from tests import kit_apps
 from wsgi_detach.testing import (
     SERVERS,
+    SMALL_SNDBUF,
     EventSource,
     LiveServer,
+    ProcessServer,
     ServerDidNotStart,
+    SSEParser,
     Stream,
+    ThreadServer,
     WaitTimeout,
     get,
     get_json,
@@ -172,6 +179,94 @@ def test_a_server_that_does_not_start_in_time_shows_its_log(tmp_path: Path) -> N
     assert time.monotonic() - started < 15  # stopped by its PID, not waited for
 
 
+@pytest.mark.parametrize("kind", ["pywsgi-detach", "pywsgi", "waitress", "wsgiref"])
+def test_a_thread_server_given_up_on_closes_instead_of_serving(kind: str) -> None:
+    """A start that runs out of time leaves no thread serving a port nobody will stop."""
+    # A thread may get ready before start() looks, even with no time at all:
+    # then try again (bounded).
+    for _ in range(50):
+        try:
+            with serve(kit_apps.app, kind, timeout=0):
+                pass
+        except ServerDidNotStart as exc:
+            assert f"{kind} did not start within 0s" in str(exc)
+            break
+    else:
+        raise AssertionError("every start beat a timeout of 0 s")
+    given_up = LiveServer.launched[-1]
+    assert isinstance(given_up, ThreadServer) and given_up._thread is not None
+    given_up._thread.join(10)
+    assert not given_up._thread.is_alive()
+    assert not given_up.running
+    assert "start() had given up on it" in given_up.log()
+
+
+def test_an_interrupt_while_a_subprocess_starts_stops_the_child(tmp_path: Path) -> None:
+    (tmp_path / "slow_to_import.py").write_text("import time\ntime.sleep(30)\napp = None\n")
+    interrupt = threading.Timer(1.0, _thread.interrupt_main)
+    interrupt.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with serve("slow_to_import:app", "pywsgi", process=True,
+                       env={"PYTHONPATH": str(tmp_path)}):
+                pass
+    finally:
+        interrupt.cancel()
+    child = LiveServer.launched[-1]
+    assert isinstance(child, ProcessServer) and child.proc is not None
+    assert child.proc.poll() is not None  # stopped by its PID before the exception left serve()
+
+
+@pytest.mark.parametrize("kind", ["pywsgi-detach", "pywsgi", "wsgiref"])
+def test_a_stalled_small_buffer_client_holds_up_a_small_send_buffer_server_at_kilobytes(
+    kind: str
+) -> None:
+    """send_buffer=SMALL_SNDBUF: the server's writes block after ~14 KiB, not megabytes."""
+    written = [0]
+
+    def app(environ: dict[str, object], start_response: Callable[..., object]
+            ) -> Iterator[bytes]:
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        for _ in range(16 * 1024):  # 16 MiB at most
+            yield b"x" * 1024
+            written[0] += 1024
+
+    with serve(app, kind, send_buffer=SMALL_SNDBUF) as server:
+        with Stream(server, "/", small_buffer=True) as stream:
+            stream.stall()
+            # The writes stop when the buffers are full: wait for no progress
+            # over 0.3 s (a measurement, so it has to be timed), bounded.
+            last = -1
+            deadline = time.monotonic() + 10
+            while written[0] != last and time.monotonic() < deadline:
+                last = written[0]
+                time.sleep(0.3)
+            assert written[0] == last, "the server never stopped writing"
+            assert written[0] <= 64 * 1024, f"{written[0]} bytes written to a stalled client"
+            stream.reset()
+
+
+def test_a_bad_send_buffer_is_refused_where_it_is_given() -> None:
+    with pytest.raises(ValueError, match=r"send_buffer must be a number of bytes >= 0, got -1"):
+        with serve(kit_apps.app, "wsgiref", send_buffer=-1):
+            pass
+    with pytest.raises(ValueError, match=r"send_buffer is not available on gunicorn"):
+        with serve("tests.kit_apps:app", "gunicorn-gthread", send_buffer=4096):
+            pass
+
+
+def test_a_subprocess_whose_server_fails_before_listening_fails_at_once(tmp_path: Path) -> None:
+    """The error is in the message at once, not after the start timeout and a SIGKILL."""
+    (tmp_path / "waitress.py").write_text('raise ImportError("no waitress here")\n')
+    started = time.monotonic()
+    with pytest.raises(ServerDidNotStart, match=r"(?s)waitress exited with 1 .*"
+                       r"ImportError: no waitress here.*the server thread failed"):
+        with serve("tests.kit_apps:app", "waitress", process=True, timeout=15,
+                   env={"PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])}):
+            pass
+    assert time.monotonic() - started < 10
+
+
 def test_a_thread_server_that_cannot_start_says_why() -> None:
     def app(environ: object, start_response: object) -> list[bytes]:
         return []
@@ -265,6 +360,98 @@ def test_sse_parser_keeps_the_id_and_drops_the_half_event_across_a_reconnect() -
     assert parser.retry == 70
 
 
+def test_sse_parser_forgets_the_id_of_an_event_cut_off_by_a_reconnect() -> None:
+    """Only a dispatched event sets the last event id; an undispatched one's id is dropped."""
+    parser = parse_sse(b"id: 1\ndata: a\n\nid: 2\ndata: b")
+    assert parser.last_event_id == "1"
+    parser.reconnected()
+    parser.feed(b"data: c\n\n")
+    assert [(e.data, e.last_event_id) for e in parser.events] == [("a", "1"), ("c", "1")]
+    assert parser.last_event_id == "1"
+
+
+def test_event_source_never_claims_an_event_it_did_not_receive() -> None:
+    """A server that drops mid-event: the reconnects resume after the last whole event."""
+    answers = iter([b"retry: 10\nid: 1\ndata: a\n\nid: 2\ndata: b",
+                    b"data: c\n\n", b"data: d\n\n"])
+
+    def app(environ: dict[str, object], start_response: Callable[..., object]) -> list[bytes]:
+        start_response("200 OK", [("Content-Type", "text/event-stream")])
+        return [next(answers, b"")]
+
+    with serve(app, "pywsgi") as server, EventSource(server, "/") as source:
+        assert [(e.data, e.last_event_id) for e in source.take(3)] == [
+            ("a", "1"), ("c", "1"), ("d", "1")]
+        assert source.sent_ids == [None, "1", "1"]
+
+
+def test_event_source_says_it_did_not_reconnect_when_the_retry_outlasts_the_wait() -> None:
+    def app(environ: dict[str, object], start_response: Callable[..., object]) -> list[bytes]:
+        start_response("200 OK", [("Content-Type", "text/event-stream")])
+        return [b"retry: 3000\ndata: one\n\n"]
+
+    with serve(app, "pywsgi") as server, EventSource(server, "/") as source:
+        assert source.take(1)[0].data == "one"
+        with pytest.raises(WaitTimeout, match=r"^0 of 1 events within 1\.5s: \[\]; "
+                           r"then no event within 1\.\d+s over 1 connections; the stream ended "
+                           r"and the reconnection delay \(2\.0s\) was longer than the "
+                           r"1\.\d\ds left, so it did not reconnect"):
+            source.take(1, timeout=1.5)
+
+
+def _dies_mid_body(environ: dict[str, object], start_response: Callable[..., object]
+                   ) -> Iterator[bytes]:
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    yield b"part one\n"
+    raise RuntimeError("the app dies mid-body")
+
+
+@pytest.mark.parametrize(("kind", "ending"), [("pywsgi", "eof"), ("pywsgi-detach", "reset")])
+def test_a_close_delimited_body_is_never_reported_complete(kind: str, ending: str) -> None:
+    """Ended by a FIN, a body without a length may be whole or cut: "eof", not complete."""
+    with serve(_dies_mid_body, kind) as server, Stream(server, "/", http10=True) as stream:
+        assert stream.read_all() == b"part one\n"
+        assert (stream.ending, stream.complete) == (ending, False)
+
+
+@pytest.mark.parametrize(("method", "status"), [("HEAD", "200 OK"), ("GET", "204 No Content"),
+                                                ("GET", "304 Not Modified")])
+def test_a_response_without_a_body_ends_with_its_head(method: str, status: str) -> None:
+    def app(environ: dict[str, object], start_response: Callable[..., object]) -> Iterator[bytes]:
+        start_response(status, [("Content-Type", "text/plain")])
+        yield b""
+
+    with serve(app, "pywsgi") as server:
+        with Stream(server, "/", method=method, timeout=3) as stream:
+            assert stream.read_all(timeout=1) == b""
+            assert (stream.ending, stream.complete) == ("complete", True)
+
+
+def test_sse_parser_dispatches_a_cr_ended_event_at_once() -> None:
+    assert [e.data for e in parse_sse(b"data: x\r\r").events] == ["x"]
+    parser = SSEParser()
+    assert [e.data for e in parser.feed(b"data: y\r")] == []
+    assert [e.data for e in parser.feed(b"\r")] == ["y"]  # no more bytes needed
+    assert [e.data for e in parser.feed(b"\ndata: z\r\n\r\n")] == ["z"]  # that LF ends nothing
+
+
+_SSE_DATA = st.text(st.characters(codec="utf-8", blacklist_characters="\r\n\0"), max_size=5)
+
+
+@given(
+    st.lists(st.tuples(_SSE_DATA, st.sampled_from(["1", "", "x y"]),
+                       st.sampled_from(["\n", "\r", "\r\n"])), min_size=1, max_size=4),
+    st.lists(st.integers(0, 200), max_size=6),
+)
+def test_sse_parser_round_trips_any_line_ending_and_chunking(
+    events: list[tuple[str, str, str]], cuts: list[int]
+) -> None:
+    """Events written with LF, CR or CRLF line ends, cut anywhere: all dispatched, as written."""
+    wire = "".join(f"id: {id_}{end}data: {data}{end}{end}" for data, id_, end in events).encode()
+    parser = parse_sse(wire, [c for c in cuts if c <= len(wire)])
+    assert [(e.data, e.last_event_id) for e in parser.events] == [(d, i) for d, i, _ in events]
+
+
 def test_the_kit_works_in_a_monkey_patched_test_process() -> None:
     """The same client and thread server after gevent.monkey.patch_all() (a greenlet 'thread')."""
     script = textwrap.dedent("""
@@ -288,10 +475,98 @@ def test_the_kit_works_in_a_monkey_patched_test_process() -> None:
     assert done.stdout.strip() == "OK", done.stderr
 
 
-def test_the_plugin_serves_and_reports_the_server_log(tmp_path: Path) -> None:
-    """Enabled with -p and listed in a conftest too (registered once); a failure shows the log."""
-    plugin = "wsgi_detach.testing.pytest_plugin"
-    (tmp_path / "conftest.py").write_text(f"pytest_plugins = [{plugin!r}]\n")
+def run_pytest(project: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """pytest in a subprocess with only the plugins named here (no installed entry point)."""
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *args],
+        cwd=project, capture_output=True, text=True, timeout=120,
+        env=dict(os.environ, PYTHONPATH=str(ROOT), PYTEST_DISABLE_PLUGIN_AUTOLOAD="1", **env),
+    )
+
+
+NOTHING_IMPORTED = textwrap.dedent("""
+    import sys
+    assert "gevent" not in sys.modules and "wsgi_detach" not in sys.modules, sorted(sys.modules)
+""")
+
+
+def test_the_package_registers_the_inert_module_as_its_entry_point() -> None:
+    setup = (ROOT / "setup.cfg").read_text()
+    assert "pytest11 =\n    wsgi_detach_pytest = wsgi_detach_pytest\n" in setup
+
+
+def test_the_entry_point_alone_adds_nothing_to_an_unrelated_suite(tmp_path: Path) -> None:
+    """Loaded as the entry point is, not enabled: no option, no fixture, no gevent import."""
+    (tmp_path / "conftest.py").write_text(NOTHING_IMPORTED)
+    (tmp_path / "test_unrelated.py").write_text(NOTHING_IMPORTED + textwrap.dedent("""
+        def test_nothing_of_ours_was_imported():
+            assert "gevent" not in sys.modules and "wsgi_detach" not in sys.modules
+    """))
+    done = run_pytest(tmp_path, "-p", "wsgi_detach_pytest", "-q")
+    assert "1 passed" in done.stdout, done.stdout + done.stderr
+    fixtures = run_pytest(tmp_path, "-p", "wsgi_detach_pytest", "--fixtures")
+    assert fixtures.returncode == 0, fixtures.stdout + fixtures.stderr
+    assert "serve_app" not in fixtures.stdout and "open_stream" not in fixtures.stdout
+    help_ = run_pytest(tmp_path, "-p", "wsgi_detach_pytest", "--help")
+    assert "--wsgi-detach-server" not in help_.stdout
+    assert "wsgi_detach_testing" in help_.stdout  # the switch that enables it
+
+
+ENABLED_SUITE = textwrap.dedent("""
+    import sys
+
+    def app(environ, start_response):
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"hi"]
+
+    def test_fixtures_serve(serve_app, open_stream, event_source, wsgi_server_kind):
+        assert wsgi_server_kind == "wsgiref"
+        assert open_stream(serve_app(app), "/").read_all() == b"hi"
+""")
+
+
+@pytest.mark.parametrize("how", ["ini", "env", "-p", "pytest_plugins", "all at once"])
+def test_the_plugin_is_enabled_by_ini_env_p_or_conftest(tmp_path: Path, how: str) -> None:
+    """Each switch enables it once, before option parsing, importing no gevent before a fixture."""
+    plugin = "wsgi_detach_pytest.plugin"
+    conftest = NOTHING_IMPORTED
+    args = ["-p", "wsgi_detach_pytest", "--wsgi-detach-server", "wsgiref", "--trace-config", "-q"]
+    env = {}
+    if how in ("ini", "all at once"):
+        (tmp_path / "pytest.ini").write_text("[pytest]\nwsgi_detach_testing = true\n")
+    if how in ("env", "all at once"):
+        env["WSGI_DETACH_TESTING"] = "1"
+    if how in ("-p", "all at once"):
+        args = ["-p", plugin, *args]
+    if how in ("pytest_plugins", "all at once"):
+        conftest += f"pytest_plugins = [{plugin!r}]\n"
+    (tmp_path / "conftest.py").write_text(conftest)
+    (tmp_path / "test_user.py").write_text(ENABLED_SUITE)
+    done = run_pytest(tmp_path, *args, **env)
+    assert "1 passed" in done.stdout, done.stdout + done.stderr
+    assert done.stdout.count(f"PLUGIN registered: <module '{plugin}'") == 1, done.stdout
+
+
+def test_the_plugin_keeps_only_the_current_tests_servers(tmp_path: Path) -> None:
+    """A long suite does not keep every server it started (and its log) until the end."""
+    (tmp_path / "test_user.py").write_text(textwrap.dedent("""
+        import pytest
+        from wsgi_detach.testing import LiveServer
+
+        def app(environ, start_response):
+            start_response("200 OK", [("Content-Type", "text/plain")])
+            return [b"hi"]
+
+        @pytest.mark.parametrize("n", range(3))
+        def test_one_server_each(serve_app, n):
+            serve_app(app, "wsgiref")
+            assert len(LiveServer.launched) == 1
+    """))
+    done = run_pytest(tmp_path, "-p", "wsgi_detach_pytest.plugin", "-q")
+    assert "3 passed" in done.stdout, done.stdout + done.stderr
+
+
+def test_the_plugin_reports_the_server_log_of_a_failed_test(tmp_path: Path) -> None:
     (tmp_path / "test_user.py").write_text(textwrap.dedent("""
         import logging
 
@@ -310,39 +585,11 @@ def test_the_plugin_serves_and_reports_the_server_log(tmp_path: Path) -> None:
             open_stream(server, "/").read_all()
             assert False, "on purpose"
     """))
-    done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-p", "wsgi_detach.testing.pytest_plugin",
-         "--wsgi-detach-server", "waitress", "-p", "no:cacheprovider", "-q", str(tmp_path)],
-        cwd=tmp_path, capture_output=True, text=True, timeout=120,
-        env=dict(os.environ, PYTHONPATH=str(ROOT)),
-    )
+    done = run_pytest(tmp_path, "-p", "wsgi_detach_pytest.plugin",
+                      "--wsgi-detach-server", "waitress", "-q")
     assert "1 failed, 1 passed" in done.stdout, done.stdout + done.stderr
     assert "wsgi_detach server wsgiref on port" in done.stdout
     assert "the app says hello to the log" in done.stdout
-
-
-def test_the_entry_point_with_p_and_a_conftest_registers_the_plugin_once(tmp_path: Path) -> None:
-    """Installed with its entry point, and also named by -p and by pytest_plugins: one plugin."""
-    plugin = "wsgi_detach.testing.pytest_plugin"
-    dist = tmp_path / "site" / "kit_entry_point-0.dist-info"
-    dist.mkdir(parents=True)
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: kit-entry-point\nVersion: 0\n")
-    (dist / "entry_points.txt").write_text(f"[pytest11]\n{plugin} = {plugin}\n")
-    project = tmp_path / "project"
-    project.mkdir()
-    (project / "conftest.py").write_text(f"pytest_plugins = [{plugin!r}]\n")
-    (project / "test_user.py").write_text(textwrap.dedent("""
-        def test_fixtures_are_there(serve_app, open_stream, event_source):
-            pass
-    """))
-    done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-p", plugin, "-p", "no:cacheprovider",
-         "--trace-config", "-q", str(project)],
-        cwd=project, capture_output=True, text=True, timeout=120,
-        env=dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path / "site"), str(ROOT)])),
-    )
-    assert "1 passed" in done.stdout, done.stdout + done.stderr
-    assert done.stdout.count(f"PLUGIN registered: <module '{plugin}'") == 1, done.stdout
 
 
 def test_a_chatty_app_in_a_subprocess_never_blocks_on_its_stdout(tmp_path: Path) -> None:

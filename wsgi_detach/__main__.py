@@ -26,7 +26,8 @@ import importlib  # noqa: E402
 import os  # noqa: E402
 import signal  # noqa: E402
 import sys  # noqa: E402
-from typing import Any, Callable, Optional  # noqa: E402
+from typing import Any, Callable, Final, Optional  # noqa: E402
+from urllib.parse import urlsplit  # noqa: E402
 
 import gevent  # noqa: E402
 
@@ -71,13 +72,49 @@ def _parser() -> argparse.ArgumentParser:
     # would otherwise wait the whole grace before cutting them.
     _server_options(demo, grace=1.0)
     demo.add_argument(
+        "--allow-host",
+        metavar="NAME",
+        action="append",
+        default=[],
+        help="a host name the chat is reached by through a reverse proxy, e.g. "
+        "chat.example.com: answered to, and its pages may post (repeatable)",
+    )
+    # Explicit, never from the environment alone: a REDIS_URL set for some
+    # other program must not turn the in-process demo into one that needs
+    # redis-py and a Redis server.
+    demo.add_argument(
         "--redis",
         metavar="URL",
-        default=os.environ.get("REDIS_URL") or None,
+        nargs="?",
+        const=_FROM_ENVIRONMENT,
         help="share the rooms through Redis with every process using it, e.g. "
-        "redis://localhost:6379/0 (default: $REDIS_URL if set, else in-process rooms)",
+        "redis://localhost:6379/0; --redis alone takes $REDIS_URL (default: rooms in "
+        "this process)",
     )
     return parser
+
+
+#: ``--redis`` given without a URL: the URL is $REDIS_URL.
+_FROM_ENVIRONMENT: Final = "$REDIS_URL"
+
+
+def _redis_url(value: Optional[str]) -> Optional[str]:
+    """The demo's Redis URL from its ``--redis`` option (None: rooms in this process)."""
+    if value != _FROM_ENVIRONMENT:
+        return value
+    url = os.environ.get("REDIS_URL")
+    if not url:
+        raise SystemExit("demo: --redis without a URL takes $REDIS_URL, which is not set")
+    return url
+
+
+def _where(url: Optional[str]) -> str:
+    """Where the demo keeps its rooms, for its start-up line (no password shown)."""
+    if url is None:
+        return "rooms in this process"
+    parts = urlsplit(url)
+    return f"rooms in Redis at {parts.scheme}://{parts.hostname or ''}" + (
+        f":{parts.port}" if parts.port else "") + parts.path
 
 
 def _server_options(command: argparse.ArgumentParser, *, grace: float) -> None:
@@ -206,13 +243,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.command == "demo":
         from wsgi_detach._demo import ChatApp, loopback_hosts
 
+        url = _redis_url(args.redis)
         try:
-            chat = ChatApp(redis_url=args.redis, hosts=loopback_hosts(args.host))
+            chat = ChatApp(
+                redis_url=url, hosts=loopback_hosts(args.host), proxied_hosts=args.allow_host
+            )
+            where = _where(url)
         except (ValueError, ImportError) as exc:  # a bad --redis URL, or no redis-py
             raise SystemExit(f"demo: {exc}") from None
         # On SIGTERM the chat ends its streams and polls cleanly first, so
         # the drain has nothing to cut.
-        return _serve(args, chat, "the demo chat", before_stop=chat.disconnect_all)
+        return _serve(args, chat, f"the demo chat ({where})", before_stop=chat.disconnect_all)
     return _serve(args)
 
 

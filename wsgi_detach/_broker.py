@@ -58,6 +58,7 @@ import os
 import random
 import secrets
 import time
+import weakref
 from collections import deque
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Callable, Final
@@ -318,7 +319,7 @@ class ChannelHub(Hub):
                 settled = sub not in self._pending
         if not settled:
             self._broker._settle_soon(self)  # the receiver asks Redis where it resumes
-        self._broker._follow()
+        self._broker._follow(self)
         body.on_close(sub.cancel)
         self._end_unserved()
         return sub
@@ -346,7 +347,7 @@ class ChannelHub(Hub):
                 return batch
         with self._lock:
             self._polls[callback] = cursor
-        self._broker._follow()
+        self._broker._follow(self)
         return None
 
     def disconnect_all(self) -> int:
@@ -566,14 +567,43 @@ class ChannelHub(Hub):
         """Bring the replica to (``epoch``, ``seq``) with ``records`` and deliver what is new.
 
         By default ``records`` continue the replica. ``restart``: the replica
-        starts afresh from them (the latest history), with nobody here yet to
-        deliver to. ``reason``: the stream no longer continues the replica
+        starts afresh from them (the latest history), read while nobody here
+        was subscribed. ``reason``: the stream no longer continues the replica
         (Redis lost the channel, or trimmed what this process had not read);
         the replica starts afresh just before ``records``, the local
         subscribers get a resync with that cursor, then ``records``.
+
+        Whether anybody gets a resync is decided here, under the lock, from
+        the subscribers present now, not when the read began: a request may
+        subscribe while the receiver reads Redis, and it is placed against
+        the replica as it was. Every subscriber's ``_after`` is a seq of
+        ``_r_epoch``: when the epoch changes, each one present gets a resync
+        (which resets it), so none compares a new epoch's seqs with an old
+        one's and silently skips the new epoch's first messages.
         """
         fresh: list[Message] = []
+        answers: list[tuple[Callable[[Batch], object], Batch]] = []
         with self._lock:
+            continues = bool(self._r_epoch) and epoch == self._r_epoch and (
+                (records[0].seq if records else seq + 1) <= self._r_seq + 1
+            )
+            if restart and self._subscribers and not continues:
+                reason = OTHER_EPOCH if epoch != self._r_epoch else TOO_OLD
+            elif restart and self._subscribers:
+                restart = False  # subscribed meanwhile; the latest history continues theirs
+            if reason is None and not restart and self._r_epoch and epoch != self._r_epoch:
+                reason = OTHER_EPOCH  # a replica never continues across epochs
+            if self._r_epoch and epoch != self._r_epoch and self._polls:
+                # Polls waiting with a cursor of the old epoch: the new epoch
+                # cannot place it, so they are answered with a resync now,
+                # whose cursor is just before ``records`` (the next poll
+                # gets them, as a subscriber gets them after its resync).
+                old = self._r_epoch + "-"
+                start = f"{epoch}-{records[0].seq - 1 if records else seq}"
+                for callback, cursor in list(self._polls.items()):
+                    if cursor.startswith(old) or cursor in self._given:
+                        del self._polls[callback]
+                        answers.append((callback, Batch([], start, True, OTHER_EPOCH)))
             if restart or reason is not None:
                 self._replica.clear()
                 self._given.clear()
@@ -594,6 +624,8 @@ class ChannelHub(Hub):
             self._synced = True
             subscribers = [(sub, self._after.get(sub, 0)) for sub in self._subscribers]
         self._end_unserved()
+        for callback, batch in answers:
+            _run(callback, batch)
         if fresh and subscribers:
             self._deliver_many(fresh, subscribers)
 
@@ -650,11 +682,20 @@ class ChannelHub(Hub):
             _end_unserved(body, full)
 
     def _unsync_if_idle(self) -> bool:
-        """Stop following the channel if nobody here needs it; True if stopped."""
+        """Stop following the channel if nobody here needs it; True if stopped.
+
+        The replica goes with it: unfollowed it would only go stale, and a
+        process that knows many channels must not keep a history copy of each.
+        Followed again, the channel is read afresh from Redis (one read).
+        """
         with self._lock:
             if self._local_users():
                 return False
             self._synced = False
+            self._replica.clear()
+            self._given.clear()
+            self._r_epoch = ""
+            self._r_seq = 0
             return True
 
     def _unsync(self) -> None:
@@ -680,6 +721,11 @@ def _read_gap(
     lost the channel (the new epoch's stream is read from its start), TOO_OLD
     when it trimmed entries not read yet, or the gap is beyond ``_MAX_GAP``
     (then the latest ``size`` records).
+
+    ``_MAX_GAP`` bounds the entries read in all, not only those kept: a
+    publisher that trims the stream faster than a page per round trip makes
+    each page start over ("trimmed while read"), and the receiver, which
+    serves every channel, must not chase it for ever.
     """
     reason: str | None = None
     for _ in range(3):  # a channel lost again while it is read: start over
@@ -693,8 +739,9 @@ def _read_gap(
         if (records[0].seq if records else head.seq + 1) != seq + 1:
             reason = reason or TOO_OLD  # trimmed before this process read it
         last = head.seq
+        seen = len(records)  # entries read, kept or not
         while records and records[-1].seq < last:
-            if len(records) >= _MAX_GAP:
+            if seen >= _MAX_GAP:
                 head = link.read(channel, None, size)
                 if head.epoch != epoch:
                     break
@@ -702,6 +749,7 @@ def _read_gap(
             page = link.read(channel, records[-1].seq, _PAGE)
             if page.epoch != epoch:
                 break
+            seen += len(page.records)
             if not page.records or page.records[0].seq != records[-1].seq + 1:
                 records, reason = page.records, reason or TOO_OLD  # trimmed while read
             else:
@@ -868,7 +916,12 @@ class RedisBroker:
         self.backoff_max = float(backoff_max)
         self.linger = float(linger)
         self._lock = allocate_lock()
-        self._hubs: dict[str, ChannelHub] = {}
+        # Hubs are held weakly here: a hub lives while the application holds
+        # it or this process follows its channel (``_held``, until ``linger``
+        # after its last local user). A process that touches many channels
+        # once (a read of each) keeps none of them.
+        self._hubs: weakref.WeakValueDictionary[str, ChannelHub] = weakref.WeakValueDictionary()
+        self._held: dict[str, ChannelHub] = {}  # channels followed, or asked to be
         self._unsettled: set[str] = set()  # channels with pending subscribers to place
         self._dirty = False  # a channel may want following: the receiver looks now
         self._pid = 0
@@ -876,7 +929,15 @@ class RedisBroker:
         self._receiver: _Receiver | None = None
 
     def hub(self, channel: str) -> ChannelHub:
-        """The hub of ``channel`` in this broker (the same object for the same name)."""
+        """The hub of ``channel`` in this broker (the same object for the same name).
+
+        The broker keeps a hub only while something uses it: the application
+        holds a reference, or this process follows the channel (a local
+        subscriber or long-poll, and ``linger`` seconds after the last one).
+        Then the hub, its receiving subscription and its local copy of the
+        history go away, and a later ``hub(channel)`` makes a fresh one that
+        reads the channel from Redis: ids and cursors stay valid across that.
+        """
         # Braces are refused: the channel is its keys' {hash tag}, which ends
         # at the first "}", so every key of a channel shares one Cluster slot.
         if (
@@ -943,8 +1004,13 @@ class RedisBroker:
                 link = self._link_
         return link
 
-    def _follow(self) -> None:
-        """Make sure this process's receiver runs, and looks for channels to follow at once."""
+    def _follow(self, hub: ChannelHub) -> None:
+        """Make sure this process's receiver runs, and looks for channels to follow at once.
+
+        ``hub`` has a new local user: it is held until the receiver lets it go.
+        """
+        with self._lock:
+            self._held[hub.channel] = hub
         self._link()
         self._dirty = True
         receiver = self._receiver
@@ -963,7 +1029,25 @@ class RedisBroker:
     def _take_unsettled(self) -> list[ChannelHub]:
         with self._lock:
             names, self._unsettled = self._unsettled, set()
-            return [self._hubs[name] for name in names]
+            hubs = [self._hubs.get(name) for name in names]
+            return [hub for hub in hubs if hub is not None]
+
+    def _let_go(self, name: str) -> None:
+        """The receiver no longer follows ``name``: the hub lives on only if someone holds it.
+
+        Unless a user came meanwhile: a request may subscribe between the
+        receiver's look at the hub and this call. Decided under the lock that
+        :meth:`_follow` holds, so such a hub stays held (and is followed
+        again at the receiver's next look), never collected while used.
+        """
+        with self._lock:
+            hub = self._held.get(name)
+            if hub is None:
+                return
+            with hub._lock:
+                if hub._local_users():
+                    return
+            del self._held[name]
 
     def _channels(self) -> list[ChannelHub]:
         with self._lock:
@@ -990,6 +1074,7 @@ class _Receiver:
         self._probed_at: float | None = None
         self._followed: set[str] = set()
         self._idle_since: dict[str, float] = {}  # followed channels without local users
+        self._confirming: set[str] = set()  # SUBSCRIBE sent, its confirmation not read yet
         self._next_scan = 0.0
         self._sleep: Callable[[float], object] = time.sleep
         self._probe = f"{broker.prefix}:probe:{os.getpid()}:{secrets.token_hex(4)}"
@@ -1061,6 +1146,7 @@ class _Receiver:
             conn.send("SUBSCRIBE", self._probe)
             followed = self._followed
             followed.clear()
+            self._confirming.clear()
             self._next_scan = 0.0
             probe_token: str | None = None
             probe_sent = 0.0
@@ -1068,8 +1154,7 @@ class _Receiver:
             next_probe = time.monotonic() + broker.probe_interval
             while self._running:
                 self._resubscribe(conn, link, followed)
-                for hub in broker._take_unsettled():
-                    self._settle(hub)
+                self._settle_unsettled()  # not a loop here: its variable would hold a hub
                 before = time.monotonic()
                 push = conn.read(_TICK)
                 if push is None:
@@ -1095,6 +1180,7 @@ class _Receiver:
                         # what proves the session healthy.
                         next_probe = time.monotonic()
                     elif kind == "subscribe":
+                        self._confirming.discard(link.channel_of(name) or "")
                         self._refill(link, name)
                 now = time.monotonic()
                 if probe_token is not None and probe_waited > broker.probe_timeout:
@@ -1132,10 +1218,19 @@ class _Receiver:
             return
         self._broker._dirty = False
         self._next_scan = now + _SCAN
+        with self._broker._lock:  # before ``wanted``: a hub is held only after its user is in
+            held = set(self._broker._held)
         wanted = {hub.channel: hub for hub in self._broker._channels() if hub._local_users()}
         for name in wanted.keys() - followed:
             conn.send("SUBSCRIBE", link.notify_channel(name))
             followed.add(name)
+            self._confirming.add(name)
+        for name in (wanted.keys() & followed) - self._confirming:
+            if not wanted[name]._synced:
+                # A hub made afresh for a channel followed already (its
+                # predecessor was collected): no confirmation will come to
+                # fill it, so it is read here.
+                self._refill(link, link.notify_channel(name))
         idle = self._idle_since
         for name in followed - wanted.keys():
             since = idle.setdefault(name, now)
@@ -1143,8 +1238,12 @@ class _Receiver:
                 conn.send("UNSUBSCRIBE", link.notify_channel(name))
                 followed.discard(name)
                 del idle[name]
+                self._broker._let_go(name)
         for name in wanted.keys() & idle.keys():
             del idle[name]
+        # Asked to be followed, but its users left first (or the connection was lost).
+        for name in held - followed - wanted.keys():
+            self._broker._let_go(name)
 
     def _refill(self, link: Link, notify_channel: str) -> None:
         """Subscribed (again), or a gap: read what the replica lacks from the stream, then settle.
@@ -1162,7 +1261,8 @@ class _Receiver:
         with hub._lock:
             epoch, seq, followed = hub._r_epoch, hub._r_seq, bool(hub._subscribers)
         if not epoch or not followed:
-            # Nobody here to deliver to: the replica is the latest history.
+            # Nobody here to deliver to (yet: ``_apply`` looks again, under
+            # the lock, for a request that subscribed during the read).
             head = link.read(name, None, hub._size)
             hub._apply(head.epoch, head.seq, head.records, restart=True)
         else:
@@ -1195,6 +1295,10 @@ class _Receiver:
             self._refill(link, notify_channel)
             return
         self._settle(hub)
+
+    def _settle_unsettled(self) -> None:
+        for hub in self._broker._take_unsettled():
+            self._settle(hub)
 
     def _settle(self, hub: ChannelHub) -> None:
         ask = hub._settle()

@@ -9,7 +9,8 @@ for long-polling. No framework, no monkey-patching.
 HTTP API (``<room>``: 1--32 of ``a-z 0-9 - _``):
 
 =======================================  =========================================
-``GET /``                                the page (``?room=&nick=&mode=sse|poll``)
+``GET /``                                the page (``?room=&nick=&mode=sse|poll``;
+                                         ``HEAD`` too)
 ``GET /api/rooms/<room>/history``        ``{"messages": [...], "cursor": ...}``; a
                                          room nobody posted to: no messages,
                                          cursor ``null``
@@ -42,6 +43,10 @@ its memory is bounded by design rather than by the good manners of clients:
   over it first evicts the least recently used rooms nobody is watching; if
   that is not enough it gets ``503``. A room's history is a ring of
   ``history`` messages, so a room that is full costs no more as it goes on.
+  In Redis mode this process keeps a copy of a room's history only while it
+  streams or polls the room (and the broker's ``linger`` after), filled by
+  every process's posts: a watched room is charged what its copy holds,
+  measured when it is taken up and at each request to it here.
 * Bodies are read only up to ``_MAX_POST`` bytes (``413`` beyond), JSON is
   parsed with a nesting limit, every field has a type and a size.
 
@@ -64,7 +69,7 @@ from importlib import resources
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import parse_qs, urlsplit
 
-from wsgi_detach import BrokerUnavailable, Hub, RedisBroker, long_poll
+from wsgi_detach import BrokerUnavailable, Hub, Message, RedisBroker, long_poll
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -82,8 +87,10 @@ _ALLOW: Final = {"history": "GET", "messages": "POST", "events": "GET", "poll": 
 _CURSOR: Final = re.compile(r"[!-~]{1,128}")
 _MAX_NICK: Final = 32
 _MAX_TEXT: Final = 2000
-#: A 2000-character message, JSON-escaped at 6 bytes a character, fits.
-_MAX_POST: Final = 16 * 1024
+#: A 2000-character message and a 32-character nick fit, JSON-escaped at 12
+#: bytes a character (a character beyond the BMP, an emoji, is a surrogate
+#: pair: ``\ud83d\ude00``), as ``JSON.stringify`` does not but other clients may.
+_MAX_POST: Final = 32 * 1024
 #: Deeper JSON than a message needs is refused before it is parsed: Python's
 #: parser recurses once per level.
 _MAX_DEPTH: Final = 8
@@ -108,13 +115,20 @@ class _HTTPError(Exception):
 
 
 class _Room:
-    """A hub and what its kept messages cost (``sizes`` mirrors the hub's history ring)."""
+    """A hub and what its kept messages cost (``sizes`` mirrors the hub's history ring).
 
-    __slots__ = ("bytes", "hub", "sizes", "used")
+    In Redis mode the hub's history is the channel's, posted to by every
+    process: ``costs`` then holds what each message in it was charged (by
+    id), measured from the hub when this process takes the room up to watch
+    it, and at each request to the room while it is watched here.
+    """
+
+    __slots__ = ("bytes", "costs", "hub", "sizes", "used")
 
     def __init__(self, hub: Hub, history: int) -> None:
         self.hub = hub
         self.sizes: deque[int] = deque(maxlen=history)
+        self.costs: dict[str, int] = {}
         self.bytes = _ROOM_OVERHEAD
         self.used = time.monotonic()
 
@@ -142,6 +156,11 @@ class ChatApp:
             commands pass the loopback names, so that a web page whose own
             name was made to point at 127.0.0.1 (DNS rebinding) cannot use
             the chat as its same origin.
+        proxied_hosts: names the chat is reached by through a reverse proxy
+            (``chat.example.com``): answered to whatever ``hosts`` says, and
+            a page served under one of them, on any port or scheme, may post
+            (the proxy's ``Host`` and the browser's ``Origin`` then differ
+            only by the port the proxy listens on).
     """
 
     def __init__(
@@ -154,8 +173,10 @@ class ChatApp:
         room_idle: float = 900.0,
         redis_url: str | None = None,
         hosts: Iterable[str] | None = None,
+        proxied_hosts: Iterable[str] = (),
     ) -> None:
-        self._hosts = None if hosts is None else frozenset(h.lower() for h in hosts)
+        self._proxied = frozenset(h.lower() for h in proxied_hosts)
+        self._hosts = None if hosts is None else frozenset(h.lower() for h in hosts) | self._proxied
         self._history = history
         self._broker = None if redis_url is None else RedisBroker(redis_url, history=history)
         self._retry_ms = retry_ms
@@ -193,18 +214,27 @@ class ChatApp:
             if room is not None:
                 room.used = time.monotonic()
                 self._rooms.move_to_end(name)
-                return room.hub
-            if self._broker is None:
+            elif self._broker is None:
                 return None
+        if room is not None:
+            if self._broker is not None and (watch or room.watched):
+                self._measure(name, room.hub)
+            return room.hub
         # Asked outside our lock: a real lock must not be held across network I/O.
+        assert self._broker is not None
         hub = self._broker.hub(name)
-        if not watch and not hub.recent(1).messages:
+        kept = hub.recent(None if watch else 1).messages
+        if not watch and not kept:
             return None
+        # Watched, this process keeps a copy of the room's history: charged now.
+        costs = {message.id: _message_cost(message) for message in kept} if watch else {}
         with self._lock:
-            if name not in self._rooms:
-                self._make_room_for(_ROOM_OVERHEAD, keep=name, new=True)
-                self._rooms[name] = _Room(hub, self._history)
+            room = self._rooms.get(name)
+            if room is None:
+                self._make_room_for(_ROOM_OVERHEAD + sum(costs.values()), keep=name, new=True)
+                room = self._rooms[name] = _Room(hub, self._history)
                 self._bytes += _ROOM_OVERHEAD
+            self._charge(room, costs)
         return hub
 
     def _new_hub(self, name: str) -> Hub:
@@ -245,7 +275,8 @@ class ChatApp:
         if self._hosts is not None and _host_name(environ) not in self._hosts:
             raise _HTTPError("421 Misdirected Request", "this chat does not answer to that host")
         if path == "/":
-            _allow(method, "GET")
+            if method != "HEAD":  # HEAD: GET's head, no body
+                _allow(method, "GET", "GET, HEAD")
             headers = [
                 ("Content-Type", "text/html; charset=utf-8"),
                 ("Content-Length", str(len(self._page))),
@@ -253,14 +284,14 @@ class ChatApp:
                 ("X-Content-Type-Options", "nosniff"),
             ]
             start_response("200 OK", headers)
-            return [self._page]
+            return [] if method == "HEAD" else [self._page]
         match = _ROOM.fullmatch(path)
         if match is None:
             raise _HTTPError("404 Not Found", f"no such page: {path!r}")
         name, action = match.groups()
         _allow(method, _ALLOW[action])
         if action == "messages":
-            _check_same_origin(environ)
+            _check_same_origin(environ, self._proxied)
             message = self._post(name, _read_message(environ))
             return _json(start_response, {"id": message}, "201 Created")
         query = _query(environ)
@@ -285,13 +316,14 @@ class ChatApp:
         )
 
     def _post(self, name: str, data: dict[str, Any]) -> str:
-        cost = _cost(data)
+        # In Redis mode the post is charged when the room is measured after it.
+        cost = _cost(data) if self._broker is None else 0
         with self._lock:
             now = time.monotonic()
             self._evict_idle(now)
             room = self._rooms.get(name)
             freed = 0
-            if room is not None and len(room.sizes) == room.sizes.maxlen:
+            if cost and room is not None and len(room.sizes) == room.sizes.maxlen:
                 freed = room.sizes[0]  # the oldest message falls out of the ring
             new = _ROOM_OVERHEAD if room is None else 0
             self._make_room_for(cost - freed + new, keep=name, new=room is None)
@@ -302,7 +334,8 @@ class ChatApp:
             self._rooms.move_to_end(name)
             room.bytes += cost - freed
             self._bytes += cost - freed
-            room.sizes.append(cost)
+            if cost:
+                room.sizes.append(cost)
             hub = room.hub
         # Outside our lock: publish answers long-polls in this thread, and a
         # real lock must not be held across anything that may yield.
@@ -311,7 +344,47 @@ class ChatApp:
         # every process delivers anyway.
         own_id = None if self._broker is not None else self._new_id(name)
         message = hub.publish(data, event="chat", id=own_id)
+        if self._broker is not None and (hub.subscribers or hub.pending_polls):
+            self._measure(name, hub)
         return message.id
+
+    def _measure(self, name: str, hub: Hub) -> None:
+        """Redis mode: charge a watched room for what its hub keeps, whoever posted it.
+
+        While a room is watched here, this process keeps a copy of its history,
+        which every process's posts fill. Measured outside our lock (it may
+        read Redis), charged under it; a room that grew through other
+        processes' posts makes way by evicting rooms nobody watches.
+        """
+        with self._lock:
+            room = self._rooms.get(name)
+            known = {} if room is None else room.costs
+        costs = {}
+        try:
+            kept = hub.recent().messages  # the local copy, or Redis before it is filled
+        except BrokerUnavailable:
+            return  # Redis is down: measured at the next request (a post already went)
+        for message in kept:
+            cost = known.get(message.id)
+            costs[message.id] = _message_cost(message) if cost is None else cost
+        with self._lock:
+            room = self._rooms.get(name)
+            if room is None or room.hub is not hub:
+                return  # evicted meanwhile
+            grown = sum(costs.values()) - sum(room.costs.values())
+            if grown > 0:
+                try:
+                    self._make_room_for(grown, keep=name, new=False)
+                except _HTTPError:
+                    pass  # only watched rooms left: charged anyway, the next post gets 503
+            self._charge(room, costs)
+
+    def _charge(self, room: _Room, costs: dict[str, int]) -> None:
+        """Replace a Redis-mode room's charge for its messages by ``costs`` (under our lock)."""
+        delta = sum(costs.values()) - sum(room.costs.values())
+        room.costs = costs
+        room.bytes += delta
+        self._bytes += delta
 
     def _evict_idle(self, now: float) -> None:
         for name, room in list(self._rooms.items()):
@@ -340,17 +413,21 @@ class ChatApp:
         room.hub.disconnect_all()  # nobody is watching; a poll racing in gets an empty answer
 
 
-def _allow(method: str, allowed: str) -> None:
+def _allow(method: str, allowed: str, allow_header: str | None = None) -> None:
     if method != allowed:
-        raise _HTTPError("405 Method Not Allowed", f"use {allowed}", [("Allow", allowed)])
+        raise _HTTPError(
+            "405 Method Not Allowed", f"use {allowed}", [("Allow", allow_header or allowed)]
+        )
 
 
-def _check_same_origin(environ: WSGIEnvironment) -> None:
+def _check_same_origin(environ: WSGIEnvironment, proxied: frozenset[str]) -> None:
     """Refuse a post a browser sends from another site's page.
 
     Browsers send ``Origin`` with every cross-origin POST and
     ``Sec-Fetch-Site`` with every request; tools such as curl send neither
-    and are let through (they could forge both anyway).
+    and are let through (they could forge both anyway). ``proxied``: host
+    names whose pages may post whatever the ``Host`` header (a reverse proxy
+    may rewrite it, or drop the port it listens on).
     """
     site = environ.get("HTTP_SEC_FETCH_SITE")
     if site not in (None, "same-origin", "none"):
@@ -359,10 +436,13 @@ def _check_same_origin(environ: WSGIEnvironment) -> None:
     if origin is not None:
         host = environ.get("HTTP_HOST", "")
         try:
-            origin_host = urlsplit(origin).netloc
+            parts = urlsplit(origin)
+            origin_host, origin_name = parts.netloc, parts.hostname
         except ValueError:
-            origin_host = ""
-        if not host or origin_host.lower() != host.lower():
+            origin_host = origin_name = ""
+        if origin_name and origin_name.lower() in proxied:
+            pass  # one of our public names, seen through a proxy
+        elif not host or origin_host.lower() != host.lower():
             raise _HTTPError("403 Forbidden", "post from the chat's own page")
     content_type = environ.get("CONTENT_TYPE", "").split(";")[0].strip().lower()
     if content_type != "application/json":
@@ -443,6 +523,15 @@ def _cost(data: dict[str, Any]) -> int:
         sys.getsizeof(data["nick"]) + sys.getsizeof(data["text"])
         + 2 * (encoded + 50) + _MESSAGE_OVERHEAD
     )
+
+
+def _message_cost(message: Message) -> int:
+    """What a message a Redis-mode hub keeps costs: its strings (the data parsed from
+    the JSON text, which is kept too), the SSE bytes, and a fixed overhead."""
+    data = message.data
+    strings = sum(sys.getsizeof(v) for v in data.values() if isinstance(v, str)) if isinstance(
+        data, dict) else sys.getsizeof(data)
+    return strings + 2 * (len(message.text) + 50) + _MESSAGE_OVERHEAD
 
 
 def _query(environ: WSGIEnvironment) -> dict[str, str]:

@@ -24,8 +24,8 @@ The parts:
 * :class:`EventSource` -- an SSE client that follows ``retry`` and
   reconnects with ``Last-Event-ID``, as a browser does.
 * :class:`SSEParser` -- the WHATWG event-stream parsing rules, literally.
-* A pytest plugin (:mod:`wsgi_detach.testing.pytest_plugin`) with fixtures
-  for all of it.
+* A pytest plugin (:mod:`wsgi_detach_pytest.plugin`, enabled on request)
+  with fixtures for all of it.
 
 Every wait is bounded and fails with :class:`WaitTimeout`, whose message
 says what was awaited and what was seen. Standard-library sockets only: the
@@ -49,6 +49,7 @@ from ._observe import CONTROL_PREFIX, BodyRecord, Exchange, Observer
 from ._servers import (
     PROCESS_ONLY,
     SERVERS,
+    SMALL_SNDBUF,
     LiveServer,
     ProcessServer,
     ServerDidNotStart,
@@ -63,6 +64,7 @@ __all__ = [
     "PROCESS_ONLY",
     "SERVERS",
     "SMALL_RCVBUF",
+    "SMALL_SNDBUF",
     "Arrival",
     "BodyRecord",
     "EventSource",

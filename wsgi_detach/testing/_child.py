@@ -45,25 +45,39 @@ def _wrapped(config: dict[str, Any]) -> Any:
 
 
 def _serve(config: dict[str, Any]) -> None:
+    import os
     import signal
     import threading
+    import traceback
 
     from ._servers import _RUNNERS
 
     kind = config["server"]
-    runner = _RUNNERS[kind](_wrapped(config), kind, sys.stderr, config["grace"])
+    runner = _RUNNERS[kind](_wrapped(config), kind, sys.stderr, config["grace"],
+                            config.get("send_buffer", 0))
     patched = config["monkey_patch"]
     if not patched:
         # Every thread the server starts inherits the mask, so SIGTERM is
         # left to sigwait below, in the main thread.
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
     started = threading.Event()
+    crashed = threading.Event()
 
     def ready(port: int) -> None:
         _listening(port)
         started.set()
 
-    thread = threading.Thread(target=runner.run, args=(ready,))
+    def run() -> None:
+        try:
+            runner.run(ready)
+        except BaseException:
+            # Before listening or after: either way the process must end now,
+            # with the error in its log, not wait for a SIGTERM.
+            traceback.print_exc()
+            crashed.set()
+            os.kill(os.getpid(), signal.SIGTERM)  # wakes the main thread's wait below
+
+    thread = threading.Thread(target=run, daemon=True)
     thread.start()
     if patched:
         import gevent
@@ -74,7 +88,12 @@ def _serve(config: dict[str, Any]) -> None:
         stopping.wait()
     else:
         signal.sigwait({signal.SIGTERM, signal.SIGINT})
-    started.wait()
+    if crashed.is_set():
+        sys.exit("the server thread failed (its traceback is above)")
+    # Stopped while it was starting: give it a bounded moment to get ready,
+    # since only a started runner can be stopped.
+    if not started.wait(10):
+        sys.exit("stopped before the server was listening")
     runner.stop()
     thread.join(config["grace"] + 10)
 

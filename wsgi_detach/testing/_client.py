@@ -42,9 +42,11 @@ __all__ = [
 #: the stream that made them.
 CLIENT_ID_HEADER = "X-Wsgi-Detach-Testing-Id"
 
-#: The receive buffer of a stream opened with ``small_buffer=True``: small,
-#: so that a stalled reader fills the server's side within a few kilobytes
-#: instead of the megabytes Linux grows a loopback buffer to.
+#: The receive buffer of a stream opened with ``small_buffer=True`` (Linux
+#: doubles it). It bounds only the client's side: the server's send buffer
+#: grows by itself to megabytes on loopback (about 2.7 MiB is written to a
+#: stalled reader before the server's writes block) unless the server sets
+#: it, as ``serve(..., send_buffer=SMALL_SNDBUF)`` does (then about 14 KiB).
 SMALL_RCVBUF = 4096
 
 _next_id = iter(range(1, 1 << 62))
@@ -126,9 +128,13 @@ class Stream:
     Each chunk is one HTTP chunk of a chunked response (one ``recv()`` for
     other framings), recorded with its arrival time in :attr:`arrivals`.
     The end of the body is reported, never guessed: :attr:`complete` is true
-    only after the terminating zero chunk (or all of ``Content-Length``);
-    :attr:`ending` says how it ended (``"complete"``, ``"closed"``: the
-    server closed the connection early, ``"reset"``: it reset it).
+    only after the terminating zero chunk, all of ``Content-Length``, or the
+    head of a response that has no body (to ``HEAD``, a 1xx, 204 or 304);
+    :attr:`ending` says how it ended (``"complete"``; ``"closed"``: the
+    server closed the connection early; ``"reset"``: it reset it; ``"eof"``:
+    a body delimited by the end of the connection ended with a FIN -- all the
+    client can see of a whole body, and of one the server gave up on, so
+    not ``complete``).
 
     Misbehaving on purpose: :meth:`stall`, :meth:`half_close`, :meth:`reset`,
     :meth:`vanish`. Use as a context manager, or :meth:`close` it.
@@ -141,8 +147,9 @@ class Stream:
         body: a request body (sent with ``Content-Length``).
         timeout: the default bound, in seconds, of every wait on this stream.
         small_buffer: shrink the receive buffer (:data:`SMALL_RCVBUF`) before
-            connecting, so that a stalled reader makes the server's writes
-            back up after a few kilobytes.
+            connecting. The server's writes to a stalled reader back up after
+            a few kilobytes only if the server's send buffer is small too
+            (``serve(..., send_buffer=SMALL_SNDBUF)``); else after megabytes.
         http10: send an HTTP/1.0 request (no chunked encoding in the answer).
         wait_head: ``False``: return once the request is sent, and read the
             head with :meth:`read_head` (or the first read of the body).
@@ -174,6 +181,7 @@ class Stream:
         host, port = _address(target)
         self.timeout = timeout
         self.what = f"{method} {path}"
+        self._method = method
         self.client_id = str(next(_next_id))
         #: Every piece of the body so far, with its arrival time.
         self.arrivals: list[Arrival] = []
@@ -185,8 +193,9 @@ class Stream:
         #: Response headers, names lower-cased (a repeated header: the last value).
         self.headers: dict[str, str] = {}
         self.complete = False
-        #: ``""`` while the body is being read; then ``"complete"``, ``"closed"``
-        #: or ``"reset"`` (see the class docs), or ``"left"`` after the client closed it.
+        #: ``""`` while the body is being read; then ``"complete"``, ``"closed"``,
+        #: ``"reset"`` or ``"eof"`` (see the class docs), or ``"left"`` after the
+        #: client closed it.
         self.ending = ""
         self.parser = SSEParser()
         self._events_seen = 0
@@ -295,7 +304,12 @@ class Stream:
             name, _, value = line.decode("latin-1").partition(":")
             self.headers[name.strip().lower()] = value.strip()
         self.head_at = time.monotonic()
-        if self.headers.get("transfer-encoding", "").lower() == "chunked":
+        if self._method == "HEAD" or self.status in (204, 304) or self.status < 200:
+            # RFC 9112 section 6.3: these responses end with their head,
+            # whatever their headers say.
+            self._mode = "none"
+            self._end("complete")
+        elif self.headers.get("transfer-encoding", "").lower() == "chunked":
             self._mode = "chunked"
         elif "content-length" in self.headers:
             self._mode = "length"
@@ -354,8 +368,9 @@ class Stream:
             return data
         if not self._buf and not self._fill(give_up, "the next piece of the body"):
             # Without a length, the end of the connection is the end of the
-            # body (HTTP/1.0 style): complete unless it was a reset.
-            self._end("complete" if self._mode == "close" else "closed")
+            # body (HTTP/1.0 style), whether the server finished it or gave
+            # up on it: "eof", which proves nothing, unless it was a reset.
+            self._end("eof" if self._mode == "close" else "closed")
             return None
         data, self._buf = self._buf, b""
         if self._mode == "length":
@@ -392,7 +407,8 @@ class Stream:
             AssertionError: the body did not end complete, or is not JSON.
         """
         data = self.read_all(timeout)
-        if not self.complete:
+        # A close-delimited body ("eof") is taken: a cut one fails to parse.
+        if not self.complete and self.ending != "eof":
             raise AssertionError(f"{self.what}: the body ended {self.ending}, not complete: "
                                  f"{data[:200]!r}")
         try:
@@ -447,9 +463,10 @@ class Stream:
         """Stop reading: from now on the client reads nothing until the test reads again.
 
         Nothing is sent; the connection stays open and the server's writes
-        back up once the socket buffers are full (open the stream with
-        ``small_buffer=True`` to make that a few kilobytes). Returns the
-        stream, for ``Stream(...).stall()``.
+        back up once the socket buffers are full: about 14 KiB with
+        ``small_buffer=True`` and a server started with
+        ``send_buffer=SMALL_SNDBUF``, about 2.7 MiB with ``small_buffer`` alone
+        (Linux, loopback). Returns the stream, for ``Stream(...).stall()``.
         """
         self.stalled_at = time.monotonic()
         return self
@@ -577,6 +594,8 @@ class EventSource:
         return min(ms / 1000, self.max_retry)
 
     def _connect(self, give_up: float) -> None:
+        if self.connections:
+            self.stream.close()  # it ended; its socket is no longer needed
         headers = dict(self._headers, Accept="text/event-stream", **{"Cache-Control": "no-cache"})
         last_id = self.parser.last_event_id or None
         if last_id is not None:
@@ -607,6 +626,7 @@ class EventSource:
         """
         bound = self.timeout if timeout is None else timeout
         give_up = time.monotonic() + bound
+        why = ""
         while not self.closed and len(self.events) <= self._returned:
             stream = self.stream
             if not stream.ending:
@@ -622,7 +642,10 @@ class EventSource:
                 continue
             # The stream ended: wait the reconnection time, then resume.
             wait = self.retry
-            if time.monotonic() + wait >= give_up:
+            left = give_up - time.monotonic()
+            if wait >= left:
+                why = (f"; the stream ended and the reconnection delay ({wait}s) was longer "
+                       f"than the {max(left, 0):.2f}s left, so it did not reconnect")
                 break
             time.sleep(wait)
             self._connect(give_up)
@@ -631,20 +654,25 @@ class EventSource:
             return self.events[self._returned - 1]
         if self.closed:
             return None
-        raise WaitTimeout(f"no event within {bound}s over {len(self.connections)} connections; "
-                          f"the current one: {self.stream._seen()}; events so far: "
+        raise WaitTimeout(f"no event within {bound:.3g}s over {len(self.connections)} connections"
+                          f"{why}; the current one: {self.stream._seen()}; events so far: "
                           f"{self.events}")
 
     def take(self, count: int, timeout: float | None = None) -> list[SSEEvent]:
-        """The next ``count`` events, within ``timeout`` in all (reconnecting as needed)."""
+        """The next ``count`` events, within ``timeout`` in all (reconnecting as needed).
+
+        Raises:
+            WaitTimeout: fewer arrived in time; the message says how many, and why.
+        """
         bound = self.timeout if timeout is None else timeout
         give_up = time.monotonic() + bound
         got: list[SSEEvent] = []
         while len(got) < count:
-            left = give_up - time.monotonic()
-            if left <= 0:
-                raise WaitTimeout(f"{len(got)} of {count} events within {bound}s: {got}")
-            event = self.next_event(left)
+            try:
+                event = self.next_event(max(give_up - time.monotonic(), 0.0))
+            except WaitTimeout as exc:
+                raise WaitTimeout(f"{len(got)} of {count} events within {bound:.3g}s: {got}; "
+                                  f"then {exc}") from None
             if event is None:
                 raise AssertionError(f"the source was closed (204) after {len(got)} of "
                                      f"{count} events: {got}")

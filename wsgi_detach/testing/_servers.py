@@ -34,7 +34,7 @@ import threading
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import fields
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Union
+from typing import IO, TYPE_CHECKING, Any, Callable, ClassVar, Union
 
 from .._middleware import DetachMiddleware, DetachStats
 from ._client import CLIENT_ID_HEADER, Stream, get_json, wait_until
@@ -79,6 +79,12 @@ _READY = re.compile(r"^LISTENING (\d+)\s*$")
 AppSpec = Union[str, "WSGIApplication"]
 
 
+#: A small ``send_buffer`` for :func:`serve` (Linux doubles it): with a client
+#: that stalls with ``small_buffer=True``, about 14 KiB reach the socket
+#: buffers before the server's writes block.
+SMALL_SNDBUF = 4096
+
+
 class ServerDidNotStart(RuntimeError):
     """The server did not accept connections within the bound, or exited first.
 
@@ -108,8 +114,9 @@ class LiveServer:
     :class:`~wsgi_detach.testing.WaitTimeout` with what it saw.
     """
 
-    #: Every server started in this process, in order (the pytest plugin
-    #: shows the logs of those a failed test started).
+    #: Every server started in this process, in order; the pytest plugin
+    #: empties it before each test (so that a long suite does not keep every
+    #: server and its log) and shows the logs of those a failed test started.
     launched: ClassVar[list[LiveServer]] = []
     #: The server kinds this class runs.
     KINDS: ClassVar[Mapping[str, str]] = SERVERS
@@ -288,11 +295,23 @@ _LOGGERS = ("wsgi_detach", "waitress", "gunicorn.error")
 class _Runner:
     """Runs one server kind: ``run`` serves in the calling thread, ``stop`` from any other."""
 
-    def __init__(self, app: WSGIApplication, kind: str, log: Any, grace: float) -> None:
+    def __init__(self, app: WSGIApplication, kind: str, log: Any, grace: float,
+                 send_buffer: int = 0) -> None:
         self.app = app
         self.kind = kind
         self.log = log
         self.grace = grace
+        self.send_buffer = send_buffer
+
+    def limit(self, listener: socket.socket) -> None:
+        """Set ``SO_SNDBUF`` on the listening socket; accepted connections inherit it.
+
+        Set, it also stops the kernel from growing the buffer by itself: on
+        loopback an unset send buffer grows to megabytes under a reader that
+        stalls.
+        """
+        if self.send_buffer:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.send_buffer)
 
     def run(self, ready: Callable[[int], None]) -> None:
         raise NotImplementedError
@@ -337,7 +356,12 @@ class _GeventRunner(_Runner):
         self._watcher = watcher
         try:
             server.start()
-            ready(server.server_port)
+            try:
+                self.limit(server.socket)
+                ready(server.server_port)
+            except BaseException:
+                server.close()
+                raise
             server.serve_forever()
         finally:
             watcher.close()
@@ -389,8 +413,9 @@ class _WsgirefRunner(_Runner):
                         pass
 
         self._stop = stop
-        ready(server.server_port)
         try:
+            self.limit(server.socket)
+            ready(server.server_port)
             server.serve_forever(poll_interval=0.05)
         finally:
             server.server_close()
@@ -414,7 +439,13 @@ class _WaitressRunner(_Runner):
             channel_request_lookahead=1,
         )
         self._server = server
-        ready(server.effective_port)
+        try:
+            self.limit(server.socket)
+            ready(server.effective_port)
+        except BaseException:
+            server.close()
+            server.task_dispatcher.shutdown(timeout=2)
+            raise
         server.run()  # until the map is empty (see stop)
         server.task_dispatcher.shutdown(timeout=2)
 
@@ -455,6 +486,10 @@ def _observed(app: Any, kind: str, wrap: Sequence[Callable[[Any], Any]]) -> tupl
     return observer, observer
 
 
+class _Abandoned(Exception):
+    """Raised in a server thread that became ready after start() gave up on it."""
+
+
 class ThreadServer(LiveServer):
     """A server in a thread of the test process (a greenlet, if it is monkey-patched).
 
@@ -469,12 +504,14 @@ class ThreadServer(LiveServer):
         *,
         wrap: Sequence[Callable[[Any], Any]] = (),
         grace: float = 1.0,
+        send_buffer: int = 0,
     ) -> None:
         super().__init__(server, app)
         if server in PROCESS_ONLY:
             raise ValueError(f"{server} runs in a subprocess only: serve(..., process=True)")
         self._wrap = list(wrap)
         self._grace = grace
+        self._send_buffer = send_buffer
         self._log = _LogBuffer()
         self._thread: threading.Thread | None = None
         self._runner: _Runner | None = None
@@ -482,21 +519,39 @@ class ThreadServer(LiveServer):
 
     def start(self, timeout: float = 20.0) -> ThreadServer:
         type(self).launched.append(self)
-        app = load(self.app) if isinstance(self.app, str) else self.app
-        served, self.observer = _observed(app, self.server, self._wrap)
+        try:
+            return self._start(timeout)
+        except BaseException:
+            self.stop()  # whatever got started, on every way out (an interrupt too)
+            raise
+
+    def _start(self, timeout: float) -> ThreadServer:
         for name in _LOGGERS:
             logging.getLogger(name).addHandler(self._log)
-        runner = self._runner = _RUNNERS[self.server](served, self.server, self._log, self._grace)
+        app = load(self.app) if isinstance(self.app, str) else self.app
+        served, self.observer = _observed(app, self.server, self._wrap)
+        runner = self._runner = _RUNNERS[self.server](served, self.server, self._log, self._grace,
+                                                     self._send_buffer)
         started = threading.Event()
         failed: list[BaseException] = []
+        guard = threading.Lock()
+        abandoned = threading.Event()
+        ports: list[int] = []
 
         def ready(port: int) -> None:
-            self.port = port
+            # Once start() has given up, the server closes instead of serving:
+            # nothing would ever stop it.
+            with guard:
+                if abandoned.is_set():
+                    raise _Abandoned
+                ports.append(port)
             started.set()
 
         def run() -> None:
             try:
                 runner.run(ready)
+            except _Abandoned:
+                self._log.write("the server closed: start() had given up on it\n")
             except BaseException as exc:
                 failed.append(exc)
                 self._log.write(f"the server thread raised {exc!r}\n")
@@ -506,11 +561,16 @@ class ThreadServer(LiveServer):
         self._thread = threading.Thread(target=run, name=f"wsgi_detach.testing {self.server}",
                                         daemon=True)
         self._thread.start()
-        if not started.wait(timeout) or failed:
+        try:
+            started.wait(timeout)
+        finally:
+            with guard:
+                abandoned.set()
+                self.running = bool(ports) and not failed
+        if not self.running:
             what = f"raised {failed[0]!r}" if failed else f"did not start within {timeout}s"
-            self._detach_log()
             raise ServerDidNotStart(self.post_mortem(f"{self.server} {what}"))
-        self.running = True
+        self.port = ports[0]
         return self
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -585,18 +645,20 @@ class ProcessServer(LiveServer):
         grace: float = 1.0,
         monkey_patch: bool = False,
         env: dict[str, str] | None = None,
+        send_buffer: int = 0,
     ) -> None:
         if not isinstance(app, str):
             app = _spec_of(app)
+        if send_buffer and server.startswith("gunicorn-"):
+            raise ValueError("send_buffer is not available on gunicorn (its workers listen)")
         super().__init__(server, app)
         self._wrap = list(wrap)
         self._grace = grace
+        self._send_buffer = send_buffer
         self._monkey_patch = monkey_patch
         self._env = env
         self.proc: subprocess.Popen[str] | None = None
-        # Appending (O_APPEND), so that the child's stderr and the stdout
-        # lines copied here never overwrite each other whatever the offset.
-        self._output = tempfile.TemporaryFile(mode="a+", prefix="wsgi-detach-server-")
+        self._output: IO[str] | None = None  # the log file, from start() to stop()
         self._output_guard = threading.Lock()
         self._final_output = ""
         self._reader: threading.Thread | None = None
@@ -611,17 +673,28 @@ class ProcessServer(LiveServer):
     def command(self) -> list[str]:
         """The child's command line."""
         config = {"server": self.server, "app": self.app, "wrap": self._wrap,
-                  "grace": self._grace, "monkey_patch": self._monkey_patch}
+                  "grace": self._grace, "monkey_patch": self._monkey_patch,
+                  "send_buffer": self._send_buffer}
         return [sys.executable, "-m", "wsgi_detach.testing._child", json.dumps(config)]
 
     def start(self, timeout: float = 20.0) -> ProcessServer:
         type(self).launched.append(self)
+        try:
+            return self._start(timeout)
+        except BaseException:
+            self.stop()  # the child, on every way out (an interrupt too)
+            raise
+
+    def _start(self, timeout: float) -> ProcessServer:
+        # Appending (O_APPEND), so that the child's stderr and the stdout
+        # lines copied here never overwrite each other whatever the offset.
+        output = self._output = tempfile.TemporaryFile(mode="a+", prefix="wsgi-detach-server-")
         self.proc = subprocess.Popen(
             self.command(),
             cwd=self.cwd,
             env=child_environment(self._env),
             stdout=subprocess.PIPE,
-            stderr=self._output,
+            stderr=output,
             text=True,
         )
         stdout = self.proc.stdout
@@ -640,8 +713,9 @@ class ProcessServer(LiveServer):
                     ready.set()
                     continue
                 with self._output_guard:
-                    self._output.write(line)
-                    self._output.flush()
+                    if not output.closed:
+                        output.write(line)
+                        output.flush()
             ready.set()  # the output ended: the child exited (or is about to)
 
         reader = self._reader = threading.Thread(target=read_output, daemon=True)
@@ -658,9 +732,7 @@ class ProcessServer(LiveServer):
                 what = f"exited with {self.proc.wait(timeout=5)}"
             except subprocess.TimeoutExpired:
                 what = "closed its output without starting"
-        message = self.post_mortem(f"{self.server} {what}")
-        self.stop()
-        raise ServerDidNotStart(message)
+        raise ServerDidNotStart(self.post_mortem(f"{self.server} {what}"))
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop the child by its PID (SIGTERM; gunicorn: SIGINT), SIGKILL after ``timeout``."""
@@ -683,14 +755,14 @@ class ProcessServer(LiveServer):
             proc.stdout.close()
         final = self.log()
         with self._output_guard:
-            if not self._output.closed:
+            if self._output is not None and not self._output.closed:
                 self._final_output = final
                 self._output.close()
 
     def log(self) -> str:
         """What the child printed to stderr (and stdout) so far."""
         with self._output_guard:
-            if self._output.closed:
+            if self._output is None or self._output.closed:
                 return self._final_output
             self._output.flush()
             self._output.seek(0)
@@ -747,6 +819,7 @@ def serve(
     wrap: Sequence[Any] = (),
     monkey_patch: bool = False,
     env: dict[str, str] | None = None,
+    send_buffer: int = 0,
 ) -> Iterator[LiveServer]:
     """Serve ``app`` on ``server`` on a free port of 127.0.0.1 while the block runs.
 
@@ -764,6 +837,14 @@ def serve(
         monkey_patch: subprocess only: ``gevent.monkey.patch_all()`` in the
             child before anything else is imported.
         env: extra environment variables for the subprocess.
+        send_buffer: ``SO_SNDBUF`` of the server's connections, in bytes (the
+            kernel doubles it; 0: the system's, which on loopback grows to
+            megabytes). With :data:`SMALL_SNDBUF` and a client that stalls
+            with ``small_buffer=True``, the server's writes block after
+            about 14 KiB on Linux instead of about 2.7 MiB, so a test of what
+            the app does with a slow client is bounded by the app's own
+            limits. Not on gunicorn; waitress takes it but buffers what the
+            app writes itself, so nothing holds its app up.
 
     Example::
 
@@ -771,17 +852,19 @@ def serve(
             with Stream(server, "/events") as stream:
                 assert stream.next_event().data == "hello"
     """
+    if not isinstance(send_buffer, int) or send_buffer < 0:
+        raise ValueError(f"send_buffer must be a number of bytes >= 0, got {send_buffer!r}")
     if process is None:
         process = server in PROCESS_ONLY or monkey_patch
     live: LiveServer
     if process:
         live = ProcessServer(server, app, wrap=wrap, grace=grace, monkey_patch=monkey_patch,
-                             env=env)
+                             env=env, send_buffer=send_buffer)
     else:
         if monkey_patch or env:
             raise ValueError("monkey_patch and env are for a server subprocess (process=True)")
-        live = ThreadServer(server, app, wrap=wrap, grace=grace)
-    live.start(timeout)
+        live = ThreadServer(server, app, wrap=wrap, grace=grace, send_buffer=send_buffer)
+    live.start(timeout)  # on failure (an interrupt too) it stops what it started
     try:
         yield live
     finally:

@@ -49,6 +49,7 @@ class SSEParser:
     _pending: bytes = b""
     _text: str = ""
     _started: bool = False
+    _after_cr: bool = False
 
     def feed(self, chunk: bytes) -> list[SSEEvent]:
         """Parse ``chunk``; returns the events it completed."""
@@ -69,29 +70,38 @@ class SSEParser:
         """Start a new connection: what a browser drops and keeps when it reconnects.
 
         The half-received event and undecoded bytes are dropped (the spec
-        discards an event that was not dispatched when the stream ended); the
-        last event id and the reconnection time are kept.
+        discards an event that was not dispatched when the stream ended), and
+        with it an ``id:`` it carried: the id buffer goes back to the last
+        event id, which only a dispatched event sets. The last event id and
+        the reconnection time are kept.
         """
         self._data = self._type = self._text = ""
+        self._id_buffer = self.last_event_id
         self._pending = b""
-        self._started = False
+        self._started = self._after_cr = False
 
     def _lines(self) -> None:
-        # A line ends with CRLF, LF, or CR. A CR at the very end may be the
-        # first half of a CRLF: wait for the next chunk to know.
+        # A line ends with CRLF, LF, or CR. A CR ends its line at once (a
+        # CR-ended event is dispatched without waiting for more bytes); an LF
+        # right after it, in this chunk or the next, is the rest of a CRLF.
         text = self._text
-        start = 0
-        i = 0
+        start = i = 0
+        if self._after_cr and text:
+            self._after_cr = False
+            if text[0] == "\n":
+                start = i = 1
         while i < len(text):
             ch = text[i]
             if ch == "\n":
                 self._line(text[start:i])
                 start = i = i + 1
             elif ch == "\r":
-                if i + 1 == len(text):
-                    break
                 self._line(text[start:i])
-                i += 2 if text[i + 1] == "\n" else 1
+                if i + 1 == len(text):
+                    self._after_cr = True
+                    i += 1
+                else:
+                    i += 2 if text[i + 1] == "\n" else 1
                 start = i
             else:
                 i += 1
