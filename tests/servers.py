@@ -404,6 +404,10 @@ def _serve_wire(app: Any, kind: str) -> None:
             wire_apps.SENDS[0] += 1
             super()._sendall(data)
 
+        # Any chunk takes the direct path, so that the corpus' huge chunk
+        # exercises a partial direct send.
+        direct_max = 1 << 30
+
         def _send_for(self, body: Any) -> None:  # the direct path's sends
             before = self.response_length
             super()._send_for(body)

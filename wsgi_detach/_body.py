@@ -124,8 +124,9 @@ class Sink(Protocol):
     chunk the sink could not send whole (:meth:`DetachedBody._sink_behind`).
     """
 
-    def schedule(self, body: DetachedBody) -> bool:
-        """Arrange to take and send ``body``'s buffered chunks soon; False if not from this caller.
+    def schedule(self, body: DetachedBody, size: int) -> bool:
+        """Arrange to take and send ``body``'s buffered chunks soon (the first is ``size``
+        bytes); False if not from this caller, or not for this chunk.
 
         Called under the body's lock: it must only schedule, never send.
         """
@@ -828,7 +829,7 @@ class DetachedBody:
                     if consumer is None or self._sink_scheduled:
                         return
                     sink = self._sink
-                    if sink is not None and sink.schedule(self):
+                    if sink is not None and sink.schedule(self, len(data)):
                         # The consumer sleeps on; the sink sends for it (see Sink).
                         self._sink_scheduled = True
                         return
