@@ -74,7 +74,9 @@ def _setup() -> dict[str, Any]:
         else:  # peer: one Redis connection per client, as flask-sse does
             import redis
 
-            _state["redis"] = redis.Redis.from_url(os.environ["REDIS_URL"])
+            # One connection per client: redis-py's pool must not cap them (recent
+            # versions bound it by default, which would turn streams into 500s).
+            _state["redis"] = redis.Redis.from_url(os.environ["REDIS_URL"], max_connections=2**20)
     return _state
 
 
