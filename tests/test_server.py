@@ -555,16 +555,6 @@ def test_the_http_limits_are_on_by_default() -> None:
         make_server(wire_apps.plain, port=0, max_connections=-1)
 
 
-class _CountingBody(DetachedBody):
-    """A body that counts the handler's ``next()`` calls on it."""
-
-    __slots__ = ("nexts",)
-
-    def __next__(self) -> bytes:
-        self.nexts += 1
-        return super().__next__()
-
-
 def _read_until(sock: gsocket.socket, marker: bytes, buf: bytes = b"") -> bytes:
     with gevent.Timeout(5):
         while marker not in buf:
@@ -576,16 +566,25 @@ def _read_until(sock: gsocket.socket, marker: bytes, buf: bytes = b"") -> bytes:
 
 @contextmanager
 def _held_stream(
-    heartbeat: float | None = None, max_buffer: int | None = None
-) -> Iterator[tuple[gsocket.socket, _CountingBody]]:
+    heartbeat: float | None = None, max_buffer: int | None = None, coalesce: int | None = None,
+) -> Iterator[tuple[gsocket.socket, DetachedBody, list[int]]]:
     """A make_server server in this process, and a client holding its stream, its first
-    chunk read; yields the client socket and the stream's body."""
-    bodies: list[_CountingBody] = []
+    chunk read; yields the client socket, the stream's body and a one-item list counting
+    the handler's ``next()`` calls on it (counted on the class: a subclass that overrides
+    ``__next__`` is not sent for directly)."""
+    bodies: list[DetachedBody] = []
+    nexts = [0]
+    plain_next = DetachedBody.__next__
 
-    def app(environ: dict[str, object], start_response: object) -> _CountingBody:
+    def counting_next(self: DetachedBody) -> bytes:
+        if bodies and self is bodies[0]:
+            nexts[0] += 1
+        return plain_next(self)
+
+    def app(environ: dict[str, object], start_response: object) -> DetachedBody:
         start_response("200 OK", [("Content-Type", "text/plain")])  # type: ignore[operator]
-        body = _CountingBody(heartbeat=heartbeat, max_buffer=max_buffer)
-        body.nexts = 0
+        options = {} if coalesce is None else {"coalesce": coalesce}
+        body = DetachedBody(heartbeat=heartbeat, max_buffer=max_buffer, **options)
         body.put(b"first;")
         bodies.append(body)
         return body
@@ -593,11 +592,13 @@ def _held_stream(
     server = make_server(app, port=0, log=None)
     server.start()
     sock = gsocket.create_connection(("127.0.0.1", server.server_port))
+    DetachedBody.__next__ = counting_next  # type: ignore[method-assign]
     try:
         sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
         _read_until(sock, b"first;\r\n")
-        yield sock, bodies[0]
+        yield sock, bodies[0], nexts
     finally:
+        DetachedBody.__next__ = plain_next  # type: ignore[method-assign]
         if bodies:
             bodies[0].finish()
         sock.close()
@@ -611,7 +612,7 @@ def test_chunks_into_a_held_stream_are_sent_without_waking_its_handler(
     """The direct path: once a held stream's first chunk is out, a chunk put from the
     server's thread is sent from the hub, and the handler's greenlet stays parked
     (no next() per chunk); the bytes are the same."""
-    with _held_stream(heartbeat) as (sock, body):
+    with _held_stream(heartbeat) as (sock, body, nexts):
         buf = b""
         for i in range(20):
             body.put(b"m%d;" % i)
@@ -622,14 +623,49 @@ def test_chunks_into_a_held_stream_are_sent_without_waking_its_handler(
                             [*(b"m%d;" % i for i in range(20)), b"end"]) + b"0\r\n\r\n"
         assert buf == expected
         # The wait after first;, and the end: not one per chunk.
-        assert body.nexts <= 4, body.nexts
+        assert nexts[0] <= 4, nexts
+
+
+def test_a_body_subclass_that_overrides_next_is_never_sent_for_directly() -> None:
+    """Regression: the direct path took chunks from any DetachedBody, so a subclass
+    whose ``__next__`` changes the chunks was bypassed after its first chunk."""
+
+    class Upper(DetachedBody):
+        def __next__(self) -> bytes:
+            return super().__next__().upper()
+
+    bodies: list[Upper] = []
+
+    def app(environ: dict[str, object], start_response: object) -> Upper:
+        start_response("200 OK", [("Content-Type", "text/plain")])  # type: ignore[operator]
+        body = Upper()
+        body.put(b"first;")
+        bodies.append(body)
+        return body
+
+    server = make_server(app, port=0, log=None)
+    server.start()
+    try:
+        with gsocket.create_connection(("127.0.0.1", server.server_port)) as sock:
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            buf = _read_until(sock, b"FIRST;\r\n")
+            for word in (b"second;", b"third;"):
+                gevent.sleep(0.05)  # the handler parks between chunks (not a synchronisation)
+                bodies[0].put(word)
+                buf = _read_until(sock, word.upper() + b"\r\n", buf)
+            bodies[0].finish()
+            buf = _read_until(sock, b"0\r\n\r\n", buf)
+        body = buf.split(b"\r\n\r\n", 1)[1]
+        assert body == b"6\r\nFIRST;\r\n7\r\nSECOND;\r\n6\r\nTHIRD;\r\n0\r\n\r\n"
+    finally:
+        server.stop(timeout=1)
 
 
 def test_a_producer_blocked_on_max_buffer_is_woken_by_the_direct_path() -> None:
     """A producer that fills max_buffer and waits is woken when the direct path takes the
     chunks, as when the handler takes them: everything arrives, in order, coalesced."""
     chunks = [b"%05d;" % i for i in range(2000)]
-    with _held_stream(max_buffer=64) as (sock, body):
+    with _held_stream(max_buffer=64) as (sock, body, _):
 
         def produce() -> None:
             for chunk in chunks:
@@ -651,14 +687,14 @@ def test_a_producer_blocked_on_max_buffer_is_woken_by_the_direct_path() -> None:
 def test_a_chunk_put_from_another_thread_wakes_the_handler() -> None:
     """Only the connection's own thread may send for the handler: a chunk put from a
     plain OS thread is buffered and the handler sends it, as before."""
-    with _held_stream() as (sock, body):
+    with _held_stream() as (sock, body, nexts):
         buf = b""
         for i in range(3):
             thread = threading.Thread(target=body.put, args=(b"t%d;" % i,))
             thread.start()
             buf = _read_until(sock, b"t%d;\r\n" % i, buf)
             thread.join(5)
-        assert body.nexts >= 4, body.nexts  # one next() per chunk: the handler sent each
+        assert nexts[0] >= 4, nexts  # one next() per chunk: the handler sent each
 
 
 def test_the_direct_path_lets_timers_and_io_run_while_it_serves_many_streams() -> None:

@@ -53,7 +53,7 @@ from gevent.socket import socket as _GeventSocket
 
 from ._body import Chunk, DetachedBody
 from ._errors import RequestTimeout, Unavailable
-from ._middleware import DetachMiddleware, python_next
+from ._middleware import DIRECT_TYPES, DetachMiddleware, python_next
 from ._speedups import SpeedUps
 from ._wakeup import get_ident
 from ._watchers import SOCKET_KEY
@@ -757,8 +757,8 @@ def _outbox() -> _Outbox:
 
 def _direct_body(result: object) -> DetachedBody | None:
     """The body a response iterates, when it is one whose chunks may be sent directly."""
-    if isinstance(result, DetachedBody):
-        return result
+    if type(result) in DIRECT_TYPES:  # exactly: see DIRECT_TYPES
+        return result  # type: ignore[return-value]
     inner = getattr(result, "_direct_body", None)
     return None if inner is None else inner()
 
