@@ -626,6 +626,40 @@ def test_chunks_into_a_held_stream_are_sent_without_waking_its_handler(
         assert nexts[0] <= 4, nexts
 
 
+@pytest.mark.parametrize(
+    ("coalesce", "max_buffer", "chunks"),
+    [
+        (0, None, [b"A;", b"B;"]),  # nothing coalesced: one chunk per take
+        (None, None, [b"x" * 70000 + b";", b"B;"]),  # the first beyond coalesce alone
+        (0, 64, [b"%029d;" % i for i in range(3)]),  # the third put waits for room
+    ],
+    ids=["coalesce0", "beyond-coalesce", "max-buffer"],
+)
+def test_chunks_left_behind_a_direct_send_are_sent_too(
+    coalesce: int | None, max_buffer: int | None, chunks: list[bytes]
+) -> None:
+    """Regression: the direct path took one (coalesced) chunk and left the rest
+    buffered with the handler parked and nothing scheduled, until the next put,
+    timer or end -- never, for a stream that then stays quiet."""
+    with _held_stream(max_buffer=max_buffer, coalesce=coalesce) as (sock, body, _):
+
+        def produce() -> None:
+            for chunk in chunks:  # back to back, from the server's thread
+                body.put(chunk)
+
+        producer = gevent.spawn(produce)
+        buf = _read_until(sock, chunks[-1] + b"\r\n")
+        producer.join(5)
+        assert producer.successful()
+        payload, rest = b"", buf
+        while rest:
+            size, _, rest = rest.partition(b"\r\n")
+            payload += rest[: int(size, 16)]
+            rest = rest[int(size, 16) + 2:]
+        assert payload == b"".join(chunks)
+        assert body.buffered == 0
+
+
 def test_a_body_subclass_that_overrides_next_is_never_sent_for_directly() -> None:
     """Regression: the direct path took chunks from any DetachedBody, so a subclass
     whose ``__next__`` changes the chunks was bypassed after its first chunk."""
@@ -706,11 +740,12 @@ def test_the_direct_path_lets_timers_and_io_run_while_it_serves_many_streams() -
     served: list[DetachedBody] = []
 
     class Slow(StockDetachHandler):
-        def _send_for(self, body: DetachedBody) -> None:
+        def _send_for(self, body: DetachedBody) -> bool:
             until = time.perf_counter() + 0.001
             while time.perf_counter() < until:
                 pass
             served.append(body)
+            return False
 
     handler = Slow.__new__(Slow)
     bodies = [DetachedBody() for _ in range(40)]

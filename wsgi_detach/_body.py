@@ -874,7 +874,11 @@ class DetachedBody:
         usual. The chunk is taken exactly as the consumer's ``next()`` would
         take it -- coalesced with what waits behind it, its bytes given back
         to the budget, the heartbeat clock reset, producers blocked on the
-        cap woken.
+        cap woken. When more stays buffered behind it (more than
+        ``coalesce`` waited, or ``coalesce`` is 0), ``_sink_scheduled`` stays
+        set: the sink must come back for the rest (and ``put()`` need not
+        schedule it again) or, if it cannot send all of this chunk, call
+        :meth:`_sink_behind`, which clears it.
         """
         consumer = None
         to_wake: tuple[Waiter, ...] = ()
@@ -887,6 +891,8 @@ class DetachedBody:
                 chunk = None
             else:
                 chunk = self._pop_locked()
+                # Never left buffered with the consumer parked and nothing due.
+                self._sink_scheduled = self._first is not None
                 if self._producers:  # as in _next_slow: they waited for the client
                     to_wake, self._producers = self._producers, ()
                     self._last_put = time.monotonic()
@@ -900,9 +906,14 @@ class DetachedBody:
         return chunk
 
     def _sink_behind(self) -> None:
-        """The sink could not send all it took: wake the consumer to send the rest first."""
+        """The sink could not send all it took: wake the consumer to send the rest first.
+
+        The consumer then sends what is still buffered too: the sink does not
+        come back for it.
+        """
         with self._lock:
             self._flush_due = True
+            self._sink_scheduled = False
             consumer = self._take_consumer_locked()
         if consumer is not None:
             consumer.wake()

@@ -594,13 +594,17 @@ class StockDetachHandler(WSGIHandler):  # type: ignore[misc]  # gevent ships no 
         self._outbox.add(body)
         return True
 
-    def _send_for(self, body: DetachedBody) -> None:
-        """In the hub, where the parked handler would have run: send what ``body`` holds."""
+    def _send_for(self, body: DetachedBody) -> bool:
+        """In the hub, where the parked handler would have run: send what ``body`` holds.
+
+        True when a chunk went out whole and more waits behind it (see
+        ``DetachedBody._sink_take``): the caller must call again.
+        """
         if body._sink is not self:
-            return  # the response ended meanwhile
+            return False  # the response ended meanwhile
         data = body._sink_take()
         if data is None:
-            return  # the handler was woken and sends it itself
+            return False  # the handler was woken and sends it itself
         out = b"%x\r\n%s\r\n" % (len(data), data)
         raw = None if self._pending_out else self._raw_socket
         sent = 0
@@ -613,6 +617,8 @@ class StockDetachHandler(WSGIHandler):  # type: ignore[misc]  # gevent ships no 
         if sent < len(out):
             self._pending_out += out[sent:] if sent else out
             body._sink_behind()
+            return False
+        return body._sink_scheduled
 
     def _send_head_only(self) -> None:
         # HEAD gets GET's head and no body (RFC 9110 9.3.2). pywsgi sends the
@@ -726,7 +732,10 @@ class _Outbox:
             sink = body._sink
             if isinstance(sink, StockDetachHandler):
                 try:
-                    sink._send_for(body)
+                    if sink._send_for(body):
+                        # More waits behind what went out: served again after
+                        # the streams already due, in this run or the next.
+                        bodies.append(body)
                 except Exception:  # never lose the others: that handler's own send will fail
                     log.exception("sending a chunk for a held stream failed")
                     body._sink_behind()
