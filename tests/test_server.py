@@ -731,6 +731,82 @@ def test_a_chunk_put_from_another_thread_wakes_the_handler() -> None:
         assert nexts[0] >= 4, nexts  # one next() per chunk: the handler sent each
 
 
+class _SendFails:
+    """A connection's socket whose ``send`` raises something other than OSError."""
+
+    def __init__(self, real: object) -> None:
+        self.real = real
+
+    def send(self, data: bytes) -> int:
+        raise RuntimeError("send failed in a way the handler does not expect")
+
+
+def test_a_chunk_the_direct_path_took_and_failed_to_send_aborts_the_stream(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Regression: an unexpected error after the direct path took a chunk was logged
+    and the handler woken, but the chunk was gone and the stream went on as if
+    whole. Now the stream fails: the connection ends without the last chunk."""
+    with _held_stream() as (sock, body, _):
+        handler = body._sink
+        assert handler is not None
+        handler._raw_socket = _SendFails(handler._raw_socket)  # type: ignore[attr-defined]
+        body.put(b"lost;")
+        buf = b""
+        with gevent.Timeout(5):
+            while True:
+                data = sock.recv(65536)
+                if not data:
+                    break
+                buf += data
+        assert b"0\r\n\r\n" not in buf and b"lost;" not in buf, buf
+        assert body.outcome == "failed"
+    assert "sending a chunk for a held stream failed" in caplog.text
+
+
+class _Escape(BaseException):
+    """Not an Exception: passes the outbox's per-stream handling."""
+
+
+def test_the_outbox_serves_on_after_an_error_escaped_it() -> None:
+    """Regression: an error escaping the outbox's run left it marked as scheduled for
+    good, so no stream of that hub was sent for again."""
+    from wsgi_detach._server import StockDetachHandler, _Outbox
+
+    served: list[DetachedBody] = []
+
+    class Escaping(StockDetachHandler):
+        def _send_for(self, body: DetachedBody) -> bool:
+            served.append(body)
+            if len(served) == 1:
+                raise _Escape("out of the outbox")
+            return False
+
+    handler = Escaping.__new__(Escaping)
+    bodies = [DetachedBody() for _ in range(3)]
+    for body in bodies:
+        body._sink = handler
+    outbox = _Outbox()
+    hub = gevent.get_hub()
+    printed: list[object] = []
+    handle_error = hub.handle_error
+    hub.handle_error = lambda *args: printed.append(args[2])  # type: ignore[method-assign]
+    try:
+        outbox.add(bodies[0])
+        outbox.add(bodies[1])  # in the same run, after the error
+        with gevent.Timeout(5):
+            while len(served) < 2:
+                gevent.sleep(0.005)
+        outbox.add(bodies[2])  # a later run
+        with gevent.Timeout(5):
+            while len(served) < 3:
+                gevent.sleep(0.005)
+    finally:
+        hub.handle_error = handle_error  # type: ignore[method-assign]
+    assert served == bodies
+    assert [type(error) for error in printed] == [_Escape]
+
+
 def test_the_direct_path_lets_timers_and_io_run_while_it_serves_many_streams() -> None:
     """The outbox serves streams for at most a switch interval per loop turn, as gevent
     runs its callbacks: a timer due meanwhile runs before the last stream is served,

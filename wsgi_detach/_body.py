@@ -918,6 +918,24 @@ class DetachedBody:
         if consumer is not None:
             consumer.wake()
 
+    def _sink_failed(self, error: Exception) -> None:
+        """The sink took a chunk and failed before it was out: the response is broken.
+
+        In whatever state the body is (a producer may have finished it
+        meanwhile), what is buffered is dropped and the consumer is woken to
+        raise ``error``, so that the server aborts the connection: a response
+        that lost a chunk must never end cleanly.
+        """
+        with self._lock:
+            self._sink_scheduled = False
+            if self._state == CLOSED:
+                return
+            self._discard_locked()
+            self._end_locked(FAILED, error)
+            consumer = self._take_consumer_locked()
+        if consumer is not None:
+            consumer.wake()
+
     def _take_consumer_locked(self) -> Waiter | None:
         consumer, self._consumer = self._consumer, None
         return consumer

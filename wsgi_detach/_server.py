@@ -726,26 +726,38 @@ class _Outbox:
         bodies = self._bodies
         index = self._next
         until = time.perf_counter() + _SWITCH_INTERVAL
-        while index < len(bodies):  # bodies may grow meanwhile: served in this run too
-            body = bodies[index]
-            index += 1
-            sink = body._sink
-            if isinstance(sink, StockDetachHandler):
-                try:
-                    if sink._send_for(body):
-                        # More waits behind what went out: served again after
-                        # the streams already due, in this run or the next.
-                        bodies.append(body)
-                except Exception:  # never lose the others: that handler's own send will fail
-                    log.exception("sending a chunk for a held stream failed")
-                    body._sink_behind()
-            if not index % 16 and index < len(bodies) and time.perf_counter() >= until:
-                self._next = index
-                self._resume.start(self._send)
-                return
-        self._bodies = []
-        self._next = 0
-        self._scheduled = False
+        paused = False
+        try:
+            while index < len(bodies):  # bodies may grow meanwhile: served in this run too
+                body = bodies[index]
+                index += 1
+                sink = body._sink
+                if isinstance(sink, StockDetachHandler):
+                    try:
+                        if sink._send_for(body):
+                            # More waits behind what went out: served again after
+                            # the streams already due, in this run or the next.
+                            bodies.append(body)
+                    except Exception as exc:
+                        # The chunk taken may be lost: that stream is broken
+                        # (its handler aborts the connection); never the others.
+                        log.exception("sending a chunk for a held stream failed")
+                        body._sink_failed(exc)
+                if not index % 16 and index < len(bodies) and time.perf_counter() >= until:
+                    self._next = index
+                    self._resume.start(self._send)
+                    paused = True
+                    return
+        finally:
+            if not paused:
+                # Whatever escaped, the bodies after it are served next turn and
+                # later add() calls schedule again: never a stuck outbox.
+                rest = bodies[index:]
+                self._bodies = rest
+                self._next = 0
+                self._scheduled = bool(rest)
+                if rest:
+                    self._resume.start(self._send)
 
 
 #: How long an outbox sends before letting timers and I/O run: gevent's own
