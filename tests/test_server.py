@@ -764,6 +764,16 @@ def test_a_chunk_the_direct_path_took_and_failed_to_send_aborts_the_stream(
     assert "sending a chunk for a held stream failed" in caplog.text
 
 
+def _sent_for_by(handler_class: type, count: int) -> list[DetachedBody]:
+    """``count`` bodies whose sink is one bare ``handler_class`` (the outbox calls only
+    its ``_send_for``)."""
+    handler = handler_class.__new__(handler_class)
+    bodies = [DetachedBody() for _ in range(count)]
+    for body in bodies:
+        body._sink = handler
+    return bodies
+
+
 class _Escape(BaseException):
     """Not an Exception: passes the outbox's per-stream handling."""
 
@@ -782,10 +792,7 @@ def test_the_outbox_serves_on_after_an_error_escaped_it() -> None:
                 raise _Escape("out of the outbox")
             return False
 
-    handler = Escaping.__new__(Escaping)
-    bodies = [DetachedBody() for _ in range(3)]
-    for body in bodies:
-        body._sink = handler
+    bodies = _sent_for_by(Escaping, 3)
     outbox = _Outbox()
     hub = gevent.get_hub()
     printed: list[object] = []
@@ -823,10 +830,7 @@ def test_the_direct_path_lets_timers_and_io_run_while_it_serves_many_streams() -
             served.append(body)
             return False
 
-    handler = Slow.__new__(Slow)
-    bodies = [DetachedBody() for _ in range(40)]
-    for body in bodies:
-        body._sink = handler
+    bodies = _sent_for_by(Slow, 40)
     outbox = _Outbox()
     seen: list[int] = []
     gevent.spawn_later(0.01, lambda: seen.append(len(served)))

@@ -122,6 +122,9 @@ class Sink(Protocol):
     would) and sends it. Ends, failures, timeouts and heartbeats still wake
     the consumer, which stays registered as parked meanwhile; so does a
     chunk the sink could not send whole (:meth:`DetachedBody._sink_behind`).
+    A chunk it took and then failed to send at all fails the body
+    (:meth:`DetachedBody._sink_failed`): a response that lost a chunk must
+    never end cleanly.
     """
 
     def schedule(self, body: DetachedBody) -> bool:
