@@ -237,16 +237,20 @@ class StockDetachHandler(WSGIHandler):  # type: ignore[misc]  # gevent ships no 
     Nothing is held back: each chunk is sent before the next is asked for.
 
     The direct path: once the head and a first chunk of a chunked response
-    are out, a :class:`DetachedBody` (the app's, or the one inside
-    ``DetachMiddleware``'s response) gets this handler as its
-    :class:`~wsgi_detach._body.Sink`. A ``put()`` that finds the handler
-    parked on the empty body then frames and sends the chunk itself, with
-    one non-blocking ``send``, instead of waking the handler's greenlet to do
-    the same -- a held stream's cost per message is then about the system
-    call. Only from the connection's own OS thread; anything else (another
-    thread, a full or failed socket, a chunk behind others, the end of the
-    body) takes the path above. When the kernel takes part of a chunk, the
-    handler keeps the rest and sends it before anything else.
+    are out, a :class:`DetachedBody` or :class:`~wsgi_detach.EventStream`
+    (the app's, or the one inside ``DetachMiddleware``'s response; exactly
+    those types, never a subclass, whose ``__next__`` may differ) gets this
+    handler as its :class:`~wsgi_detach._body.Sink`. A ``put()`` from the
+    connection's own OS thread that finds the handler parked on the empty
+    body then schedules the hub's outbox (:class:`_Outbox`) instead of
+    waking the handler's greenlet: the outbox takes the chunk as ``next()``
+    would, frames it and sends it with one non-blocking ``send``, and comes
+    back for whatever stays buffered behind it -- a held stream's cost per
+    message is then about the system call. Anything else (a put from another
+    thread while no send is due, the end of the body, a timer) wakes the
+    handler, which takes the path above. When the kernel takes part of a
+    chunk, the handler is woken, keeps the rest and sends it before anything
+    else; an unexpected error after a chunk was taken fails the body.
     """
 
     def handle(self) -> None:
