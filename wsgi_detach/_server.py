@@ -242,7 +242,7 @@ class StockDetachHandler(WSGIHandler):  # type: ignore[misc]  # gevent ships no 
     those types, never a subclass, whose ``__next__`` may differ) gets this
     handler as its :class:`~wsgi_detach._body.Sink`. A ``put()`` from the
     connection's own OS thread that finds the handler parked on the empty
-    body then schedules the hub's outbox (:class:`_Outbox`) instead of
+    body then schedules the hub's outbox (``_Outbox``) instead of
     waking the handler's greenlet: the outbox takes the chunk as ``next()``
     would, frames it and sends it with one non-blocking ``send``, and comes
     back for whatever stays buffered behind it -- a held stream's cost per
