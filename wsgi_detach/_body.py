@@ -122,6 +122,9 @@ class Sink(Protocol):
     would) and sends it. Ends, failures, timeouts and heartbeats still wake
     the consumer, which stays registered as parked meanwhile; so does a
     chunk the sink could not send whole (:meth:`DetachedBody._sink_behind`).
+    A chunk it took and then failed to send at all fails the body
+    (:meth:`DetachedBody._sink_failed`): a response that lost a chunk must
+    never end cleanly.
     """
 
     def schedule(self, body: DetachedBody, size: int) -> bool:
@@ -875,7 +878,11 @@ class DetachedBody:
         usual. The chunk is taken exactly as the consumer's ``next()`` would
         take it -- coalesced with what waits behind it, its bytes given back
         to the budget, the heartbeat clock reset, producers blocked on the
-        cap woken.
+        cap woken. When more stays buffered behind it (more than
+        ``coalesce`` waited, or ``coalesce`` is 0), ``_sink_scheduled`` stays
+        set: the sink must come back for the rest (and ``put()`` need not
+        schedule it again) or, if it cannot send all of this chunk, call
+        :meth:`_sink_behind`, which clears it.
         """
         consumer = None
         to_wake: tuple[Waiter, ...] = ()
@@ -888,6 +895,8 @@ class DetachedBody:
                 chunk = None
             else:
                 chunk = self._pop_locked()
+                # Never left buffered with the consumer parked and nothing due.
+                self._sink_scheduled = self._first is not None
                 if self._producers:  # as in _next_slow: they waited for the client
                     to_wake, self._producers = self._producers, ()
                     self._last_put = time.monotonic()
@@ -901,9 +910,32 @@ class DetachedBody:
         return chunk
 
     def _sink_behind(self) -> None:
-        """The sink could not send all it took: wake the consumer to send the rest first."""
+        """The sink could not send all it took: wake the consumer to send the rest first.
+
+        The consumer then sends what is still buffered too: the sink does not
+        come back for it.
+        """
         with self._lock:
             self._flush_due = True
+            self._sink_scheduled = False
+            consumer = self._take_consumer_locked()
+        if consumer is not None:
+            consumer.wake()
+
+    def _sink_failed(self, error: Exception) -> None:
+        """The sink took a chunk and failed before it was out: the response is broken.
+
+        In whatever state the body is (a producer may have finished it
+        meanwhile), what is buffered is dropped and the consumer is woken to
+        raise ``error``, so that the server aborts the connection: a response
+        that lost a chunk must never end cleanly.
+        """
+        with self._lock:
+            self._sink_scheduled = False
+            if self._state == CLOSED:
+                return
+            self._discard_locked()
+            self._end_locked(FAILED, error)
             consumer = self._take_consumer_locked()
         if consumer is not None:
             consumer.wake()

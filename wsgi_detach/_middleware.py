@@ -75,6 +75,7 @@ from ._body import (
 )
 from ._budget import ByteBudget
 from ._errors import DetachError, Unavailable, UsageError
+from ._sse import EventStream
 from ._wakeup import CannotBlockHere, Waiter, allocate_lock, make_waiter, start_beside
 from ._watchers import exposes_socket, watch
 
@@ -878,8 +879,8 @@ class _DetachedResponse:
         the response is decided and ``sent_data`` set by then.
         """
         inner = self._inner
-        if isinstance(inner, DetachedBody) and self._request.cut_off is None:
-            return inner
+        if type(inner) in DIRECT_TYPES and self._request.cut_off is None:
+            return inner  # type: ignore[return-value]
         return None
 
     def _failed(self, request: _Request, error: Exception) -> bytes:
@@ -899,6 +900,14 @@ class _DetachedResponse:
             _close(self._inner)
         finally:
             self._request.end(self._ended)
+
+
+#: The body types whose chunks a server may send while their consumer waits
+#: (see ``Sink``), without calling their ``__next__``: exactly these, never a
+#: subclass, which may change or count chunks in ``__next__``. EventStream
+#: only adds ways to put (``send``, ``comment``); a consumer calls nothing it
+#: overrides.
+DIRECT_TYPES: Final = frozenset({DetachedBody, EventStream})
 
 
 def python_next(iterator: object) -> bool:

@@ -53,7 +53,7 @@ from gevent.socket import socket as _GeventSocket
 
 from ._body import Chunk, DetachedBody
 from ._errors import RequestTimeout, Unavailable
-from ._middleware import DetachMiddleware, python_next
+from ._middleware import DIRECT_TYPES, DetachMiddleware, python_next
 from ._speedups import SpeedUps
 from ._wakeup import get_ident
 from ._watchers import SOCKET_KEY
@@ -237,16 +237,20 @@ class StockDetachHandler(WSGIHandler):  # type: ignore[misc]  # gevent ships no 
     Nothing is held back: each chunk is sent before the next is asked for.
 
     The direct path: once the head and a first chunk of a chunked response
-    are out, a :class:`DetachedBody` (the app's, or the one inside
-    ``DetachMiddleware``'s response) gets this handler as its
-    :class:`~wsgi_detach._body.Sink`. A ``put()`` that finds the handler
-    parked on the empty body then frames and sends the chunk itself, with
-    one non-blocking ``send``, instead of waking the handler's greenlet to do
-    the same -- a held stream's cost per message is then about the system
-    call. Only from the connection's own OS thread; anything else (another
-    thread, a full or failed socket, a chunk behind others, the end of the
-    body) takes the path above. When the kernel takes part of a chunk, the
-    handler keeps the rest and sends it before anything else.
+    are out, a :class:`DetachedBody` or :class:`~wsgi_detach.EventStream`
+    (the app's, or the one inside ``DetachMiddleware``'s response; exactly
+    those types, never a subclass, whose ``__next__`` may differ) gets this
+    handler as its :class:`~wsgi_detach._body.Sink`. A ``put()`` from the
+    connection's own OS thread that finds the handler parked on the empty
+    body then schedules the hub's outbox (``_Outbox``) instead of
+    waking the handler's greenlet: the outbox takes the chunk as ``next()``
+    would, frames it and sends it with one non-blocking ``send``, and comes
+    back for whatever stays buffered behind it -- a held stream's cost per
+    message is then about the system call. Anything else (a put from another
+    thread while no send is due, the end of the body, a timer) wakes the
+    handler, which takes the path above. When the kernel takes part of a
+    chunk, the handler is woken, keeps the rest and sends it before anything
+    else; an unexpected error after a chunk was taken fails the body.
     """
 
     def handle(self) -> None:
@@ -607,13 +611,17 @@ class StockDetachHandler(WSGIHandler):  # type: ignore[misc]  # gevent ships no 
         self._outbox.add(body)
         return True
 
-    def _send_for(self, body: DetachedBody) -> None:
-        """In the hub, where the parked handler would have run: send what ``body`` holds."""
+    def _send_for(self, body: DetachedBody) -> bool:
+        """In the hub, where the parked handler would have run: send what ``body`` holds.
+
+        True when a chunk went out whole and more waits behind it (see
+        ``DetachedBody._sink_take``): the caller must call again.
+        """
         if body._sink is not self:
-            return  # the response ended meanwhile
+            return False  # the response ended meanwhile
         data = body._sink_take()
         if data is None:
-            return  # the handler was woken and sends it itself
+            return False  # the handler was woken and sends it itself
         out = b"%x\r\n%s\r\n" % (len(data), data)
         raw = None if self._pending_out else self._raw_socket
         sent = 0
@@ -629,6 +637,8 @@ class StockDetachHandler(WSGIHandler):  # type: ignore[misc]  # gevent ships no 
             self._behind = True
             self._pending_out = memoryview(out)[sent:] if sent else out
             body._sink_behind()
+            return False
+        return body._sink_scheduled
 
     def _send_head_only(self) -> None:
         # HEAD gets GET's head and no body (RFC 9110 9.3.2). pywsgi sends the
@@ -739,23 +749,38 @@ class _Outbox:
         bodies = self._bodies
         index = self._next
         until = time.perf_counter() + _SWITCH_INTERVAL
-        while index < len(bodies):  # bodies may grow meanwhile: served in this run too
-            body = bodies[index]
-            index += 1
-            sink = body._sink
-            if isinstance(sink, StockDetachHandler):
-                try:
-                    sink._send_for(body)
-                except Exception:  # never lose the others: that handler's own send will fail
-                    log.exception("sending a chunk for a held stream failed")
-                    body._sink_behind()
-            if not index % 16 and index < len(bodies) and time.perf_counter() >= until:
-                self._next = index
-                self._resume.start(self._send)
-                return
-        self._bodies = []
-        self._next = 0
-        self._scheduled = False
+        paused = False
+        try:
+            while index < len(bodies):  # bodies may grow meanwhile: served in this run too
+                body = bodies[index]
+                index += 1
+                sink = body._sink
+                if isinstance(sink, StockDetachHandler):
+                    try:
+                        if sink._send_for(body):
+                            # More waits behind what went out: served again after
+                            # the streams already due, in this run or the next.
+                            bodies.append(body)
+                    except Exception as exc:
+                        # The chunk taken may be lost: that stream is broken
+                        # (its handler aborts the connection); never the others.
+                        log.exception("sending a chunk for a held stream failed")
+                        body._sink_failed(exc)
+                if not index % 16 and index < len(bodies) and time.perf_counter() >= until:
+                    self._next = index
+                    self._resume.start(self._send)
+                    paused = True
+                    return
+        finally:
+            if not paused:
+                # Whatever escaped, the bodies after it are served next turn and
+                # later add() calls schedule again: never a stuck outbox.
+                rest = bodies[index:]
+                self._bodies = rest
+                self._next = 0
+                self._scheduled = bool(rest)
+                if rest:
+                    self._resume.start(self._send)
 
 
 #: How long an outbox sends before letting timers and I/O run: gevent's own
@@ -776,8 +801,8 @@ def _outbox() -> _Outbox:
 
 def _direct_body(result: object) -> DetachedBody | None:
     """The body a response iterates, when it is one whose chunks may be sent directly."""
-    if isinstance(result, DetachedBody):
-        return result
+    if type(result) in DIRECT_TYPES:  # exactly: see DIRECT_TYPES
+        return result  # type: ignore[return-value]
     inner = getattr(result, "_direct_body", None)
     return None if inner is None else inner()
 

@@ -86,15 +86,21 @@ class SpeedUps(WSGIHandler):  # type: ignore[misc]  # gevent ships no type hints
         rfile = self.rfile
         if rfile.closed or _InvalidClientRequest is None:
             return super().handle_one_request()
-        if self._drained:
+        drained = self._drained
+        if drained:
             # The last request's head was all that was buffered and it had
             # no body: the next one can only come from the socket. Wait for
             # it there, rather than with a read that fails first (the usual
             # keep-alive client, a long-poller above all, asks again only
             # once it has its answer): a system call and an exception less.
             self._drained = False
-            self._wait_readable(self.socket)
         try:
+            if drained:
+                # Inside the try: the server ends an idle connection by
+                # throwing an OSError into this wait (head_timeout, stop(),
+                # making room), which is the ordinary end of a keep-alive
+                # connection and so ends it quietly, as the read below would.
+                self._wait_readable(self.socket)
             buffered = rfile.peek(1)  # what is buffered; one read (cooperative) if nothing is
         except OSError:
             return None  # as pywsgi: a reset connection is not worth a word
