@@ -797,12 +797,7 @@ class Hub:
     def _since_locked(self, cursor: str | int | None) -> Batch:
         store = self._store
         now = store.cursor
-        if not isinstance(cursor, str):
-            if cursor is None:
-                return Batch([], now)
-            if isinstance(cursor, bool) or not isinstance(cursor, int):
-                raise TypeError(f"a cursor must be a str (an id), got {type(cursor).__name__}")
-            cursor = str(cursor)  # an id the application published as an int
+        cursor = _cursor_text(cursor)
         if not cursor:
             return Batch([], now)
         position = store.resolve(cursor)
@@ -851,6 +846,15 @@ class Hub:
 _SLOW: Final = "slow"
 _BROKEN: Final = "broken"
 _GONE: Final = "gone"
+
+
+def _cursor_text(cursor: str | int | None) -> str | None:
+    """A cursor as the id text it names: an int is an id the application published as an int."""
+    if cursor is None or isinstance(cursor, str):
+        return cursor
+    if isinstance(cursor, bool) or not isinstance(cursor, int):
+        raise TypeError(f"a cursor must be a str (an id), got {type(cursor).__name__}")
+    return str(cursor)
 
 
 def _check_given_id(id: str) -> None:

@@ -76,6 +76,7 @@ from ._broadcast import (
     Message,
     Subscription,
     _check_given_id,
+    _cursor_text,
     _drop,
     _end_unserved,
     _ndjson,
@@ -183,10 +184,7 @@ class ChannelHub(Hub):
         return Batch(_readables(records, self.channel), f"{head.epoch}-{head.seq}")
 
     def since(self, cursor: str | int | None) -> Batch:
-        if cursor is not None and not isinstance(cursor, str):
-            if isinstance(cursor, bool) or not isinstance(cursor, int):
-                raise TypeError(f"a cursor must be a str (an id), got {type(cursor).__name__}")
-            cursor = str(cursor)  # an id the application published as an int
+        cursor = _cursor_text(cursor)
         with self._lock:
             if self._synced:
                 found = self._resolve_locked(cursor)
@@ -1198,7 +1196,7 @@ class _Receiver:
             conn.close()
 
     def _healthy(self, link: Link) -> None:
-        """The session's first probe came back: connected, logged once per transition."""
+        """The connection's first probe came back: connected, logged once per transition."""
         if self.last_error is not None:
             log.warning("Redis receiving connection back (%s)", link.url)
         else:
