@@ -185,7 +185,8 @@ def test_wait_for_messages_times_out_empty() -> None:
     started = time.monotonic()
     batch = wait_for_messages(hub, hub.cursor, 0.1)
     assert batch.messages == [] and batch.cursor == hub.cursor and not batch.resync
-    assert 0.09 < time.monotonic() - started < 1.0
+    # Bounded, not timed: the upper bound only shows the wait ended on its own.
+    assert 0.09 < time.monotonic() - started < 5.0
     assert hub.pending_polls == 0
 
 
