@@ -145,8 +145,10 @@ _HEADER_TEXT = st.lists(st.sampled_from(["a", "Connection", "Date", "content-len
 def test_start_response_does_what_pywsgi_does(
     status: Any, headers: list[tuple[Any, str]], version: str, close: bool
 ) -> None:
-    """Same attributes on success, the same error (type and message) on failure."""
-    def run(handler_class: type) -> Any:
+    """Same attributes on success, the same error (type and message) on failure; the
+    same again when the head comes a second time (from the kept heads), on a request
+    of the other version."""
+    def run(handler_class: type, version: str = version) -> Any:
         handler = handler_class.__new__(handler_class)
         handler.request_version, handler.close_connection = version, close
         try:
@@ -158,6 +160,33 @@ def test_start_response_does_what_pywsgi_does(
         return {name: getattr(handler, name) for name in names}
 
     assert run(DetachHandler) == run(WSGIHandler)
+    assert run(DetachHandler) == run(WSGIHandler)
+    other = "HTTP/1.0" if version == "HTTP/1.1" else "HTTP/1.1"
+    assert run(DetachHandler, other) == run(WSGIHandler, other)
+
+
+def test_a_kept_head_is_not_changed_by_the_response_that_used_it() -> None:
+    """finalize_headers appends Date and the framing to the response's headers: a
+    later response with the same head starts from the head as the app gave it."""
+    heads = []
+    for _ in range(2):
+        handler = DetachHandler.__new__(DetachHandler)
+        handler.request_version, handler.close_connection = "HTTP/1.1", False
+        handler.start_response("200 OK", [("Content-Type", "text/plain")])
+        heads.append(list(handler.response_headers))
+        handler.response_headers.append((b"Date", b"now"))
+    assert heads == [[(b"Content-Type", b"text/plain")]] * 2
+
+
+def test_the_kept_heads_are_bounded() -> None:
+    from wsgi_detach._speedups import _heads
+
+    handler = DetachHandler.__new__(DetachHandler)
+    handler.request_version, handler.close_connection = "HTTP/1.1", False
+    for n in range(1000):
+        handler.start_response("200 OK", [("ETag", f'"{n}"')])
+        assert handler.response_headers == [(b"ETag", f'"{n}"'.encode())]
+    assert len(_heads._heads) <= 256
 
 
 def test_handler_headers_are_the_current_requests_on_a_keep_alive_connection() -> None:

@@ -344,46 +344,34 @@ class SpeedUps(WSGIHandler):  # type: ignore[misc]  # gevent ships no type hints
         would refuse or treat specially (``exc_info``, a 204/304, a
         non-``str``, a CR or LF, a character beyond latin-1) goes to pywsgi's
         own method, which raises exactly its own errors.
+
+        An app sends the same status and headers over and over (every
+        long-poll answer, every stream of an endpoint), and behind
+        ``DetachMiddleware`` each response calls this twice (the check when
+        the app calls, then the head with its streaming headers): what that
+        pass found is kept per distinct status and headers (see
+        ``_HeadCache``), so a repeat costs a look-up and a list copy.
         """
         if (
             exc_info is not None
             or type(headers) is not list  # an iterator would be half used up by the fallback
             or type(status) is not str
-            or "\r" in status
-            or "\n" in status
         ):
             return super().start_response(status, headers, exc_info)  # type: ignore[no-any-return]
-        encoded: list[tuple[bytes, bytes]] = []
-        connection = date = length = None
         try:
-            for name, value in headers:
-                if (
-                    type(name) is not str
-                    or type(value) is not str
-                    or "\r" in name
-                    or "\n" in name
-                    or "\r" in value
-                    or "\n" in value
-                ):
-                    return super().start_response(status, headers)  # type: ignore[no-any-return]
-                encoded.append((name.encode("latin-1"), value.encode("latin-1")))
-                lower = name.lower()
-                if lower == "connection":
-                    connection = value
-                elif lower == "date":
-                    date = value
-                elif lower == "content-length":
-                    length = value
-        except UnicodeEncodeError:
+            key: Any = (status, *headers)
+            checked = _heads.get(key)
+        except TypeError:  # an unhashable header item: pywsgi's method says what is wrong
             return super().start_response(status, headers)  # type: ignore[no-any-return]
-        code = int(status.split(" ", 1)[0])
-        if code in (204, 304):
-            return super().start_response(status, headers)  # type: ignore[no-any-return]
-        self.status = status.encode("latin-1")
+        if checked is None:
+            checked = _check_head(status, headers)
+            if checked is None:
+                return super().start_response(status, headers)  # type: ignore[no-any-return]
+            _heads.put(key, checked)
+        self.status, kept, self.code, connection, self.provided_date, length = checked
+        encoded = list(kept)  # finalize_headers appends to it
         self._orig_status = status
         self.response_headers = encoded
-        self.code = code
-        self.provided_date = date
         self.provided_content_length = length
         if self.request_version == "HTTP/1.0" and connection is None:
             encoded.append((b"Connection", b"close" if self.close_connection else b"keep-alive"))
@@ -415,6 +403,81 @@ class SpeedUps(WSGIHandler):  # type: ignore[misc]  # gevent ships no type hints
         elif code != 101 and self.request_version != "HTTP/1.0":
             self.response_use_chunked = True
             headers.append((b"Transfer-Encoding", b"chunked"))
+
+
+#: What :func:`_check_head` found for a status and its headers: the encoded
+#: status, the encoded headers, the status code, and the values of
+#: ``Connection``, ``Date`` and ``Content-Length`` (or None).
+_Checked = tuple[
+    bytes, tuple[tuple[bytes, bytes], ...], int, "str | None", "str | None", "str | None"
+]
+
+
+def _check_head(status: str, headers: list[tuple[str, str]]) -> _Checked | None:
+    """One pass over a head for :meth:`SpeedUps.start_response`; None: leave it to pywsgi.
+
+    None for anything pywsgi refuses or treats specially: a CR or LF, a
+    non-``str`` name or value (exactly ``str``: a subclass might encode
+    otherwise), a character beyond latin-1, a 204 or 304.
+    """
+    if "\r" in status or "\n" in status:
+        return None
+    encoded: list[tuple[bytes, bytes]] = []
+    connection = date = length = None
+    try:
+        for name, value in headers:
+            if (
+                type(name) is not str
+                or type(value) is not str
+                or "\r" in name
+                or "\n" in name
+                or "\r" in value
+                or "\n" in value
+            ):
+                return None
+            encoded.append((name.encode("latin-1"), value.encode("latin-1")))
+            lower = name.lower()
+            if lower == "connection":
+                connection = value
+            elif lower == "date":
+                date = value
+            elif lower == "content-length":
+                length = value
+        code = int(status.split(" ", 1)[0])
+    except (UnicodeEncodeError, ValueError):
+        return None
+    if code in (204, 304):
+        return None
+    return status.encode("latin-1"), tuple(encoded), code, connection, date, length
+
+
+class _HeadCache:
+    """The heads :func:`_check_head` accepted, by status and headers: at most ``size``.
+
+    Only accepted heads are kept, keyed by exactly the status and header
+    items the app passed (equal ``str`` values; ``1`` and ``True`` would hash
+    alike, but a non-``str`` is never accepted, so never kept). An app that
+    makes a new head per response (a ``Set-Cookie``, an ``ETag``) fills it:
+    then it starts again, empty, so a long-lived server holds at most
+    ``size`` heads and the repeated ones come back within a pass.
+    """
+
+    __slots__ = ("_heads", "_size")
+
+    def __init__(self, size: int) -> None:
+        self._heads: dict[Any, _Checked] = {}
+        self._size = size
+
+    def get(self, key: Any) -> _Checked | None:
+        return self._heads.get(key)
+
+    def put(self, key: Any, checked: _Checked) -> None:
+        if len(self._heads) >= self._size:
+            self._heads.clear()
+        self._heads[key] = checked
+
+
+_heads = _HeadCache(256)
 
 
 def _closes_after(version: str, get: Callable[[str, str], str]) -> bool:
