@@ -667,3 +667,19 @@ def test_a_body_closed_elsewhere_while_its_callbacks_yield_still_frees_its_slot(
     assert serve_one().startswith("200")
     assert wait_until(lambda: middleware.stats().open == 0, timeout=2)
     assert serve_one().startswith("200")  # not a 503: the slot came back
+
+
+def test_the_streaming_headers_go_on_a_new_list_each_time() -> None:
+    """What to add is kept per distinct headers; the list the server gets is its own
+    (wsgiref appends to it), so one response's additions never reach the next."""
+    mw = DetachMiddleware(lambda environ, start_response: [])
+    headers = [("Content-Type", "text/plain")]
+    expected = [*headers, ("Cache-Control", "no-cache"), ("X-Accel-Buffering", "no")]
+    first = mw._streaming(headers)
+    first.append(("Date", "then"))
+    assert mw._streaming(headers) == expected
+    assert headers == [("Content-Type", "text/plain")]
+    assert mw._streaming([("cache-control", "private")]) == [
+        ("cache-control", "private"), ("X-Accel-Buffering", "no")]
+    assert mw._streaming([("cache-control", "private")]) == [
+        ("cache-control", "private"), ("X-Accel-Buffering", "no")]

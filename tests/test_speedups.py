@@ -14,6 +14,7 @@ from http.client import HTTPException
 from typing import Any
 
 import gevent
+import gevent.event
 import pytest
 from gevent.pywsgi import WSGIHandler, headers_factory
 from hypothesis import given, settings
@@ -245,3 +246,49 @@ def test_the_date_header_is_formatted_once_a_second_as_pywsgi_formats_it() -> No
             assert _date_now() is ours  # the same second: the cached bytes
             return
     pytest.fail("the second turned during each of three readings")
+
+
+def test_the_wait_for_the_next_request_keeps_one_watcher_and_drops_it_with_the_connection() -> None:
+    """Keep-alive requests, one sent while the previous answer is still being made (a
+    pipelined one), then the clients leave: every answer arrives, and once the
+    connections are gone no watcher of theirs is left running in the loop."""
+    from gevent import socket as gsocket
+
+    release = gevent.event.Event()
+
+    def app(environ: Any, start_response: Any) -> list[bytes]:
+        if environ["PATH_INFO"] == "/slow":
+            release.wait(5)
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [environ["PATH_INFO"].encode()]
+
+    server = make_server(app, port=0, log=None)
+    server.start()
+    loop = gevent.get_hub().loop
+    try:
+        gevent.sleep(0)
+        baseline = loop.activecnt
+        clients = [gsocket.create_connection(("127.0.0.1", server.server_port)) for _ in range(3)]
+        for round_ in range(3):
+            for n, client in enumerate(clients):
+                client.sendall(b"GET /%d-%d HTTP/1.1\r\nHost: a\r\n\r\n" % (n, round_))
+                assert client.recv(4096).endswith(b"/%d-%d" % (n, round_))
+        # A request that arrives while the previous one is still being answered.
+        clients[0].sendall(b"GET /slow HTTP/1.1\r\nHost: a\r\n\r\n")
+        gevent.sleep(0.05)
+        clients[0].sendall(b"GET /after HTTP/1.1\r\nHost: a\r\n\r\n")
+        gevent.sleep(0.05)
+        release.set()
+        received = b""
+        with gevent.Timeout(5):
+            while not received.endswith(b"/after"):
+                received += clients[0].recv(4096)
+        assert b"/slow" in received, received
+        for client in clients:
+            client.close()
+        give_up = time.monotonic() + 5  # not gevent.Timeout: its timer would count
+        while (server.connections or loop.activecnt > baseline) and time.monotonic() < give_up:
+            gevent.sleep(0.01)
+        assert (len(server.connections), loop.activecnt) == (0, baseline)
+    finally:
+        server.stop(timeout=1)

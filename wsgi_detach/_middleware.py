@@ -104,6 +104,8 @@ _STREAMING_NAMES: Final = frozenset(name.lower() for name, _ in _STREAMING_HEADE
 _OUTCOMES: Final = ("finished", "failed", "timed_out", "disconnected")
 #: How many kinds of ``detach()`` overrides the middleware keeps merged options for.
 _DERIVED_MAX: Final = 64
+#: How many distinct response heads ``_streaming`` keeps what to add for.
+_STREAMING_MAX: Final = 256
 
 
 @dataclass(frozen=True)
@@ -246,6 +248,7 @@ class DetachMiddleware:
         self._draining = False
         self._drain_waiters: list[Waiter] = []
         self._derived_options: dict[Any, BodyOptions] = {}  # see _derived
+        self._streaming_extra: dict[Any, tuple[tuple[str, str], ...]] = {}  # see _streaming
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         if DETACH_KEY in environ:  # an outer DetachMiddleware already looks after this request
@@ -401,8 +404,9 @@ class DetachMiddleware:
         every time.
         """
         try:
-            # The type too: 1 == 1.0 == True, but a bool is refused.
-            key: Any = tuple(sorted((name, type(v), v) for name, v in overrides.items()))
+            # The types too: 1 == 1.0 == True, but a bool is refused. In the
+            # order given: one call site passes them in one order, always.
+            key: Any = (tuple(overrides.items()), tuple(map(type, overrides.values())))
             options = self._derived_options.get(key)
         except TypeError:  # an unhashable value
             key, options = None, None
@@ -416,12 +420,29 @@ class DetachMiddleware:
         return options
 
     def _streaming(self, headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        """``headers`` with the streaming headers the app did not set itself.
+
+        What to add depends on the header names only, and an endpoint sends
+        the same headers every time: it is kept per distinct headers, up to
+        ``_STREAMING_MAX`` of them (then the record starts again, empty).
+        """
         if not self.streaming_headers:
             return headers
-        given = [lower for name, _ in headers if (lower := name.lower()) in _STREAMING_NAMES]
-        if not given:  # the usual case: the app set neither
-            return [*headers, *_STREAMING_HEADERS]
-        extra = [item for item in _STREAMING_HEADERS if item[0].lower() not in given]
+        key: Any = None
+        extra = None
+        if type(headers) is list:
+            try:
+                key = tuple(headers)
+                extra = self._streaming_extra.get(key)
+            except TypeError:  # an unhashable item: the server will refuse it
+                key = None
+        if extra is None:
+            given = {lower for name, _ in headers if (lower := name.lower()) in _STREAMING_NAMES}
+            extra = tuple(item for item in _STREAMING_HEADERS if item[0].lower() not in given)
+            if key is not None:
+                if len(self._streaming_extra) >= _STREAMING_MAX:
+                    self._streaming_extra.clear()
+                self._streaming_extra[key] = extra
         return [*headers, *extra] if extra else headers
 
 

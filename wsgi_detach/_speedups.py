@@ -25,7 +25,8 @@ import urllib.parse
 from http import client as _http
 from typing import Any, Callable, Final
 
-from gevent import pywsgi
+from gevent import get_hub, pywsgi
+from gevent.hub import Waiter as _Waiter
 from gevent.pywsgi import WSGIHandler
 from gevent.socket import socket as _GeventSocket
 
@@ -125,15 +126,49 @@ class SpeedUps(WSGIHandler):  # type: ignore[misc]  # gevent ships no type hints
 
     #: Nothing is buffered after the last request (see handle_one_request).
     _drained = False
+    #: The connection's own read watcher for :meth:`_wait_readable`, once made.
+    _reader: Any = None
 
-    @staticmethod
-    def _wait_readable(sock: Any) -> None:
+    def handle(self) -> None:
+        try:
+            super().handle()
+        finally:
+            reader, self._reader = self._reader, None
+            if reader is not None:
+                reader.stop()  # before the server closes the socket
+                reader.close()
+
+    def _wait_readable(self, sock: Any) -> None:
         """Wait until ``sock`` (gevent's plain socket) has something to read, or the client
-        left; where this gevent has no such wait, do nothing (the read waits instead)."""
-        wait = getattr(sock, "_wait", None)  # gevent's own wait on its read watcher
-        event = getattr(sock, "_read_event", None)
-        if wait is not None and event is not None:
-            wait(event)
+        left; where this gevent has no such wait, do nothing (the read waits instead).
+
+        The wait uses a read watcher of the connection's own, left running
+        between waits. gevent's socket starts its watcher for each wait and
+        stops it after; libev then leaves the descriptor in epoll, so the next
+        start asks epoll to add it again and is refused (``EEXIST``): a failed
+        system call per keep-alive request, two when data came first. Here,
+        between two waits the watcher stays started with a callback that
+        stops it, which runs only if the client sends something while nobody
+        waits (a pipelined request, a close): then the next wait starts it
+        again, as gevent would.
+        """
+        reader = self._reader
+        if reader is None or sock.timeout is not None:
+            hub = get_hub()
+            if sock.timeout is not None or not hasattr(hub.loop, "io"):
+                # A socket timeout belongs to gevent's own wait.
+                wait = getattr(sock, "_wait", None)
+                event = getattr(sock, "_read_event", None)
+                if wait is not None and event is not None:
+                    wait(event)
+                return
+            reader = self._reader = hub.loop.io(sock.fileno(), 1)
+        waiter = _Waiter()
+        reader.start(waiter.switch, None)  # on a started watcher: the callback only
+        try:
+            waiter.get()
+        finally:
+            reader.start(reader.stop)
 
     def _take_lean_head(self, head: str) -> bool:
         """Parse ``head`` as pywsgi's ``read_request`` would; False (nothing set): not lean."""
