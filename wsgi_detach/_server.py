@@ -399,10 +399,14 @@ class StockDetachHandler(WSGIHandler):  # type: ignore[misc]  # gevent ships no 
         self._complete = False
         environ: dict[str, Any] = super().get_environ()
         environ[SOCKET_KEY] = self.socket
-        if getattr(self.server, "body_timeout", None):
-            reader = environ["wsgi.input"]
-            if isinstance(reader, pywsgi.Input):
-                reader.rfile = _TimedReader(reader.rfile, self)
+        reader = environ["wsgi.input"]
+        if (
+            isinstance(reader, pywsgi.Input)
+            # Without a length and not chunked, pywsgi's Input reads nothing.
+            and (reader.content_length or reader.chunked_input)
+            and getattr(self.server, "body_timeout", None)
+        ):
+            reader.rfile = _TimedReader(reader.rfile, self)
         return environ
 
     def timed_read(self, read: Callable[..., bytes], *args: Any) -> bytes:
