@@ -670,8 +670,9 @@ def test_a_body_closed_elsewhere_while_its_callbacks_yield_still_frees_its_slot(
 
 
 def test_the_streaming_headers_go_on_a_new_list_each_time() -> None:
-    """What to add is kept per distinct headers; the list the server gets is its own
-    (wsgiref appends to it), so one response's additions never reach the next."""
+    """What to add is kept per distinct headers; when something is added the server
+    gets a new list (wsgiref appends to it), so one response's additions never
+    reach the next."""
     mw = DetachMiddleware(lambda environ, start_response: [])
     headers = [("Content-Type", "text/plain")]
     expected = [*headers, ("Cache-Control", "no-cache"), ("X-Accel-Buffering", "no")]

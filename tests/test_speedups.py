@@ -8,6 +8,7 @@ parsed, set or raised; the wire itself is compared in tests/test_conformance.py.
 from __future__ import annotations
 
 import io
+import os
 import threading
 import time
 from http.client import HTTPException
@@ -248,7 +249,7 @@ def test_the_date_header_is_formatted_once_a_second_as_pywsgi_formats_it() -> No
     pytest.fail("the second turned during each of three readings")
 
 
-def test_the_wait_for_the_next_request_keeps_one_watcher_and_drops_it_with_the_connection() -> None:
+def test_the_wait_for_the_next_request_leaves_no_watcher_behind() -> None:
     """Keep-alive requests, one sent while the previous answer is still being made (a
     pipelined one), then the clients leave: every answer arrives, and once the
     connections are gone no watcher of theirs is left running in the loop."""
@@ -292,3 +293,79 @@ def test_the_wait_for_the_next_request_keeps_one_watcher_and_drops_it_with_the_c
         assert (len(server.connections), loop.activecnt) == (0, baseline)
     finally:
         server.stop(timeout=1)
+
+
+def test_a_kept_head_is_used_only_for_plain_tuples_of_plain_str() -> None:
+    """An equal str subclass (which may encode otherwise) or a header object that
+    iterates to a pair (which may change) gets pywsgi's own pass, kept head or not."""
+
+    class Renamed(str):
+        def encode(self, *args: Any, **kwargs: Any) -> bytes:
+            return b"X-Other"
+
+    class Changing:
+        def __init__(self, value: str) -> None:
+            self.value = value
+
+        def __iter__(self) -> Any:
+            return iter(("X-Seq", self.value))
+
+    def sent(handler_class: type, headers: list[Any]) -> Any:
+        handler = handler_class.__new__(handler_class)
+        handler.request_version, handler.close_connection = "HTTP/1.1", False
+        handler.start_response("200 OK", headers)
+        return handler.response_headers
+
+    sent(DetachHandler, [("X-Name", "v")])  # kept
+    assert sent(DetachHandler, [(Renamed("X-Name"), "v")]) == [(b"X-Other", b"v")]
+    item = Changing("1")
+    assert sent(DetachHandler, [item]) == [(b"X-Seq", b"1")]
+    item.value = "2"
+    assert sent(DetachHandler, [item]) == sent(WSGIHandler, [item]) == [(b"X-Seq", b"2")]
+
+
+def test_a_connection_whose_socket_the_app_took_ends_at_once() -> None:
+    """The app detaches the socket while closing its second response: the connection
+    ends there, quietly, as with pywsgi's own wait -- no wait on a descriptor it no
+    longer owns, no traceback."""
+    from gevent import socket as gsocket
+
+    from wsgi_detach._watchers import SOCKET_KEY
+
+    taken: list[Any] = []
+
+    class Body(list):  # type: ignore[type-arg]
+        def __init__(self, sock: Any, take: bool) -> None:
+            super().__init__([b"ok"])
+            self.sock, self.take = sock, take
+
+        def close(self) -> None:
+            if self.take:
+                taken.append(self.sock.detach())
+
+    def app(environ: Any, start_response: Any) -> Any:
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return Body(environ[SOCKET_KEY], environ["PATH_INFO"] == "/take")
+
+    hub = gevent.get_hub()
+    original, errors = hub.exception_stream, io.StringIO()
+    hub.exception_stream = errors  # where a failed greenlet's traceback goes
+    server = make_server(app, port=0, log=None, head_timeout=5)
+    server.start()
+    try:
+        client = gsocket.create_connection(("127.0.0.1", server.server_port))
+        for path in (b"/", b"/take"):
+            client.sendall(b"GET %s HTTP/1.1\r\nHost: a\r\n\r\n" % path)
+            assert client.recv(4096).endswith(b"ok")
+        started = time.monotonic()
+        while server.connections and time.monotonic() - started < 5:
+            gevent.sleep(0.01)
+        assert not server.connections
+        assert time.monotonic() - started < 1.0  # not held until head_timeout
+        client.close()
+    finally:
+        server.stop(timeout=1)
+        hub.exception_stream = original
+        for fd in taken:
+            os.close(fd)
+    assert errors.getvalue() == ""

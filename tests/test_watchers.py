@@ -14,6 +14,8 @@ import time
 from collections.abc import Iterator
 from typing import Any, Callable
 
+import gevent
+import gevent.event
 import pytest
 
 from tests.client import Stream, event_times, events, wait_until
@@ -110,6 +112,59 @@ def test_waitress_flag_is_polled() -> None:
     assert not gone.wait(0.3)
     flag.set()
     assert gone.wait(1.0)
+
+
+def _pending_for(fd: int) -> bool:
+    """Whether the watcher thread holds a watch of ``fd`` that it has not registered yet."""
+    return any(entry.fd == fd for entry in list(_get_monitor()._pending))
+
+
+def test_from_a_greenlet_a_watch_ended_within_the_delay_never_reaches_the_watcher_thread(
+    connection: tuple[socket.socket, socket.socket],
+) -> None:
+    """Under a gevent server most responses end within the delay: their watches stay
+    in their hub, and the watcher thread never hears of them."""
+    server, _client = connection
+    seen = []
+
+    def short_response() -> None:
+        cancel = watch({SOCKET_KEY: server}, lambda: None)
+        assert cancel is not None
+        seen.append(_pending_for(server.fileno()))
+        assert cancel() is True
+        assert cancel() is False  # a second stop: nothing left to stop
+
+    gevent.spawn(short_response).join(5)
+    assert seen == [False]
+    gevent.sleep(WATCH_DELAY * 2)  # the hub's hand-over has run meanwhile
+    assert not _pending_for(server.fileno())
+    assert not _epoll_watches(server.fileno())
+
+
+def test_from_a_greenlet_a_longer_watch_is_registered_and_reports_in_its_hub(
+    connection: tuple[socket.socket, socket.socket],
+) -> None:
+    server, client = connection
+    gone = gevent.event.Event()
+    reported_in: list[Any] = []
+
+    def on_gone() -> None:
+        reported_in.append(gevent.getcurrent())
+        gone.set()
+
+    started = time.monotonic()
+    cancel = gevent.spawn(watch, {SOCKET_KEY: server}, on_gone).get(timeout=5)
+    give_up = started + 2
+    while not _epoll_watches(server.fileno()) and time.monotonic() < give_up:
+        gevent.sleep(0.01)
+    assert _epoll_watches(server.fileno())
+    assert time.monotonic() - started >= WATCH_DELAY * 0.9
+    client.close()
+    assert gone.wait(2)
+    hub = gevent.get_hub()
+    assert reported_in[0] is not hub and reported_in[0].parent is hub
+    assert cancel() is False  # reported: no longer watched
+    assert not _epoll_watches(server.fileno())
 
 
 def test_servers_that_expose_nothing_get_no_watch() -> None:

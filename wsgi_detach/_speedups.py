@@ -133,9 +133,11 @@ class SpeedUps(WSGIHandler):  # type: ignore[misc]  # gevent ships no type hints
         try:
             super().handle()
         finally:
+            # pywsgi has closed the socket by now; nothing yielded since, so
+            # no new connection can have its descriptor yet.
             reader, self._reader = self._reader, None
             if reader is not None:
-                reader.stop()  # before the server closes the socket
+                reader.stop()
                 reader.close()
 
     def _wait_readable(self, sock: Any) -> None:
@@ -153,16 +155,24 @@ class SpeedUps(WSGIHandler):  # type: ignore[misc]  # gevent ships no type hints
         again, as gevent would.
         """
         reader = self._reader
+        fd = sock.fileno()
+        if reader is not None and reader.fd != fd:
+            # The app detached the socket (fd -1), or it is another one now.
+            self._reader = None
+            reader.stop()
+            reader.close()
+            reader = None
         if reader is None or sock.timeout is not None:
             hub = get_hub()
-            if sock.timeout is not None or not hasattr(hub.loop, "io"):
-                # A socket timeout belongs to gevent's own wait.
+            if fd < 0 or sock.timeout is not None or not hasattr(hub.loop, "io"):
+                # gevent's own wait: it knows a socket timeout, and what to
+                # raise for a socket that is no longer there.
                 wait = getattr(sock, "_wait", None)
                 event = getattr(sock, "_read_event", None)
                 if wait is not None and event is not None:
                     wait(event)
                 return
-            reader = self._reader = hub.loop.io(sock.fileno(), 1)
+            reader = self._reader = hub.loop.io(fd, 1)
         waiter = _Waiter()
         reader.start(waiter.switch, None)  # on a started watcher: the callback only
         try:
@@ -398,7 +408,13 @@ class SpeedUps(WSGIHandler):  # type: ignore[misc]  # gevent ships no type hints
             checked = _heads.get(key)
         except TypeError:  # an unhashable header item: pywsgi's method says what is wrong
             return super().start_response(status, headers)  # type: ignore[no-any-return]
-        if checked is None:
+        if checked is not None:
+            # Equal is not enough: only plain tuples of plain str were kept,
+            # and an equal str subclass might encode otherwise.
+            for item in headers:
+                if type(item) is not tuple or type(item[0]) is not str or type(item[1]) is not str:
+                    return super().start_response(status, headers)  # type: ignore[no-any-return]
+        else:
             checked = _check_head(status, headers)
             if checked is None:
                 return super().start_response(status, headers)  # type: ignore[no-any-return]
@@ -460,7 +476,10 @@ def _check_head(status: str, headers: list[tuple[str, str]]) -> _Checked | None:
     encoded: list[tuple[bytes, bytes]] = []
     connection = date = length = None
     try:
-        for name, value in headers:
+        for item in headers:
+            if type(item) is not tuple:
+                return None  # it might hash by identity and change: never kept
+            name, value = item
             if (
                 type(name) is not str
                 or type(value) is not str

@@ -319,6 +319,18 @@ def reuse_waiter(previous: Waiter | None) -> Waiter:
     return make_waiter()
 
 
+def hub_of_this_greenlet() -> Any:
+    """The running hub that schedules the calling greenlet; None in the hub itself, or in a
+    thread whose greenlets no hub runs (a plain thread of a threaded server)."""
+    hub = _get_hub_if_exists()
+    if hub is None:
+        return None
+    current = getcurrent()
+    if current is hub or current.parent is not hub:
+        return None
+    return hub
+
+
 def _run_by_a_hub() -> bool:
     """True when the caller is a greenlet that a running hub schedules (or the hub)."""
     hub = _get_hub_if_exists()
