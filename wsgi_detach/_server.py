@@ -298,6 +298,7 @@ class StockDetachHandler(WSGIHandler):  # type: ignore[misc]  # gevent ships no 
     _awaiting_head = False
     _greenlet: Any = None
     _head_timer: Any = None
+    _head_expired_callback: Any = None
     _body_timer: Any = None
     #: A request was served on this connection (a head timeout is then the
     #: ordinary end of an idle keep-alive connection, not a slow client).
@@ -380,7 +381,13 @@ class StockDetachHandler(WSGIHandler):  # type: ignore[misc]  # gevent ships no 
             return None  # the server is stopping: no further request on this connection
         timer = self._head_timer
         if timer is not None:
-            timer.again(self._head_expired, update=True)  # the full head_timeout: see _wait_timer
+            # The full head_timeout: see _wait_timer. One bound method for the
+            # connection, not one per request (a request's garbage is what
+            # makes the young collections under thousands of connections).
+            expired = self._head_expired_callback
+            if expired is None:
+                expired = self._head_expired_callback = self._head_expired
+            timer.again(expired, update=True)
         self._awaiting_head = True
         self._waiting_since = time.monotonic()
         try:

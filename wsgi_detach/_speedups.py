@@ -128,6 +128,7 @@ class SpeedUps(WSGIHandler):  # type: ignore[misc]  # gevent ships no type hints
     _drained = False
     #: The connection's own read watcher for :meth:`_wait_readable`, once made.
     _reader: Any = None
+    _reader_stop: Any = None
 
     def handle(self) -> None:
         try:
@@ -136,6 +137,7 @@ class SpeedUps(WSGIHandler):  # type: ignore[misc]  # gevent ships no type hints
             # pywsgi has closed the socket by now; nothing yielded since, so
             # no new connection can have its descriptor yet.
             reader, self._reader = self._reader, None
+            self._reader_stop = None
             if reader is not None:
                 reader.stop()
                 reader.close()
@@ -158,7 +160,7 @@ class SpeedUps(WSGIHandler):  # type: ignore[misc]  # gevent ships no type hints
         fd = sock.fileno()
         if reader is not None and reader.fd != fd:
             # The app detached the socket (fd -1), or it is another one now.
-            self._reader = None
+            self._reader = self._reader_stop = None
             reader.stop()
             reader.close()
             reader = None
@@ -173,12 +175,13 @@ class SpeedUps(WSGIHandler):  # type: ignore[misc]  # gevent ships no type hints
                     wait(event)
                 return
             reader = self._reader = hub.loop.io(fd, 1)
+            self._reader_stop = reader.stop  # one bound method, not one per wait
         waiter = _Waiter()
         reader.start(waiter.switch, None)  # on a started watcher: the callback only
         try:
             waiter.get()
         finally:
-            reader.start(reader.stop)
+            reader.start(self._reader_stop)
 
     def _take_lean_head(self, head: str) -> bool:
         """Parse ``head`` as pywsgi's ``read_request`` would; False (nothing set): not lean."""

@@ -234,13 +234,12 @@ class _HubWaiter:
         # async watcher, so a hub with nothing else to watch (no listening
         # socket, say) would otherwise decide it can never be woken and raise
         # LoopExit. Without a timeout, that is the hub's shared keep-alive.
+        timer = None
         if timeout is None:
             self._inbox.hold()
-            done: Callable[[], object] = self._inbox.release
         else:
             timer = self._hub.loop.timer(max(timeout, 0.0))
             timer.start(self._waiter.switch, False)
-            done = timer.close
         try:
             return bool(self._waiter.get())
         finally:
@@ -248,7 +247,10 @@ class _HubWaiter:
             # timer) only stores its value: the next wait() returns at once,
             # once -- which reuse_waiter's callers accept.
             self._waiter.clear()
-            done()
+            if timer is None:
+                self._inbox.release()
+            else:
+                timer.close()
 
     def wake(self) -> None:
         # Waiter.switch must run in the hub: a loop callback from this thread,
