@@ -283,6 +283,7 @@ class StockDetachHandler(WSGIHandler):  # type: ignore[misc]  # gevent ships no 
         finally:
             self._raw_socket = None  # pywsgi drops its socket references here too
             self._greenlet = None
+            self._head_expired_callback = None  # a bound method of ours: a cycle otherwise
             for timer in (self._head_timer, self._body_timer):
                 if timer is not None:
                     timer.close()

@@ -377,21 +377,26 @@ class _Deferrals:
     of this hub's queue, in the hub's own thread, so no lock; one repeating
     timer of the hub (every half delay, only while the queue holds
     something, never keeping the loop alive by itself) hands the entries
-    that are due and still watched to the watcher thread, which registers
-    them at once. A watch is therefore registered 0.1-0.15 s after it
-    began, as before; a client that left meanwhile is noticed then.
+    due within the next half delay and still watched to the watcher thread,
+    which registers them at once: 0.05-0.1 s after the watch began, as the
+    thread does with its own; a client that left meanwhile is noticed then.
+    Times are ``time.monotonic()``'s, as the thread's: the loop's cached
+    ``now()`` follows the wall clock, and a clock set back would hold every
+    entry behind the first.
+
+    Only the hub's own thread adds and cancels (a request's greenlets run
+    there), so nothing here needs a lock.
     """
 
-    __slots__ = ("_loop", "_queue", "_timer")
+    __slots__ = ("_queue", "_timer")
 
     def __init__(self, hub: Any) -> None:
-        self._loop = hub.loop
         self._queue: deque[_Deferred] = deque()
         self._timer = hub.loop.timer(WATCH_DELAY / 2, WATCH_DELAY / 2)
         self._timer.ref = False
 
     def add(self, fd: int, on_disconnect: Callable[[], object]) -> _Deferred:
-        entry = _Deferred(fd, on_disconnect, self._loop.now() + WATCH_DELAY)
+        entry = _Deferred(fd, on_disconnect, time.monotonic() + WATCH_DELAY)
         self._queue.append(entry)
         if not self._timer.active:
             self._timer.start(self._hand_over)
@@ -399,23 +404,29 @@ class _Deferrals:
 
     def _hand_over(self) -> None:
         """In the hub: give the watcher thread what is due and still watched."""
-        now = self._loop.now()
+        limit = time.monotonic() + WATCH_DELAY / 2  # a batch per tick, as the thread takes them
         queue = self._queue
         while queue:
             entry = queue[0]
             on_disconnect = entry.on_disconnect
-            if on_disconnect is not None and entry.due > now:
+            if on_disconnect is not None and entry.due > limit:
                 break
             queue.popleft()
             if on_disconnect is None:
                 continue  # its response ended in time
             try:
                 entry.handed = _get_monitor().watch_socket(entry.fd, on_disconnect, delay=0.0)
-            except OSError as exc:
+            except Exception as exc:  # EPERM, the epoll limit, no thread to be had
                 entry.on_disconnect = None
                 log.warning("cannot watch fd %d for a disconnect (%s); unwatched", entry.fd, exc)
         if not queue:
             self._timer.stop()
+
+    def forget_all(self) -> None:
+        """Drop every entry: after a fork, the connections are the parent's to watch."""
+        for entry in self._queue:
+            entry.on_disconnect = None
+        self._queue.clear()
 
 
 #: Each running hub's deferrals, by hub; the last one asked for kept at hand.
@@ -446,6 +457,8 @@ def _forget_monitor_after_fork() -> None:
     global _monitor, _monitor_lock
     _monitor = None  # its thread did not survive the fork
     _monitor_lock = allocate_lock()  # another thread may have held it at the fork
+    for deferrals in list(_deferrals.values()):
+        deferrals.forget_all()  # as the monitor's pending watches are forgotten
 
 
 os.register_at_fork(after_in_child=_forget_monitor_after_fork)
@@ -468,8 +481,8 @@ def watch(environ: dict[str, Any], on_disconnect: Callable[[], object]) -> Cance
     Call it from the greenlet or thread that serves the request:
     ``on_disconnect`` runs back there (in a new greenlet of its hub), or in
     a new thread of its own when the serving thread has no gevent hub. Returns a
-    function that stops the watch; call it when the response ends, and
-    always before the server may close the socket. Linux only (epoll): None
+    function that stops the watch; call it when the response ends, from that
+    same thread, and always before the server may close the socket. Linux only (epoll): None
     elsewhere.
     """
     if _epoll is None:
