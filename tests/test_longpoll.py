@@ -215,3 +215,19 @@ def test_the_polls_one_publish_answers_share_one_rendering() -> None:
     assert json.loads(answer)["messages"][0]["data"] == "news"
     for body in bodies:
         body.close()
+
+
+def test_polls_between_two_publishes_share_their_options_and_a_bad_timeout_is_still_refused() -> None:
+    """The options of a poll's body are checked once for the polls that wait with the
+    same cursor; a different timeout gets its own, and an invalid one its error."""
+    from wsgi_detach import long_poll
+
+    hub = Hub()
+    bodies = [long_poll(hub, None, lambda s, h, e=None: None, timeout=t) for t in (1, 1, 2.5)]
+    assert [b._idle_timeout for b in bodies] == [1.0, 1.0, 2.5]
+    for bad in (True, 0, -1, "1"):
+        with pytest.raises((TypeError, ValueError)):
+            long_poll(hub, None, lambda s, h, e=None: None, timeout=bad)  # type: ignore[arg-type]
+    for body in bodies:
+        body.close()
+    assert hub.pending_polls == 0

@@ -798,7 +798,9 @@ class Hub:
         store = self._store
         now = store.cursor
         cursor = _cursor_text(cursor)
-        if not cursor:
+        if not cursor or cursor == now:
+            # Nothing after the latest id: the usual long-poll, which comes
+            # back with the cursor its last answer gave it, is not resolved.
             return Batch([], now)
         position = store.resolve(cursor)
         if isinstance(position, str):

@@ -23,13 +23,15 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Callable, Final
 
-from ._body import REGISTER_KEY, DetachedBody, register
+from ._body import REGISTER_KEY, BodyOptions, DetachedBody, register
 from ._broadcast import Batch, Hub
 from ._errors import BodyClosed
 from ._wakeup import make_waiter
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIEnvironment
+
+    from ._budget import ByteBudget
 
 __all__ = ["long_poll", "wait_for_messages"]
 
@@ -62,6 +64,28 @@ def _render(render: Callable[[Batch], bytes], batch: Batch) -> bytes:
         data = render(batch)
         _last_answer[0] = (render, batch, data)
     return data
+
+
+def _options(timeout: float, empty: bytes, budget: ByteBudget | None) -> BodyOptions:
+    """A poll's body options, checked once for the polls that share them.
+
+    Between two publishes every poll waits with the same cursor, and so the
+    same empty answer (``_render_empty``): one set of options serves them all.
+    """
+    last_timeout, last_empty, last_budget, options = _last_options[0]
+    if (
+        options is None
+        or last_empty is not empty
+        or last_budget is not budget
+        or last_timeout != timeout
+        or type(last_timeout) is not type(timeout)  # 1 == True, and a bool is refused
+    ):
+        options = BodyOptions(idle_timeout=timeout, timeout_chunk=empty, budget=budget)
+        _last_options[0] = (timeout, empty, budget, options)
+    return options
+
+
+_last_options: list[tuple[object, object, object, BodyOptions | None]] = [(None, None, None, None)]
 
 
 def _render_empty(render: Callable[[Batch], bytes], cursor: str) -> bytes:
@@ -112,12 +136,8 @@ def long_poll(
         cursor = hub.cursor  # pin "now" before waiting, so nothing in between is lost
     empty = _render_empty(render, cursor)
     registrar = None if environ is None else environ.get(REGISTER_KEY)
-    body = DetachedBody(
-        start_response=start_response,
-        idle_timeout=timeout,
-        timeout_chunk=empty,
-        budget=None if registrar is None else registrar.options.budget,
-    )
+    budget = None if registrar is None else registrar.options.budget
+    body = DetachedBody(start_response=start_response, options=_options(timeout, empty, budget))
     register(body, registrar)
     body.start("200 OK", list(_JSON_HEADERS))
 
