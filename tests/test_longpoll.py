@@ -217,7 +217,7 @@ def test_the_polls_one_publish_answers_share_one_rendering() -> None:
         body.close()
 
 
-def test_polls_between_two_publishes_share_their_options_and_a_bad_timeout_is_still_refused() -> None:
+def test_polls_between_publishes_share_their_options_and_a_bad_timeout_is_refused() -> None:
     """The options of a poll's body are checked once for the polls that wait with the
     same cursor; a different timeout gets its own, and an invalid one its error."""
     from wsgi_detach import long_poll
