@@ -761,6 +761,11 @@ class Hub:
 
     def cancel_poll(self, callback: Callable[[Batch], object]) -> bool:
         """Withdraw a :meth:`poll` callback; False if it already ran (or is running)."""
+        if callback not in self._polls:
+            # Answered already (the usual case: every answered poll's body
+            # withdraws it on close). A callback taken out is never put back,
+            # so this needs no lock.
+            return False
         with self._lock:
             return self._polls.pop(callback, None) is not None
 

@@ -37,11 +37,12 @@ __all__ = ["long_poll", "wait_for_messages"]
 
 # 25 s: under the 30 s idle limit common to proxies and load balancers.
 _DEFAULT_TIMEOUT: Final = 25.0
-_JSON_HEADERS: Final = (
+#: Read only: ``body.start()`` keeps a copy of what it is given.
+_JSON_HEADERS: Final = [
     ("Content-Type", "application/json"),
     # A cached answer would hand the next poll stale news.
     ("Cache-Control", "no-store"),
-)
+]
 
 
 def render_json(batch: Batch) -> bytes:
@@ -139,7 +140,7 @@ def long_poll(
     budget = None if registrar is None else registrar.options.budget
     body = DetachedBody(start_response=start_response, options=_options(timeout, empty, budget))
     register(body, registrar)
-    body.start("200 OK", list(_JSON_HEADERS))
+    body.start("200 OK", _JSON_HEADERS)
 
     def answer(batch: Batch) -> None:
         try:

@@ -383,6 +383,11 @@ class DetachMiddleware:
         raise Unavailable(f"no new detached response: {reason}; retry later")
 
     def _release(self, stream: object, outcome: str | None) -> None:
+        if stream not in self._open:
+            # Released already (a request releases its bodies when they close
+            # and again when it ends); a stream is admitted once, so one that
+            # is out stays out: no lock needed to see it.
+            return
         with self._lock:
             if stream not in self._open:
                 return
@@ -826,7 +831,8 @@ class _Request:
 
     def close_bodies(self) -> None:
         for body in self.bodies:
-            body.close()
+            if not body.closed:  # the server's close() usually came first
+                body.close()
 
 
 class _DetachedResponse:
