@@ -219,14 +219,21 @@ def test_the_polls_one_publish_answers_share_one_rendering() -> None:
 
 def test_polls_between_publishes_share_their_options_and_a_bad_timeout_is_refused() -> None:
     """The options of a poll's body are checked once for the polls that wait with the
-    same cursor; a different timeout gets its own, and an invalid one its error."""
+    same cursor; a different timeout gets its own, and an invalid one its error --
+    also right after a valid one equal to it (1 == True)."""
     from wsgi_detach import long_poll
+    from wsgi_detach._longpoll import _options
 
+    empty = b'{"messages":[]}'
+    assert _options(1, empty, None) is _options(1, empty, None)
+    assert _options(1, empty, None) is not _options(2, empty, None)
+    assert _options(1, empty, None) is not _options(1, bytes(bytearray(empty)), None)
     hub = Hub()
     bodies = [long_poll(hub, None, lambda s, h, e=None: None, timeout=t) for t in (1, 1, 2.5)]
     assert [b._idle_timeout for b in bodies] == [1.0, 1.0, 2.5]
+    long_poll(hub, None, lambda s, h, e=None: None, timeout=1).close()
     for bad in (True, 0, -1, "1"):
-        with pytest.raises((TypeError, ValueError)):
+        with pytest.raises(ValueError, match="idle_timeout must be a positive number"):
             long_poll(hub, None, lambda s, h, e=None: None, timeout=bad)  # type: ignore[arg-type]
     for body in bodies:
         body.close()
