@@ -98,6 +98,31 @@ def _render_empty(render: Callable[[Batch], bytes], cursor: str) -> bytes:
     return data
 
 
+class _Answer:
+    """One waiting poll: the hub calls it with the batch; its body's close withdraws it.
+
+    An object with two methods rather than two closures: a waiting poll
+    keeps it alive, and under hundreds of waiting polls every object one
+    keeps is walked by the garbage collector's young collections.
+    """
+
+    __slots__ = ("body", "hub", "render")
+
+    def __init__(self, hub: Hub, body: DetachedBody, render: Callable[[Batch], bytes]) -> None:
+        self.hub = hub
+        self.body = body
+        self.render = render
+
+    def __call__(self, batch: Batch) -> None:
+        try:
+            self.body.finish(_render(self.render, batch))
+        except BodyClosed:
+            pass  # timed out or the client left as the news came: the next poll gets it
+
+    def withdraw(self) -> None:
+        self.hub.cancel_poll(self)
+
+
 def long_poll(
     hub: Hub,
     cursor: str | None,
@@ -142,18 +167,13 @@ def long_poll(
     register(body, registrar)
     body.start("200 OK", _JSON_HEADERS)
 
-    def answer(batch: Batch) -> None:
-        try:
-            body.finish(_render(render, batch))
-        except BodyClosed:
-            pass  # timed out or the client left as the news came: the next poll gets it
-
+    answer = _Answer(hub, body, render)
     try:
         batch = hub.poll(cursor, answer)
         if batch is not None:
             body.finish(render(batch))
         else:
-            body.on_close(lambda: hub.cancel_poll(answer))
+            body.on_close(answer.withdraw)
     except BaseException:
         body.close()  # never returned, so nobody else would: withdraw it, give its bytes back
         raise
