@@ -77,6 +77,18 @@ def test_resetting_clients_leave_nothing_behind(server: ServerProcess) -> None:
     # thousand requests (slower with the disconnect watcher): warm up first.
     warmup = 2 * CLIENTS
     soak(server.port, warmup)
+    # One stream old enough for the disconnect watcher to take it over, so
+    # that the watcher's thread (an epoll and a pipe: three descriptors, made
+    # once per process, when a watch first outlives its 0.1 s delay) is part
+    # of the baseline, not of the soak. 30 chunks 10 ms apart: >= 0.3 s.
+    held = Stream(server.port, "/soak?interval=0.01", timeout=10)
+    try:
+        assert held.read_head().status == 200
+        for _ in range(30):
+            assert held.read_chunk()
+    finally:
+        held.reset()
+    warmup += 1
     before = settled(server, warmup)
     process = psutil.Process(before["pid"])
     rss_before = process.memory_info().rss
