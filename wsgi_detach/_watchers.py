@@ -19,8 +19,9 @@ cheroot, wsgiref, others        nothing                                     hear
 
 Theory of operation
 -------------------
-One daemon OS thread per process (started at the first watch, again after a
-fork) blocks in ``epoll_wait`` on every watched socket, registered for
+One daemon OS thread per process (started when the first watch reaches it
+-- under a gevent server, the first that outlives its delay -- and again
+after a fork) blocks in ``epoll_wait`` on every watched socket, registered for
 ``EPOLLRDHUP`` only: the kernel reports the peer's FIN (or an RST, as
 ``EPOLLHUP``/``EPOLLERR``), never mere readability, so a pipelined request or
 a request body the app did not read does not wake it. On an event it looks
