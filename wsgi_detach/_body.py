@@ -774,6 +774,11 @@ class DetachedBody:
         and every blocked producer (they get :class:`BodyAborted`), then runs
         the ``on_close`` callbacks, each exactly once.
         """
+        if self._state == CLOSED:
+            # Closed already (the server's close() and the middleware's end of
+            # the request both close every body); a body never leaves CLOSED,
+            # so this needs no lock.
+            return
         with self._lock:
             if self._state == CLOSED:
                 return

@@ -831,8 +831,7 @@ class _Request:
 
     def close_bodies(self) -> None:
         for body in self.bodies:
-            if not body.closed:  # the server's close() usually came first
-                body.close()
+            body.close()
 
 
 class _DetachedResponse:

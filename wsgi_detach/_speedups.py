@@ -164,18 +164,19 @@ class SpeedUps(WSGIHandler):  # type: ignore[misc]  # gevent ships no type hints
             reader.stop()
             reader.close()
             reader = None
+        if reader is None and fd >= 0 and sock.timeout is None:
+            loop = get_hub().loop
+            if hasattr(loop, "io"):
+                reader = self._reader = loop.io(fd, 1)
+                self._reader_stop = reader.stop  # one bound method, not one per wait
         if reader is None or sock.timeout is not None:
-            hub = get_hub()
-            if fd < 0 or sock.timeout is not None or not hasattr(hub.loop, "io"):
-                # gevent's own wait: it knows a socket timeout, and what to
-                # raise for a socket that is no longer there.
-                wait = getattr(sock, "_wait", None)
-                event = getattr(sock, "_read_event", None)
-                if wait is not None and event is not None:
-                    wait(event)
-                return
-            reader = self._reader = hub.loop.io(fd, 1)
-            self._reader_stop = reader.stop  # one bound method, not one per wait
+            # gevent's own wait: it knows a socket timeout, and what to raise
+            # for a socket that is no longer there.
+            wait = getattr(sock, "_wait", None)
+            event = getattr(sock, "_read_event", None)
+            if wait is not None and event is not None:
+                wait(event)
+            return
         waiter = _Waiter()
         reader.start(waiter.switch, None)  # on a started watcher: the callback only
         try:

@@ -335,11 +335,7 @@ def hub_of_this_greenlet() -> Any:
 
 def _run_by_a_hub() -> bool:
     """True when the caller is a greenlet that a running hub schedules (or the hub)."""
-    hub = _get_hub_if_exists()
-    if hub is None:
-        return False
-    current = getcurrent()
-    return current is hub or current.parent is hub
+    return in_hub() or hub_of_this_greenlet() is not None
 
 
 class _ProducerHub:
