@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+import struct
 import threading
 import time
 from collections.abc import Iterator
@@ -20,7 +21,14 @@ import pytest
 
 from tests.client import Stream, event_times, events, wait_until
 from tests.servers import ServerProcess, serve
-from wsgi_detach._watchers import SOCKET_KEY, WATCH_DELAY, _get_monitor, watch
+from wsgi_detach._watchers import (
+    OWN_WATCH_KEY,
+    SOCKET_KEY,
+    WATCH_DELAY,
+    ConnectionReader,
+    _get_monitor,
+    watch,
+)
 
 # ---------------------------------------------------------------------- in-process
 
@@ -80,6 +88,32 @@ def _epoll_watches(fd: int) -> bool:
     epoll_fd = _get_monitor()._epoll.fileno()
     with open(f"/proc/self/fdinfo/{epoll_fd}") as info:
         return any(line.startswith(f"tfd: {fd:8d} ") for line in info)
+
+
+def _epoll_soon_watches(fd: int, timeout: float = 2.0) -> bool:
+    """Whether the watcher thread registers ``fd`` within ``timeout`` (the hub keeps running)."""
+    give_up = time.monotonic() + timeout
+    while not _epoll_watches(fd) and time.monotonic() < give_up:
+        gevent.sleep(0.01)
+    return _epoll_watches(fd)
+
+
+def _recorded() -> tuple[gevent.event.Event, list[Any], Callable[[], None]]:
+    """An ``on_disconnect`` that sets the event and records the greenlet it ran in."""
+    gone = gevent.event.Event()
+    reported_in: list[Any] = []
+
+    def on_gone() -> None:
+        reported_in.append(gevent.getcurrent())
+        gone.set()
+
+    return gone, reported_in, on_gone
+
+
+def _assert_beside_the_hub(glet: Any) -> None:
+    """A callback ran in a greenlet of this hub, not in the hub itself."""
+    hub = gevent.get_hub()
+    assert glet is not hub and glet.parent is hub
 
 
 def test_a_watch_ended_within_the_delay_never_reaches_epoll(
@@ -145,24 +179,14 @@ def test_from_a_greenlet_a_longer_watch_is_registered_and_reports_in_its_hub(
     connection: tuple[socket.socket, socket.socket],
 ) -> None:
     server, client = connection
-    gone = gevent.event.Event()
-    reported_in: list[Any] = []
-
-    def on_gone() -> None:
-        reported_in.append(gevent.getcurrent())
-        gone.set()
-
+    gone, reported_in, on_gone = _recorded()
     started = time.monotonic()
     cancel = gevent.spawn(watch, {SOCKET_KEY: server}, on_gone).get(timeout=5)
-    give_up = started + 2
-    while not _epoll_watches(server.fileno()) and time.monotonic() < give_up:
-        gevent.sleep(0.01)
-    assert _epoll_watches(server.fileno())
+    assert _epoll_soon_watches(server.fileno())
     assert time.monotonic() - started >= WATCH_DELAY / 2 * 0.9  # not at once: when due
     client.close()
     assert gone.wait(2)
-    hub = gevent.get_hub()
-    assert reported_in[0] is not hub and reported_in[0].parent is hub
+    _assert_beside_the_hub(reported_in[0])
     assert cancel() is False  # reported: no longer watched
     assert not _epoll_watches(server.fileno())
 
@@ -185,6 +209,118 @@ def test_after_a_fork_the_watches_waiting_in_a_hub_are_dropped(
     gevent.sleep(WATCH_DELAY * 2)
     assert not _pending_for(server.fileno())
     assert not _epoll_watches(server.fileno())
+
+
+# ------------------------------------------------ through the connection's own read watcher
+
+
+@pytest.fixture
+def reader(connection: tuple[socket.socket, socket.socket]) -> Iterator[ConnectionReader]:
+    server, _client = connection
+    found = ConnectionReader(gevent.get_hub().loop, server, server.fileno())
+    try:
+        yield found
+    finally:
+        found.close()
+
+
+def _own_watch(reader: ConnectionReader, on_gone: Callable[[], object]) -> Any:
+    """What the middleware does under DetachHandler: watch() with the reader's own watch."""
+    environ = {SOCKET_KEY: reader.sock, OWN_WATCH_KEY: reader.watch}
+    return gevent.spawn(watch, environ, on_gone).get(timeout=5)
+
+
+def _watched(reader: ConnectionReader) -> tuple[gevent.event.Event, Any]:
+    """(set when the client is taken for gone, the watch's cancel)."""
+    gone = gevent.event.Event()
+    return gone, _own_watch(reader, gone.set)
+
+
+@pytest.mark.parametrize("leave", ["close", "reset"])
+def test_through_the_reader_a_departure_is_noticed_at_once_in_the_hub(
+    connection: tuple[socket.socket, socket.socket], reader: ConnectionReader, leave: str
+) -> None:
+    """No WATCH_DELAY and no watcher thread: the descriptor is already in the
+    hub's epoll set, so the callback runs as soon as the kernel reports the FIN."""
+    server, client = connection
+    gone, reported_in, on_gone = _recorded()
+    cancel = _own_watch(reader, on_gone)
+    assert cancel is not None
+    if leave == "reset":
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    started = time.monotonic()
+    client.close()
+    assert gone.wait(2)
+    assert time.monotonic() - started < WATCH_DELAY / 2  # sooner than any hand-over
+    _assert_beside_the_hub(reported_in[0])
+    assert not _pending_for(server.fileno()) and not _epoll_watches(server.fileno())
+    assert cancel() is False  # reported: nothing left to stop
+
+
+def test_through_the_reader_bytes_move_the_watch_to_the_thread(
+    connection: tuple[socket.socket, socket.socket], reader: ConnectionReader
+) -> None:
+    """A pipelined request makes the read watcher fire without a hang-up: the
+    watch goes on in the watcher thread, which waits for EPOLLRDHUP only."""
+    server, client = connection
+    gone, cancel = _watched(reader)
+    client.sendall(b"GET /next HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert _epoll_soon_watches(server.fileno())
+    assert not gone.is_set()  # bytes are not a departure
+    server.recv(100)  # the server reads them; then the client leaves
+    client.close()
+    assert gone.wait(2)
+    assert cancel() is False
+
+
+def test_through_the_reader_a_half_close_after_bytes_is_not_a_departure(
+    connection: tuple[socket.socket, socket.socket], reader: ConnectionReader
+) -> None:
+    _server, client = connection
+    gone, cancel = _watched(reader)
+    client.sendall(b"GET /next HTTP/1.1\r\n\r\n")
+    client.shutdown(socket.SHUT_WR)
+    assert not gone.wait(0.5)
+    cancel()
+
+
+def test_through_the_reader_cancel_restores_the_wait_and_a_late_cancel_undoes_nothing(
+    connection: tuple[socket.socket, socket.socket], reader: ConnectionReader
+) -> None:
+    _server, client = connection
+    gone, cancel = _watched(reader)
+    assert cancel() is True
+    assert cancel() is False
+    # The connection waits for its next request; a stale watch's cancel
+    # (the first response's, arriving late) must not take that wait over.
+    stale = _own_watch(reader, gone.set)
+    waiting = gevent.spawn(reader.wait)
+    gevent.sleep(0)  # the wait is in place
+    assert stale() is True
+    client.sendall(b"GET / HTTP/1.1\r\n\r\n")
+    waiting.join(2)
+    assert waiting.dead and waiting.successful()
+    client.close()
+    assert not gone.wait(0.3)  # every watch was stopped
+
+
+def test_through_the_reader_a_detached_socket_falls_back(
+    connection: tuple[socket.socket, socket.socket],
+) -> None:
+    """The app took the socket (fd -1): the reader declines, the other ways are tried."""
+    server, _client = connection
+    reader = ConnectionReader(gevent.get_hub().loop, server, server.fileno())
+    try:
+        fd = server.detach()
+        try:
+            assert reader.watch(lambda: None) is None
+        finally:
+            os.close(fd)
+    finally:
+        reader.close()
+    closed = ConnectionReader(gevent.get_hub().loop, _client, _client.fileno())
+    closed.close()
+    assert closed.watch(lambda: None) is None  # the connection is over
 
 
 def test_servers_that_expose_nothing_get_no_watch() -> None:

@@ -56,7 +56,7 @@ from ._errors import RequestTimeout, Unavailable
 from ._middleware import DIRECT_TYPES, DetachMiddleware, python_next
 from ._speedups import SpeedUps
 from ._wakeup import get_ident
-from ._watchers import SOCKET_KEY
+from ._watchers import OWN_WATCH_KEY, SOCKET_KEY
 
 try:
     import fcntl
@@ -308,6 +308,9 @@ class StockDetachHandler(WSGIHandler):  # type: ignore[misc]  # gevent ships no 
     _waiting_since = 0.0
     #: ``body_timeout`` fired: every later read of the body fails at once.
     _body_timed_out = False
+    #: The handler's own disconnect watch for the environ (the speed-ups
+    #: have one); without it the middleware's watch goes to the watcher thread.
+    _watch_here: Any = None
 
     def close_if_idle(self) -> None:
         """End the connection if it is waiting for a request (the server is stopping)."""
@@ -407,6 +410,9 @@ class StockDetachHandler(WSGIHandler):  # type: ignore[misc]  # gevent ships no 
         self._complete = False
         environ: dict[str, Any] = super().get_environ()
         environ[SOCKET_KEY] = self.socket
+        own_watch = self._watch_here
+        if own_watch is not None:
+            environ[OWN_WATCH_KEY] = own_watch
         reader = environ["wsgi.input"]
         if (
             isinstance(reader, pywsgi.Input)

@@ -26,9 +26,10 @@ from http import client as _http
 from typing import Any, Callable, Final
 
 from gevent import get_hub, pywsgi
-from gevent.hub import Waiter as _Waiter
 from gevent.pywsgi import WSGIHandler
 from gevent.socket import socket as _GeventSocket
+
+from ._watchers import ConnectionReader
 
 __all__ = ["SpeedUps"]
 
@@ -126,63 +127,58 @@ class SpeedUps(WSGIHandler):  # type: ignore[misc]  # gevent ships no type hints
 
     #: Nothing is buffered after the last request (see handle_one_request).
     _drained = False
-    #: The connection's own read watcher for :meth:`_wait_readable`, once made.
-    _reader: Any = None
-    _reader_stop: Any = None
+    #: The connection's own read watcher, once made (:class:`ConnectionReader`).
+    _reader: ConnectionReader | None = None
+    #: The reader's ``watch``, for the environ (``OWN_WATCH_KEY``); the reader's,
+    #: not ours, so that the environ holds no reference back to the handler.
+    _watch_here: Any = None
 
     def handle(self) -> None:
+        reader = self._connection_reader(self.socket)  # now: its watch goes in every environ
+        if reader is not None:
+            self._watch_here = reader.watch
         try:
             super().handle()
         finally:
             # pywsgi has closed the socket by now; nothing yielded since, so
             # no new connection can have its descriptor yet.
+            self._watch_here = None
             reader, self._reader = self._reader, None
-            self._reader_stop = None
             if reader is not None:
-                reader.stop()
                 reader.close()
+
+    def _connection_reader(self, sock: Any) -> ConnectionReader | None:
+        """The connection's read watcher, made at first use; None where there can be none."""
+        reader = self._reader
+        fd = sock.fileno()
+        if reader is not None and reader.fd != fd:
+            # The app detached the socket (fd -1), or it is another one now.
+            self._reader = None
+            reader.close()
+            reader = None
+        if reader is None and fd >= 0:
+            loop = get_hub().loop
+            if hasattr(loop, "io"):
+                reader = self._reader = ConnectionReader(loop, sock, fd)
+        return reader
 
     def _wait_readable(self, sock: Any) -> None:
         """Wait until ``sock`` (gevent's plain socket) has something to read, or the client
         left; where this gevent has no such wait, do nothing (the read waits instead).
 
-        The wait uses a read watcher of the connection's own, left running
-        between waits. gevent's socket starts its watcher for each wait and
-        stops it after; libev then leaves the descriptor in epoll, so the next
-        start asks epoll to add it again and is refused (``EEXIST``): a failed
-        system call per keep-alive request, two when data came first. Here,
-        between two waits the watcher stays started with a callback that
-        stops it, which runs only if the client sends something while nobody
-        waits (a pipelined request, a close): then the next wait starts it
-        again, as gevent would.
+        The connection's own read watcher waits (see :class:`ConnectionReader`
+        for what that saves); with a socket timeout, or no watcher to be had,
+        gevent's own wait does, which knows the timeout and what to raise for
+        a socket that is no longer there.
         """
-        reader = self._reader
-        fd = sock.fileno()
-        if reader is not None and reader.fd != fd:
-            # The app detached the socket (fd -1), or it is another one now.
-            self._reader = self._reader_stop = None
-            reader.stop()
-            reader.close()
-            reader = None
-        if reader is None and fd >= 0 and sock.timeout is None:
-            loop = get_hub().loop
-            if hasattr(loop, "io"):
-                reader = self._reader = loop.io(fd, 1)
-                self._reader_stop = reader.stop  # one bound method, not one per wait
+        reader = self._connection_reader(sock)
         if reader is None or sock.timeout is not None:
-            # gevent's own wait: it knows a socket timeout, and what to raise
-            # for a socket that is no longer there.
             wait = getattr(sock, "_wait", None)
             event = getattr(sock, "_read_event", None)
             if wait is not None and event is not None:
                 wait(event)
             return
-        waiter = _Waiter()
-        reader.start(waiter.switch, None)  # on a started watcher: the callback only
-        try:
-            waiter.get()
-        finally:
-            reader.start(self._reader_stop)
+        reader.wait()
 
     def _take_lean_head(self, head: str) -> bool:
         """Parse ``head`` as pywsgi's ``read_request`` would; False (nothing set): not lean."""
