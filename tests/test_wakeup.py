@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from typing import Any
 
 import gevent
 from greenlet import getcurrent
@@ -117,6 +118,35 @@ def test_a_reused_hub_waiter_returns_once_at_once_after_a_late_wake_up() -> None
         woken.join(timeout=1)
 
     gevent.spawn(run).get(timeout=10)
+
+
+def test_a_greenlet_keeps_one_waiter_for_the_bodies_it_consumes_one_after_another() -> None:
+    """A server's connection greenlet consumes a body per request: one waiter serves
+    them all (no waiter, bound method or partial per waiting body), and the first
+    body's late wake-up only makes the second body look again."""
+    from wsgi_detach import DetachedBody
+
+    def consume(body: DetachedBody) -> bytes:
+        return b"".join(body)
+
+    def run() -> tuple[Any, Any, bytes]:
+        first = DetachedBody()
+        gevent.spawn_later(0.01, first.finish, b"one")
+        assert consume(first) == b"one"
+        kept = first._consumer_waiter
+        kept.wake()  # late, for a wait that is over: the next wait returns at once
+        second = DetachedBody()
+        gevent.spawn_later(0.05, second.finish, b"two")
+        started = time.monotonic()
+        data = consume(second)  # looks again after the stale wake-up, waits on
+        assert time.monotonic() - started >= 0.04
+        return kept, second._consumer_waiter, data
+
+    kept, reused, data = gevent.spawn(run).get(timeout=10)
+    assert reused is kept and data == b"two"
+    other: list[Any] = []
+    gevent.spawn(lambda: other.append(reuse_waiter(None))).join(timeout=10)
+    assert other[0] is not kept  # a greenlet of its own, a waiter of its own
 
 
 def test_thread_waiters_are_never_reused() -> None:

@@ -56,11 +56,12 @@ This module imports nothing of ours.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import weakref
 from collections import deque
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Final, Protocol
 
 import gevent
 from gevent import spawn as _gevent_spawn
@@ -220,13 +221,17 @@ def hub_poster() -> Callable[..., None] | None:
 class _HubWaiter:
     """Waits cooperatively in this thread's gevent hub."""
 
-    __slots__ = ("_hub", "_ident", "_inbox", "_waiter")
+    __slots__ = ("_hub", "_ident", "_inbox", "_switch", "_time_out", "_waiter")
 
     def __init__(self, hub: Any) -> None:
         self._hub = hub
         self._ident = hub.thread_ident  # the thread that runs it: this one
         self._waiter = _GeventHubWaiter(hub)
         self._inbox = _inbox(hub)
+        # Bound once: a wait then makes no object but its timer (a waiting
+        # body's objects are what the collector's young collections walk).
+        self._switch = self._waiter.switch
+        self._time_out = functools.partial(self._switch, False)
 
     def wait(self, timeout: float | None) -> bool:
         # Always keep a referenced timer running, even without a timeout: a
@@ -239,7 +244,7 @@ class _HubWaiter:
             self._inbox.hold()
         else:
             timer = self._hub.loop.timer(max(timeout, 0.0))
-            timer.start(self._waiter.switch, False)
+            timer.start(self._time_out)
         try:
             return bool(self._waiter.get())
         finally:
@@ -257,9 +262,9 @@ class _HubWaiter:
         # the hub's inbox from another (see the module docstring for why not
         # run_callback_threadsafe).
         if get_ident() == self._ident:
-            self._hub.loop.run_callback(self._waiter.switch, True)
+            self._hub.loop.run_callback(self._switch, True)
         else:
-            self._inbox.post(self._waiter.switch, True)
+            self._inbox.post(self._switch, True)
 
 
 class _ThreadWaiter:
@@ -305,20 +310,41 @@ def make_waiter() -> Waiter:
 
 
 def reuse_waiter(previous: Waiter | None) -> Waiter:
-    """``previous`` again when it can wait in the calling greenlet's hub, else :func:`make_waiter`.
+    """A waiter for a caller that waits over and over and checks again after every wake-up.
 
-    For a caller that waits over and over (a body's consumer, once per
-    chunk): it spares a waiter and a timer per wait. The price: a wake-up
-    that arrives after its wait already ended (the timeout won the race)
-    makes the *next* wait return True at once, so the caller must check
+    ``previous`` again when it can wait in the calling greenlet's hub; else
+    the one the calling greenlet kept from its last such wait (a server's
+    connection greenlet consumes one body after another, one per request);
+    else a new one, which the greenlet then keeps. A body's consumer asks
+    once per wait: it spares a waiter and its bound methods per body, objects
+    that every waiting long-poll would otherwise hold for the collector's
+    young collections to walk. The price: a wake-up that arrives after its
+    wait already ended (the timeout won the race, or the body it was for is
+    gone) makes the *next* wait return True at once, so the caller must check
     again after every wake-up. Thread waiters are never reused (a late
     wake-up would release their lock twice).
     """
-    if type(previous) is _HubWaiter:
-        hub = _get_hub_if_exists()
-        if previous._hub is hub and getcurrent() is not hub:
-            return previous
-    return make_waiter()
+    hub = _get_hub_if_exists()
+    if hub is None:
+        return _ThreadWaiter()
+    current = getcurrent()
+    if current is hub:
+        return make_waiter()  # raises CannotBlockHere
+    if type(previous) is _HubWaiter and previous._hub is hub:
+        return previous
+    kept = getattr(current, _KEPT_WAITER, None)
+    if type(kept) is _HubWaiter and kept._hub is hub:
+        return kept
+    waiter = _HubWaiter(hub)
+    try:
+        setattr(current, _KEPT_WAITER, waiter)
+    except AttributeError:  # a greenlet class without attributes: a waiter per body
+        pass
+    return waiter
+
+
+#: The greenlet attribute where :func:`reuse_waiter` keeps a greenlet's waiter.
+_KEPT_WAITER: Final = "_wsgi_detach_waiter"
 
 
 def hub_of_this_greenlet() -> Any:
