@@ -99,11 +99,14 @@ def _render_empty(render: Callable[[Batch], bytes], cursor: str) -> bytes:
 
 
 class _Answer:
-    """One waiting poll: the hub calls it with the batch; its body's close withdraws it.
+    """One waiting poll. Called with a batch (by the hub), it answers; called with
+    nothing (its body's ``on_close``), it withdraws the poll from the hub.
 
-    An object with two methods rather than two closures: a waiting poll
-    keeps it alive, and under hundreds of waiting polls every object one
-    keeps is walked by the garbage collector's young collections.
+    One object for both jobs rather than two closures, or an object and a
+    bound method: a waiting poll keeps it alive, and with hundreds of polls
+    waiting every object one keeps brings the garbage collector's next young
+    collection closer (with 800 polls waiting in one process, one more object
+    per poll took them from about 20 to about 60 in 3 s).
     """
 
     __slots__ = ("body", "hub", "render")
@@ -113,14 +116,14 @@ class _Answer:
         self.body = body
         self.render = render
 
-    def __call__(self, batch: Batch) -> None:
+    def __call__(self, batch: Batch | None = None) -> None:
+        if batch is None:
+            self.hub.cancel_poll(self)
+            return
         try:
             self.body.finish(_render(self.render, batch))
         except BodyClosed:
             pass  # timed out or the client left as the news came: the next poll gets it
-
-    def withdraw(self) -> None:
-        self.hub.cancel_poll(self)
 
 
 def long_poll(
@@ -173,7 +176,7 @@ def long_poll(
         if batch is not None:
             body.finish(render(batch))
         else:
-            body.on_close(answer.withdraw)
+            body.on_close(answer)  # with no batch: withdraw
     except BaseException:
         body.close()  # never returned, so nobody else would: withdraw it, give its bytes back
         raise

@@ -720,7 +720,11 @@ class _Request:
         try:
             self.flush_head()
             if mw.watch_disconnects:
-                self.cancel_watch = watch(environ, self.on_disconnect)
+                # The response is the callback (its __call__): a bound
+                # method would be one more object alive for as long as the
+                # response waits, and every such object brings the garbage
+                # collector's next young collection closer.
+                self.cancel_watch = watch(environ, response)
                 self.server_keeps_connection = exposes_socket(environ)
         except BaseException as exc:
             # The server's start_response refused the head (wsgiref asserts on
@@ -850,6 +854,10 @@ class _DetachedResponse:
 
     def __iter__(self) -> _DetachedResponse:
         return self
+
+    def __call__(self) -> None:
+        """The disconnect watch's callback: the client left (see _Request.on_disconnect)."""
+        self._request.on_disconnect()
 
     def __next__(self) -> bytes:
         if self._done:

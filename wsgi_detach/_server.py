@@ -278,9 +278,15 @@ class StockDetachHandler(WSGIHandler):  # type: ignore[misc]  # gevent ships no 
             connections.add(self)
             if len(connections) > (getattr(server, "max_connections", None) or _NO_CAP):
                 _make_room(connections)
+        # pywsgi hands the app ``self.start_response``: bound once here, not
+        # once per request -- the middleware keeps it for as long as a
+        # detached response waits, and every object a waiting response holds
+        # brings the garbage collector's next young collection closer.
+        self.__dict__["start_response"] = self.start_response
         try:
             super().handle()
         finally:
+            self.__dict__.pop("start_response", None)  # a cycle through this handler
             self._raw_socket = None  # pywsgi drops its socket references here too
             self._greenlet = None
             self._head_expired_callback = None  # a bound method of ours: a cycle otherwise
