@@ -281,8 +281,9 @@ class DetachedBody:
         "_end_error",
         "_first",
         "_flush_due",
-        "_head",
+        "_head_headers",
         "_head_sent",
+        "_head_status",
         "_heartbeat",
         "_heartbeat_chunk",
         "_idle_timeout",
@@ -387,7 +388,9 @@ class DetachedBody:
         # usual "nobody" is a shared empty tuple rather than a list per body.
         self._producers: tuple[Waiter, ...] = ()
         self._callbacks: list[Callable[[], object]] | None = []
-        self._head: tuple[str, list[tuple[str, str]]] | None = None  # from start()
+        # From start(); two slots, not a tuple: a waiting long-poll holds them.
+        self._head_status = ""
+        self._head_headers: list[tuple[str, str]] | None = None
         self._head_sent = start_response is None  # the app called start_response itself
         self._needs_head = start_response is not None  # owned, and start() not called yet
         self._sent_data = False  # a non-empty chunk went to the server
@@ -461,9 +464,10 @@ class DetachedBody:
                     "start() needs a body created with DetachedBody(start_response=...); "
                     "this app calls start_response itself"
                 )
-            if self._head is not None:
+            if self._head_headers is not None:
                 raise UsageError("start() was already called on this body")
-            self._head = (status, list(headers))
+            self._head_status = status
+            self._head_headers = list(headers)
             self._needs_head = False
             self._last_put = time.monotonic()
             # The consumer may be waiting with no heartbeat due (none can be
@@ -1008,7 +1012,7 @@ class DetachedBody:
             self._budget.force(len(data))
 
     def _can_send_locked(self) -> bool:
-        return self._head_sent or self._head is not None
+        return self._head_sent or self._head_headers is not None
 
     def _due_locked(self, now: float) -> float | None:
         """Seconds until the next timeout or heartbeat is due (<= 0: due now); None: never."""
@@ -1058,10 +1062,10 @@ class DetachedBody:
     def _emit(self, chunk: bytes) -> bytes:
         """Hand a chunk to the server, calling the owned start_response first if due."""
         if not self._head_sent:
-            assert self._head is not None and self._start_response is not None
+            headers = self._head_headers
+            assert headers is not None and self._start_response is not None
             self._head_sent = True
-            status, headers = self._head
-            self._start_response(status, headers)
+            self._start_response(self._head_status, headers)
         self._sent_data = True
         if self._heartbeat is not None:
             self._last_yield = time.monotonic()
