@@ -812,3 +812,27 @@ def test_body_options_carry_a_shared_budget() -> None:
     first.close()
     second.close()
     assert budget.used == 0
+
+
+def test_a_registrar_is_told_once_when_its_body_closes_before_the_callbacks() -> None:
+    """The middleware's on_close, held as the request itself (no object per body)."""
+    told: list[str] = []
+
+    class Request:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def release_closed(self) -> None:
+            told.append(self.name)
+
+    body = DetachedBody()
+    body._tell_on_close(Request("first"))
+    body._tell_on_close(Request("second"))  # a second request: a callback of its own
+    body.on_close(lambda: told.append("app"))
+    body.close()
+    body.close()
+    assert told == ["first", "second", "app"]
+    closed = DetachedBody()
+    closed.close()
+    closed._tell_on_close(Request("late"))  # closed already: at once
+    assert told[-1] == "late"

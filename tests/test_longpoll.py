@@ -238,3 +238,24 @@ def test_polls_between_publishes_share_their_options_and_a_bad_timeout_is_refuse
     for body in bodies:
         body.close()
     assert hub.pending_polls == 0
+
+
+def test_a_server_that_adds_to_the_head_it_is_given_changes_no_other_poll() -> None:
+    """Waiting polls share one header list until their heads go out; wsgiref adds to the
+    list it is given (Date, Content-Length), so each head must go out as a copy."""
+    from wsgi_detach import long_poll
+
+    hub = Hub()
+    heads: list[list[tuple[str, str]]] = []
+
+    def start_response(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+        heads.append(list(headers))
+        headers.append(("Date", "now"))  # as wsgiref's handler does to the list it gets
+        return lambda data: None
+
+    for n in range(3):
+        body = long_poll(hub, hub.cursor, start_response, timeout=5)
+        hub.publish(f"message {n}")
+        assert json.loads(b"".join(body))["messages"]
+    assert heads[0] == heads[1] == heads[2]
+    assert ("Date", "now") not in heads[2]

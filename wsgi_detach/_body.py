@@ -109,6 +109,9 @@ class Registrar(Protocol):
 
     def __call__(self, body: DetachedBody) -> None: ...
 
+    def release_closed(self) -> None:
+        """Told when a body it registered closes (before the body's ``on_close`` callbacks)."""
+
 
 class Sink(Protocol):
     """How a server's consumer sends for itself while it is parked on an empty body.
@@ -283,6 +286,7 @@ class DetachedBody:
         "_flush_due",
         "_head_headers",
         "_head_sent",
+        "_head_shared",
         "_head_status",
         "_heartbeat",
         "_heartbeat_chunk",
@@ -295,6 +299,7 @@ class DetachedBody:
         "_needs_head",
         "_outcome",
         "_producers",
+        "_registrar",
         "_sent_data",
         "_sink",
         "_sink_scheduled",
@@ -387,10 +392,16 @@ class DetachedBody:
         # Blocked on max_buffer; replaced, never changed in place, so that the
         # usual "nobody" is a shared empty tuple rather than a list per body.
         self._producers: tuple[Waiter, ...] = ()
-        self._callbacks: list[Callable[[], object]] | None = []
+        # on_close callbacks: a shared empty tuple until the first one (most
+        # bodies get none of the app's), None once closed.
+        self._callbacks: list[Callable[[], object]] | tuple[()] | None = ()
+        # The request that registered the body, told first when it closes:
+        # its ``release_closed()`` rather than a bound method per body.
+        self._registrar: Registrar | None = None
         # From start(); two slots, not a tuple: a waiting long-poll holds them.
         self._head_status = ""
         self._head_headers: list[tuple[str, str]] | None = None
+        self._head_shared = False  # _head_headers is not the body's own: see _start()
         self._head_sent = start_response is None  # the app called start_response itself
         self._needs_head = start_response is not None  # owned, and start() not called yet
         self._sent_data = False  # a non-empty chunk went to the server
@@ -457,6 +468,14 @@ class DetachedBody:
                 f"start() takes a status str and a list of (name, value) tuples, "
                 f"got {type(status).__name__} and {type(headers).__name__}"
             )
+        self._start(status, list(headers), shared=False)
+
+    def _start(self, status: str, headers: list[tuple[str, str]], shared: bool) -> None:
+        """:meth:`start` with checked arguments. ``shared``: ``headers`` is a list
+        nobody changes (a module's constant) that other bodies use too: kept as
+        it is while the body waits, and copied only as it goes to the server
+        (which may add to it, as wsgiref does), so that a waiting body holds
+        no list of its own."""
         with self._lock:
             _refuse(self, "write", "start()")
             if self._start_response is None:
@@ -467,7 +486,8 @@ class DetachedBody:
             if self._head_headers is not None:
                 raise UsageError("start() was already called on this body")
             self._head_status = status
-            self._head_headers = list(headers)
+            self._head_headers = headers
+            self._head_shared = shared
             self._needs_head = False
             self._last_put = time.monotonic()
             # The consumer may be waiting with no heartbeat due (none can be
@@ -597,11 +617,28 @@ class DetachedBody:
         if not callable(callback):
             raise TypeError(f"on_close() takes a callable, got {callback!r}")
         with self._lock:
-            if self._callbacks is not None:
-                self._callbacks.append(callback)
+            callbacks = self._callbacks
+            if callbacks is not None:
+                if callbacks:
+                    callbacks.append(callback)
+                else:
+                    self._callbacks = [callback]
                 return callback
         _run_callback(callback)
         return callback
+
+    def _tell_on_close(self, registrar: Registrar) -> None:
+        """Call ``registrar.release_closed()`` once when the body closes (at once if it is
+        closed): the middleware's ``on_close``, held as the request itself."""
+        with self._lock:
+            if self._callbacks is not None and self._registrar is None:
+                self._registrar = registrar
+                return
+            closed = self._callbacks is None
+        if closed:
+            _run_callback(registrar.release_closed)
+        else:  # registered with a second request: a callback of its own
+            self.on_close(registrar.release_closed)
 
     def __enter__(self) -> DetachedBody:
         return self
@@ -793,11 +830,14 @@ class DetachedBody:
             self._end_error = None
             waiters, self._producers = self._producers, ()
             consumer = self._take_consumer_locked()
-            callbacks, self._callbacks = self._callbacks or [], None
+            callbacks, self._callbacks = self._callbacks or (), None
+            registrar, self._registrar = self._registrar, None
         for waiter in waiters:
             waiter.wake()
         if consumer is not None:
             consumer.wake()
+        if registrar is not None:
+            _run_callback(registrar.release_closed)
         for callback in callbacks:
             _run_callback(callback)
 
@@ -1065,6 +1105,8 @@ class DetachedBody:
             headers = self._head_headers
             assert headers is not None and self._start_response is not None
             self._head_sent = True
+            if self._head_shared:
+                headers = list(headers)
             self._start_response(self._head_status, headers)
         self._sent_data = True
         if self._heartbeat is not None:

@@ -37,7 +37,8 @@ __all__ = ["long_poll", "wait_for_messages"]
 
 # 25 s: under the 30 s idle limit common to proxies and load balancers.
 _DEFAULT_TIMEOUT: Final = 25.0
-#: Read only: ``body.start()`` keeps a copy of what it is given.
+#: Read only: every waiting poll's body holds this very list (``_start(...,
+#: shared=True)``), copied only as its head goes to the server.
 _JSON_HEADERS: Final = [
     ("Content-Type", "application/json"),
     # A cached answer would hand the next poll stale news.
@@ -168,7 +169,7 @@ def long_poll(
     budget = None if registrar is None else registrar.options.budget
     body = DetachedBody(start_response=start_response, options=_options(timeout, empty, budget))
     register(body, registrar)
-    body.start("200 OK", _JSON_HEADERS)
+    body._start("200 OK", _JSON_HEADERS, shared=True)  # checked; copied as it is sent
 
     answer = _Answer(hub, body, render)
     try:

@@ -219,15 +219,21 @@ class SpeedUps(WSGIHandler):  # type: ignore[misc]  # gevent ships no type hints
         self.requestline = requestline
         self.command, self.path, self.request_version = words
         self._lean_pairs = pairs
+        self._lean_head = head
         self._headers_message = None  # the previous request's, if anyone asked
         self._header_index = index
         self.content_length = content_length
         self.close_connection = _closes_after(words[2], index.get)
         return True
 
-    #: The request's header lines when the lean path parsed them (``headers``
-    #: is then made from them only if someone asks); else ``None``.
+    #: The request's header lines when the lean path parsed them, until the
+    #: environ is built from them; else ``None``.
     _lean_pairs: list[tuple[str, str]] | None = None
+    #: The head the lean path parsed: ``headers`` is made from it only if
+    #: someone asks. A string, which the garbage collector never walks,
+    #: rather than the pairs (a list and a tuple per header line), which a
+    #: waiting response would otherwise hold for its young collections.
+    _lean_head: str | None = None
     _headers_message: Any = None
 
     @property
@@ -236,6 +242,10 @@ class SpeedUps(WSGIHandler):  # type: ignore[misc]  # gevent ships no type hints
         message = self._headers_message
         if message is None:
             pairs = self._lean_pairs
+            if pairs is None and self._lean_head is not None:
+                match = _SIMPLE_LINE.fullmatch
+                lines = self._lean_head.split("\r\n")[1:]
+                pairs = [(found[1], found[2]) for found in map(match, lines) if found is not None]
             if pairs is None or _OldMessage is None:
                 return WSGIHandler.headers  # pywsgi's empty default
             message = self._headers_message = _OldMessage()
@@ -247,6 +257,7 @@ class SpeedUps(WSGIHandler):  # type: ignore[misc]  # gevent ships no type hints
     def headers(self, message: Any) -> None:
         self._headers_message = message
         self._lean_pairs = None
+        self._lean_head = None
 
     def MessageClass(self, rfile: Any, *args: Any) -> Any:
         """The request headers, as pywsgi's own parser returns them, in a fraction of its time.
@@ -373,9 +384,10 @@ class SpeedUps(WSGIHandler):  # type: ignore[misc]  # gevent ships no type hints
         )
         env["wsgi.input"] = self.wsgi_input if handling_reads else self.rfile
         env["wsgi.input_terminated"] = handling_reads
-        # Done with it: the handler (and this dict) would otherwise be kept
-        # for as long as the response lasts -- forever, for a held stream.
+        # Done with them: the handler would otherwise keep them for as long
+        # as the response lasts -- forever, for a held stream.
         self._header_index = None
+        self._lean_pairs = None  # ``headers`` parses _lean_head again if asked
         return env
 
     def start_response(
