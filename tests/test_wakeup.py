@@ -105,10 +105,10 @@ def test_a_wake_before_the_wait_is_not_lost() -> None:
 
 def test_a_reused_hub_waiter_returns_once_at_once_after_a_late_wake_up() -> None:
     def run() -> None:
-        waiter = reuse_waiter(None)
+        waiter = reuse_waiter()
         assert waiter.wait(0.01) is False  # nobody woke it: the timer did
         waiter.wake()  # late: that wait is over
-        assert reuse_waiter(waiter) is waiter
+        assert reuse_waiter() is waiter
         assert waiter.wait(5) is True  # the late wake-up, at once
         started = time.monotonic()
         assert waiter.wait(0.05) is False  # ...and only once
@@ -126,35 +126,56 @@ def test_a_greenlet_keeps_one_waiter_for_the_bodies_it_consumes_one_after_anothe
     body's late wake-up only makes the second body look again."""
     from wsgi_detach import DetachedBody
 
-    def consume(body: DetachedBody) -> bytes:
-        return b"".join(body)
-
     def run() -> tuple[Any, Any, bytes]:
         first = DetachedBody()
         gevent.spawn_later(0.01, first.finish, b"one")
-        assert consume(first) == b"one"
-        kept = first._consumer_waiter
+        assert b"".join(first) == b"one"
+        kept = reuse_waiter()  # what the body waited with
         kept.wake()  # late, for a wait that is over: the next wait returns at once
         second = DetachedBody()
         gevent.spawn_later(0.05, second.finish, b"two")
         started = time.monotonic()
-        data = consume(second)  # looks again after the stale wake-up, waits on
+        data = b"".join(second)  # looks again after the stale wake-up, waits on
         assert time.monotonic() - started >= 0.04
-        return kept, second._consumer_waiter, data
+        return kept, reuse_waiter(), data
 
     kept, reused, data = gevent.spawn(run).get(timeout=10)
     assert reused is kept and data == b"two"
     other: list[Any] = []
-    gevent.spawn(lambda: other.append(reuse_waiter(None))).join(timeout=10)
+    gevent.spawn(lambda: other.append(reuse_waiter())).join(timeout=10)
     assert other[0] is not kept  # a greenlet of its own, a waiter of its own
+
+
+def test_a_body_handed_to_another_greenlet_is_waited_for_with_that_greenlets_waiter() -> None:
+    """Greenlet A waits on a body, hands it to B, then waits on another: each waits
+    with its own waiter, so neither takes the other's wake-up."""
+    from wsgi_detach import DetachedBody
+
+    handed, own = DetachedBody(), DetachedBody()
+
+    def b_drains() -> bytes:
+        return b"".join(handed)
+
+    def a_runs() -> tuple[bytes, bytes]:
+        gevent.spawn_later(0.01, handed.put, b"first ")
+        taken = next(iter(handed))  # A waits on the empty body once
+        gevent.spawn_later(0.02, handed.put, b"second")
+        gevent.spawn_later(0.04, handed.finish)
+        gevent.spawn_later(0.06, own.finish, b"own")
+        b = gevent.spawn(b_drains)
+        mine = b"".join(own)  # A waits on its own body meanwhile
+        return taken + b.get(timeout=5), mine
+
+    drained, mine = gevent.spawn(a_runs).get(timeout=10)
+    assert drained == b"first second" and mine == b"own"
 
 
 def test_thread_waiters_are_never_reused() -> None:
     found: list[bool] = []
 
     def run() -> None:
-        waiter = reuse_waiter(None)
-        found.append(reuse_waiter(waiter) is waiter)
+        waiter = reuse_waiter()
+        found.append(reuse_waiter() is waiter)
 
     thread = threading.Thread(target=run)
     thread.start()

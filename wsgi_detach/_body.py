@@ -277,7 +277,6 @@ class DetachedBody:
         "_callbacks",
         "_coalesce",
         "_consumer",
-        "_consumer_waiter",
         "_deadline",
         "_deadline_at",
         "_encoding",
@@ -388,7 +387,6 @@ class DetachedBody:
         self._buffered = 0  # bytes in _first and _more; 0 exactly when they are empty
         self._end_error: BaseException | None = None  # raised once the buffer drains
         self._consumer: Waiter | None = None
-        self._consumer_waiter: Waiter | None = None  # kept from wait to wait (reuse_waiter)
         # Blocked on max_buffer; replaced, never changed in place, so that the
         # usual "nobody" is a shared empty tuple rather than a list per body.
         self._producers: tuple[Waiter, ...] = ()
@@ -783,8 +781,7 @@ class DetachedBody:
                     if wait_for is None or wait_for > 0:
                         if self._consumer is not None:
                             raise UsageError("two consumers iterate the same DetachedBody")
-                        waiter = reuse_waiter(self._consumer_waiter)
-                        self._consumer = self._consumer_waiter = waiter
+                        waiter = self._consumer = reuse_waiter()
                     else:
                         chunk = self._on_due_locked()
                         if chunk is None:

@@ -134,9 +134,7 @@ class SpeedUps(WSGIHandler):  # type: ignore[misc]  # gevent ships no type hints
     _watch_here: Any = None
 
     def handle(self) -> None:
-        reader = self._connection_reader(self.socket)  # now: its watch goes in every environ
-        if reader is not None:
-            self._watch_here = reader.watch
+        self._connection_reader(self.socket)  # now: its watch goes in every environ
         try:
             super().handle()
         finally:
@@ -153,13 +151,14 @@ class SpeedUps(WSGIHandler):  # type: ignore[misc]  # gevent ships no type hints
         fd = sock.fileno()
         if reader is not None and reader.fd != fd:
             # The app detached the socket (fd -1), or it is another one now.
-            self._reader = None
+            self._reader = self._watch_here = None
             reader.close()
             reader = None
         if reader is None and fd >= 0:
             loop = get_hub().loop
             if hasattr(loop, "io"):
                 reader = self._reader = ConnectionReader(loop, sock, fd)
+                self._watch_here = reader.watch
         return reader
 
     def _wait_readable(self, sock: Any) -> None:

@@ -309,20 +309,21 @@ def make_waiter() -> Waiter:
     return _HubWaiter(hub)
 
 
-def reuse_waiter(previous: Waiter | None) -> Waiter:
+def reuse_waiter() -> Waiter:
     """A waiter for a caller that waits over and over and checks again after every wake-up.
 
-    ``previous`` again when it can wait in the calling greenlet's hub; else
-    the one the calling greenlet kept from its last such wait (a server's
-    connection greenlet consumes one body after another, one per request);
-    else a new one, which the greenlet then keeps. A body's consumer asks
-    once per wait: it spares a waiter and its bound methods per body, objects
-    that every waiting long-poll would otherwise hold for the collector's
-    young collections to walk. The price: a wake-up that arrives after its
-    wait already ended (the timeout won the race, or the body it was for is
-    gone) makes the *next* wait return True at once, so the caller must check
-    again after every wake-up. Thread waiters are never reused (a late
-    wake-up would release their lock twice).
+    In a greenlet, the one that greenlet keeps for all such waits (a
+    server's connection greenlet consumes one body after another, one per
+    request), made at its first: it spares a waiter and its bound methods
+    per body, objects that every waiting long-poll would otherwise hold for
+    the collector's young collections to walk. Only the greenlet's own: a
+    body handed from one greenlet to another gets the new one's waiter, so
+    two greenlets never share one. The price: a wake-up that arrives after
+    its wait already ended (the timeout won the race, or the body it was
+    for is gone) makes the *next* wait return True at once, so the caller
+    must check again after every wake-up. A greenlet that takes no
+    attributes gets a new waiter each time; thread waiters are never
+    reused (a late wake-up would release their lock twice).
     """
     hub = _get_hub_if_exists()
     if hub is None:
@@ -330,15 +331,13 @@ def reuse_waiter(previous: Waiter | None) -> Waiter:
     current = getcurrent()
     if current is hub:
         return make_waiter()  # raises CannotBlockHere
-    if type(previous) is _HubWaiter and previous._hub is hub:
-        return previous
     kept = getattr(current, _KEPT_WAITER, None)
     if type(kept) is _HubWaiter and kept._hub is hub:
         return kept
     waiter = _HubWaiter(hub)
     try:
         setattr(current, _KEPT_WAITER, waiter)
-    except AttributeError:  # a greenlet class without attributes: a waiter per body
+    except AttributeError:  # a greenlet class without attributes: a waiter per wait
         pass
     return waiter
 
