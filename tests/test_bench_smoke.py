@@ -96,3 +96,18 @@ def test_fanout_cpu_prints_cpu_per_delivery_with_every_message_delivered() -> No
     out = run_module("bench.fanout_cpu", "--streams", "20", "--messages", "3",
                      "--interval", "0.02", "--repeats", "1")
     assert re.fullmatch(r"now: \d+\.\d\d us of CPU per delivery \(C=20, N=3; runs: .*\)\n", out)
+
+
+@pytest.mark.timeout(120)
+def test_poll_objects_counts_what_a_waiting_poll_holds_and_the_collections() -> None:
+    """``python -m bench.poll_objects`` at a tiny size: a count by type, then the busy phase;
+    one object more per waiting poll (``--extra 1``) shows in the count."""
+    def count(out: str) -> float:
+        found = re.search(r"now: (\d+\.\d\d) tracked objects per waiting poll \(20 waiting\)", out)
+        assert found, out
+        return float(found[1])
+
+    out = run_module("bench.poll_objects", "--polls", "20", "--seconds", "0.3")
+    assert re.search(r"^now: \d+ polls in 0.3 s, .* us per poll$", out, re.MULTILINE), out
+    more = run_module("bench.poll_objects", "--polls", "20", "--seconds", "0.3", "--extra", "1")
+    assert count(more) - count(out) == pytest.approx(1.0, abs=0.1)
