@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> None:
                        "--polls", str(args.polls), "--seconds", str(args.seconds),
                        "--extra", str(args.extra),
                        *(["--before"] if args.before else [])]
-            subprocess.run(command, check=True, timeout=120)
+            subprocess.run(command, check=True, timeout=args.seconds + 90)
         return
     if args.before:
         sys.path.insert(0, os.environ["BENCH_BEFORE"])

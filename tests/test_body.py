@@ -814,7 +814,7 @@ def test_body_options_carry_a_shared_budget() -> None:
     assert budget.used == 0
 
 
-def test_a_registrar_is_told_once_when_its_body_closes_before_the_callbacks() -> None:
+def test_a_registrar_is_told_once_when_its_body_closes_after_the_callbacks() -> None:
     """The middleware's on_close, held as the request itself (no object per body)."""
     told: list[str] = []
 
@@ -831,7 +831,7 @@ def test_a_registrar_is_told_once_when_its_body_closes_before_the_callbacks() ->
     body.on_close(lambda: told.append("app"))
     body.close()
     body.close()
-    assert told == ["first", "second", "app"]
+    assert told == ["second", "app", "first"]  # callbacks in order, then the request
     closed = DetachedBody()
     closed.close()
     closed._tell_on_close(Request("late"))  # closed already: at once

@@ -110,7 +110,7 @@ class Registrar(Protocol):
     def __call__(self, body: DetachedBody) -> None: ...
 
     def release_closed(self) -> None:
-        """Told when a body it registered closes (before the body's ``on_close`` callbacks)."""
+        """Told when a body it registered closes (after the body's ``on_close`` callbacks)."""
 
 
 class Sink(Protocol):
@@ -393,8 +393,8 @@ class DetachedBody:
         # on_close callbacks: a shared empty tuple until the first one (most
         # bodies get none of the app's), None once closed.
         self._callbacks: list[Callable[[], object]] | tuple[()] | None = ()
-        # The request that registered the body, told first when it closes:
-        # its ``release_closed()`` rather than a bound method per body.
+        # The request that registered the body, told when it closes, after
+        # the callbacks: its ``release_closed()``, not a bound method per body.
         self._registrar: Registrar | None = None
         # From start(); two slots, not a tuple: a waiting long-poll holds them.
         self._head_status = ""
@@ -626,8 +626,9 @@ class DetachedBody:
         return callback
 
     def _tell_on_close(self, registrar: Registrar) -> None:
-        """Call ``registrar.release_closed()`` once when the body closes (at once if it is
-        closed): the middleware's ``on_close``, held as the request itself."""
+        """Call ``registrar.release_closed()`` once when the body closes, after its
+        ``on_close`` callbacks (at once if it is closed): the middleware's ``on_close``,
+        held as the request itself."""
         with self._lock:
             if self._callbacks is not None and self._registrar is None:
                 self._registrar = registrar
@@ -833,10 +834,12 @@ class DetachedBody:
             waiter.wake()
         if consumer is not None:
             consumer.wake()
-        if registrar is not None:
-            _run_callback(registrar.release_closed)
         for callback in callbacks:
             _run_callback(callback)
+        if registrar is not None:
+            # Last: a drain waits for the slot, so it also waits for the
+            # app's callbacks (an unsubscribe) to have run.
+            _run_callback(registrar.release_closed)
 
     # ------------------------------------------------------------------ internals
 

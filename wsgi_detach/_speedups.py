@@ -229,9 +229,10 @@ class SpeedUps(WSGIHandler):  # type: ignore[misc]  # gevent ships no type hints
     #: environ is built from them; else ``None``.
     _lean_pairs: list[tuple[str, str]] | None = None
     #: The head the lean path parsed: ``headers`` is made from it only if
-    #: someone asks. A string, which the garbage collector never walks,
-    #: rather than the pairs (a list and a tuple per header line), which a
-    #: waiting response would otherwise hold for its young collections.
+    #: someone asks. A string, which the garbage collector does not track,
+    #: rather than the pairs (a list and a tuple per header line): a waiting
+    #: response would hold them, and each brings the next young collection
+    #: closer (see bench/poll_objects.py).
     _lean_head: str | None = None
     _headers_message: Any = None
 

@@ -581,9 +581,9 @@ class ConnectionReader:
             return
         try:
             verdict = _look(self.fd)
-        except Exception:  # never into libev; the thread looks again, with its own guard
-            log.exception("looking at fd %d failed; the watcher thread takes the watch", self.fd)
-            verdict = _STALE
+        except Exception:  # never into libev, and not to the thread, which would fail alike
+            log.exception("looking at fd %d failed; no longer watched", self.fd)
+            return
         if verdict == _LEFT:
             _gevent_spawn(on_disconnect)  # beside the hub: it may block, as the thread's may
         elif verdict == _BYTES_FIRST:
