@@ -326,11 +326,9 @@ def reuse_waiter() -> Waiter:
     reused (a late wake-up would release their lock twice).
     """
     hub = _get_hub_if_exists()
-    if hub is None:
-        return _ThreadWaiter()
     current = getcurrent()
-    if current is hub:
-        return make_waiter()  # raises CannotBlockHere
+    if hub is None or current is hub:
+        return make_waiter()  # a thread waiter; in the hub itself, CannotBlockHere
     kept = getattr(current, _KEPT_WAITER, None)
     if type(kept) is _HubWaiter and kept._hub is hub:
         return kept

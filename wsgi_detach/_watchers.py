@@ -448,11 +448,9 @@ class _Deferrals:
             queue.popleft()
             if on_disconnect is None:
                 continue  # its response ended in time
-            try:
-                entry.handed = _get_monitor().watch_socket(entry.fd, on_disconnect, delay=0.0)
-            except Exception as exc:  # EPERM, the epoll limit, no thread to be had
+            entry.handed = _hand_to_thread(entry.fd, on_disconnect)
+            if entry.handed is None:
                 entry.on_disconnect = None
-                log.warning("cannot watch fd %d for a disconnect (%s); unwatched", entry.fd, exc)
         if not queue:
             self._timer.stop()
 
@@ -461,6 +459,15 @@ class _Deferrals:
         for entry in self._queue:
             entry.on_disconnect = None
         self._queue.clear()
+
+
+def _hand_to_thread(fd: int, on_disconnect: Callable[[], object]) -> Cancel | None:
+    """Give a watch to the watcher thread, to register at once; None (logged) if it cannot."""
+    try:
+        return _get_monitor().watch_socket(fd, on_disconnect, delay=0.0)
+    except Exception as exc:  # EPERM, the epoll limit, no thread to be had
+        log.warning("cannot watch fd %d for a disconnect (%s); unwatched", fd, exc)
+        return None
 
 
 def _closed_cancel() -> bool:
@@ -589,10 +596,7 @@ class ConnectionReader:
         elif verdict == _BYTES_FIRST:
             log.debug("fd %d half-closed with unread bytes: no longer watched", self.fd)
         else:  # bytes and no hang-up: only EPOLLRDHUP can wait past them
-            try:
-                self._handed = _get_monitor().watch_socket(self.fd, on_disconnect, delay=0.0)
-            except Exception as exc:  # EPERM, the epoll limit, no thread to be had
-                log.warning("cannot watch fd %d for a disconnect (%s); unwatched", self.fd, exc)
+            self._handed = _hand_to_thread(self.fd, on_disconnect)
 
     def close(self) -> None:
         """The connection is over: stop for good (a late cancel then changes nothing)."""
